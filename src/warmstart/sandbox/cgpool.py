@@ -1,0 +1,197 @@
+"""A pool of pre-created cgroups, recycled between sandboxes (the SOCK cgroup pool).
+
+Creating a cgroup costs a mkdir per controller plus limit writes; killing an instance
+and reusing its cgroup costs only the kill.  The pool owns every cgroup below its
+parent directory: ``start()`` reaps whatever a crashed worker left there (killing the
+members first), ``close()`` removes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from warmstart.errors import SandboxError
+from warmstart.sandbox.cgroups import CgroupDriver, Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Cgroup:
+    """One pooled cgroup.  ``freeze``/``thaw`` keep the control file open: one write."""
+
+    driver: CgroupDriver
+    rel: str
+    _freeze_fd: int = field(default=-1, repr=False)
+    _values: tuple[bytes, bytes] = (b"", b"")
+    oom_baseline: int = 0
+
+    def open(self) -> None:
+        path, frozen, thawed = self.driver.freeze_file(self.rel)
+        self._freeze_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self._values = (frozen, thawed)
+
+    def close(self) -> None:
+        if self._freeze_fd >= 0:
+            os.close(self._freeze_fd)
+            self._freeze_fd = -1
+
+    @property
+    def procs_files(self) -> list[str]:
+        return self.driver.procs_files(self.rel)
+
+    def freeze(self) -> None:
+        try:
+            os.write(self._freeze_fd, self._values[0])
+        except OSError as exc:
+            raise SandboxError(f"cannot freeze cgroup {self.rel}: {exc.strerror}") from exc
+
+    def thaw(self) -> None:
+        try:
+            os.write(self._freeze_fd, self._values[1])
+        except OSError as exc:
+            raise SandboxError(f"cannot thaw cgroup {self.rel}: {exc.strerror}") from exc
+
+    def set_limits(self, limits: Limits) -> None:
+        self.driver.set_limits(self.rel, limits)
+        self.driver.reset_peak(self.rel)
+        self.oom_baseline = self.driver.oom_kills(self.rel)
+
+    def kill(self) -> None:
+        self.driver.kill(self.rel)
+
+    def pids(self) -> list[int]:
+        return self.driver.pids(self.rel)
+
+    def memory_usage(self) -> int:
+        return self.driver.memory_usage(self.rel)
+
+    def memory_peak(self) -> int:
+        return self.driver.memory_peak(self.rel)
+
+    def oom_killed(self) -> bool:
+        return self.driver.oom_kills(self.rel) > self.oom_baseline
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    free: int
+    in_use: int
+    created: int
+
+
+class CgroupPool:
+    def __init__(self, driver: CgroupDriver, parent: str, *, initial: int = 8, max_free: int = 64):
+        self.driver = driver
+        self.parent = parent
+        self.initial = initial
+        self.max_free = max_free
+        self._free: list[Cgroup] = []
+        self._in_use: set[Cgroup] = set()
+        self._next = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> int:
+        """Reap what a previous worker left behind, then pre-create the pool.
+
+        Returns how many leftover processes were killed.
+        """
+        killed = reap(self.driver, self.parent)
+        self.driver.prepare_parent(self.parent)
+        for _ in range(self.initial):
+            self._free.append(self._create())
+        return killed
+
+    def close(self) -> None:
+        for cg in [*self._free, *self._in_use]:
+            cg.close()
+        self._free.clear()
+        self._in_use.clear()
+        reap(self.driver, self.parent)
+        with contextlib.suppress(SandboxError):
+            self.driver.remove(self.parent)
+
+    def _create(self) -> Cgroup:
+        rel = f"{self.parent}/cg{self._next}"
+        self._next += 1
+        self.driver.create(rel)
+        cg = Cgroup(self.driver, rel)
+        cg.open()
+        return cg
+
+    # -- use -----------------------------------------------------------------------------
+    def acquire(self, limits: Limits) -> Cgroup:
+        # FIFO: the longest-free cgroup has had the most time to get its parked parent.
+        cg = self._free.pop(0) if self._free else self._create()
+        cg.thaw()
+        cg.set_limits(limits)
+        self._in_use.add(cg)
+        return cg
+
+    def free(self) -> list[Cgroup]:
+        return list(self._free)
+
+    async def release(self, cg: Cgroup, timeout: float = 5.0) -> bool:
+        """Kill every member, wait until the cgroup is empty, and pool it again.
+
+        Returns whether the cgroup went back to the free list.
+        """
+        self._in_use.discard(cg)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.0005
+        while True:
+            try:
+                cg.kill()
+                if not cg.pids():
+                    break
+            except SandboxError as exc:
+                log.warning("recycling cgroup %s: %s", cg.rel, exc)
+            if loop.time() > deadline:
+                # Leave it out of the pool; start-up reaping will retry.
+                log.error("cgroup %s still has members after %.1fs; not reused", cg.rel, timeout)
+                cg.close()
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if len(self._free) < self.max_free:
+            self._free.append(cg)
+            return True
+        cg.close()
+        with contextlib.suppress(SandboxError):
+            self.driver.remove(cg.rel)
+        return False
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(free=len(self._free), in_use=len(self._in_use), created=self._next)
+
+
+def reap(driver: CgroupDriver, parent: str, rounds: int = 200) -> int:
+    """Kill every process below ``parent`` and remove its cgroups.  Returns kills."""
+    import time
+
+    if not driver.exists(parent):
+        return 0
+    killed = 0
+    for child in driver.children(parent):
+        pids = driver.pids(child)
+        if pids:
+            killed += len(pids)
+            log.warning("reaping %d leftover process(es) in cgroup %s", len(pids), child)
+        for _ in range(rounds):
+            try:
+                driver.kill(child)
+            except SandboxError:
+                pass
+            if not driver.pids(child):
+                break
+            time.sleep(0.005)
+        try:
+            driver.remove(child)
+        except SandboxError as exc:
+            log.error("cannot remove leftover cgroup %s: %s", child, exc)
+    return killed

@@ -1,0 +1,331 @@
+"""SandboxManager: the spawner process, the cgroup pool and the root-filesystem layout."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import os
+import py_compile
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warmstart.errors import SandboxError
+from warmstart.sandbox import cgroups
+from warmstart.sandbox.cgpool import Cgroup, CgroupPool
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FILES = ("bootstrap.py", "protocol.py")
+DEV_FILES = ("null", "zero", "full", "random", "urandom")
+TASK_ROOT = "/var/task"
+RUNTIME_ROOT = "/var/runtime"
+
+
+class Isolation(enum.Enum):
+    LINUX = "linux"      # namespaces + chroot + cgroups
+    PROCESS = "process"  # plain processes: NO isolation
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    code_dir: Path
+    env: dict[str, str]
+    memory_mb: int
+    network: str = "none"  # "none" (loopback only) or "host"
+    extra_ro_mounts: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """A running sandbox: the worker's end of the runtime socket and how to control it."""
+
+    id: str
+    pid: int
+    sock: socket.socket
+    cgroup: Cgroup | None
+    _stopped: bool = field(default=False, repr=False)
+
+    def freeze(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.freeze()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGSTOP)
+        self._stopped = True
+
+    def thaw(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.thaw()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGCONT)
+        self._stopped = False
+
+    def memory_usage(self) -> int:
+        if self.cgroup is not None:
+            return self.cgroup.memory_usage()
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def memory_peak(self) -> int:
+        return self.cgroup.memory_peak() if self.cgroup is not None else self.memory_usage()
+
+    def oom_killed(self) -> bool:
+        return self.cgroup.oom_killed() if self.cgroup is not None else False
+
+
+def _runtime_python() -> str:
+    """The base interpreter (a venv's python is a symlink into the base prefix)."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    return os.path.realpath(base)
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        isolation: Isolation | None = None,
+        cgroup_root: Path = Path("/sys/fs/cgroup"),
+        uid: int = 65534,
+        gid: int = 65534,
+        pids_max: int = 256,
+        tmp_mb: int = 512,
+        cpu_quota: float | None = None,
+        pool_size: int = 8,
+    ) -> None:
+        self.data_dir = data_dir
+        self.uid, self.gid = uid, gid
+        self.pids_max = pids_max
+        self.tmp_bytes = tmp_mb << 20
+        self.cpu_quota = cpu_quota
+        self._requested = isolation
+        self._cgroup_root = cgroup_root
+        self._pool_size = pool_size
+        self.isolation = Isolation.PROCESS
+        self.pool: CgroupPool | None = None
+        self.reaped = 0
+        self.runtime_dir = data_dir / "runtime"
+        self.root_mountpoint = data_dir / "run" / "rootfs"
+        self.python = _runtime_python()
+        self._spawner: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._lock = asyncio.Lock()
+        self._seq = 0
+        self._base_mounts: list[tuple[str, str, str]] = []
+        self._symlinks: list[tuple[str, str]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def cgroup_parent(self) -> str:
+        """Our cgroup subtree: one per data dir, so two workers never reap each other."""
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
+        return f"warmstart/{digest}"
+
+    async def start(self) -> None:
+        self.isolation = self._choose_isolation()
+        self._install_runtime()
+        if self.isolation is Isolation.LINUX:
+            driver = cgroups.detect(self._cgroup_root)
+            if driver is None:
+                raise SandboxError(f"no usable cgroup hierarchy at {self._cgroup_root}")
+            self.pool = CgroupPool(driver, self.cgroup_parent(), initial=self._pool_size)
+            self.reaped = self.pool.start()
+            self.root_mountpoint.mkdir(parents=True, exist_ok=True)
+            self._base_mounts, self._symlinks = self._host_layout()
+            log.info("sandboxes: linux isolation, cgroup %s at %s (%s)",
+                     driver.version.value, self._cgroup_root, self.cgroup_parent())
+        else:
+            log.warning(
+                "ISOLATION IS OFF: running functions as plain processes "
+                "(no namespaces, no chroot, no cgroup limits). Run as root on Linux "
+                "with cgroups for sandboxes."
+            )
+        self._start_spawner()
+        if self.pool is not None:
+            for cg in self.pool.free():
+                await self._park(cg)
+
+    def _choose_isolation(self) -> Isolation:
+        if self._requested is not None:
+            if self._requested is Isolation.LINUX and not self._linux_possible():
+                raise SandboxError("linux isolation requested but needs root on Linux with cgroups")
+            return self._requested
+        return Isolation.LINUX if self._linux_possible() else Isolation.PROCESS
+
+    def _linux_possible(self) -> bool:
+        return (
+            sys.platform.startswith("linux")
+            and os.geteuid() == 0
+            and cgroups.detect(self._cgroup_root) is not None
+        )
+
+    def _install_runtime(self) -> None:
+        """Copy the runtime next to the data dir and byte-compile it (its bind is read-only)."""
+        src = Path(__file__).resolve().parent.parent / "runtime"
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        for name in RUNTIME_FILES:
+            shutil.copyfile(src / name, self.runtime_dir / name)
+            py_compile.compile(str(self.runtime_dir / name), doraise=True)
+        for p in [self.runtime_dir, *self.runtime_dir.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+
+    def _host_layout(self) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+        """Read-only binds of the host directories the Python runtime needs."""
+        mounts: list[tuple[str, str, str]] = []
+        links: list[tuple[str, str]] = []
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            p = Path("/") / top
+            if p.is_symlink():
+                links.append((os.readlink(p), f"/{top}"))
+            elif p.is_dir():
+                mounts.append((str(p), f"/{top}", "ro"))
+        mounts += [("/usr", "/usr", "ro"), ("/etc", "/etc", "ro")]
+        prefix = os.path.realpath(sys.base_prefix)
+        if not prefix.startswith("/usr/"):
+            mounts.append((prefix, prefix, "ro"))
+        mounts.append((str(self.runtime_dir), RUNTIME_ROOT, "ro"))
+        mounts += [(f"/dev/{d}", f"/dev/{d}", "rw") for d in DEV_FILES]
+        return mounts, links
+
+    def _start_spawner(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._spawner = subprocess.Popen(
+            [sys.executable, "-I", "-m", "warmstart.sandbox.spawner", str(child.fileno())],
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        parent.setblocking(False)
+        self._sock = parent
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._spawner is not None:
+            self._spawner.kill()
+            await asyncio.to_thread(self._spawner.wait)
+            self._spawner = None
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
+            self.pool = None
+
+    # -- sandboxes -----------------------------------------------------------------------
+    def _spec_for(self, spec: SandboxSpec, sandbox_id: str, cgroup: Cgroup | None) -> dict[str, Any]:
+        isolate = self.isolation is Isolation.LINUX
+        env = dict(spec.env)
+        env["LAMBDA_TASK_ROOT"] = TASK_ROOT if isolate else str(spec.code_dir)
+        env["LAMBDA_RUNTIME_DIR"] = RUNTIME_ROOT if isolate else str(self.runtime_dir)
+        runtime_dir = RUNTIME_ROOT if isolate else str(self.runtime_dir)
+        code = f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; bootstrap.main()"
+        mounts = list(self._base_mounts)
+        mounts.append((str(spec.code_dir), TASK_ROOT, "ro"))
+        mounts += [(src, dst, "ro") for src, dst in spec.extra_ro_mounts]
+        return {
+            "isolate": isolate,
+            "root": str(self.root_mountpoint),
+            "mounts": mounts,
+            "symlinks": self._symlinks,
+            "tmp_bytes": self.tmp_bytes,
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
+            "cgroup_key": cgroup.rel if cgroup else "",
+            "hostname": "warmstart",
+            "network": spec.network,
+            "uid": self.uid,
+            "gid": self.gid,
+            "argv": [self.python, "-E", "-s", "-S", "-c", code],
+            "env": env,
+            "cwd": TASK_ROOT if isolate else str(spec.code_dir),
+        }
+
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        self._seq += 1
+        sandbox_id = f"sb{self._seq}"
+        cgroup = None
+        if self.pool is not None:
+            cpu_quota = None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
+            cgroup = self.pool.acquire(cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            reply = await self._request(
+                {"cmd": "spawn", "spec": self._spec_for(spec, sandbox_id, cgroup)}, theirs.fileno()
+            )
+        except BaseException:
+            ours.close()
+            if cgroup is not None:
+                await self._recycle(cgroup)
+            raise
+        finally:
+            theirs.close()
+        if "error" in reply:
+            ours.close()
+            if cgroup is not None:
+                await self._recycle(cgroup)
+            raise SandboxError(f"cannot create sandbox: {reply['error']}")
+        ours.setblocking(False)
+        return Sandbox(sandbox_id, int(reply["pid"]), ours, cgroup)
+
+    async def destroy(self, sandbox: Sandbox) -> None:
+        sandbox.sock.close()
+        if sandbox.cgroup is not None:
+            await self._recycle(sandbox.cgroup)
+        else:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(sandbox.pid, sig)
+
+    async def _park(self, cgroup: Cgroup) -> None:
+        """Have the spawner pre-join a parent process to this pooled cgroup."""
+        try:
+            await self._request({"cmd": "park", "key": cgroup.rel, "cgroup_procs": cgroup.procs_files})
+        except SandboxError as exc:
+            log.warning("cannot park a process in %s: %s", cgroup.rel, exc)
+
+    async def _recycle(self, cgroup: Cgroup) -> None:
+        if self.pool is not None and await self.pool.release(cgroup):
+            await self._park(cgroup)
+
+    async def _request(self, msg: dict[str, Any], fd: int | None = None) -> dict[str, Any]:
+        async with self._lock:
+            if self._spawner is None or self._spawner.poll() is not None or self._sock is None:
+                log.error("the spawner is gone; starting a new one")
+                if self._sock is not None:
+                    self._sock.close()
+                self._start_spawner()
+            if self._sock is None:
+                raise SandboxError("no spawner")
+            loop = asyncio.get_running_loop()
+            raw = json.dumps(msg).encode()
+            anc = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            try:
+                self._sock.sendmsg([raw], anc)
+                data = await asyncio.wait_for(loop.sock_recv(self._sock, 65536), timeout=30)
+            except (OSError, TimeoutError) as exc:
+                self._kill_spawner()
+                raise SandboxError(f"the spawner failed: {exc}") from exc
+            if not data:
+                self._kill_spawner()
+                raise SandboxError("the spawner exited")
+            result: dict[str, Any] = json.loads(data)
+            return result
+
+    def _kill_spawner(self) -> None:
+        if self._spawner is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._spawner.kill()
+            self._spawner.wait()
+            self._spawner = None

@@ -1,0 +1,313 @@
+"""The spawner: a small single-threaded fork server that creates sandboxes.
+
+The worker runs an asyncio HTTP server; forking that process (threads, sockets, a big
+heap) for every sandbox would be slow and unsafe.  Instead the worker starts this
+process once and sends it one request per sandbox over a unix socket: a JSON spec plus
+the instance's end of a socketpair (SCM_RIGHTS).  For each request::
+
+    spawner ──fork──▶ C1 (host pid ns)    joins the pooled cgroup, unshare(NS|UTS|IPC|PID[|NET])
+                       └─fork──▶ C2       pid 1 of the new pid ns: builds the root from bind
+                                          mounts, mounts /proc, brings lo up, chroots
+                                 └─fork──▶ C3   drops to the sandbox uid, exec()s the runtime
+
+* C1 stays alive, waiting on C2, so that the parent-death signal chain works:
+  worker dies → spawner dies (PDEATHSIG) → C1 dies (PDEATHSIG) → C2, pid 1, dies
+  (PDEATHSIG) → the kernel kills the whole pid namespace.  Nothing outlives the worker
+  except frozen instances, which start-up reaping kills through their cgroup.
+* C2 stays as the namespace's init: it reaps orphans so a handler's children never pile
+  up as zombies, and exits with the runtime's status.
+* Every mount happens inside the new mount namespace, so the host never sees them and
+  they vanish with the sandbox: there is nothing to unmount after a crash.
+* Errors in C1/C2 are written to a pipe whose write end is close-on-exec; the spawner
+  reads it to EOF, so an empty read means the runtime was exec()ed.
+
+This module imports only the standard library, so the fork is cheap.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from warmstart.sandbox import syscalls as sc
+
+MAX_REQUEST = 1 << 20
+
+
+def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    fds = array.array("i")
+    msg, anc, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * fds.itemsize))
+    if not msg:
+        return None
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return json.loads(msg), list(fds)
+
+
+def _make_root(spec: dict[str, Any]) -> None:
+    """In C2: assemble the sandbox root under spec['root'] and chroot into it."""
+    root = spec["root"]
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
+    for target, link in spec["symlinks"]:
+        os.symlink(target, root + link)
+    for src, dst, mode in spec["mounts"]:
+        path = root + dst
+        if os.path.isdir(src):
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+        sc.bind_mount(src, path, readonly=(mode == "ro"))
+    os.makedirs(root + "/tmp", exist_ok=True)
+    sc.mount("tmpfs", root + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={spec['tmp_bytes']},mode=1777")
+    os.makedirs(root + "/proc", exist_ok=True)
+    sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{root}/dev/{name}")
+    sc.mount(None, root, None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+    os.chdir(root)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def _drop_privileges(spec: dict[str, Any]) -> None:
+    os.setgroups([])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+    sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _exec_runtime(spec: dict[str, Any], inst_fd: int) -> None:
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if inst_fd != 3:
+        os.dup2(inst_fd, 3)
+    os.set_inheritable(3, True)
+    os.closerange(4, 65536)
+    os.chdir(spec["cwd"])
+    os.execve(spec["argv"][0], spec["argv"], spec["env"])
+
+
+def _fail(err_w: int, stage: str, exc: BaseException) -> None:
+    try:
+        os.write(err_w, f"{stage}: {exc}".encode()[:4000])
+    finally:
+        os._exit(127)
+
+
+def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
+    """pid 1 of the sandbox: build the root, start the runtime, reap until it exits."""
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _make_root(spec)
+        sc.sethostname(spec["hostname"])
+        if spec["network"] == "none":
+            sc.loopback_up()
+    except BaseException as exc:
+        _fail(err_w, "sandbox setup", exc)
+    runtime = os.fork()
+    if runtime == 0:
+        try:
+            _drop_privileges(spec)
+            _exec_runtime(spec, inst_fd)
+        except BaseException as exc:
+            _fail(err_w, "runtime exec", exc)
+    os.close(inst_fd)
+    os.close(err_w)
+    try:
+        _drop_privileges(spec)
+    except OSError:
+        pass
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        if pid == runtime:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _close_fds_except(*keep: int) -> None:
+    """Children must not hold the spawner's sockets: a held copy hides EOF from peers."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def _join_cgroup(procs_files: list[str]) -> None:
+    for procs in procs_files:
+        with open(procs, "w") as f:
+            f.write("0")
+
+
+def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) -> None:
+    """Host-side parent of the sandbox: cgroup, namespaces, then wait on pid 1."""
+    try:
+        _close_fds_except(inst_fd, err_w)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if spec["isolate"]:
+            if not joined:
+                _join_cgroup(spec["cgroup_procs"])
+            flags = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWPID
+            if spec["network"] == "none":
+                flags |= sc.CLONE_NEWNET
+            sc.unshare(flags)
+        else:
+            os.setsid()
+            _exec_runtime(spec, inst_fd)
+    except BaseException as exc:
+        _fail(err_w, "sandbox namespaces", exc)
+    child = os.fork()
+    if child == 0:
+        _c2_init(spec, inst_fd, err_w)
+    os.close(inst_fd)
+    os.close(err_w)
+    while True:
+        try:
+            pid, status = os.waitpid(child, 0)
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _parked_c1(procs_files: list[str], sock: socket.socket) -> None:
+    """A C1 forked ahead of time that joins its cgroup, then waits for a spawn request.
+
+    Moving a task between v1 cgroups waits for an RCU grace period (the kernel's
+    cgroup_threadgroup_rwsem), which costs 5-20 ms here.  Parking one C1 per pooled
+    cgroup pays that off the invocation path, and parking several in a row pays it once.
+    """
+    try:
+        _close_fds_except(sock.fileno())
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _join_cgroup(procs_files)
+        req = _recv_request(sock)
+    except BaseException:
+        os._exit(1)
+    if req is None:
+        os._exit(0)
+    spec, fds = req
+    sock.close()
+    if len(fds) != 2:
+        os._exit(1)
+    _c1(spec, fds[0], fds[1], joined=True)
+
+
+class Spawner:
+    def __init__(self) -> None:
+        self.parked: dict[str, tuple[int, socket.socket]] = {}
+
+    def park(self, key: str, procs_files: list[str]) -> dict[str, Any]:
+        self.unpark(key)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                _parked_c1(procs_files, theirs)
+            finally:
+                os._exit(1)
+        theirs.close()
+        self.parked[key] = (pid, ours)
+        return {"ok": True}
+
+    def unpark(self, key: str) -> None:
+        entry = self.parked.pop(key, None)
+        if entry is not None:
+            entry[1].close()  # the parked C1 reads EOF and exits
+
+    def spawn(self, spec: dict[str, Any], inst_fd: int) -> dict[str, Any]:
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            parked = self.parked.pop(spec.get("cgroup_key") or "", None)
+            pid = -1
+            if parked is not None:
+                pid, psock = parked
+                try:
+                    psock.sendmsg([json.dumps(spec).encode()],
+                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [inst_fd, err_w]))])
+                except OSError:
+                    pid = -1  # it died (its cgroup was killed): fork a fresh one
+                finally:
+                    psock.close()
+            if pid < 0:
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        os.close(err_r)
+                        _c1(spec, inst_fd, err_w)
+                    finally:
+                        os._exit(127)
+        finally:
+            os.close(err_w)
+        chunks = []
+        while True:
+            chunk = os.read(err_r, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(err_r)
+        if chunks:
+            return {"error": b"".join(chunks).decode(errors="replace")}
+        return {"pid": pid}
+
+    def handle(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "spawn":
+            if len(fds) != 1:
+                return {"error": f"expected 1 fd, got {len(fds)}"}
+            return self.spawn(req["spec"], fds[0])
+        if cmd == "park":
+            return self.park(req["key"], req["cgroup_procs"])
+        if cmd == "unpark":
+            self.unpark(req["key"])
+            return {"ok": True}
+        return {"error": f"unknown command {cmd!r}"}
+
+
+def serve(sock: socket.socket) -> None:
+    # Orphaned sandbox parents would otherwise be reparented to the host's init.
+    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+    # Children are reaped by the kernel; C1 puts SIGCHLD back before anything exec()s.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spawner = Spawner()
+    while True:
+        req = _recv_request(sock)
+        if req is None:
+            return
+        msg, fds = req
+        try:
+            reply = spawner.handle(msg, fds)
+        except Exception as exc:  # the spawner must outlive any single bad request
+            reply = {"error": f"spawner: {exc!r}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.sendall(json.dumps(reply).encode())
+
+
+def main() -> None:
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the worker died before we set PDEATHSIG
+        sys.exit(1)
+    fd = int(sys.argv[1])
+    serve(socket.socket(fileno=fd))
+
+
+if __name__ == "__main__":
+    main()
