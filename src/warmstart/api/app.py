@@ -1,0 +1,117 @@
+"""The ASGI application: Lambda REST API + native API, over one Worker."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from warmstart import __version__
+from warmstart.api.lambda_api import LambdaAPI, error_response, function_name, result_headers
+from warmstart.errors import InvalidParameter, NotFound, WarmstartError
+from warmstart.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class NativeAPI:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/run/{name}", self.run, methods=["POST"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/functions/{name}/logs", self.logs, methods=["GET"]),
+            Route("/instances", self.instances, methods=["GET"]),
+            Route("/events/{event_id}", self.event, methods=["GET"]),
+        ]
+
+    async def run(self, request: Request) -> Response:
+        """POST /run/<fn>: JSON event in, handler result out (502 if the handler failed)."""
+        name, _ = function_name(request.path_params["name"])
+        result = await self.worker.invoke(name, await request.body())
+        status = 200
+        if result.function_error:
+            status = 504 if b"Sandbox.Timedout" in result.payload else 502
+        return Response(result.payload, status_code=status, headers=result_headers(result),
+                        media_type="application/json")
+
+    async def healthz(self, request: Request) -> Response:
+        w = self.worker
+        return JSONResponse({
+            "status": "ok",
+            "version": __version__,
+            "isolation": w.sandboxes.isolation.value,
+            "functions": len(w.functions),
+            "idle_instances": len(w.cache),
+        })
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def logs(self, request: Request) -> Response:
+        name, _ = function_name(request.path_params["name"])
+        self.worker.get(name)
+        try:
+            tail = int(request.query_params.get("tail", "65536"))
+        except ValueError:
+            raise InvalidParameter("tail must be a number of bytes") from None
+        path = self.worker.log_path(name)
+        if not path.exists():
+            return PlainTextResponse("")
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - tail))
+            return PlainTextResponse(f.read().decode(errors="replace"))
+
+    async def instances(self, request: Request) -> Response:
+        return JSONResponse({"instances": self.worker.instances()})
+
+    async def event(self, request: Request) -> Response:
+        ev = self.worker.store.event(request.path_params["event_id"])
+        if ev is None:
+            raise NotFound("no such event")
+        return JSONResponse(ev)
+
+
+async def _warmstart_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, WarmstartError):
+        if not isinstance(exc, (NotFound, InvalidParameter)):
+            log.info("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return error_response(exc)
+    raise exc
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse({"Type": "Service", "message": f"internal error: {type(exc).__name__}"},
+                        status_code=500, headers={"x-amzn-ErrorType": "ServiceException"})
+
+
+def create_app(worker: Worker) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.close()
+
+    routes: list[Any] = [*LambdaAPI(worker).routes(), *NativeAPI(worker).routes()]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={WarmstartError: _warmstart_error, Exception: _unexpected},
+    )
+    app.state.worker = worker
+    return app

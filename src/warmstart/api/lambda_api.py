@@ -1,0 +1,344 @@
+"""AWS Lambda's REST API (rest-json), enough for boto3's ``lambda`` client and the AWS CLI.
+
+Errors carry Lambda's shapes: status code, ``x-amzn-ErrorType`` header and a JSON body
+with ``Type`` and ``message`` -- botocore reads the error code from either.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from warmstart.errors import InvalidParameter, InvalidRequestContent, NotFound, WarmstartError
+from warmstart.functions import FunctionConfig, FunctionRecord
+from warmstart.functions.models import NETWORK_TAG
+from warmstart.worker import InvokeResult, Worker
+
+
+class PreconditionFailed(WarmstartError):
+    pass
+
+
+def lambda_error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    body = {"Type": "User", "message": message, **extra}
+    return JSONResponse(body, status_code=status, headers={"x-amzn-ErrorType": code})
+
+
+def error_response(exc: WarmstartError) -> JSONResponse:
+    from warmstart.errors import Conflict, PlatformError, TooManyRequests
+
+    if isinstance(exc, NotFound):
+        return lambda_error(404, "ResourceNotFoundException", str(exc))
+    if isinstance(exc, InvalidParameter):
+        return lambda_error(400, "InvalidParameterValueException", str(exc))
+    if isinstance(exc, InvalidRequestContent):
+        return lambda_error(400, "InvalidRequestContentException", str(exc))
+    if isinstance(exc, Conflict):
+        return lambda_error(409, "ResourceConflictException", str(exc))
+    if isinstance(exc, PreconditionFailed):
+        return lambda_error(412, "PreconditionFailedException", str(exc))
+    if isinstance(exc, TooManyRequests):
+        return lambda_error(429, "TooManyRequestsException", str(exc), Reason=exc.reason)
+    if isinstance(exc, PlatformError):
+        return JSONResponse({"Type": "Service", "message": str(exc)}, status_code=500,
+                            headers={"x-amzn-ErrorType": "ServiceException"})
+    return JSONResponse({"Type": "Service", "message": str(exc)}, status_code=500,
+                        headers={"x-amzn-ErrorType": "ServiceException"})
+
+
+def function_name(raw: str) -> tuple[str, str | None]:
+    """Accept a name, ``name:qualifier``, or a (partial) ARN; return (name, qualifier)."""
+    raw = unquote(raw)
+    if raw.startswith("arn:"):
+        parts = raw.split(":")
+        try:
+            i = parts.index("function")
+        except ValueError:
+            raise InvalidParameter(f"Invalid function ARN: {raw}") from None
+        rest = parts[i + 1:]
+    else:
+        rest = raw.split(":")
+    if not rest or len(rest) > 2 or not rest[0]:
+        raise InvalidParameter(f"Invalid function name: {raw}")
+    FunctionRecord.check_name(rest[0])
+    return rest[0], (rest[1] if len(rest) == 2 else None)
+
+
+def check_qualifier(qualifier: str | None) -> None:
+    if qualifier not in (None, "", "$LATEST"):
+        raise NotFound(f"Function not found: qualifier {qualifier!r} (only $LATEST is served)")
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidParameter("Request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise InvalidParameter("Request body must be a JSON object")
+    return body
+
+
+def decode_zip(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidParameter("Code.ZipFile must be base64-encoded zip bytes")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidParameter("Code.ZipFile is not valid base64") from exc
+
+
+def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
+    cfg = rec.config
+    out: dict[str, Any] = {
+        "FunctionName": rec.name,
+        "FunctionArn": worker.arn(rec.name),
+        "Runtime": cfg.runtime,
+        "Role": cfg.role,
+        "Handler": cfg.handler,
+        "CodeSize": rec.code_size,
+        "Description": cfg.description,
+        "Timeout": cfg.timeout_s,
+        "MemorySize": cfg.memory_mb,
+        "LastModified": rec.last_modified,
+        "CodeSha256": base64.b64encode(bytes.fromhex(rec.code_sha256)).decode(),
+        "Version": "$LATEST",
+        "TracingConfig": {"Mode": "PassThrough"},
+        "RevisionId": rec.revision_id,
+        "State": "Active",
+        "LastUpdateStatus": "Successful",
+        "PackageType": "Zip",
+        "Architectures": ["x86_64"],
+        "EphemeralStorage": {"Size": worker.settings.tmp_mb},
+    }
+    if cfg.environment:
+        out["Environment"] = {"Variables": dict(cfg.environment)}
+    return out
+
+
+def _int(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidParameter(f"{key} must be an integer")
+    return value
+
+
+def _env(body: dict[str, Any], default: dict[str, str]) -> dict[str, str]:
+    env = body.get("Environment")
+    if env is None:
+        return default
+    if not isinstance(env, dict) or not isinstance(env.get("Variables", {}), dict):
+        raise InvalidParameter("Environment must be {'Variables': {...}}")
+    return dict(env.get("Variables") or {})
+
+
+class LambdaAPI:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def routes(self) -> list[Route]:
+        p = "/2015-03-31/functions"
+        return [
+            Route(f"{p}", self.create_function, methods=["POST"]),
+            Route(f"{p}/", self.list_functions, methods=["GET"]),
+            Route(f"{p}", self.list_functions, methods=["GET"]),
+            Route(p + "/{name}", self.get_function, methods=["GET"]),
+            Route(p + "/{name}", self.delete_function, methods=["DELETE"]),
+            Route(p + "/{name}/configuration", self.get_configuration, methods=["GET"]),
+            Route(p + "/{name}/configuration", self.update_configuration, methods=["PUT"]),
+            Route(p + "/{name}/code", self.update_code, methods=["PUT"]),
+            Route(p + "/{name}/code-download", self.download_code, methods=["GET"]),
+            Route(p + "/{name}/invocations", self.invoke, methods=["POST"]),
+            Route("/2017-10-31/functions/{name}/concurrency", self.put_concurrency, methods=["PUT"]),
+            Route("/2017-10-31/functions/{name}/concurrency", self.delete_concurrency, methods=["DELETE"]),
+            Route("/2019-09-30/functions/{name}/concurrency", self.get_concurrency, methods=["GET"]),
+        ]
+
+    def _rec(self, request: Request) -> FunctionRecord:
+        name, qualifier = function_name(request.path_params["name"])
+        check_qualifier(qualifier or request.query_params.get("Qualifier"))
+        return self.worker.get(name)
+
+    async def create_function(self, request: Request) -> Response:
+        body = await json_body(request)
+        name = body.get("FunctionName")
+        if not isinstance(name, str):
+            raise InvalidParameter("FunctionName is required")
+        name, _ = function_name(name)
+        if body.get("PackageType", "Zip") != "Zip":
+            raise InvalidParameter("Only PackageType=Zip is supported by this node")
+        code = body.get("Code") or {}
+        if not isinstance(code, dict) or "ZipFile" not in code:
+            raise InvalidParameter("Code.ZipFile is required (S3 code locations are not supported)")
+        tags = body.get("Tags") or {}
+        if not isinstance(tags, dict):
+            raise InvalidParameter("Tags must be a map")
+        handler = body.get("Handler")
+        if not isinstance(handler, str):
+            raise InvalidParameter("Handler is required")
+        config = FunctionConfig(
+            handler=handler,
+            runtime=body.get("Runtime") or "python3.11",
+            memory_mb=_int(body, "MemorySize", 128),
+            timeout_s=_int(body, "Timeout", 3),
+            environment=_env(body, {}),
+            description=str(body.get("Description", "")),
+            role=str(body.get("Role") or "arn:aws:iam::000000000000:role/warmstart"),
+            network=str(tags.get(NETWORK_TAG, "none")),
+            tags={str(k): str(v) for k, v in tags.items()},
+        )
+        rec = await self.worker.create_function(name, config, decode_zip(code["ZipFile"]))
+        return JSONResponse(configuration(self.worker, rec), status_code=201)
+
+    async def list_functions(self, request: Request) -> Response:
+        names = sorted(self.worker.functions)
+        marker = request.query_params.get("Marker")
+        try:
+            max_items = int(request.query_params.get("MaxItems", "50"))
+        except ValueError:
+            raise InvalidParameter("MaxItems must be an integer") from None
+        max_items = max(1, min(max_items, 10000))
+        start = int(marker) if marker and marker.isdigit() else 0
+        page = names[start:start + max_items]
+        out: dict[str, Any] = {"Functions": [configuration(self.worker, self.worker.functions[n]) for n in page]}
+        if start + max_items < len(names):
+            out["NextMarker"] = str(start + max_items)
+        return JSONResponse(out)
+
+    async def get_function(self, request: Request) -> Response:
+        rec = self._rec(request)
+        url = str(request.base_url).rstrip("/") + f"/2015-03-31/functions/{rec.name}/code-download"
+        out: dict[str, Any] = {
+            "Configuration": configuration(self.worker, rec),
+            "Code": {"RepositoryType": "S3", "Location": url},
+            "Tags": dict(rec.config.tags),
+        }
+        if rec.reserved_concurrency is not None:
+            out["Concurrency"] = {"ReservedConcurrentExecutions": rec.reserved_concurrency}
+        return JSONResponse(out)
+
+    async def download_code(self, request: Request) -> Response:
+        rec = self._rec(request)
+        return FileResponse(self.worker.store.code_zip(rec), media_type="application/zip",
+                            filename=f"{rec.name}.zip")
+
+    async def get_configuration(self, request: Request) -> Response:
+        return JSONResponse(configuration(self.worker, self._rec(request)))
+
+    def _check_revision(self, rec: FunctionRecord, body: dict[str, Any]) -> None:
+        rid = body.get("RevisionId")
+        if rid is not None and rid != rec.revision_id:
+            raise PreconditionFailed(
+                "The Revision Id provided does not match the latest Revision Id. "
+                "Call the GetFunction/GetAlias API to retrieve the latest Revision Id")
+
+    async def update_configuration(self, request: Request) -> Response:
+        rec = self._rec(request)
+        body = await json_body(request)
+        self._check_revision(rec, body)
+        cfg = rec.config
+        changes: dict[str, Any] = {}
+        if "Handler" in body:
+            changes["handler"] = body["Handler"]
+        if "Runtime" in body:
+            changes["runtime"] = body["Runtime"]
+        if "MemorySize" in body:
+            changes["memory_mb"] = _int(body, "MemorySize", cfg.memory_mb)
+        if "Timeout" in body:
+            changes["timeout_s"] = _int(body, "Timeout", cfg.timeout_s)
+        if "Environment" in body:
+            changes["environment"] = _env(body, cfg.environment)
+        if "Description" in body:
+            changes["description"] = str(body["Description"])
+        if "Role" in body:
+            changes["role"] = str(body["Role"])
+        new = self.worker.update_config(rec.name, **changes)
+        return JSONResponse(configuration(self.worker, new))
+
+    async def update_code(self, request: Request) -> Response:
+        rec = self._rec(request)
+        body = await json_body(request)
+        self._check_revision(rec, body)
+        if "ZipFile" not in body:
+            raise InvalidParameter("ZipFile is required (S3 and image code are not supported)")
+        data = decode_zip(body["ZipFile"])
+        if body.get("DryRun"):
+            return JSONResponse(configuration(self.worker, rec))
+        new = await self.worker.update_code(rec.name, data)
+        return JSONResponse(configuration(self.worker, new))
+
+    async def delete_function(self, request: Request) -> Response:
+        rec = self._rec(request)
+        self.worker.delete_function(rec.name)
+        return Response(status_code=204)
+
+    async def put_concurrency(self, request: Request) -> Response:
+        rec = self._rec(request)
+        body = await json_body(request)
+        value = body.get("ReservedConcurrentExecutions")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidParameter("ReservedConcurrentExecutions must be an integer >= 0")
+        self.worker.put_concurrency(rec.name, value)
+        return JSONResponse({"ReservedConcurrentExecutions": value})
+
+    async def delete_concurrency(self, request: Request) -> Response:
+        rec = self._rec(request)
+        self.worker.put_concurrency(rec.name, None)
+        return Response(status_code=204)
+
+    async def get_concurrency(self, request: Request) -> Response:
+        rec = self._rec(request)
+        if rec.reserved_concurrency is None:
+            return JSONResponse({})
+        return JSONResponse({"ReservedConcurrentExecutions": rec.reserved_concurrency})
+
+    async def invoke(self, request: Request) -> Response:
+        name, qualifier = function_name(request.path_params["name"])
+        check_qualifier(qualifier or request.query_params.get("Qualifier"))
+        kind = request.headers.get("x-amz-invocation-type", "RequestResponse")
+        payload = await request.body()
+        if kind == "DryRun":
+            self.worker.get(name)
+            return Response(status_code=204, headers={"X-Amz-Executed-Version": "$LATEST"})
+        if kind == "Event":
+            self.worker.invoke_async(name, payload)
+            return Response(status_code=202)
+        if kind != "RequestResponse":
+            raise InvalidParameter(f"Unknown InvocationType {kind!r}")
+        cc = request.headers.get("x-amz-client-context")
+        result = await self.worker.invoke(name, payload, client_context=_client_context(cc))
+        headers = result_headers(result)
+        if request.headers.get("x-amz-log-type") == "Tail":
+            headers["X-Amz-Log-Result"] = result.log_tail_b64()
+        return Response(result.payload, status_code=200, headers=headers, media_type="application/json")
+
+
+def _client_context(raw: str | None) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(base64.b64decode(raw))
+    except (ValueError, binascii.Error):
+        raise InvalidParameter("X-Amz-Client-Context must be base64-encoded JSON") from None
+
+
+def result_headers(result: InvokeResult) -> dict[str, str]:
+    headers = {
+        "X-Amz-Executed-Version": result.version,
+        "x-amzn-RequestId": result.request_id,
+        "X-Warmstart-Start": result.start,
+        "X-Warmstart-Duration-Ms": f"{result.duration_ms:.3f}",
+    }
+    if result.function_error:
+        headers["X-Amz-Function-Error"] = result.function_error
+    return headers

@@ -1,0 +1,92 @@
+"""Records describing a deployed function (frozen: a change makes a new record)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from warmstart.errors import InvalidParameter
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+HANDLER_RE = re.compile(r"^[^\s]+\.[^\s.]+$")
+RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13", "python3.14")
+RESERVED_ENV = frozenset({
+    "_HANDLER", "_X_AMZN_TRACE_ID", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_LAMBDA_RUNTIME_API",
+    "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR",
+})
+MIN_MEMORY, MAX_MEMORY = 128, 10240
+MAX_TIMEOUT = 900
+NETWORK_TAG = "warmstart:network"
+
+
+@dataclass(frozen=True)
+class FunctionConfig:
+    """What the user controls; validated on construction."""
+
+    handler: str
+    runtime: str = "python3.11"
+    memory_mb: int = 128
+    timeout_s: int = 3
+    environment: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    role: str = "arn:aws:iam::000000000000:role/warmstart"
+    network: str = "none"  # "none": loopback only; "host": the host's network
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not HANDLER_RE.match(self.handler) or len(self.handler) > 128:
+            raise InvalidParameter(
+                f"Handler '{self.handler}' must look like 'module.function' (at most 128 characters)"
+            )
+        if self.runtime not in RUNTIMES:
+            raise InvalidParameter(
+                f"Value {self.runtime} at 'runtime' failed to satisfy constraint: "
+                f"Member must satisfy enum value set: {list(RUNTIMES)}"
+            )
+        if not MIN_MEMORY <= self.memory_mb <= MAX_MEMORY:
+            raise InvalidParameter(
+                f"MemorySize {self.memory_mb} must be between {MIN_MEMORY} and {MAX_MEMORY} MB"
+            )
+        if not 1 <= self.timeout_s <= MAX_TIMEOUT:
+            raise InvalidParameter(f"Timeout {self.timeout_s} must be between 1 and {MAX_TIMEOUT} seconds")
+        bad = sorted(RESERVED_ENV.intersection(self.environment))
+        if bad:
+            raise InvalidParameter(
+                f"Lambda was unable to configure your environment variables because the environment "
+                f"variables you have provided contains reserved keys that are currently not supported "
+                f"for modification. Reserved keys used in this request: {', '.join(bad)}"
+            )
+        for key, value in self.environment.items():
+            if not isinstance(key, str) or not isinstance(value, str) or not key:
+                raise InvalidParameter("Environment variables must be string keys and string values")
+        if self.network not in ("none", "host"):
+            raise InvalidParameter(f"{NETWORK_TAG} must be 'none' or 'host', not {self.network!r}")
+
+    def updated(self, **changes: Any) -> FunctionConfig:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FunctionRecord:
+    """A function as deployed: its config, its code and a revision that changes on update."""
+
+    name: str
+    config: FunctionConfig
+    code_sha256: str  # hex digest of the zip
+    code_size: int
+    revision: int
+    revision_id: str
+    last_modified: str
+    reserved_concurrency: int | None = None
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        if not NAME_RE.match(name):
+            raise InvalidParameter(
+                f"1 validation error detected: Value '{name}' at 'functionName' failed to satisfy "
+                "constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9-_]+ (1-64 chars)"
+            )
+        return name

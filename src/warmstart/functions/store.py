@@ -1,0 +1,155 @@
+"""FunctionStore: functions and their code in SQLite and a content-addressed code dir.
+
+State lives under the data dir::
+
+    state.db          functions, async events (SQLite, WAL)
+    code/<sha256>/    unpacked, byte-compiled bundles (shared by every function using them)
+    code/<sha256>.zip the uploaded zip, served back by GetFunction
+
+Reads on the invocation path never touch SQLite: the worker keeps the records in memory
+and the store is written only when something changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from warmstart.errors import Conflict, NotFound
+from warmstart.functions import bundle
+from warmstart.functions.models import FunctionConfig, FunctionRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS functions (
+    name TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'pending',
+    result BLOB
+);
+CREATE INDEX IF NOT EXISTS events_status ON events(status, created);
+"""
+
+
+def now_iso() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}+0000"
+
+
+def _to_json(rec: FunctionRecord) -> str:
+    return json.dumps(dataclasses.asdict(rec))
+
+
+def _from_json(text: str) -> FunctionRecord:
+    raw: dict[str, Any] = json.loads(text)
+    raw["config"] = FunctionConfig(**raw["config"])
+    return FunctionRecord(**raw)
+
+
+class FunctionStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.code_root = data_dir / "code"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(data_dir / "state.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        bundle.clean_partial(self.code_root)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- code ------------------------------------------------------------------------------
+    def put_code(self, data: bytes) -> tuple[str, Path]:
+        sha, directory = bundle.unpack(data, self.code_root)
+        zip_path = self.code_root / f"{sha}.zip"
+        if not zip_path.exists():
+            tmp = zip_path.with_suffix(".zip.part")
+            tmp.write_bytes(data)
+            tmp.rename(zip_path)
+        return sha, directory
+
+    def code_dir(self, rec: FunctionRecord) -> Path:
+        return self.code_root / rec.code_sha256
+
+    def code_zip(self, rec: FunctionRecord) -> Path:
+        return self.code_root / f"{rec.code_sha256}.zip"
+
+    # -- functions -------------------------------------------------------------------------
+    def load_all(self) -> Iterator[FunctionRecord]:
+        for (text,) in self.db.execute("SELECT record FROM functions ORDER BY name"):
+            yield _from_json(text)
+
+    def create(self, name: str, config: FunctionConfig, code: bytes) -> FunctionRecord:
+        FunctionRecord.check_name(name)
+        sha, _ = self.put_code(code)
+        rec = FunctionRecord(name, config, sha, len(code), 1, str(uuid.uuid4()), now_iso())
+        try:
+            self.db.execute("INSERT INTO functions(name, record) VALUES (?, ?)", (name, _to_json(rec)))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"Function already exist: {name}") from exc
+        return rec
+
+    def save(self, rec: FunctionRecord) -> None:
+        cur = self.db.execute("UPDATE functions SET record=? WHERE name=?", (_to_json(rec), rec.name))
+        if cur.rowcount == 0:
+            raise NotFound(f"Function not found: {rec.name}")
+
+    def bump(self, rec: FunctionRecord, **changes: Any) -> FunctionRecord:
+        """A new revision of ``rec`` with ``changes``, saved."""
+        new = dataclasses.replace(
+            rec, revision=rec.revision + 1, revision_id=str(uuid.uuid4()), last_modified=now_iso(), **changes
+        )
+        self.save(new)
+        return new
+
+    def delete(self, name: str) -> None:
+        cur = self.db.execute("DELETE FROM functions WHERE name=?", (name,))
+        if cur.rowcount == 0:
+            raise NotFound(f"Function not found: {name}")
+
+    # -- async events ------------------------------------------------------------------------
+    def enqueue_event(self, function: str, payload: bytes) -> str:
+        event_id = str(uuid.uuid4())
+        self.db.execute(
+            "INSERT INTO events(id, function, payload, created) VALUES (?, ?, ?, ?)",
+            (event_id, function, payload, time.time()),
+        )
+        return event_id
+
+    def pending_events(self, limit: int = 100) -> list[tuple[str, str, bytes, int]]:
+        rows = self.db.execute(
+            "SELECT id, function, payload, attempts FROM events WHERE status='pending' ORDER BY created LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(r[0], r[1], bytes(r[2]), int(r[3])) for r in rows]
+
+    def finish_event(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
+        self.db.execute(
+            "UPDATE events SET status=?, result=?, attempts=? WHERE id=?", (status, result, attempts, event_id)
+        )
+
+    def retry_event(self, event_id: str, attempts: int) -> None:
+        self.db.execute("UPDATE events SET attempts=? WHERE id=?", (attempts, event_id))
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT function, status, attempts, result FROM events WHERE id=?", (event_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {"function": row[0], "status": row[1], "attempts": row[2],
+                "result": None if row[3] is None else bytes(row[3]).decode(errors="replace")}

@@ -1,0 +1,87 @@
+"""An instance: one sandbox running the runtime for one function revision."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from warmstart.runtime.protocol import HEADER, check_sizes, encode
+
+if TYPE_CHECKING:
+    from warmstart.sandbox import Sandbox
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    FROZEN = "frozen"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+class InstanceDied(Exception):
+    """The runtime closed its socket (exited, crashed, was killed)."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    kind: str          # ready | init_error | result | error | invalid_event
+    payload: bytes
+    logs: bytes
+
+
+class Instance:
+    def __init__(self, sandbox: Sandbox, function: str, revision: int, memory_mb: int):
+        self.sandbox = sandbox
+        self.function = function
+        self.revision = revision
+        self.memory_mb = memory_mb
+        self.state = State.STARTING
+        self.memory_bytes = 0
+        self.invocations = 0
+        self.last_used = time.monotonic()
+        self.freeze_handle: asyncio.TimerHandle | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def id(self) -> str:
+        return self.sandbox.id
+
+    async def connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sandbox.sock)
+
+    async def read_reply(self) -> Reply:
+        if self._reader is None:
+            raise InstanceDied("not connected")
+        try:
+            head = await self._reader.readexactly(HEADER.size)
+            meta_len, payload_len, logs_len = HEADER.unpack(head)
+            check_sizes(meta_len, payload_len, logs_len)
+            body = await self._reader.readexactly(meta_len + payload_len + logs_len)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            raise InstanceDied(str(exc)) from exc
+        meta = json.loads(body[:meta_len])
+        return Reply(meta["type"], body[meta_len:meta_len + payload_len], body[meta_len + payload_len:])
+
+    async def send(self, meta: bytes, payload: bytes) -> None:
+        if self._writer is None:
+            raise InstanceDied("not connected")
+        try:
+            self._writer.write(encode(meta, payload))
+            if self._writer.transport.get_write_buffer_size():
+                await self._writer.drain()
+        except ConnectionError as exc:
+            raise InstanceDied(str(exc)) from exc
+
+    def close(self) -> None:
+        self.state = State.DEAD
+        if self.freeze_handle is not None:
+            self.freeze_handle.cancel()
+            self.freeze_handle = None
+        if self._writer is not None:
+            self._writer.close()

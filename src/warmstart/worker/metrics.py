@@ -1,0 +1,49 @@
+"""Prometheus metrics for one worker (its own registry: no module-level state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _NodeCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self.snapshot()
+        inst = GaugeMetricFamily("warmstart_instances", "Instances by state", labels=["state"])
+        for state, n in snap["instances"].items():
+            inst.add_metric([state], n)
+        yield inst
+        mem = GaugeMetricFamily("warmstart_memory_bytes", "Memory by kind", labels=["kind"])
+        for kind, n in snap["memory"].items():
+            mem.add_metric([kind], n)
+        yield mem
+        other = snap["other"]
+        for name, value in other.items():
+            yield GaugeMetricFamily(f"warmstart_{name}", name.replace("_", " "), value=value)
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.invocations = Counter(
+            "warmstart_invocations", "Invocations by function and outcome",
+            ["function", "outcome"], registry=self.registry)
+        self.starts = Counter(
+            "warmstart_starts", "Instance starts by function and kind (warm, cold)",
+            ["function", "kind"], registry=self.registry)
+        self.latency = Histogram(
+            "warmstart_invocation_duration_seconds",
+            "Invocation latency inside the worker, by start kind",
+            ["function", "start"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.sandbox_create = Histogram(
+            "warmstart_sandbox_create_seconds", "Time to create a sandbox and import the handler",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_NodeCollector(snapshot))

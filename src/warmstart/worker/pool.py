@@ -1,0 +1,237 @@
+"""Per-function instance pools and the node-wide handler cache.
+
+A ``FunctionPool`` holds the instances of one function revision.  Each instance serves
+one invocation at a time.  ``acquire`` takes the most recently used idle instance (warm),
+or starts one (cold) while the function is under its concurrency limit, or waits in a
+bounded queue, or raises TooManyRequests.  A released instance goes straight to the
+first waiter, else back to the idle stack.
+
+The ``HandlerCache`` sees every idle instance on the node in LRU order.  An instance
+idle for ``freeze_after_ms`` is frozen (cgroup freezer: it uses no CPU and its memory
+stays resident); when the idle instances' measured memory exceeds the cache budget, or
+an instance has been idle for ``idle_ttl_s``, the least recently used is evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from warmstart.errors import PlatformError, TooManyRequests
+from warmstart.worker.instance import Instance, State
+
+log = logging.getLogger(__name__)
+
+Starter = Callable[[], Awaitable[Instance]]
+Destroyer = Callable[[Instance], None]
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    idle: int
+    busy: int
+    starting: int
+    waiting: int
+
+
+class FunctionPool:
+    def __init__(self, name: str, revision: int, limit: int, queue_depth: int,
+                 start: Starter, destroy: Destroyer, cache: HandlerCache) -> None:
+        self.name = name
+        self.revision = revision
+        self.limit = limit
+        self.queue_depth = queue_depth
+        self._start = start
+        self._destroy = destroy
+        self.cache = cache
+        self.idle: list[Instance] = []
+        self.live = 0       # starting + idle + busy
+        self.starting = 0
+        self.waiters: collections.deque[asyncio.Future[Instance | None]] = collections.deque()
+        self.retired = False
+
+    async def acquire(self) -> tuple[Instance, bool]:
+        """Returns (instance, cold)."""
+        while self.idle:
+            inst = self.idle.pop()
+            if self.cache.take(inst):
+                return inst, False
+            self.discard(inst)
+        if self.live < self.limit:
+            return await self._new(), True
+        if self.limit == 0:
+            raise TooManyRequests("Rate Exceeded.", "ReservedFunctionConcurrentInvocationLimitExceeded")
+        if len(self.waiters) >= self.queue_depth:
+            raise TooManyRequests("Rate Exceeded.", "ReservedFunctionConcurrentInvocationLimitExceeded")
+        fut: asyncio.Future[Instance | None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            handed = await fut
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(fut)
+            if fut.done() and not fut.cancelled():
+                got = fut.result()
+                if got is not None:
+                    self.release(got)
+                else:
+                    self._pass_slot()
+            raise
+        if handed is None:
+            return await self._new(), True
+        return handed, False
+
+    async def _new(self) -> Instance:
+        self.live += 1
+        self.starting += 1
+        try:
+            inst = await self._start()
+        except BaseException:
+            self.live -= 1
+            self._pass_slot()
+            raise
+        finally:
+            self.starting -= 1
+        return inst
+
+    def release(self, inst: Instance) -> None:
+        """Return a healthy instance after an invocation."""
+        if self.retired and not self.waiters:
+            self.discard(inst)
+            return
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                inst.state = State.BUSY
+                fut.set_result(inst)
+                return
+        inst.state = State.IDLE
+        self.idle.append(inst)
+        self.cache.put(self, inst)
+
+    def discard(self, inst: Instance) -> None:
+        """Destroy an instance (dead, timed out, evicted or retired) and free its slot."""
+        if inst.state is State.DEAD:
+            return
+        self._forget(inst)
+        self._destroy(inst)
+        self._pass_slot()
+
+    def _forget(self, inst: Instance) -> None:
+        self.live -= 1
+        with contextlib.suppress(ValueError):
+            self.idle.remove(inst)
+        self.cache.drop(inst)
+
+    def _pass_slot(self) -> None:
+        """A slot freed up: let the first waiter start an instance of its own."""
+        while self.waiters and self.live < self.limit:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def retire(self) -> None:
+        """A new revision replaced this one: idle instances go now, busy ones on release."""
+        self.retired = True
+        for inst in list(self.idle):
+            self.discard(inst)
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(len(self.idle), self.live - len(self.idle) - self.starting,
+                              self.starting, len(self.waiters))
+
+
+class HandlerCache:
+    """Node-wide LRU of idle instances: freezing, memory budget, eviction."""
+
+    def __init__(self, budget_bytes: int, freeze_after_s: float, idle_ttl_s: float) -> None:
+        self.budget = budget_bytes
+        self.freeze_after = freeze_after_s
+        self.idle_ttl = idle_ttl_s
+        self._lru: collections.OrderedDict[Instance, FunctionPool] = collections.OrderedDict()
+        self.evictions = 0
+        self.freezes = 0
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    @property
+    def memory(self) -> int:
+        return sum(i.memory_bytes for i in self._lru)
+
+    def instances(self) -> list[Instance]:
+        return list(self._lru)
+
+    def put(self, pool: FunctionPool, inst: Instance) -> None:
+        inst.last_used = time.monotonic()
+        self._lru[inst] = pool
+        loop = asyncio.get_running_loop()
+        if self.freeze_after <= 0:
+            self._freeze(inst)
+        else:
+            inst.freeze_handle = loop.call_later(self.freeze_after, self._freeze, inst)
+
+    def take(self, inst: Instance) -> bool:
+        """Take an idle instance for an invocation, thawing it.  False if unusable."""
+        self._lru.pop(inst, None)
+        if inst.freeze_handle is not None:
+            inst.freeze_handle.cancel()
+            inst.freeze_handle = None
+        if inst.state is State.FROZEN:
+            try:
+                inst.sandbox.thaw()
+            except PlatformError as exc:
+                log.warning("cannot thaw %s: %s", inst.id, exc)
+                return False
+        inst.state = State.BUSY
+        return True
+
+    def drop(self, inst: Instance) -> None:
+        self._lru.pop(inst, None)
+        if inst.freeze_handle is not None:
+            inst.freeze_handle.cancel()
+            inst.freeze_handle = None
+
+    def _freeze(self, inst: Instance) -> None:
+        inst.freeze_handle = None
+        if inst.state is not State.IDLE:
+            return
+        try:
+            inst.memory_bytes = inst.sandbox.memory_usage()
+            inst.sandbox.freeze()
+        except PlatformError as exc:
+            log.warning("cannot freeze %s: %s", inst.id, exc)
+            return
+        inst.state = State.FROZEN
+        self.freezes += 1
+        self.enforce()
+
+    def enforce(self) -> None:
+        """Evict least recently used idle instances over the budget or past their TTL."""
+        now = time.monotonic()
+        while self._lru:
+            inst, pool = next(iter(self._lru.items()))
+            if self.memory <= self.budget and now - inst.last_used < self.idle_ttl:
+                break
+            self.evict(inst, pool)
+
+    def evict(self, inst: Instance, pool: FunctionPool) -> None:
+        self.evictions += 1
+        pool.discard(inst)
+
+    def evict_lru(self) -> bool:
+        """Evict one idle instance (frozen ones first).  False if there is none."""
+        for inst, pool in self._lru.items():
+            if inst.state is State.FROZEN:
+                self.evict(inst, pool)
+                return True
+        for inst, pool in self._lru.items():
+            self.evict(inst, pool)
+            return True
+        return False

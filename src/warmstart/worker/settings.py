@@ -1,0 +1,38 @@
+"""Node settings with their defaults (``warmstart serve --help`` lists the flags)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _physical_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (ValueError, OSError):
+        return 4096
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    region: str = "us-east-1"
+    account: str = "000000000000"
+    # Isolation: None = linux sandboxes when root + cgroups are there, else plain processes.
+    isolation: str | None = None
+    sandbox_uid: int = 65534
+    sandbox_gid: int = 65534
+    pids_max: int = 256
+    tmp_mb: int = 512
+    cpu_quota: float | None = None  # CPUs per instance; None = no CFS quota
+    cgroup_pool: int = 8
+    # Instances.
+    max_concurrency: int = 64          # per function, when it has no reserved concurrency
+    queue_depth: int = 128             # waiting invocations per function before 429
+    memory_budget_mb: int = int(_physical_memory_mb() * 0.75)  # all instances' MemorySize
+    cache_budget_mb: int = int(_physical_memory_mb() * 0.25)   # idle instances' real usage
+    freeze_after_ms: float = 100.0     # idle this long -> frozen (0: freeze at once)
+    idle_ttl_s: float = 600.0          # frozen this long -> evicted
+    init_timeout_s: float = 10.0
+    event_retries: int = 2             # Lambda's MaximumRetryAttempts default

@@ -1,0 +1,413 @@
+"""Worker: functions in memory, their pools, and the invocation path.
+
+The hot path of a warm invocation, in order: dict lookup of the function's pool, pop of
+an idle instance (thaw if frozen: one write to an open cgroup file), one socket write of
+the event bytes, one read of the reply, a log append, metrics.  Nothing on it touches
+SQLite, parses the event, or re-encodes the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from warmstart.errors import InvalidRequestContent, NotFound, PlatformError, TooManyRequests
+from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore
+from warmstart.sandbox import Isolation, SandboxManager, SandboxSpec
+from warmstart.worker.instance import Instance, InstanceDied, Reply, State
+from warmstart.worker.metrics import Metrics
+from warmstart.worker.pool import FunctionPool, HandlerCache
+from warmstart.worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_BYTES = 4096
+StartKind = str  # "warm" | "cold"
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    request_id: str
+    payload: bytes
+    function_error: str | None   # None, or "Unhandled" as Lambda says it
+    start: StartKind
+    duration_ms: float
+    log_tail: bytes              # the last 4 KB of this invocation's log (START..REPORT)
+    version: str = "$LATEST"
+
+    def log_tail_b64(self) -> str:
+        return base64.b64encode(self.log_tail).decode()
+
+
+def _error_payload(error_type: str, message: str) -> bytes:
+    return json.dumps({"errorMessage": message, "errorType": error_type}).encode()
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir
+        self.store = FunctionStore(self.data_dir)
+        iso = None if settings.isolation is None else Isolation(settings.isolation)
+        self.sandboxes = SandboxManager(
+            self.data_dir, isolation=iso, uid=settings.sandbox_uid, gid=settings.sandbox_gid,
+            pids_max=settings.pids_max, tmp_mb=settings.tmp_mb, cpu_quota=settings.cpu_quota,
+            pool_size=settings.cgroup_pool,
+        )
+        self.cache = HandlerCache(settings.cache_budget_mb << 20, settings.freeze_after_ms / 1000,
+                                  settings.idle_ttl_s)
+        self.functions: dict[str, FunctionRecord] = {}
+        self.pools: dict[str, FunctionPool] = {}
+        self._old_pools: set[FunctionPool] = set()
+        self.reserved_mb = 0
+        self.metrics = Metrics(self._snapshot)
+        self._log_fds: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._event_wakeup = asyncio.Event()
+        self._closing = False
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.sandboxes.start()
+        if self.sandboxes.reaped:
+            log.warning("start-up reaped %d process(es) left by a previous worker", self.sandboxes.reaped)
+        for rec in self.store.load_all():
+            self.functions[rec.name] = rec
+        log.info("worker ready: %d function(s), isolation=%s", len(self.functions),
+                 self.sandboxes.isolation.value)
+        self._spawn(self._event_loop())
+        self._spawn(self._sweeper())
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for pool in [*self.pools.values(), *self._old_pools]:
+            pool.retire()
+        await self.sandboxes.close()
+        for fd in self._log_fds.values():
+            os.close(fd)
+        self._log_fds.clear()
+        self.store.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.cache.enforce()
+            self._old_pools = {p for p in self._old_pools if p.live > 0}
+
+    # -- functions -------------------------------------------------------------------------
+    def get(self, name: str) -> FunctionRecord:
+        try:
+            return self.functions[name]
+        except KeyError:
+            raise NotFound(f"Function not found: {self.arn(name)}") from None
+
+    def arn(self, name: str) -> str:
+        return f"arn:aws:lambda:{self.settings.region}:{self.settings.account}:function:{name}"
+
+    async def create_function(self, name: str, config: FunctionConfig, code: bytes) -> FunctionRecord:
+        rec = await asyncio.to_thread(self.store.create, name, config, code)
+        self.functions[name] = rec
+        return rec
+
+    async def update_code(self, name: str, code: bytes) -> FunctionRecord:
+        rec = self.get(name)
+        sha, _ = await asyncio.to_thread(self.store.put_code, code)
+        return self._replace(self.store.bump(rec, code_sha256=sha, code_size=len(code)))
+
+    def update_config(self, name: str, **changes: Any) -> FunctionRecord:
+        rec = self.get(name)
+        return self._replace(self.store.bump(rec, config=rec.config.updated(**changes)))
+
+    def put_concurrency(self, name: str, reserved: int | None) -> FunctionRecord:
+        rec = self.get(name)
+        new = self.store.bump(rec, reserved_concurrency=reserved)
+        self.functions[name] = new
+        pool = self.pools.get(name)
+        if pool is not None:
+            pool.limit = self._limit(new)
+            pool._pass_slot()
+        return new
+
+    def delete_function(self, name: str) -> None:
+        self.get(name)
+        self.store.delete(name)
+        del self.functions[name]
+        self._retire(name)
+        fd = self._log_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _replace(self, rec: FunctionRecord) -> FunctionRecord:
+        """A new revision: new invocations get new instances; running ones finish."""
+        self.functions[rec.name] = rec
+        self._retire(rec.name)
+        return rec
+
+    def _retire(self, name: str) -> None:
+        pool = self.pools.pop(name, None)
+        if pool is not None:
+            pool.retire()
+            if pool.live > 0:
+                self._old_pools.add(pool)
+
+    def _limit(self, rec: FunctionRecord) -> int:
+        if rec.reserved_concurrency is not None:
+            return rec.reserved_concurrency
+        return self.settings.max_concurrency
+
+    def _pool(self, rec: FunctionRecord) -> FunctionPool:
+        pool = self.pools.get(rec.name)
+        if pool is None or pool.revision != rec.revision:
+            pool = FunctionPool(
+                rec.name, rec.revision, self._limit(rec), self.settings.queue_depth,
+                lambda: self._start_instance(rec), self._destroy_instance, self.cache,
+            )
+            self.pools[rec.name] = pool
+        return pool
+
+    # -- instances -------------------------------------------------------------------------
+    def _env(self, rec: FunctionRecord) -> dict[str, str]:
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "TZ": ":UTC",
+            "HOME": "/tmp",
+            "_HANDLER": rec.config.handler,
+            "AWS_REGION": self.settings.region,
+            "AWS_DEFAULT_REGION": self.settings.region,
+            "AWS_EXECUTION_ENV": f"AWS_Lambda_{rec.config.runtime}",
+            "AWS_LAMBDA_FUNCTION_NAME": rec.name,
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(rec.config.memory_mb),
+            "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{rec.name}",
+            "AWS_LAMBDA_LOG_STREAM_NAME": f"warmstart/{rec.revision_id}",
+        }
+        env.update(rec.config.environment)
+        return env
+
+    async def _start_instance(self, rec: FunctionRecord) -> Instance:
+        need = rec.config.memory_mb
+        while self.reserved_mb + need > self.settings.memory_budget_mb:
+            if not self.cache.evict_lru():
+                raise TooManyRequests(
+                    f"The node's memory budget ({self.settings.memory_budget_mb} MB) is in use",
+                    "ConcurrentInvocationLimitExceeded")
+        self.reserved_mb += need
+        t0 = time.perf_counter()
+        try:
+            sandbox = await self.sandboxes.create(SandboxSpec(
+                code_dir=self.store.code_dir(rec), env=self._env(rec), memory_mb=need,
+                network=rec.config.network,
+            ))
+        except BaseException:
+            self.reserved_mb -= need
+            raise
+        inst = Instance(sandbox, rec.name, rec.revision, need)
+        try:
+            await inst.connect()
+            reply = await asyncio.wait_for(inst.read_reply(), self.settings.init_timeout_s)
+        except (InstanceDied, TimeoutError) as exc:
+            self._destroy_instance(inst)
+            raise _InitFailed("Runtime.ExitError",
+                              f"Runtime exited before it was ready: {exc or 'timed out'}", b"") from exc
+        except BaseException:
+            self._destroy_instance(inst)
+            raise
+        if reply.kind != "ready":
+            self._destroy_instance(inst)
+            err = json.loads(reply.payload or b"{}")
+            raise _InitFailed(err.get("errorType", "Runtime.Unknown"), err.get("errorMessage", ""),
+                              reply.logs, reply.payload)
+        self.metrics.sandbox_create.observe(time.perf_counter() - t0)
+        inst.state = State.BUSY
+        return inst
+
+    def _destroy_instance(self, inst: Instance) -> None:
+        if inst.state is State.DEAD:
+            return
+        inst.close()
+        self.reserved_mb -= inst.memory_mb
+        self._spawn(self.sandboxes.destroy(inst.sandbox))
+
+    # -- invocation ------------------------------------------------------------------------
+    async def invoke(self, name: str, payload: bytes, *, client_context: str | None = None) -> InvokeResult:
+        rec = self.get(name)
+        pool = self._pool(rec)
+        request_id = str(uuid.uuid4())
+        t0 = time.perf_counter()
+        try:
+            inst, cold = await pool.acquire()
+        except _InitFailed as exc:
+            return self._finish(rec, request_id, t0, "cold", "init_error",
+                                _error_payload(exc.error_type, exc.message) if not exc.payload else exc.payload,
+                                "Unhandled", exc.logs)
+        except TooManyRequests:
+            self.metrics.invocations.labels(name, "throttled").inc()
+            raise
+        start = "cold" if cold else "warm"
+        timeout = rec.config.timeout_s
+        meta = {"id": request_id, "deadline_ms": int(time.time() * 1000) + timeout * 1000, "arn": self.arn(name)}
+        if client_context:
+            meta["client_context"] = client_context
+        try:
+            await inst.send(json.dumps(meta).encode(), payload)
+            reply: Reply = await asyncio.wait_for(inst.read_reply(), timeout)
+        except TimeoutError:
+            pool.discard(inst)
+            msg = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {request_id} Task timed out after {timeout:.2f} seconds"
+            return self._finish(rec, request_id, t0, start, "timeout",
+                                _error_payload("Sandbox.Timedout", msg), "Unhandled", b"")
+        except InstanceDied:
+            oom = inst.sandbox.oom_killed()
+            pool.discard(inst)
+            kind = "Runtime.OutOfMemory" if oom else "Runtime.ExitError"
+            why = "signal: killed" if oom else "the runtime exited unexpectedly"
+            msg = f"RequestId: {request_id} Error: Runtime exited with error: {why}"
+            if oom:
+                msg += f" (memory limit of {rec.config.memory_mb} MB exceeded)"
+            return self._finish(rec, request_id, t0, start, "oom" if oom else "crash",
+                                _error_payload(kind, msg), "Unhandled", b"")
+        except BaseException:
+            pool.discard(inst)
+            raise
+        inst.invocations += 1
+        pool.release(inst)
+        if reply.kind == "result":
+            return self._finish(rec, request_id, t0, start, "success", reply.payload, None, reply.logs)
+        if reply.kind == "invalid_event":
+            self.metrics.invocations.labels(name, "invalid_request").inc()
+            raise InvalidRequestContent("Could not parse request body into json: " +
+                                        json.loads(reply.payload).get("errorMessage", ""))
+        return self._finish(rec, request_id, t0, start, "error", reply.payload, "Unhandled", reply.logs)
+
+    def _finish(self, rec: FunctionRecord, request_id: str, t0: float, start: str, outcome: str,
+                payload: bytes, function_error: str | None, logs: bytes) -> InvokeResult:
+        elapsed = time.perf_counter() - t0
+        duration_ms = elapsed * 1000
+        m = self.metrics
+        m.invocations.labels(rec.name, outcome).inc()
+        m.starts.labels(rec.name, start).inc()
+        m.latency.labels(rec.name, start).observe(elapsed)
+        text = self._log(rec, request_id, duration_ms, logs, payload if function_error else None)
+        return InvokeResult(request_id, payload, function_error, start, duration_ms, text[-LOG_TAIL_BYTES:])
+
+    def _log(self, rec: FunctionRecord, request_id: str, duration_ms: float, logs: bytes,
+             error: bytes | None) -> bytes:
+        report = (
+            f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms\t"
+            f"Billed Duration: {max(1, int(duration_ms + 0.999))} ms\tMemory Size: {rec.config.memory_mb} MB\n"
+        ).encode()
+        parts = [f"START RequestId: {request_id} Version: $LATEST\n".encode(), logs]
+        if error is not None and not logs:
+            parts.append(error + b"\n")
+        parts.append(report)
+        text = b"".join(parts)
+        fd = self._log_fds.get(rec.name)
+        if fd is None:
+            fd = os.open(self.log_path(rec.name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._log_fds[rec.name] = fd
+        os.write(fd, text)
+        return text
+
+    def log_path(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    # -- async (Event) invocations ----------------------------------------------------------
+    def invoke_async(self, name: str, payload: bytes) -> str:
+        self.get(name)
+        event_id = self.store.enqueue_event(name, payload)
+        self._event_wakeup.set()
+        return event_id
+
+    async def _event_loop(self) -> None:
+        """Run queued Event invocations (durable in SQLite; retried like Lambda does)."""
+        running: set[asyncio.Task[None]] = set()
+        while True:
+            self._event_wakeup.clear()
+            taken = {t.get_name() for t in running}
+            for event_id, fn, payload, attempts in self.store.pending_events():
+                if event_id in taken or len(running) >= self.settings.max_concurrency:
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run_event(event_id, fn, payload, attempts),
+                                                              name=event_id)
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _t: self._event_wakeup.set())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event_wakeup.wait(), 1.0)
+
+    async def _run_event(self, event_id: str, fn: str, payload: bytes, attempts: int) -> None:
+        try:
+            result = await self.invoke(fn, payload)
+        except NotFound:
+            self.store.finish_event(event_id, "dropped", b"function deleted", attempts)
+            return
+        except (TooManyRequests, PlatformError) as exc:
+            log.warning("event %s for %s deferred: %s", event_id, fn, exc)
+            await asyncio.sleep(1.0)
+            return
+        except InvalidRequestContent as exc:
+            self.store.finish_event(event_id, "failed", str(exc).encode(), attempts + 1)
+            return
+        attempts += 1
+        if result.function_error is None:
+            self.store.finish_event(event_id, "succeeded", result.payload, attempts)
+        elif attempts > self.settings.event_retries:
+            self.store.finish_event(event_id, "failed", result.payload, attempts)
+        else:
+            self.store.retry_event(event_id, attempts)
+
+    # -- statistics ------------------------------------------------------------------------
+    def _snapshot(self) -> dict[str, dict[str, float]]:
+        states = {s.value: 0.0 for s in State if s is not State.DEAD}
+        for pool in [*self.pools.values(), *self._old_pools]:
+            st = pool.statistics()
+            states["busy"] += st.busy
+            states["starting"] += st.starting
+        for inst in self.cache.instances():
+            states[inst.state.value] += 1
+        return {
+            "instances": states,
+            "memory": {"idle_instances": float(self.cache.memory), "reserved": float(self.reserved_mb << 20)},
+            "other": {"functions": float(len(self.functions)),
+                      "evictions_total": float(self.cache.evictions),
+                      "freezes_total": float(self.cache.freezes)},
+        }
+
+    def instances(self) -> list[dict[str, Any]]:
+        out = []
+        for pool in self.pools.values():
+            for inst in pool.idle:
+                out.append({"id": inst.id, "function": inst.function, "state": inst.state.value,
+                            "invocations": inst.invocations, "memory_bytes": inst.memory_bytes})
+        return out
+
+
+class _InitFailed(Exception):
+    def __init__(self, error_type: str, message: str, logs: bytes, payload: bytes = b"") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.logs = logs
+        self.payload = payload
