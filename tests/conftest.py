@@ -57,8 +57,11 @@ class Server:
         from botocore.config import Config
 
         return boto3.client(
-            "lambda", endpoint_url=self.url, region_name="us-east-1",
-            aws_access_key_id="test", aws_secret_access_key="test",
+            "lambda",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
             config=Config(retries={"max_attempts": 0}, read_timeout=120),
         )
 
@@ -74,11 +77,21 @@ class Server:
 
 def start_server(data_dir: Path, log_path: Path, *extra: str) -> Server:
     port = free_port()
-    args = [sys.executable, "-m", "warmstart.cli.main", "serve", "--port", str(port),
-            "--data-dir", str(data_dir), "--log-level", "info", *extra]
-    log_file = open(log_path, "ab")
-    proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
-    log_file.close()
+    args = [
+        sys.executable,
+        "-m",
+        "warmstart.cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--log-level",
+        "info",
+        *extra,
+    ]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     server = Server(url, data_dir, proc, log_path, args)
     deadline = time.monotonic() + 30
@@ -134,9 +147,19 @@ def lam(server: Server) -> Any:
     return server.lambda_client()
 
 
-def deploy(lam: Any, name: str, files: dict[str, str | bytes], handler: str = "handler.handler",
-           **kwargs: Any) -> dict[str, Any]:
+def deploy(
+    lam: Any,
+    name: str,
+    files: dict[str, str | bytes],
+    handler: str = "handler.handler",
+    **kwargs: Any,
+) -> dict[str, Any]:
     out: dict[str, Any] = lam.create_function(
-        FunctionName=name, Runtime="python3.11", Role="arn:aws:iam::000000000000:role/test",
-        Handler=handler, Code={"ZipFile": make_zip(files)}, **kwargs)
+        FunctionName=name,
+        Runtime="python3.11",
+        Role="arn:aws:iam::000000000000:role/test",
+        Handler=handler,
+        Code={"ZipFile": make_zip(files)},
+        **kwargs,
+    )
     return out

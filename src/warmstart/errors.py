@@ -33,7 +33,9 @@ class Conflict(WarmstartError):
 
 
 class TooManyRequests(WarmstartError):
-    def __init__(self, message: str, reason: str = "ReservedFunctionConcurrentInvocationLimitExceeded"):
+    def __init__(
+        self, message: str, reason: str = "ReservedFunctionConcurrentInvocationLimitExceeded"
+    ):
         super().__init__(message)
         self.reason = reason
 

@@ -41,8 +41,15 @@ def _invoke(lam: Any, name: str, event: Any, **kw: Any) -> tuple[dict[str, Any],
 
 
 def test_function_lifecycle(lam: Any) -> None:
-    created = deploy(lam, "life", {"handler.py": HELLO}, MemorySize=256, Timeout=5,
-                     Environment={"Variables": {"GREETING": "hi"}}, Description="d")
+    created = deploy(
+        lam,
+        "life",
+        {"handler.py": HELLO},
+        MemorySize=256,
+        Timeout=5,
+        Environment={"Variables": {"GREETING": "hi"}},
+        Description="d",
+    )
     assert created["FunctionName"] == "life"
     assert created["MemorySize"] == 256 and created["Timeout"] == 5
     assert created["FunctionArn"].endswith(":function:life")
@@ -69,8 +76,9 @@ def test_function_lifecycle(lam: Any) -> None:
     assert "START RequestId:" in logs and "got {'a': 1}" in logs and "REPORT RequestId:" in logs
     assert len(base64.b64decode(resp["LogResult"])) <= 4096
 
-    conf = lam.update_function_configuration(FunctionName="life", MemorySize=512,
-                                             Environment={"Variables": {"GREETING": "hey"}})
+    conf = lam.update_function_configuration(
+        FunctionName="life", MemorySize=512, Environment={"Variables": {"GREETING": "hey"}}
+    )
     assert conf["MemorySize"] == 512
     _, body = _invoke(lam, "life", {})
     assert body["memory"] == 512 and body["env"] == "hey"
@@ -82,9 +90,15 @@ def test_function_lifecycle(lam: Any) -> None:
     _, body = _invoke(lam, "life", {})
     assert body["env"] == "v2"
 
-    assert lam.put_function_concurrency(FunctionName="life", ReservedConcurrentExecutions=3)[
-        "ReservedConcurrentExecutions"] == 3
-    assert lam.get_function(FunctionName="life")["Concurrency"] == {"ReservedConcurrentExecutions": 3}
+    assert (
+        lam.put_function_concurrency(FunctionName="life", ReservedConcurrentExecutions=3)[
+            "ReservedConcurrentExecutions"
+        ]
+        == 3
+    )
+    assert lam.get_function(FunctionName="life")["Concurrency"] == {
+        "ReservedConcurrentExecutions": 3
+    }
     assert lam.get_function_concurrency(FunctionName="life")["ReservedConcurrentExecutions"] == 3
     lam.delete_function_concurrency(FunctionName="life")
     assert "ReservedConcurrentExecutions" not in lam.get_function_concurrency(FunctionName="life")
@@ -121,17 +135,32 @@ def test_invocation_types_and_errors(lam: Any, server: Server) -> None:
     for bad in ({"MemorySize": 20000}, {"Timeout": 901}, {"Runtime": "nodejs18.x"}):
         with pytest.raises(ClientError) as err:
             kwargs: dict[str, Any] = {"Runtime": "python3.11", **bad}
-            lam.create_function(FunctionName="bad", Role="r", Handler="handler.handler",
-                                Code={"ZipFile": make_zip({"handler.py": HELLO})}, **kwargs)
+            lam.create_function(
+                FunctionName="bad",
+                Role="r",
+                Handler="handler.handler",
+                Code={"ZipFile": make_zip({"handler.py": HELLO})},
+                **kwargs,
+            )
         assert err.value.response["Error"]["Code"] == "InvalidParameterValueException", bad
     with pytest.raises(ClientError) as err:
-        lam.create_function(FunctionName="bad", Runtime="python3.11", Role="r", Handler="nodot",
-                            Code={"ZipFile": make_zip({"handler.py": HELLO})})
+        lam.create_function(
+            FunctionName="bad",
+            Runtime="python3.11",
+            Role="r",
+            Handler="nodot",
+            Code={"ZipFile": make_zip({"handler.py": HELLO})},
+        )
     assert err.value.response["Error"]["Code"] == "InvalidParameterValueException"
     with pytest.raises(ClientError) as err:
-        lam.create_function(FunctionName="bad", Runtime="python3.11", Role="r", Handler="handler.handler",
-                            Code={"ZipFile": make_zip({"handler.py": HELLO})},
-                            Environment={"Variables": {"AWS_REGION": "x"}})
+        lam.create_function(
+            FunctionName="bad",
+            Runtime="python3.11",
+            Role="r",
+            Handler="handler.handler",
+            Code={"ZipFile": make_zip({"handler.py": HELLO})},
+            Environment={"Variables": {"AWS_REGION": "x"}},
+        )
     assert err.value.response["Error"]["Code"] == "InvalidParameterValueException"
     with pytest.raises(ClientError) as err:
         lam.update_function_configuration(FunctionName="kinds", Timeout=5, RevisionId="stale")
@@ -140,7 +169,7 @@ def test_invocation_types_and_errors(lam: Any, server: Server) -> None:
 
 def test_function_names_as_arns(lam: Any) -> None:
     arn = deploy(lam, "arny", {"handler.py": HELLO})["FunctionArn"]
-    resp, body = _invoke(lam, arn, {"x": 1})
+    _resp, body = _invoke(lam, arn, {"x": 1})
     assert body["event"] == {"x": 1}
     assert lam.get_function(FunctionName=arn)["Configuration"]["FunctionName"] == "arny"
     _, body = _invoke(lam, "arny:$LATEST", {"y": 2})
@@ -201,7 +230,9 @@ def test_update_code_drops_no_request(lam: Any, server: Server) -> None:
     for t in threads:
         t.start()
     time.sleep(0.5)
-    lam.update_function_code(FunctionName="roll", ZipFile=make_zip({"handler.py": code.format(v=2)}))
+    lam.update_function_code(
+        FunctionName="roll", ZipFile=make_zip({"handler.py": code.format(v=2)})
+    )
     time.sleep(0.8)
     stop.set()
     for t in threads:
@@ -227,7 +258,10 @@ def test_warm_and_cold_headers_and_metrics(server: Server, lam: Any) -> None:
         assert 'warmstart_invocations_total{function="hdr",outcome="success"} 2.0' in metrics
         assert 'warmstart_starts_total{function="hdr",kind="cold"} 1.0' in metrics
         assert "warmstart_invocation_duration_seconds_bucket" in metrics
-        assert 'warmstart_instances{state="idle"}' in metrics or 'warmstart_instances{state="frozen"}' in metrics
+        assert (
+            'warmstart_instances{state="idle"}' in metrics
+            or 'warmstart_instances{state="frozen"}' in metrics
+        )
         health = http.get("/healthz").json()
         assert health["status"] == "ok"
 

@@ -43,21 +43,29 @@ class NativeAPI:
         status = 200
         if result.function_error:
             status = 504 if b"Sandbox.Timedout" in result.payload else 502
-        return Response(result.payload, status_code=status, headers=result_headers(result),
-                        media_type="application/json")
+        return Response(
+            result.payload,
+            status_code=status,
+            headers=result_headers(result),
+            media_type="application/json",
+        )
 
     async def healthz(self, request: Request) -> Response:
         w = self.worker
-        return JSONResponse({
-            "status": "ok",
-            "version": __version__,
-            "isolation": w.sandboxes.isolation.value,
-            "functions": len(w.functions),
-            "idle_instances": len(w.cache),
-        })
+        return JSONResponse(
+            {
+                "status": "ok",
+                "version": __version__,
+                "isolation": w.sandboxes.isolation.value,
+                "functions": len(w.functions),
+                "idle_instances": len(w.cache),
+            }
+        )
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(self.worker.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
 
     async def logs(self, request: Request) -> Response:
         name, _ = function_name(request.path_params["name"])
@@ -94,8 +102,11 @@ async def _warmstart_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("internal error on %s %s", request.method, request.url.path)
-    return JSONResponse({"Type": "Service", "message": f"internal error: {type(exc).__name__}"},
-                        status_code=500, headers={"x-amzn-ErrorType": "ServiceException"})
+    return JSONResponse(
+        {"Type": "Service", "message": f"internal error: {type(exc).__name__}"},
+        status_code=500,
+        headers={"x-amzn-ErrorType": "ServiceException"},
+    )
 
 
 def create_app(worker: Worker) -> Starlette:

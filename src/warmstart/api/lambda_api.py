@@ -47,10 +47,16 @@ def error_response(exc: WarmstartError) -> JSONResponse:
     if isinstance(exc, TooManyRequests):
         return lambda_error(429, "TooManyRequestsException", str(exc), Reason=exc.reason)
     if isinstance(exc, PlatformError):
-        return JSONResponse({"Type": "Service", "message": str(exc)}, status_code=500,
-                            headers={"x-amzn-ErrorType": "ServiceException"})
-    return JSONResponse({"Type": "Service", "message": str(exc)}, status_code=500,
-                        headers={"x-amzn-ErrorType": "ServiceException"})
+        return JSONResponse(
+            {"Type": "Service", "message": str(exc)},
+            status_code=500,
+            headers={"x-amzn-ErrorType": "ServiceException"},
+        )
+    return JSONResponse(
+        {"Type": "Service", "message": str(exc)},
+        status_code=500,
+        headers={"x-amzn-ErrorType": "ServiceException"},
+    )
 
 
 def function_name(raw: str) -> tuple[str, str | None]:
@@ -62,7 +68,7 @@ def function_name(raw: str) -> tuple[str, str | None]:
             i = parts.index("function")
         except ValueError:
             raise InvalidParameter(f"Invalid function ARN: {raw}") from None
-        rest = parts[i + 1:]
+        rest = parts[i + 1 :]
     else:
         rest = raw.split(":")
     if not rest or len(rest) > 2 or not rest[0]:
@@ -159,9 +165,17 @@ class LambdaAPI:
             Route(p + "/{name}/code", self.update_code, methods=["PUT"]),
             Route(p + "/{name}/code-download", self.download_code, methods=["GET"]),
             Route(p + "/{name}/invocations", self.invoke, methods=["POST"]),
-            Route("/2017-10-31/functions/{name}/concurrency", self.put_concurrency, methods=["PUT"]),
-            Route("/2017-10-31/functions/{name}/concurrency", self.delete_concurrency, methods=["DELETE"]),
-            Route("/2019-09-30/functions/{name}/concurrency", self.get_concurrency, methods=["GET"]),
+            Route(
+                "/2017-10-31/functions/{name}/concurrency", self.put_concurrency, methods=["PUT"]
+            ),
+            Route(
+                "/2017-10-31/functions/{name}/concurrency",
+                self.delete_concurrency,
+                methods=["DELETE"],
+            ),
+            Route(
+                "/2019-09-30/functions/{name}/concurrency", self.get_concurrency, methods=["GET"]
+            ),
         ]
 
     def _rec(self, request: Request) -> FunctionRecord:
@@ -209,8 +223,10 @@ class LambdaAPI:
             raise InvalidParameter("MaxItems must be an integer") from None
         max_items = max(1, min(max_items, 10000))
         start = int(marker) if marker and marker.isdigit() else 0
-        page = names[start:start + max_items]
-        out: dict[str, Any] = {"Functions": [configuration(self.worker, self.worker.functions[n]) for n in page]}
+        page = names[start : start + max_items]
+        out: dict[str, Any] = {
+            "Functions": [configuration(self.worker, self.worker.functions[n]) for n in page]
+        }
         if start + max_items < len(names):
             out["NextMarker"] = str(start + max_items)
         return JSONResponse(out)
@@ -229,8 +245,11 @@ class LambdaAPI:
 
     async def download_code(self, request: Request) -> Response:
         rec = self._rec(request)
-        return FileResponse(self.worker.store.code_zip(rec), media_type="application/zip",
-                            filename=f"{rec.name}.zip")
+        return FileResponse(
+            self.worker.store.code_zip(rec),
+            media_type="application/zip",
+            filename=f"{rec.name}.zip",
+        )
 
     async def get_configuration(self, request: Request) -> Response:
         return JSONResponse(configuration(self.worker, self._rec(request)))
@@ -240,7 +259,8 @@ class LambdaAPI:
         if rid is not None and rid != rec.revision_id:
             raise PreconditionFailed(
                 "The Revision Id provided does not match the latest Revision Id. "
-                "Call the GetFunction/GetAlias API to retrieve the latest Revision Id")
+                "Call the GetFunction/GetAlias API to retrieve the latest Revision Id"
+            )
 
     async def update_configuration(self, request: Request) -> Response:
         rec = self._rec(request)
@@ -320,7 +340,9 @@ class LambdaAPI:
         headers = result_headers(result)
         if request.headers.get("x-amz-log-type") == "Tail":
             headers["X-Amz-Log-Result"] = result.log_tail_b64()
-        return Response(result.payload, status_code=200, headers=headers, media_type="application/json")
+        return Response(
+            result.payload, status_code=200, headers=headers, media_type="application/json"
+        )
 
 
 def _client_context(raw: str | None) -> Any:

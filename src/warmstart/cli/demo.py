@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import zipfile
 
-HELLO = '''\
+HELLO = """\
 import os
 import socket
 
@@ -19,7 +19,7 @@ def handler(event, context):
         "pid": os.getpid(),
         "hostname": socket.gethostname(),
     }
-'''
+"""
 
 
 def hello_zip() -> bytes:

@@ -1,9 +1,9 @@
 """``warmstart``: run the platform and talk to it.
 
-    warmstart serve [--port 8080] [--data-dir data] [--demo]
-    warmstart deploy DIR|ZIP --name N [--handler mod.fn] [--memory MB] [--timeout S]
-    warmstart invoke N ['{"json": "event"}'] [--log]
-    warmstart ls | rm N | logs N
+warmstart serve [--port 8080] [--data-dir data] [--demo]
+warmstart deploy DIR|ZIP --name N [--handler mod.fn] [--memory MB] [--timeout S]
+warmstart invoke N ['{"json": "event"}'] [--log]
+warmstart ls | rm N | logs N
 """
 
 from __future__ import annotations
@@ -26,51 +26,97 @@ def _parser() -> argparse.ArgumentParser:
         prog="warmstart",
         description="A serverless platform for Python functions that makes every start feel warm.",
         epilog="Run 'warmstart COMMAND --help' for a command's options. Clients talk to "
-               "$WARMSTART_ENDPOINT (default http://127.0.0.1:8080).",
+        "$WARMSTART_ENDPOINT (default http://127.0.0.1:8080).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the single-node platform (API + worker)",
-                       description="Run the API and the worker on this machine. State lives in "
-                                   "SQLite under --data-dir; nothing else to install or start.")
+    s = sub.add_parser(
+        "serve",
+        help="run the single-node platform (API + worker)",
+        description="Run the API and the worker on this machine. State lives in "
+        "SQLite under --data-dir; nothing else to install or start.",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     s.add_argument("--port", type=int, default=8080, help="port to listen on (default %(default)s)")
-    s.add_argument("--data-dir", type=Path, default=Path(os.environ.get("WARMSTART_DATA_DIR", "data")),
-                   help="where functions, code, logs and state live (default %(default)s)")
-    s.add_argument("--isolation", choices=["auto", "linux", "process"], default="auto",
-                   help="linux: namespaces+chroot+cgroups (needs root); process: no isolation; "
-                        "auto: linux when possible (default)")
+    s.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("WARMSTART_DATA_DIR", "data")),
+        help="where functions, code, logs and state live (default %(default)s)",
+    )
+    s.add_argument(
+        "--isolation",
+        choices=["auto", "linux", "process"],
+        default="auto",
+        help="linux: namespaces+chroot+cgroups (needs root); process: no isolation; "
+        "auto: linux when possible (default)",
+    )
     s.add_argument("--demo", action="store_true", help="deploy the 'hello' demo function at start")
-    s.add_argument("--max-concurrency", type=int, default=64,
-                   help="instances per function without reserved concurrency (default %(default)s)")
-    s.add_argument("--queue-depth", type=int, default=128,
-                   help="invocations that may wait per function before 429 (default %(default)s)")
-    s.add_argument("--freeze-after-ms", type=float, default=100.0,
-                   help="freeze instances idle this long; 0 freezes at once (default %(default)s)")
-    s.add_argument("--cache-budget-mb", type=int, default=None,
-                   help="memory idle instances may hold before LRU eviction (default 25%% of RAM)")
-    s.add_argument("--memory-budget-mb", type=int, default=None,
-                   help="sum of MemorySize over all instances (default 75%% of RAM)")
-    s.add_argument("--cpu-quota", type=float, default=None,
-                   help="CPUs each instance may use (CFS quota); default unlimited")
+    s.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=64,
+        help="instances per function without reserved concurrency (default %(default)s)",
+    )
+    s.add_argument(
+        "--queue-depth",
+        type=int,
+        default=128,
+        help="invocations that may wait per function before 429 (default %(default)s)",
+    )
+    s.add_argument(
+        "--freeze-after-ms",
+        type=float,
+        default=100.0,
+        help="freeze instances idle this long; 0 freezes at once (default %(default)s)",
+    )
+    s.add_argument(
+        "--cache-budget-mb",
+        type=int,
+        default=None,
+        help="memory idle instances may hold before LRU eviction (default 25%% of RAM)",
+    )
+    s.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=None,
+        help="sum of MemorySize over all instances (default 75%% of RAM)",
+    )
+    s.add_argument(
+        "--cpu-quota",
+        type=float,
+        default=None,
+        help="CPUs each instance may use (CFS quota); default unlimited",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     d = sub.add_parser("deploy", help="create or update a function from a directory or zip")
     d.add_argument("source", type=Path, help="a directory with handler code, or a .zip")
     d.add_argument("--name", required=True, help="function name")
-    d.add_argument("--handler", default=None,
-                   help="module.function (default: hello.handler if hello.py exists, else handler.handler)")
+    d.add_argument(
+        "--handler",
+        default=None,
+        help="module.function (default: hello.handler if hello.py exists, else handler.handler)",
+    )
     d.add_argument("--memory", type=int, default=None, help="MemorySize in MB (default 128)")
     d.add_argument("--timeout", type=int, default=None, help="timeout in seconds (default 3)")
-    d.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
-    d.add_argument("--network", choices=["none", "host"], default=None,
-                   help="none: loopback only (default); host: the host's network")
+    d.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable"
+    )
+    d.add_argument(
+        "--network",
+        choices=["none", "host"],
+        default=None,
+        help="none: loopback only (default); host: the host's network",
+    )
 
     i = sub.add_parser("invoke", help="invoke a function and print its result")
     i.add_argument("name")
     i.add_argument("event", nargs="?", default="{}", help="JSON event (default {})")
     i.add_argument("--log", action="store_true", help="print the invocation's log tail to stderr")
-    i.add_argument("--async", dest="is_async", action="store_true", help="queue it (InvocationType=Event)")
+    i.add_argument(
+        "--async", dest="is_async", action="store_true", help="queue it (InvocationType=Event)"
+    )
 
     sub.add_parser("ls", help="list functions")
     r = sub.add_parser("rm", help="delete a function")
@@ -79,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("name")
     lg.add_argument("--bytes", type=int, default=65536, help="how much of the end to print")
     for sp in (d, i, r, lg, sub.choices["ls"]):
-        sp.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="server URL (default %(default)s)")
+        sp.add_argument(
+            "--endpoint", default=DEFAULT_ENDPOINT, help="server URL (default %(default)s)"
+        )
     return p
 
 
@@ -91,7 +139,9 @@ def _serve(args: argparse.Namespace) -> int:
     from warmstart.api import create_app
     from warmstart.worker import Settings, Worker
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     kwargs: dict[str, Any] = {
         "data_dir": args.data_dir.resolve(),
         "isolation": None if args.isolation == "auto" else args.isolation,
@@ -106,23 +156,34 @@ def _serve(args: argparse.Namespace) -> int:
         kwargs["memory_budget_mb"] = args.memory_budget_mb
     worker = Worker(Settings(**kwargs))
     app = create_app(worker)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
 
     async def run() -> None:
         if args.demo:
+
             async def demo_after_start() -> None:
                 while not server.started:
                     await asyncio.sleep(0.02)
                 await _deploy_demo(worker)
-                print(f"demo: curl -s -X POST http://{args.host}:{args.port}/run/hello -d '{{\"name\": \"you\"}}'",
-                      flush=True)
+                print(
+                    f'demo: curl -s -X POST http://{args.host}:{args.port}/run/hello -d \'{{"name": "you"}}\'',
+                    flush=True,
+                )
+
             asyncio.get_running_loop().create_task(demo_after_start())
         await server.serve()
 
     try:
         import uvloop
+
         uvloop.run(run())
     except ImportError:
         asyncio.run(run())
@@ -165,7 +226,9 @@ def _deploy(args: argparse.Namespace) -> int:
     src: Path = args.source
     if src.is_dir():
         data = zip_directory(src)
-        handler = args.handler or ("hello.handler" if (src / "hello.py").exists() else "handler.handler")
+        handler = args.handler or (
+            "hello.handler" if (src / "hello.py").exists() else "handler.handler"
+        )
     elif src.is_file():
         data = src.read_bytes()
         handler = args.handler or "handler.handler"
@@ -192,8 +255,13 @@ def _deploy(args: argparse.Namespace) -> int:
             out = _check(c.put(f"{API}/{args.name}/configuration", json=conf)).json()
             verb = "updated"
         else:
-            body: dict[str, Any] = {"FunctionName": args.name, "Runtime": "python3.11", "Handler": handler,
-                                    "Code": {"ZipFile": zip_b64}, "Role": "arn:aws:iam::000000000000:role/x"}
+            body: dict[str, Any] = {
+                "FunctionName": args.name,
+                "Runtime": "python3.11",
+                "Handler": handler,
+                "Code": {"ZipFile": zip_b64},
+                "Role": "arn:aws:iam::000000000000:role/x",
+            }
             if args.memory is not None:
                 body["MemorySize"] = args.memory
             if args.timeout is not None:
@@ -204,8 +272,10 @@ def _deploy(args: argparse.Namespace) -> int:
                 body["Tags"] = {"warmstart:network": args.network}
             out = _check(c.post(API, json=body)).json()
             verb = "created"
-    print(f"{verb} {out['FunctionName']} ({out['Handler']}, {out['MemorySize']} MB, {out['Timeout']} s, "
-          f"{out['CodeSize']} bytes)")
+    print(
+        f"{verb} {out['FunctionName']} ({out['Handler']}, {out['MemorySize']} MB, {out['Timeout']} s, "
+        f"{out['CodeSize']} bytes)"
+    )
     return 0
 
 
@@ -218,12 +288,16 @@ def _invoke(args: argparse.Namespace) -> int:
     if args.is_async:
         headers["X-Amz-Invocation-Type"] = "Event"
     with _client(args) as c:
-        resp = _check(c.post(f"{API}/{args.name}/invocations", content=args.event.encode(), headers=headers))
+        resp = _check(
+            c.post(f"{API}/{args.name}/invocations", content=args.event.encode(), headers=headers)
+        )
     if args.is_async:
         print("queued")
         return 0
     if args.log and resp.headers.get("X-Amz-Log-Result"):
-        sys.stderr.write(base64.b64decode(resp.headers["X-Amz-Log-Result"]).decode(errors="replace"))
+        sys.stderr.write(
+            base64.b64decode(resp.headers["X-Amz-Log-Result"]).decode(errors="replace")
+        )
     print(resp.text)
     return 1 if resp.headers.get("X-Amz-Function-Error") else 0
 
@@ -236,8 +310,14 @@ def _ls(args: argparse.Namespace) -> int:
         fns = _check(c.get(f"{API}/", params={"MaxItems": 10000})).json()["Functions"]
     table = Table("name", "handler", "memory (MB)", "timeout (s)", "code (bytes)", "last modified")
     for f in fns:
-        table.add_row(f["FunctionName"], f["Handler"], str(f["MemorySize"]), str(f["Timeout"]),
-                      str(f["CodeSize"]), f["LastModified"])
+        table.add_row(
+            f["FunctionName"],
+            f["Handler"],
+            str(f["MemorySize"]),
+            str(f["Timeout"]),
+            str(f["CodeSize"]),
+            f["LastModified"],
+        )
     Console().print(table)
     return 0
 
@@ -251,13 +331,22 @@ def _rm(args: argparse.Namespace) -> int:
 
 def _logs(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        sys.stdout.write(_check(c.get(f"/functions/{args.name}/logs", params={"tail": args.bytes})).text)
+        sys.stdout.write(
+            _check(c.get(f"/functions/{args.name}/logs", params={"tail": args.bytes})).text
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "deploy": _deploy, "invoke": _invoke, "ls": _ls, "rm": _rm, "logs": _logs}
+    commands = {
+        "serve": _serve,
+        "deploy": _deploy,
+        "invoke": _invoke,
+        "ls": _ls,
+        "rm": _rm,
+        "logs": _logs,
+    }
     try:
         return commands[args.command](args)
     except CLIError as exc:
@@ -269,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         import httpx
 
         if isinstance(exc, httpx.TransportError):
-            print(f"warmstart: cannot reach {getattr(args, 'endpoint', '?')}: {exc}", file=sys.stderr)
+            print(
+                f"warmstart: cannot reach {getattr(args, 'endpoint', '?')}: {exc}", file=sys.stderr
+            )
             return 2
         raise
 

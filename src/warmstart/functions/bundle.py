@@ -36,7 +36,9 @@ def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
         raise InvalidParameter(f"Code zip has an unsafe path: {info.filename!r}")
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
-        raise InvalidParameter(f"Code zip contains a symbolic link, which is not allowed: {info.filename!r}")
+        raise InvalidParameter(
+            f"Code zip contains a symbolic link, which is not allowed: {info.filename!r}"
+        )
     if info.is_dir() or not path.parts:
         return None
     return path
@@ -45,7 +47,9 @@ def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
 def unpack(data: bytes, code_root: Path) -> tuple[str, Path]:
     """Validate and unpack a zip; returns (sha256 hex, directory).  Idempotent per digest."""
     if len(data) > MAX_ZIP_BYTES:
-        raise InvalidParameter(f"Unzipped size must be smaller than {MAX_ZIP_BYTES} bytes (zip is {len(data)})")
+        raise InvalidParameter(
+            f"Unzipped size must be smaller than {MAX_ZIP_BYTES} bytes (zip is {len(data)})"
+        )
     sha = digest(data)
     final = code_root / sha
     if final.is_dir():
@@ -75,7 +79,9 @@ def unpack(data: bytes, code_root: Path) -> tuple[str, Path]:
                 while chunk := src.read(1 << 20):
                     written += len(chunk)
                     if written > MAX_UNZIPPED_BYTES:  # the sizes in the directory can lie
-                        raise InvalidParameter(f"Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes")
+                        raise InvalidParameter(
+                            f"Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes"
+                        )
                     dst.write(chunk)
             executable = (info.external_attr >> 16) & 0o111
             target.chmod(0o755 if executable else 0o644)

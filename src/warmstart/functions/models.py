@@ -11,12 +11,23 @@ from warmstart.errors import InvalidParameter
 NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 HANDLER_RE = re.compile(r"^[^\s]+\.[^\s.]+$")
 RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13", "python3.14")
-RESERVED_ENV = frozenset({
-    "_HANDLER", "_X_AMZN_TRACE_ID", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EXECUTION_ENV",
-    "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_FUNCTION_VERSION",
-    "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_LAMBDA_RUNTIME_API",
-    "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR",
-})
+RESERVED_ENV = frozenset(
+    {
+        "_HANDLER",
+        "_X_AMZN_TRACE_ID",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_EXECUTION_ENV",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "AWS_LAMBDA_RUNTIME_API",
+        "LAMBDA_TASK_ROOT",
+        "LAMBDA_RUNTIME_DIR",
+    }
+)
 MIN_MEMORY, MAX_MEMORY = 128, 10240
 MAX_TIMEOUT = 900
 NETWORK_TAG = "warmstart:network"
@@ -51,7 +62,9 @@ class FunctionConfig:
                 f"MemorySize {self.memory_mb} must be between {MIN_MEMORY} and {MAX_MEMORY} MB"
             )
         if not 1 <= self.timeout_s <= MAX_TIMEOUT:
-            raise InvalidParameter(f"Timeout {self.timeout_s} must be between 1 and {MAX_TIMEOUT} seconds")
+            raise InvalidParameter(
+                f"Timeout {self.timeout_s} must be between 1 and {MAX_TIMEOUT} seconds"
+            )
         bad = sorted(RESERVED_ENV.intersection(self.environment))
         if bad:
             raise InvalidParameter(
@@ -61,7 +74,9 @@ class FunctionConfig:
             )
         for key, value in self.environment.items():
             if not isinstance(key, str) or not isinstance(value, str) or not key:
-                raise InvalidParameter("Environment variables must be string keys and string values")
+                raise InvalidParameter(
+                    "Environment variables must be string keys and string values"
+                )
         if self.network not in ("none", "host"):
             raise InvalidParameter(f"{NETWORK_TAG} must be 'none' or 'host', not {self.network!r}")
 

@@ -63,7 +63,9 @@ class FunctionStore:
         self.data_dir = data_dir
         self.code_root = data_dir / "code"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(data_dir / "state.db", isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(
+            data_dir / "state.db", isolation_level=None, check_same_thread=False
+        )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
@@ -98,20 +100,28 @@ class FunctionStore:
         sha, _ = self.put_code(code)
         rec = FunctionRecord(name, config, sha, len(code), 1, str(uuid.uuid4()), now_iso())
         try:
-            self.db.execute("INSERT INTO functions(name, record) VALUES (?, ?)", (name, _to_json(rec)))
+            self.db.execute(
+                "INSERT INTO functions(name, record) VALUES (?, ?)", (name, _to_json(rec))
+            )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"Function already exist: {name}") from exc
         return rec
 
     def save(self, rec: FunctionRecord) -> None:
-        cur = self.db.execute("UPDATE functions SET record=? WHERE name=?", (_to_json(rec), rec.name))
+        cur = self.db.execute(
+            "UPDATE functions SET record=? WHERE name=?", (_to_json(rec), rec.name)
+        )
         if cur.rowcount == 0:
             raise NotFound(f"Function not found: {rec.name}")
 
     def bump(self, rec: FunctionRecord, **changes: Any) -> FunctionRecord:
         """A new revision of ``rec`` with ``changes``, saved."""
         new = dataclasses.replace(
-            rec, revision=rec.revision + 1, revision_id=str(uuid.uuid4()), last_modified=now_iso(), **changes
+            rec,
+            revision=rec.revision + 1,
+            revision_id=str(uuid.uuid4()),
+            last_modified=now_iso(),
+            **changes,
         )
         self.save(new)
         return new
@@ -139,7 +149,8 @@ class FunctionStore:
 
     def finish_event(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
         self.db.execute(
-            "UPDATE events SET status=?, result=?, attempts=? WHERE id=?", (status, result, attempts, event_id)
+            "UPDATE events SET status=?, result=?, attempts=? WHERE id=?",
+            (status, result, attempts, event_id),
         )
 
     def retry_event(self, event_id: str, attempts: int) -> None:
@@ -151,5 +162,9 @@ class FunctionStore:
         ).fetchone()
         if row is None:
             return None
-        return {"function": row[0], "status": row[1], "attempts": row[2],
-                "result": None if row[3] is None else bytes(row[3]).decode(errors="replace")}
+        return {
+            "function": row[0],
+            "status": row[1],
+            "attempts": row[2],
+            "result": None if row[3] is None else bytes(row[3]).decode(errors="replace"),
+        }

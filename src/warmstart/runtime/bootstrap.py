@@ -18,11 +18,13 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from protocol import HEADER, RUNTIME_FD, check_sizes, encode  # noqa: E402
+if TYPE_CHECKING:
+    from warmstart.runtime.protocol import HEADER, RUNTIME_FD, check_sizes, encode
+else:  # inside a sandbox only this directory is there, not the warmstart package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from protocol import HEADER, RUNTIME_FD, check_sizes, encode
 
 TASK_ROOT = os.environ.get("LAMBDA_TASK_ROOT", "/var/task")
 LOG_TAIL = 256 * 1024
@@ -74,10 +76,12 @@ def _setup_logging() -> None:
     import logging
 
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(
-        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
-        "%Y-%m-%dT%H:%M:%S",
-    ))
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s",
+            "%Y-%m-%dT%H:%M:%S",
+        )
+    )
     handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
     handler.addFilter(_request_filter)
     logging.getLogger().addHandler(handler)
@@ -86,13 +90,18 @@ def _setup_logging() -> None:
 def _stack(tb: Any) -> list[str]:
     import traceback
 
-    frames = traceback.extract_tb(tb)
     # Drop the runtime's own frames: users see their code only.
-    frames = [f for f in frames if not f.filename.endswith(("bootstrap.py", "protocol.py"))]
+    frames = [
+        f
+        for f in traceback.extract_tb(tb)
+        if not f.filename.endswith(("bootstrap.py", "protocol.py"))
+    ]
     return traceback.format_list(frames)
 
 
-def _error(exc: BaseException, error_type: str | None = None, message: str | None = None) -> dict[str, Any]:
+def _error(
+    exc: BaseException, error_type: str | None = None, message: str | None = None
+) -> dict[str, Any]:
     return {
         "errorMessage": str(exc) if message is None else message,
         "errorType": error_type or type(exc).__name__,
@@ -104,8 +113,11 @@ def load_handler(spec: str) -> tuple[Any, dict[str, Any] | None]:
     """Import ``module.function``; return (callable, None) or (None, Lambda init error)."""
     module_name, _, func_name = spec.rpartition(".")
     if not module_name or not func_name:
-        return None, {"errorMessage": f"Bad handler '{spec}': not enough values to unpack (expected 2, got 1)",
-                      "errorType": "Runtime.MalformedHandlerName", "stackTrace": []}
+        return None, {
+            "errorMessage": f"Bad handler '{spec}': not enough values to unpack (expected 2, got 1)",
+            "errorType": "Runtime.MalformedHandlerName",
+            "stackTrace": [],
+        }
     module_name = module_name.replace("/", ".")
     if TASK_ROOT not in sys.path:
         sys.path.insert(0, TASK_ROOT)
@@ -114,18 +126,24 @@ def load_handler(spec: str) -> tuple[Any, dict[str, Any] | None]:
 
         module = importlib.import_module(module_name)
     except SyntaxError as exc:
-        return None, _error(exc, "Runtime.UserCodeSyntaxError",
-                            f"Syntax error in module '{module_name}': {exc}")
+        return None, _error(
+            exc, "Runtime.UserCodeSyntaxError", f"Syntax error in module '{module_name}': {exc}"
+        )
     except ModuleNotFoundError as exc:
-        return None, _error(exc, "Runtime.ImportModuleError",
-                            f"Unable to import module '{module_name}': {exc}")
+        return None, _error(
+            exc, "Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}"
+        )
     except Exception as exc:
-        return None, _error(exc, "Runtime.ImportModuleError",
-                            f"Unable to import module '{module_name}': {exc}")
+        return None, _error(
+            exc, "Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}"
+        )
     func = getattr(module, func_name, None)
     if func is None or not callable(func):
-        return None, {"errorMessage": f"Handler '{func_name}' missing on module '{module_name}'",
-                      "errorType": "Runtime.HandlerNotFound", "stackTrace": []}
+        return None, {
+            "errorMessage": f"Handler '{func_name}' missing on module '{module_name}'",
+            "errorType": "Runtime.HandlerNotFound",
+            "stackTrace": [],
+        }
     return func, None
 
 
@@ -137,10 +155,18 @@ class Runtime:
         for fd in (1, 2):
             os.dup2(self.out, fd)
         # Unbuffered-by-line text streams over the shared memfd.
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True,
-                                      encoding="utf-8", errors="backslashreplace")
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True,
-                                      encoding="utf-8", errors="backslashreplace")
+        sys.stdout = io.TextIOWrapper(
+            io.FileIO(1, "w", closefd=False),
+            line_buffering=True,
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
+        sys.stderr = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False),
+            line_buffering=True,
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
 
     def take_output(self) -> bytes:
         sys.stdout.flush()
@@ -166,10 +192,12 @@ class Runtime:
         body = self.rfile.read(meta_len + payload_len + logs_len)
         if len(body) < meta_len + payload_len + logs_len:
             return None
-        return json.loads(body[:meta_len]), body[meta_len:meta_len + payload_len]
+        return json.loads(body[:meta_len]), body[meta_len : meta_len + payload_len]
 
     def run(self) -> None:
-        handler, init_error = load_handler(os.environ.get("_HANDLER", "lambda_function.lambda_handler"))
+        handler, init_error = load_handler(
+            os.environ.get("_HANDLER", "lambda_function.lambda_handler")
+        )
         if init_error is not None:
             self.send({"type": "init_error"}, json.dumps(init_error).encode())
             return
@@ -191,7 +219,9 @@ class Runtime:
         except ValueError as exc:
             self.send({"type": "invalid_event"}, json.dumps({"errorMessage": str(exc)}).encode())
             return
-        context = LambdaContext(request_id, meta["deadline_ms"], meta.get("arn", ""), meta.get("client_context"))
+        context = LambdaContext(
+            request_id, meta["deadline_ms"], meta.get("arn", ""), meta.get("client_context")
+        )
         try:
             result = handler(event, context)
         except Exception as exc:
@@ -205,8 +235,12 @@ class Runtime:
         try:
             body = json.dumps(result).encode()
         except (TypeError, ValueError) as exc:
-            err = {"errorMessage": f"Unable to marshal response: {exc}",
-                   "errorType": "Runtime.MarshalError", "requestId": request_id, "stackTrace": []}
+            err = {
+                "errorMessage": f"Unable to marshal response: {exc}",
+                "errorType": "Runtime.MarshalError",
+                "requestId": request_id,
+                "stackTrace": [],
+            }
             self.send({"type": "error"}, json.dumps(err).encode())
             return
         self.send({"type": "result"}, body)

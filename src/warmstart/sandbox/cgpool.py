@@ -183,10 +183,8 @@ def reap(driver: CgroupDriver, parent: str, rounds: int = 200) -> int:
             killed += len(pids)
             log.warning("reaping %d leftover process(es) in cgroup %s", len(pids), child)
         for _ in range(rounds):
-            try:
+            with contextlib.suppress(SandboxError):
                 driver.kill(child)
-            except SandboxError:
-                pass
             if not driver.pids(child):
                 break
             time.sleep(0.005)

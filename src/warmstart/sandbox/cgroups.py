@@ -259,9 +259,7 @@ class V2Driver(CgroupDriver):
         available = set(_read(self.root / "cgroup.controllers").split())
         missing = want - available
         if missing:
-            raise SandboxError(
-                f"cgroup v2 at {self.root} lacks controllers {sorted(missing)}"
-            )
+            raise SandboxError(f"cgroup v2 at {self.root} lacks controllers {sorted(missing)}")
         # Every ancestor from the root down to our parent must delegate the controllers.
         parts = Path(rel).parts
         for depth in range(len(parts) + 1):

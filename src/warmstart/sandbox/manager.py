@@ -33,7 +33,7 @@ RUNTIME_ROOT = "/var/runtime"
 
 
 class Isolation(enum.Enum):
-    LINUX = "linux"      # namespaces + chroot + cgroups
+    LINUX = "linux"  # namespaces + chroot + cgroups
     PROCESS = "process"  # plain processes: NO isolation
 
 
@@ -146,8 +146,12 @@ class SandboxManager:
             self.reaped = self.pool.start()
             self.root_mountpoint.mkdir(parents=True, exist_ok=True)
             self._base_mounts, self._symlinks = self._host_layout()
-            log.info("sandboxes: linux isolation, cgroup %s at %s (%s)",
-                     driver.version.value, self._cgroup_root, self.cgroup_parent())
+            log.info(
+                "sandboxes: linux isolation, cgroup %s at %s (%s)",
+                driver.version.value,
+                self._cgroup_root,
+                self.cgroup_parent(),
+            )
         else:
             log.warning(
                 "ISOLATION IS OFF: running functions as plain processes "
@@ -225,13 +229,17 @@ class SandboxManager:
             self.pool = None
 
     # -- sandboxes -----------------------------------------------------------------------
-    def _spec_for(self, spec: SandboxSpec, sandbox_id: str, cgroup: Cgroup | None) -> dict[str, Any]:
+    def _spec_for(
+        self, spec: SandboxSpec, sandbox_id: str, cgroup: Cgroup | None
+    ) -> dict[str, Any]:
         isolate = self.isolation is Isolation.LINUX
         env = dict(spec.env)
         env["LAMBDA_TASK_ROOT"] = TASK_ROOT if isolate else str(spec.code_dir)
         env["LAMBDA_RUNTIME_DIR"] = RUNTIME_ROOT if isolate else str(self.runtime_dir)
         runtime_dir = RUNTIME_ROOT if isolate else str(self.runtime_dir)
-        code = f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; bootstrap.main()"
+        code = (
+            f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; bootstrap.main()"
+        )
         mounts = list(self._base_mounts)
         mounts.append((str(spec.code_dir), TASK_ROOT, "ro"))
         mounts += [(src, dst, "ro") for src, dst in spec.extra_ro_mounts]
@@ -257,8 +265,12 @@ class SandboxManager:
         sandbox_id = f"sb{self._seq}"
         cgroup = None
         if self.pool is not None:
-            cpu_quota = None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
-            cgroup = self.pool.acquire(cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota))
+            cpu_quota = (
+                None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
+            )
+            cgroup = self.pool.acquire(
+                cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota)
+            )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             reply = await self._request(
@@ -291,7 +303,9 @@ class SandboxManager:
     async def _park(self, cgroup: Cgroup) -> None:
         """Have the spawner pre-join a parent process to this pooled cgroup."""
         try:
-            await self._request({"cmd": "park", "key": cgroup.rel, "cgroup_procs": cgroup.procs_files})
+            await self._request(
+                {"cmd": "park", "key": cgroup.rel, "cgroup_procs": cgroup.procs_files}
+            )
         except SandboxError as exc:
             log.warning("cannot park a process in %s: %s", cgroup.rel, exc)
 
@@ -310,7 +324,11 @@ class SandboxManager:
                 raise SandboxError("no spawner")
             loop = asyncio.get_running_loop()
             raw = json.dumps(msg).encode()
-            anc = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            anc = (
+                []
+                if fd is None
+                else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            )
             try:
                 self._sock.sendmsg([raw], anc)
                 data = await asyncio.wait_for(loop.sock_recv(self._sock, 65536), timeout=30)

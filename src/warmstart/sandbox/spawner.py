@@ -27,6 +27,7 @@ This module imports only the standard library, so the fork is cheap.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import signal
@@ -66,11 +67,21 @@ def _make_root(spec: dict[str, Any]) -> None:
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
         sc.bind_mount(src, path, readonly=(mode == "ro"))
     os.makedirs(root + "/tmp", exist_ok=True)
-    sc.mount("tmpfs", root + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"size={spec['tmp_bytes']},mode=1777")
+    sc.mount(
+        "tmpfs",
+        root + "/tmp",
+        "tmpfs",
+        sc.MS_NOSUID | sc.MS_NODEV,
+        f"size={spec['tmp_bytes']},mode=1777",
+    )
     os.makedirs(root + "/proc", exist_ok=True)
     sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{root}/dev/{name}")
     sc.mount(None, root, None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
     os.chdir(root)
@@ -123,10 +134,8 @@ def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
             _fail(err_w, "runtime exec", exc)
     os.close(inst_fd)
     os.close(err_w)
-    try:
+    with contextlib.suppress(OSError):
         _drop_privileges(spec)
-    except OSError:
-        pass
     while True:
         try:
             pid, status = os.wait()
@@ -176,7 +185,7 @@ def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) ->
     os.close(err_w)
     while True:
         try:
-            pid, status = os.waitpid(child, 0)
+            _pid, status = os.waitpid(child, 0)
         except ChildProcessError:
             os._exit(0)
         except InterruptedError:
@@ -238,8 +247,16 @@ class Spawner:
             if parked is not None:
                 pid, psock = parked
                 try:
-                    psock.sendmsg([json.dumps(spec).encode()],
-                                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [inst_fd, err_w]))])
+                    psock.sendmsg(
+                        [json.dumps(spec).encode()],
+                        [
+                            (
+                                socket.SOL_SOCKET,
+                                socket.SCM_RIGHTS,
+                                array.array("i", [inst_fd, err_w]),
+                            )
+                        ],
+                    )
                 except OSError:
                     pid = -1  # it died (its cgroup was killed): fork a fresh one
                 finally:

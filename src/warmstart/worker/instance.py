@@ -29,7 +29,7 @@ class InstanceDied(Exception):
 
 @dataclass(frozen=True)
 class Reply:
-    kind: str          # ready | init_error | result | error | invalid_event
+    kind: str  # ready | init_error | result | error | invalid_event
     payload: bytes
     logs: bytes
 
@@ -66,7 +66,9 @@ class Instance:
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             raise InstanceDied(str(exc)) from exc
         meta = json.loads(body[:meta_len])
-        return Reply(meta["type"], body[meta_len:meta_len + payload_len], body[meta_len + payload_len:])
+        return Reply(
+            meta["type"], body[meta_len : meta_len + payload_len], body[meta_len + payload_len :]
+        )
 
     async def send(self, meta: bytes, payload: bytes) -> None:
         if self._writer is None:

@@ -8,7 +8,24 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
 
 
 class _NodeCollector(Collector):
@@ -34,16 +51,28 @@ class Metrics:
     def __init__(self, snapshot: Callable[[], dict[str, dict[str, float]]]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.invocations = Counter(
-            "warmstart_invocations", "Invocations by function and outcome",
-            ["function", "outcome"], registry=self.registry)
+            "warmstart_invocations",
+            "Invocations by function and outcome",
+            ["function", "outcome"],
+            registry=self.registry,
+        )
         self.starts = Counter(
-            "warmstart_starts", "Instance starts by function and kind (warm, cold)",
-            ["function", "kind"], registry=self.registry)
+            "warmstart_starts",
+            "Instance starts by function and kind (warm, cold)",
+            ["function", "kind"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "warmstart_invocation_duration_seconds",
             "Invocation latency inside the worker, by start kind",
-            ["function", "start"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            ["function", "start"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.sandbox_create = Histogram(
-            "warmstart_sandbox_create_seconds", "Time to create a sandbox and import the handler",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+            "warmstart_sandbox_create_seconds",
+            "Time to create a sandbox and import the handler",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_NodeCollector(snapshot))

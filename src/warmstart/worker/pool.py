@@ -40,8 +40,16 @@ class PoolStatistics:
 
 
 class FunctionPool:
-    def __init__(self, name: str, revision: int, limit: int, queue_depth: int,
-                 start: Starter, destroy: Destroyer, cache: HandlerCache) -> None:
+    def __init__(
+        self,
+        name: str,
+        revision: int,
+        limit: int,
+        queue_depth: int,
+        start: Starter,
+        destroy: Destroyer,
+        cache: HandlerCache,
+    ) -> None:
         self.name = name
         self.revision = revision
         self.limit = limit
@@ -50,7 +58,7 @@ class FunctionPool:
         self._destroy = destroy
         self.cache = cache
         self.idle: list[Instance] = []
-        self.live = 0       # starting + idle + busy
+        self.live = 0  # starting + idle + busy
         self.starting = 0
         self.waiters: collections.deque[asyncio.Future[Instance | None]] = collections.deque()
         self.retired = False
@@ -65,9 +73,13 @@ class FunctionPool:
         if self.live < self.limit:
             return await self._new(), True
         if self.limit == 0:
-            raise TooManyRequests("Rate Exceeded.", "ReservedFunctionConcurrentInvocationLimitExceeded")
+            raise TooManyRequests(
+                "Rate Exceeded.", "ReservedFunctionConcurrentInvocationLimitExceeded"
+            )
         if len(self.waiters) >= self.queue_depth:
-            raise TooManyRequests("Rate Exceeded.", "ReservedFunctionConcurrentInvocationLimitExceeded")
+            raise TooManyRequests(
+                "Rate Exceeded.", "ReservedFunctionConcurrentInvocationLimitExceeded"
+            )
         fut: asyncio.Future[Instance | None] = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
         try:
@@ -143,8 +155,12 @@ class FunctionPool:
             self.discard(inst)
 
     def statistics(self) -> PoolStatistics:
-        return PoolStatistics(len(self.idle), self.live - len(self.idle) - self.starting,
-                              self.starting, len(self.waiters))
+        return PoolStatistics(
+            len(self.idle),
+            self.live - len(self.idle) - self.starting,
+            self.starting,
+            len(self.waiters),
+        )
 
 
 class HandlerCache:

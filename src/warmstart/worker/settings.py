@@ -28,11 +28,11 @@ class Settings:
     cpu_quota: float | None = None  # CPUs per instance; None = no CFS quota
     cgroup_pool: int = 8
     # Instances.
-    max_concurrency: int = 64          # per function, when it has no reserved concurrency
-    queue_depth: int = 128             # waiting invocations per function before 429
+    max_concurrency: int = 64  # per function, when it has no reserved concurrency
+    queue_depth: int = 128  # waiting invocations per function before 429
     memory_budget_mb: int = int(_physical_memory_mb() * 0.75)  # all instances' MemorySize
-    cache_budget_mb: int = int(_physical_memory_mb() * 0.25)   # idle instances' real usage
-    freeze_after_ms: float = 100.0     # idle this long -> frozen (0: freeze at once)
-    idle_ttl_s: float = 600.0          # frozen this long -> evicted
+    cache_budget_mb: int = int(_physical_memory_mb() * 0.25)  # idle instances' real usage
+    freeze_after_ms: float = 100.0  # idle this long -> frozen (0: freeze at once)
+    idle_ttl_s: float = 600.0  # frozen this long -> evicted
     init_timeout_s: float = 10.0
-    event_retries: int = 2             # Lambda's MaximumRetryAttempts default
+    event_retries: int = 2  # Lambda's MaximumRetryAttempts default

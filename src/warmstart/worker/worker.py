@@ -38,10 +38,10 @@ StartKind = str  # "warm" | "cold"
 class InvokeResult:
     request_id: str
     payload: bytes
-    function_error: str | None   # None, or "Unhandled" as Lambda says it
+    function_error: str | None  # None, or "Unhandled" as Lambda says it
     start: StartKind
     duration_ms: float
-    log_tail: bytes              # the last 4 KB of this invocation's log (START..REPORT)
+    log_tail: bytes  # the last 4 KB of this invocation's log (START..REPORT)
     version: str = "$LATEST"
 
     def log_tail_b64(self) -> str:
@@ -59,12 +59,18 @@ class Worker:
         self.store = FunctionStore(self.data_dir)
         iso = None if settings.isolation is None else Isolation(settings.isolation)
         self.sandboxes = SandboxManager(
-            self.data_dir, isolation=iso, uid=settings.sandbox_uid, gid=settings.sandbox_gid,
-            pids_max=settings.pids_max, tmp_mb=settings.tmp_mb, cpu_quota=settings.cpu_quota,
+            self.data_dir,
+            isolation=iso,
+            uid=settings.sandbox_uid,
+            gid=settings.sandbox_gid,
+            pids_max=settings.pids_max,
+            tmp_mb=settings.tmp_mb,
+            cpu_quota=settings.cpu_quota,
             pool_size=settings.cgroup_pool,
         )
-        self.cache = HandlerCache(settings.cache_budget_mb << 20, settings.freeze_after_ms / 1000,
-                                  settings.idle_ttl_s)
+        self.cache = HandlerCache(
+            settings.cache_budget_mb << 20, settings.freeze_after_ms / 1000, settings.idle_ttl_s
+        )
         self.functions: dict[str, FunctionRecord] = {}
         self.pools: dict[str, FunctionPool] = {}
         self._old_pools: set[FunctionPool] = set()
@@ -80,11 +86,16 @@ class Worker:
     async def start(self) -> None:
         await self.sandboxes.start()
         if self.sandboxes.reaped:
-            log.warning("start-up reaped %d process(es) left by a previous worker", self.sandboxes.reaped)
+            log.warning(
+                "start-up reaped %d process(es) left by a previous worker", self.sandboxes.reaped
+            )
         for rec in self.store.load_all():
             self.functions[rec.name] = rec
-        log.info("worker ready: %d function(s), isolation=%s", len(self.functions),
-                 self.sandboxes.isolation.value)
+        log.info(
+            "worker ready: %d function(s), isolation=%s",
+            len(self.functions),
+            self.sandboxes.isolation.value,
+        )
         self._spawn(self._event_loop())
         self._spawn(self._sweeper())
 
@@ -125,7 +136,9 @@ class Worker:
     def arn(self, name: str) -> str:
         return f"arn:aws:lambda:{self.settings.region}:{self.settings.account}:function:{name}"
 
-    async def create_function(self, name: str, config: FunctionConfig, code: bytes) -> FunctionRecord:
+    async def create_function(
+        self, name: str, config: FunctionConfig, code: bytes
+    ) -> FunctionRecord:
         rec = await asyncio.to_thread(self.store.create, name, config, code)
         self.functions[name] = rec
         return rec
@@ -180,8 +193,13 @@ class Worker:
         pool = self.pools.get(rec.name)
         if pool is None or pool.revision != rec.revision:
             pool = FunctionPool(
-                rec.name, rec.revision, self._limit(rec), self.settings.queue_depth,
-                lambda: self._start_instance(rec), self._destroy_instance, self.cache,
+                rec.name,
+                rec.revision,
+                self._limit(rec),
+                self.settings.queue_depth,
+                lambda: self._start_instance(rec),
+                self._destroy_instance,
+                self.cache,
             )
             self.pools[rec.name] = pool
         return pool
@@ -212,14 +230,19 @@ class Worker:
             if not self.cache.evict_lru():
                 raise TooManyRequests(
                     f"The node's memory budget ({self.settings.memory_budget_mb} MB) is in use",
-                    "ConcurrentInvocationLimitExceeded")
+                    "ConcurrentInvocationLimitExceeded",
+                )
         self.reserved_mb += need
         t0 = time.perf_counter()
         try:
-            sandbox = await self.sandboxes.create(SandboxSpec(
-                code_dir=self.store.code_dir(rec), env=self._env(rec), memory_mb=need,
-                network=rec.config.network,
-            ))
+            sandbox = await self.sandboxes.create(
+                SandboxSpec(
+                    code_dir=self.store.code_dir(rec),
+                    env=self._env(rec),
+                    memory_mb=need,
+                    network=rec.config.network,
+                )
+            )
         except BaseException:
             self.reserved_mb -= need
             raise
@@ -229,16 +252,23 @@ class Worker:
             reply = await asyncio.wait_for(inst.read_reply(), self.settings.init_timeout_s)
         except (InstanceDied, TimeoutError) as exc:
             self._destroy_instance(inst)
-            raise _InitFailed("Runtime.ExitError",
-                              f"Runtime exited before it was ready: {exc or 'timed out'}", b"") from exc
+            raise _InitFailed(
+                "Runtime.ExitError",
+                f"Runtime exited before it was ready: {exc or 'timed out'}",
+                b"",
+            ) from exc
         except BaseException:
             self._destroy_instance(inst)
             raise
         if reply.kind != "ready":
             self._destroy_instance(inst)
             err = json.loads(reply.payload or b"{}")
-            raise _InitFailed(err.get("errorType", "Runtime.Unknown"), err.get("errorMessage", ""),
-                              reply.logs, reply.payload)
+            raise _InitFailed(
+                err.get("errorType", "Runtime.Unknown"),
+                err.get("errorMessage", ""),
+                reply.logs,
+                reply.payload,
+            )
         self.metrics.sandbox_create.observe(time.perf_counter() - t0)
         inst.state = State.BUSY
         return inst
@@ -251,7 +281,9 @@ class Worker:
         self._spawn(self.sandboxes.destroy(inst.sandbox))
 
     # -- invocation ------------------------------------------------------------------------
-    async def invoke(self, name: str, payload: bytes, *, client_context: str | None = None) -> InvokeResult:
+    async def invoke(
+        self, name: str, payload: bytes, *, client_context: str | None = None
+    ) -> InvokeResult:
         rec = self.get(name)
         pool = self._pool(rec)
         request_id = str(uuid.uuid4())
@@ -259,15 +291,26 @@ class Worker:
         try:
             inst, cold = await pool.acquire()
         except _InitFailed as exc:
-            return self._finish(rec, request_id, t0, "cold", "init_error",
-                                _error_payload(exc.error_type, exc.message) if not exc.payload else exc.payload,
-                                "Unhandled", exc.logs)
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                "cold",
+                "init_error",
+                _error_payload(exc.error_type, exc.message) if not exc.payload else exc.payload,
+                "Unhandled",
+                exc.logs,
+            )
         except TooManyRequests:
             self.metrics.invocations.labels(name, "throttled").inc()
             raise
         start = "cold" if cold else "warm"
         timeout = rec.config.timeout_s
-        meta = {"id": request_id, "deadline_ms": int(time.time() * 1000) + timeout * 1000, "arn": self.arn(name)}
+        meta = {
+            "id": request_id,
+            "deadline_ms": int(time.time() * 1000) + timeout * 1000,
+            "arn": self.arn(name),
+        }
         if client_context:
             meta["client_context"] = client_context
         try:
@@ -276,8 +319,16 @@ class Worker:
         except TimeoutError:
             pool.discard(inst)
             msg = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {request_id} Task timed out after {timeout:.2f} seconds"
-            return self._finish(rec, request_id, t0, start, "timeout",
-                                _error_payload("Sandbox.Timedout", msg), "Unhandled", b"")
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                start,
+                "timeout",
+                _error_payload("Sandbox.Timedout", msg),
+                "Unhandled",
+                b"",
+            )
         except InstanceDied:
             oom = inst.sandbox.oom_killed()
             pool.discard(inst)
@@ -286,23 +337,46 @@ class Worker:
             msg = f"RequestId: {request_id} Error: Runtime exited with error: {why}"
             if oom:
                 msg += f" (memory limit of {rec.config.memory_mb} MB exceeded)"
-            return self._finish(rec, request_id, t0, start, "oom" if oom else "crash",
-                                _error_payload(kind, msg), "Unhandled", b"")
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                start,
+                "oom" if oom else "crash",
+                _error_payload(kind, msg),
+                "Unhandled",
+                b"",
+            )
         except BaseException:
             pool.discard(inst)
             raise
         inst.invocations += 1
         pool.release(inst)
         if reply.kind == "result":
-            return self._finish(rec, request_id, t0, start, "success", reply.payload, None, reply.logs)
+            return self._finish(
+                rec, request_id, t0, start, "success", reply.payload, None, reply.logs
+            )
         if reply.kind == "invalid_event":
             self.metrics.invocations.labels(name, "invalid_request").inc()
-            raise InvalidRequestContent("Could not parse request body into json: " +
-                                        json.loads(reply.payload).get("errorMessage", ""))
-        return self._finish(rec, request_id, t0, start, "error", reply.payload, "Unhandled", reply.logs)
+            raise InvalidRequestContent(
+                "Could not parse request body into json: "
+                + json.loads(reply.payload).get("errorMessage", "")
+            )
+        return self._finish(
+            rec, request_id, t0, start, "error", reply.payload, "Unhandled", reply.logs
+        )
 
-    def _finish(self, rec: FunctionRecord, request_id: str, t0: float, start: str, outcome: str,
-                payload: bytes, function_error: str | None, logs: bytes) -> InvokeResult:
+    def _finish(
+        self,
+        rec: FunctionRecord,
+        request_id: str,
+        t0: float,
+        start: str,
+        outcome: str,
+        payload: bytes,
+        function_error: str | None,
+        logs: bytes,
+    ) -> InvokeResult:
         elapsed = time.perf_counter() - t0
         duration_ms = elapsed * 1000
         m = self.metrics
@@ -310,10 +384,18 @@ class Worker:
         m.starts.labels(rec.name, start).inc()
         m.latency.labels(rec.name, start).observe(elapsed)
         text = self._log(rec, request_id, duration_ms, logs, payload if function_error else None)
-        return InvokeResult(request_id, payload, function_error, start, duration_ms, text[-LOG_TAIL_BYTES:])
+        return InvokeResult(
+            request_id, payload, function_error, start, duration_ms, text[-LOG_TAIL_BYTES:]
+        )
 
-    def _log(self, rec: FunctionRecord, request_id: str, duration_ms: float, logs: bytes,
-             error: bytes | None) -> bytes:
+    def _log(
+        self,
+        rec: FunctionRecord,
+        request_id: str,
+        duration_ms: float,
+        logs: bytes,
+        error: bytes | None,
+    ) -> bytes:
         report = (
             f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms\t"
             f"Billed Duration: {max(1, int(duration_ms + 0.999))} ms\tMemory Size: {rec.config.memory_mb} MB\n"
@@ -325,7 +407,11 @@ class Worker:
         text = b"".join(parts)
         fd = self._log_fds.get(rec.name)
         if fd is None:
-            fd = os.open(self.log_path(rec.name), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(
+                self.log_path(rec.name),
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                0o640,
+            )
             self._log_fds[rec.name] = fd
         os.write(fd, text)
         return text
@@ -349,8 +435,9 @@ class Worker:
             for event_id, fn, payload, attempts in self.store.pending_events():
                 if event_id in taken or len(running) >= self.settings.max_concurrency:
                     continue
-                task = asyncio.get_running_loop().create_task(self._run_event(event_id, fn, payload, attempts),
-                                                              name=event_id)
+                task = asyncio.get_running_loop().create_task(
+                    self._run_event(event_id, fn, payload, attempts), name=event_id
+                )
                 running.add(task)
                 task.add_done_callback(running.discard)
                 task.add_done_callback(lambda _t: self._event_wakeup.set())
@@ -389,18 +476,30 @@ class Worker:
             states[inst.state.value] += 1
         return {
             "instances": states,
-            "memory": {"idle_instances": float(self.cache.memory), "reserved": float(self.reserved_mb << 20)},
-            "other": {"functions": float(len(self.functions)),
-                      "evictions_total": float(self.cache.evictions),
-                      "freezes_total": float(self.cache.freezes)},
+            "memory": {
+                "idle_instances": float(self.cache.memory),
+                "reserved": float(self.reserved_mb << 20),
+            },
+            "other": {
+                "functions": float(len(self.functions)),
+                "evictions_total": float(self.cache.evictions),
+                "freezes_total": float(self.cache.freezes),
+            },
         }
 
     def instances(self) -> list[dict[str, Any]]:
         out = []
         for pool in self.pools.values():
             for inst in pool.idle:
-                out.append({"id": inst.id, "function": inst.function, "state": inst.state.value,
-                            "invocations": inst.invocations, "memory_bytes": inst.memory_bytes})
+                out.append(
+                    {
+                        "id": inst.id,
+                        "function": inst.function,
+                        "state": inst.state.value,
+                        "invocations": inst.invocations,
+                        "memory_bytes": inst.memory_bytes,
+                    }
+                )
         return out
 
 
