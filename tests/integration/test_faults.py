@@ -1,0 +1,580 @@
+"""Fault injection against a real ``warmstart serve``: what a broken handler, a hostile
+handler, a bad upload or a crashed platform process does to the node.
+
+Every test talks to the server over HTTP on 127.0.0.1 (boto3's ``lambda`` client, or
+httpx for the native ``/run/<fn>`` endpoint) and needs root for the sandboxes.  Nothing
+here asserts on wall-clock durations; waits for asynchronous facts (a process exiting)
+poll with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.conftest import Server, cgroup_dirs, deploy, make_zip, needs_root
+
+pytestmark = [pytest.mark.integration, needs_root]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def invoke(lam: Any, name: str, event: Any = None, *, raw: bytes | None = None
+           ) -> tuple[dict[str, Any], Any, str | None]:
+    """RequestResponse invoke: (raw boto3 response, decoded payload, X-Warmstart-Start)."""
+    payload = raw if raw is not None else json.dumps({} if event is None else event).encode()
+    resp = lam.invoke(FunctionName=name, Payload=payload)
+    body = json.loads(resp["Payload"].read() or b"null")
+    start = resp["ResponseMetadata"]["HTTPHeaders"].get("x-warmstart-start")
+    return resp, body, start
+
+
+def assert_ok(resp: dict[str, Any], body: Any) -> None:
+    assert resp["StatusCode"] == 200
+    assert "FunctionError" not in resp, body
+
+
+def client_error(exc: pytest.ExceptionInfo[ClientError]) -> tuple[int, str]:
+    r = exc.value.response
+    return r["ResponseMetadata"]["HTTPStatusCode"], r["Error"]["Code"]
+
+
+def wait_until(pred: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (tells a pid apart from a reused one)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(raw.rsplit(")", 1)[1].split()[19])
+
+
+def proc_state(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw.rsplit(")", 1)[1].split()[0]
+
+
+def is_alive(pid: int, started: int | None) -> bool:
+    """Whether *that* process (pid + start time) still exists and is not a zombie."""
+    if proc_start_time(pid) != started:
+        return False
+    return proc_state(pid) not in (None, "Z", "X")
+
+
+def ppid(pid: int) -> int | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(raw.rsplit(")", 1)[1].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    seen = 0
+    while pid > 1 and seen < 64:
+        if pid == ancestor:
+            return True
+        parent = ppid(pid)
+        if parent is None:
+            return False
+        pid, seen = parent, seen + 1
+    return pid == ancestor
+
+
+def cgroup_pids(data_dir: Path) -> set[int]:
+    """Every process in our cgroup subtree, across controllers."""
+    pids: set[int] = set()
+    for d in cgroup_dirs(data_dir):
+        for procs in Path(d).rglob("cgroup.procs"):
+            try:
+                pids.update(int(x) for x in procs.read_text().split())
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+def spawner_pid(server: Server) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if b"warmstart.sandbox.spawner" in cmdline and ppid(int(entry.name)) == server.proc.pid:
+            return int(entry.name)
+    raise AssertionError("no spawner process under the server")
+
+
+def healthy(server: Server, lam: Any) -> None:
+    """The node still answers and still runs functions."""
+    with server.http() as http:
+        assert http.get("/healthz").status_code == 200
+    name = f"canary{time.monotonic_ns() % 10**9}"
+    deploy(lam, name, {"handler.py": "def handler(event, context):\n    return {'ok': event}\n"})
+    resp, body, _ = invoke(lam, name, {"x": 1})
+    assert_ok(resp, body)
+    assert body == {"ok": {"x": 1}}
+    assert server.proc.poll() is None
+
+
+# A handler that identifies its instance: a random id fixed at import, and a call count.
+COUNTER = """\
+import os, random, time
+
+INSTANCE = random.getrandbits(64)
+CALLS = 0
+
+def handler(event, context):
+    global CALLS
+    CALLS += 1
+    if event.get("fail"):
+        raise ValueError("boom: " + str(event["fail"]))
+    if event.get("sleep"):
+        time.sleep(event["sleep"])
+    return {"instance": INSTANCE, "calls": CALLS}
+"""
+
+
+# -- 1. the handler raises --------------------------------------------------------------
+
+def test_handler_exception_is_a_lambda_error_and_the_instance_is_reused(server: Server, lam: Any) -> None:
+    deploy(lam, "raiser", {"handler.py": COUNTER})
+    resp, first, start = invoke(lam, "raiser")
+    assert_ok(resp, first)
+    assert start == "cold"
+
+    resp, err, start = invoke(lam, "raiser", {"fail": "on purpose"})
+    assert resp["StatusCode"] == 200
+    assert resp["FunctionError"] == "Unhandled"
+    assert start == "warm"
+    assert err["errorType"] == "ValueError"
+    assert err["errorMessage"] == "boom: on purpose"
+    assert isinstance(err["stackTrace"], list) and err["stackTrace"]
+    assert any("handler.py" in line and "raise ValueError" in line for line in err["stackTrace"])
+    # The runtime's own frames are not shown to the user.
+    assert not any("bootstrap.py" in line for line in err["stackTrace"])
+
+    with server.http() as http:
+        r = http.post("/run/raiser", content=b"{}")
+    assert r.status_code == 200
+    assert r.headers["X-Warmstart-Start"] == "warm"
+    assert r.json() == {"instance": first["instance"], "calls": 3}
+
+
+# -- 2. timeout --------------------------------------------------------------------------
+
+def test_timeout_kills_the_instance_and_the_next_call_starts_fresh(server: Server, lam: Any) -> None:
+    deploy(lam, "sleeper", {"handler.py": COUNTER}, Timeout=1)
+    resp, first, _ = invoke(lam, "sleeper")
+    assert_ok(resp, first)
+
+    resp, err, _ = invoke(lam, "sleeper", {"sleep": 5})
+    assert resp["StatusCode"] == 200
+    assert resp["FunctionError"] == "Unhandled"
+    assert "Task timed out after 1.00 seconds" in err["errorMessage"]
+
+    with server.http() as http:
+        r = http.post("/run/sleeper", content=b"{}")
+    assert r.status_code == 200
+    assert r.headers["X-Warmstart-Start"] == "cold"
+    assert r.json()["instance"] != first["instance"]
+    assert r.json()["calls"] == 1
+
+
+# -- 3. memory over the limit ------------------------------------------------------------
+
+def test_out_of_memory_is_reported_and_the_node_stays_healthy(server: Server, lam: Any) -> None:
+    hog = """\
+def handler(event, context):
+    chunks = []
+    for _ in range(300):
+        b = bytearray(1 << 20)
+        for i in range(0, len(b), 4096):
+            b[i] = 1
+        chunks.append(b)
+    return {"allocated_mb": len(chunks)}
+"""
+    deploy(lam, "hog", {"handler.py": hog}, MemorySize=128, Timeout=30)
+    resp, err, _ = invoke(lam, "hog")
+    assert resp["StatusCode"] == 200
+    assert resp.get("FunctionError") == "Unhandled", err
+    assert err["errorType"] == "Runtime.OutOfMemory" or "memory" in err["errorMessage"].lower(), err
+    assert "128 MB" in err["errorMessage"]
+    healthy(server, lam)
+
+
+# -- 4. fork bomb --------------------------------------------------------------------------
+
+def test_fork_bomb_is_stopped_by_the_pids_limit(server: Server, lam: Any) -> None:
+    bomb = """\
+import os, time
+
+def handler(event, context):
+    forked, error = 0, None
+    for _ in range(100000):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            error = {"type": type(exc).__name__, "errno": exc.errno}
+            break
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        forked += 1
+    return {"forked": forked, "error": error}
+"""
+    deploy(lam, "bomb", {"handler.py": bomb}, MemorySize=512, Timeout=30)
+    resp, body, _ = invoke(lam, "bomb")
+    assert resp["StatusCode"] == 200
+    if "FunctionError" not in resp:
+        import errno
+
+        assert body["error"] == {"type": "BlockingIOError", "errno": errno.EAGAIN}, body
+        assert 0 < body["forked"] < 256
+    # The host can still fork, and the server still runs other functions.
+    assert subprocess.run(["true"], check=False).returncode == 0
+    healthy(server, lam)
+
+
+# -- 5. read-only file system ------------------------------------------------------------
+
+def test_writes_outside_tmp_fail_with_erofs(server: Server, lam: Any) -> None:
+    writer = """\
+import errno, os
+
+def attempt(path, mode):
+    try:
+        with open(path, mode) as f:
+            f.write("x")
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno)) + ": " + (exc.strerror or "")
+    return "ok"
+
+def handler(event, context):
+    out = {p: attempt(p, "w") for p in event["create"]}
+    out.update({p: attempt(p, "a") for p in event["append"]})
+    for d in event["mkdir"]:
+        try:
+            os.mkdir(d)
+            out[d] = "ok"
+        except OSError as exc:
+            out[d] = errno.errorcode.get(exc.errno, str(exc.errno)) + ": " + (exc.strerror or "")
+    out["tmp_read_back"] = open("/tmp/probe.txt").read() if out.get("/tmp/probe.txt") == "ok" else None
+    return out
+"""
+    deploy(lam, "writer", {"handler.py": writer})
+    event = {
+        "create": ["/evil.txt", "/var/task/evil.py", "/etc/evil.conf", "/usr/evil", "/tmp/probe.txt"],
+        "append": ["/var/task/handler.py", "/etc/passwd"],
+        "mkdir": ["/newdir", "/var/task/newdir", "/etc/newdir", "/tmp/newdir"],
+    }
+    resp, body, _ = invoke(lam, "writer", event)
+    assert_ok(resp, body)
+    for path in ["/evil.txt", "/var/task/evil.py", "/etc/evil.conf", "/usr/evil",
+                 "/newdir", "/var/task/newdir", "/etc/newdir"]:
+        assert body[path] == "EROFS: Read-only file system", (path, body[path])
+    # Opening an existing root-owned 0644 file for writing: the kernel checks the file's
+    # permission bits (may_open) before the mount's read-only flag, so uid 65534 may see
+    # EACCES first.  Either way the write is refused.
+    for path in ["/var/task/handler.py", "/etc/passwd"]:
+        assert body[path] in ("EROFS: Read-only file system", "EACCES: Permission denied"), (path, body[path])
+    assert body["/tmp/newdir"] == "ok"
+    assert body["/tmp/probe.txt"] == "ok"
+    assert body["tmp_read_back"] == "x"
+
+
+# -- 6. host files and processes are not visible ------------------------------------------
+
+PREFIX = Path(os.path.realpath(sys.base_prefix))
+
+
+def test_host_files_and_processes_are_invisible(server: Server, lam: Any) -> None:
+    peek = """\
+import os
+
+def listing(path):
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return None
+
+def handler(event, context):
+    numeric = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    return {
+        "exists": {p: os.path.exists(p) for p in event["paths"]},
+        "listings": {p: listing(p) for p in event["dirs"]},
+        "proc": numeric,
+        "host_pids_visible": [p for p in event["host_pids"] if os.path.exists("/proc/%d" % p)],
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "hostname": os.uname().nodename,
+    }
+"""
+    deploy(lam, "peek", {"handler.py": peek})
+    data_dir = str(server.data_dir.resolve())
+    event = {
+        "paths": [data_dir, data_dir + "/state.db", str(Path(data_dir) / "code"),
+                  str(Path(__file__).resolve()), "/work/main", "/root/.bashrc",
+                  "/var/lib", "/var/log", "/var/run", "/run", "/sys/fs/cgroup", "/home/cloudsdk"],
+        "dirs": ["/root", "/home", "/work", "/opt", "/srv", "/mnt",
+                 *(str(a) for a in PREFIX.parents if str(a) not in ("/", "/usr"))],
+        "host_pids": [server.proc.pid, os.getpid(), spawner_pid(server)],
+    }
+    resp, body, _ = invoke(lam, "peek", event)
+    assert_ok(resp, body)
+    assert not any(body["exists"].values()), body["exists"]
+    # Absent or empty -- except for the directories leading to the Python prefix, which
+    # is bound read-only at its host path (e.g. /root/.pyenv/versions/3.11.7): those may
+    # hold the next path component and nothing else (no ~/.bashrc, no other versions).
+    for d, entries in body["listings"].items():
+        below = PREFIX.relative_to(d).parts if PREFIX.is_relative_to(d) and PREFIX != Path(d) else ()
+        assert set(entries or []) <= set(below[:1]), (d, entries)
+    assert body["host_pids_visible"] == []
+    assert body["pid"] == 2  # the runtime, under the namespace's init
+    assert 1 in body["proc"] and 2 in body["proc"]
+    assert len(body["proc"]) <= 4, body["proc"]
+    assert max(body["proc"]) < 100, body["proc"]
+    assert body["uid"] == 65534
+    assert body["hostname"] == "warmstart"
+
+
+# -- 7. network -----------------------------------------------------------------------------
+
+NET = """\
+import errno, socket
+
+def handler(event, context):
+    ifaces = sorted(name for _, name in socket.if_nameindex())
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(("127.0.0.1", event["port"]))
+        s.sendall(b"hello from the sandbox")
+        result = "connected"
+    except OSError as exc:
+        result = errno.errorcode.get(exc.errno, str(exc)) if exc.errno else type(exc).__name__
+    finally:
+        s.close()
+    return {"ifaces": ifaces, "connect": result}
+"""
+
+
+def test_network_is_loopback_only_unless_tagged_host(server: Server, lam: Any) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        deploy(lam, "isolated", {"handler.py": NET})
+        resp, body, _ = invoke(lam, "isolated", {"port": port})
+        assert_ok(resp, body)
+        assert body["ifaces"] == ["lo"]
+        assert body["connect"] in ("ECONNREFUSED", "ENETUNREACH", "EHOSTUNREACH"), body
+
+        deploy(lam, "hostnet", {"handler.py": NET}, Tags={"warmstart:network": "host"})
+        resp, body, _ = invoke(lam, "hostnet", {"port": port})
+        assert_ok(resp, body)
+        assert body["connect"] == "connected", body
+        assert "lo" in body["ifaces"]
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while chunk := conn.recv(1024):
+                data += chunk
+        assert data == b"hello from the sandbox"
+
+
+# -- 8. bad code bundles ------------------------------------------------------------------
+
+def _symlink_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("handler.py", "def handler(e, c):\n    return 1\n")
+        info = zipfile.ZipInfo("passwd")
+        info.create_system = 3  # unix, so external_attr carries the mode
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("label,code", [
+    ("random-bytes", os.urandom(4096)),
+    ("empty", b""),
+    ("truncated-zip", make_zip({"handler.py": "x = 1\n" * 100})[:-30]),
+    ("dot-dot", make_zip({"handler.py": "x = 1\n", "../evil.py": "x = 1\n"})),
+    ("deep-dot-dot", make_zip({"handler.py": "x = 1\n", "pkg/../../evil.py": "x = 1\n"})),
+    ("absolute", make_zip({"handler.py": "x = 1\n", "/tmp/evil.py": "x = 1\n"})),
+    ("symlink", _symlink_zip()),
+])
+def test_bad_zip_is_rejected_with_400(server: Server, lam: Any, label: str, code: bytes) -> None:
+    name = f"bad-{label}"
+    with pytest.raises(ClientError) as exc:
+        lam.create_function(FunctionName=name, Runtime="python3.11", Role="arn:aws:iam::0:role/x",
+                            Handler="handler.handler", Code={"ZipFile": code})
+    assert client_error(exc) == (400, "InvalidParameterValueException"), exc.value.response
+    with pytest.raises(ClientError) as exc:
+        lam.get_function(FunctionName=name)
+    assert client_error(exc) == (404, "ResourceNotFoundException")
+    # Nothing escaped the code directory.
+    assert not (server.data_dir / "evil.py").exists()
+    assert not list((server.data_dir / "code").glob("**/evil.py")) if (server.data_dir / "code").exists() else True
+    assert not Path("/tmp/evil.py").exists() or label != "absolute"
+
+
+# -- 9. init errors ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("label,files,handler,error_type", [
+    ("missing-module", {"other.py": "x = 1\n"}, "handler.handler", "Runtime.ImportModuleError"),
+    ("missing-function", {"handler.py": "def other(e, c):\n    return 1\n"}, "handler.handler",
+     "Runtime.HandlerNotFound"),
+    ("syntax-error", {"handler.py": "def handler(e, c)\n    return 1\n"}, "handler.handler",
+     "Runtime.UserCodeSyntaxError"),
+    ("import-raises", {"handler.py": "raise RuntimeError('no config')\ndef handler(e, c):\n    return 1\n"},
+     "handler.handler", "Runtime.ImportModuleError"),
+    ("missing-dependency", {"handler.py": "import no_such_dependency\ndef handler(e, c):\n    return 1\n"},
+     "handler.handler", "Runtime.ImportModuleError"),
+])
+def test_init_errors_have_lambda_error_types(server: Server, lam: Any, label: str, files: dict[str, str],
+                                             handler: str, error_type: str) -> None:
+    name = f"init-{label}"
+    deploy(lam, name, files, handler=handler)
+    for _ in range(2):  # a failed init leaves nothing behind that breaks the next try
+        resp, err, _ = invoke(lam, name)
+        assert resp["StatusCode"] == 200
+        assert resp["FunctionError"] == "Unhandled"
+        assert err["errorType"] == error_type, err
+        assert err["errorMessage"]
+    with server.http() as http:
+        r = http.post(f"/run/{name}", content=b"{}")
+    assert r.status_code == 502
+    assert r.json()["errorType"] == error_type
+
+
+# -- 10. the worker is SIGKILLed with idle (frozen) instances --------------------------------
+
+def _freezer_state(pid: int) -> str | None:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        if "freezer" in ctrls.split(","):
+            return Path("/sys/fs/cgroup/freezer", path.lstrip("/"), "freezer.state").read_text().strip()
+    return None
+
+
+def test_worker_sigkill_then_restart_on_the_same_data_dir(server_factory: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = server_factory("--freeze-after-ms", "0", data_dir=data_dir)
+    lam = first.lambda_client()
+    deploy(lam, "alpha", {"handler.py": COUNTER})
+    deploy(lam, "beta", {"handler.py": COUNTER}, MemorySize=256)
+    ids = {}
+    for name in ("alpha", "beta"):
+        resp, body, _ = invoke(lam, name)
+        assert_ok(resp, body)
+        ids[name] = body["instance"]
+    # Idle instances are frozen at once.
+    with first.http() as http:
+        states = {i["function"]: i["state"] for i in http.get("/instances").json()["instances"]}
+    assert states == {"alpha": "frozen", "beta": "frozen"}
+
+    old_spawner = spawner_pid(first)
+    old = {pid: proc_start_time(pid) for pid in cgroup_pids(data_dir) | {old_spawner}}
+    sandboxed = [p for p in old if p != old_spawner and Path(f"/proc/{p}/root").exists()
+                 and os.readlink(f"/proc/{p}/root") != "/"]
+    assert sandboxed, "expected the idle instances' processes in our cgroups"
+    assert any(_freezer_state(p) == "FROZEN" for p in sandboxed)
+
+    first.stop(signal.SIGKILL)
+    assert first.proc.returncode == -signal.SIGKILL
+
+    second = server_factory(data_dir=data_dir)
+    lam = second.lambda_client()
+    names = sorted(f["FunctionName"] for f in lam.list_functions()["Functions"])
+    assert names == ["alpha", "beta"]
+
+    # Start-up reaping killed whatever the first run left (frozen instances included).
+    wait_until(lambda: not any(is_alive(p, t) for p, t in old.items()), what="old processes to go")
+
+    for name in ("alpha", "beta"):
+        resp, body, start = invoke(lam, name)
+        assert_ok(resp, body)
+        assert start == "cold"
+        assert body["instance"] != ids[name] and body["calls"] == 1
+
+    # The cgroups hold only the new server's processes.
+    members = cgroup_pids(data_dir)
+    assert members, "the new server's sandboxes should be in our cgroups"
+    strangers = [p for p in members if proc_state(p) is not None and not descends_from(p, second.proc.pid)]
+    assert strangers == [], strangers
+    assert not set(members) & {p for p, t in old.items() if is_alive(p, t)}
+
+    # Sandbox mounts live in private mount namespaces: the host never sees them.
+    resolved = str(data_dir.resolve())
+    assert not [ln for ln in Path("/proc/self/mounts").read_text().splitlines() if resolved in ln]
+    assert not [ln for ln in Path("/proc/1/mounts").read_text().splitlines() if resolved in ln]
+
+    second.stop()
+    assert second.proc.returncode in (0, -signal.SIGTERM), second.log()[-3000:]
+    assert cgroup_dirs(data_dir) == []
+    assert not any(is_alive(p, proc_start_time(p)) for p in members)
+
+
+# -- 11. the spawner is SIGKILLed -----------------------------------------------------------
+
+def test_spawner_sigkill_is_survived(server: Server, lam: Any) -> None:
+    deploy(lam, "before", {"handler.py": COUNTER})
+    resp, body, _ = invoke(lam, "before")
+    assert_ok(resp, body)
+
+    pid = spawner_pid(server)
+    started = proc_start_time(pid)
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not is_alive(pid, started), what="the spawner to die")
+
+    deploy(lam, "after", {"handler.py": COUNTER})
+    resp, body, start = invoke(lam, "after")
+    assert_ok(resp, body)
+    assert start == "cold"
+    new = spawner_pid(server)
+    assert new != pid
+    healthy(server, lam)
+
+
+# -- 12. invalid JSON payload -------------------------------------------------------------------
+
+def test_invalid_json_payload_is_400(server: Server, lam: Any) -> None:
+    deploy(lam, "echo", {"handler.py": COUNTER})
+    for raw in (b"{not json", b"\xff\xfe", b'{"a": 1'):
+        with pytest.raises(ClientError) as exc:
+            lam.invoke(FunctionName="echo", Payload=raw)
+        assert client_error(exc) == (400, "InvalidRequestContentException"), exc.value.response
+    # The instance that parsed the bad payloads is still fine.
+    resp, body, start = invoke(lam, "echo")
+    assert_ok(resp, body)
+    assert start == "warm"

@@ -1,0 +1,76 @@
+"""Code bundles: safe unpacking, limits, and content addressing."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_zip
+from warmstart.errors import InvalidParameter
+from warmstart.functions import bundle
+
+
+def test_unpack_compiles_and_is_content_addressed(tmp_path: Path) -> None:
+    data = make_zip({"handler.py": "def handler(e, c):\n    return 1\n", "pkg/mod.py": "X = 1\n"})
+    sha, d = bundle.unpack(data, tmp_path)
+    assert d == tmp_path / sha
+    assert (d / "handler.py").read_text().startswith("def handler")
+    assert list((d / "__pycache__").glob("handler.*.pyc")), "code is byte-compiled at deploy"
+    assert stat.S_IMODE((d / "pkg" / "mod.py").stat().st_mode) == 0o644
+    assert bundle.unpack(data, tmp_path) == (sha, d)  # idempotent
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name", ["../evil.py", "/abs.py", "a/../../evil.py", "..\\evil.py"])
+def test_path_traversal_is_rejected(tmp_path: Path, name: str) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(name), "x")
+    with pytest.raises(InvalidParameter, match="unsafe path"):
+        bundle.unpack(buf.getvalue(), tmp_path)
+    assert not list(tmp_path.iterdir()) or not any(p.name != ".tmp" for p in tmp_path.iterdir() if p.is_dir()
+                                                    and not p.name.startswith(".tmp"))
+
+
+def test_symlinks_are_rejected(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/shadow")
+    with pytest.raises(InvalidParameter, match="symbolic link"):
+        bundle.unpack(buf.getvalue(), tmp_path)
+
+
+def test_garbage_is_not_a_zip(tmp_path: Path) -> None:
+    with pytest.raises(InvalidParameter, match="Could not unzip"):
+        bundle.unpack(b"this is not a zip file at all", tmp_path)
+
+
+def test_zip_bomb_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bundle, "MAX_UNZIPPED_BYTES", 1000)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("big.bin", b"\0" * 100_000)
+    with pytest.raises(InvalidParameter, match="Unzipped size"):
+        bundle.unpack(buf.getvalue(), tmp_path)
+    assert not list(tmp_path.glob(".tmp-*")), "nothing half-unpacked is left"
+
+
+def test_clean_partial(tmp_path: Path) -> None:
+    (tmp_path / ".tmp-abc").mkdir()
+    assert bundle.clean_partial(tmp_path) == 1
+    assert not (tmp_path / ".tmp-abc").exists()
+
+
+def test_zip_directory_skips_caches(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "hello.py").write_text("x = 1\n")
+    (tmp_path / "src" / "__pycache__").mkdir()
+    (tmp_path / "src" / "__pycache__" / "hello.cpython-311.pyc").write_bytes(b"junk")
+    names = zipfile.ZipFile(io.BytesIO(bundle.zip_directory(tmp_path / "src"))).namelist()
+    assert names == ["hello.py"]

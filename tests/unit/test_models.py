@@ -1,0 +1,52 @@
+"""Validation of function configuration and names."""
+
+from __future__ import annotations
+
+import pytest
+
+from warmstart.api.lambda_api import function_name
+from warmstart.errors import InvalidParameter
+from warmstart.functions import FunctionConfig, FunctionRecord
+
+
+def test_defaults_are_lambdas() -> None:
+    cfg = FunctionConfig(handler="app.handler")
+    assert (cfg.memory_mb, cfg.timeout_s, cfg.network) == (128, 3, "none")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"handler": "nodot"},
+    {"handler": "a.b", "memory_mb": 64},
+    {"handler": "a.b", "memory_mb": 10241},
+    {"handler": "a.b", "timeout_s": 0},
+    {"handler": "a.b", "timeout_s": 901},
+    {"handler": "a.b", "runtime": "nodejs20.x"},
+    {"handler": "a.b", "environment": {"AWS_REGION": "x"}},
+    {"handler": "a.b", "network": "bridge"},
+])
+def test_invalid_configs(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidParameter):
+        FunctionConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("fn", ("fn", None)),
+    ("fn:$LATEST", ("fn", "$LATEST")),
+    ("arn:aws:lambda:us-east-1:000000000000:function:fn", ("fn", None)),
+    ("arn:aws:lambda:us-east-1:000000000000:function:fn:prod", ("fn", "prod")),
+    ("arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Afn", ("fn", None)),
+])
+def test_function_names(raw: str, expected: tuple[str, str | None]) -> None:
+    assert function_name(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "a/b", "x" * 65, "a:b:c", "arn:aws:lambda:us-east-1:0:layer:x"])
+def test_bad_function_names(raw: str) -> None:
+    with pytest.raises(InvalidParameter):
+        function_name(raw)
+
+
+def test_check_name() -> None:
+    assert FunctionRecord.check_name("ok-name_1") == "ok-name_1"
+    with pytest.raises(InvalidParameter):
+        FunctionRecord.check_name("bad name")
