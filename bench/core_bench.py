@@ -492,6 +492,7 @@ class RuncBaseline:
         self.code_dir = self.dir / "task"
         self.python = runtime_python()
         self.created: set[str] = set()
+        self.extra_binds: list[str] = []  # /lib etc. on hosts without merged /usr
 
     def _base_cmd(self) -> list[str]:
         return [self.runc, "--root", str(self.state)]
@@ -514,11 +515,9 @@ class RuncBaseline:
             host = Path("/") / top
             if host.is_symlink():
                 (self.rootfs / top).symlink_to(os.readlink(host))
-            elif top in ("bin", "lib", "lib64", "sbin") and not host.exists():
-                continue
             elif host.is_dir():
                 # Not a merged-/usr host: bind the directory like warmstart does.
-                self.extra_binds = [*getattr(self, "extra_binds", []), str(host)]
+                self.extra_binds.append(str(host))
         self.spec_template = self._default_spec()
 
     def _default_spec(self) -> dict[str, Any]:
@@ -542,7 +541,7 @@ class RuncBaseline:
         spec["root"] = {"path": str(self.rootfs), "readonly": True}
         spec["hostname"] = "warmstart"
         binds = [("/usr", "/usr"), ("/etc", "/etc")]
-        binds += [(p, p) for p in getattr(self, "extra_binds", [])]
+        binds += [(p, p) for p in self.extra_binds]
         prefix = os.path.realpath(sys.base_prefix)
         if not prefix.startswith("/usr/"):
             binds.append((prefix, prefix))
@@ -750,7 +749,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark warmstart (cold, warm, frozen-warm latency, throughput) against "
                     "runc running the same runtime, in one run on this machine. Needs root.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             targets: warm p50 <= 1.5 ms; cold p50 <= runc p50; >= 1000 warm invocations/s.
             Only 127.0.0.1 is contacted. Exit status: 0 ok, 1 a target was missed, 2 error."""),
@@ -760,8 +759,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cold", type=int, default=None, help="cold starts to time (default 40, quick 12)")
     p.add_argument("--warm", type=int, default=None, help="sequential warm invocations (default 2000, quick 300)")
     p.add_argument("--runc", type=int, default=None, help="runc runs per variant (default 40, quick 10)")
-    p.add_argument("--connections", type=int, default=16, help="keep-alive connections for the throughput run")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (it has 2 cores to share)")
+    p.add_argument("--connections", type=int, default=16, help="keep-alive connections for the throughput run (default %(default)s)")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads; the machine has few cores to share (default %(default)s)")
     p.add_argument("--duration", type=float, default=None, help="throughput run seconds (default 10, quick 3)")
     p.add_argument("--skip-runc", action="store_true", help="do not measure the runc baseline")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (for debugging)")

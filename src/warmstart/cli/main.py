@@ -148,7 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_concurrency": args.max_concurrency,
         "queue_depth": args.queue_depth,
         "freeze_after_ms": args.freeze_after_ms,
-        "cpu_quota": args.cpu_quota,
+        "cpu_quota": args.cpu_quota or None,
     }
     if args.cache_budget_mb is not None:
         kwargs["cache_budget_mb"] = args.cache_budget_mb

@@ -25,7 +25,7 @@ class Settings:
     sandbox_gid: int = 65534
     pids_max: int = 256
     tmp_mb: int = 512
-    cpu_quota: float | None = None  # CPUs per instance; None = no CFS quota
+    cpu_quota: float | None = 1.0  # CPUs per instance (CFS quota); None = unlimited
     cgroup_pool: int = 8
     # Instances.
     max_concurrency: int = 64  # per function, when it has no reserved concurrency
