@@ -118,6 +118,7 @@ def _fail(err_w: int, stage: str, exc: BaseException) -> None:
 def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
     """pid 1 of the sandbox: build the root, start the runtime, reap until it exits."""
     try:
+        sc.set_name("ws-init")
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _make_root(spec)
         sc.sethostname(spec["hostname"])
@@ -164,6 +165,7 @@ def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) ->
     """Host-side parent of the sandbox: cgroup, namespaces, then wait on pid 1."""
     try:
         _close_fds_except(inst_fd, err_w)
+        sc.set_name("ws-sandbox")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if spec["isolate"]:
@@ -202,6 +204,7 @@ def _parked_c1(procs_files: list[str], sock: socket.socket) -> None:
     """
     try:
         _close_fds_except(sock.fileno())
+        sc.set_name("ws-parked")
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _join_cgroup(procs_files)
         req = _recv_request(sock)
@@ -319,6 +322,7 @@ def serve(sock: socket.socket) -> None:
 
 
 def main() -> None:
+    sc.set_name("ws-spawner")
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the worker died before we set PDEATHSIG
         sys.exit(1)
