@@ -88,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="CPUs each instance may use (CFS quota); default unlimited",
     )
+    s.add_argument(
+        "--index-url", default=None, help="package index for requirements.txt (default: PyPI)"
+    )
+    s.add_argument(
+        "--find-links",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="a local wheel directory for requirements.txt (repeatable)",
+    )
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="install packages from --find-links only, never from the network",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     d = sub.add_parser("deploy", help="create or update a function from a directory or zip")
@@ -149,6 +165,9 @@ def _serve(args: argparse.Namespace) -> int:
         "queue_depth": args.queue_depth,
         "freeze_after_ms": args.freeze_after_ms,
         "cpu_quota": args.cpu_quota or None,
+        "index_url": args.index_url,
+        "find_links": tuple(args.find_links),
+        "offline": args.offline,
     }
     if args.cache_budget_mb is not None:
         kwargs["cache_budget_mb"] = args.cache_budget_mb

@@ -96,6 +96,7 @@ class FunctionRecord:
     revision_id: str
     last_modified: str
     reserved_concurrency: int | None = None
+    packages: tuple[str, ...] = ()  # resolved requirements, "name==version"
 
     @staticmethod
     def check_name(name: str) -> str:

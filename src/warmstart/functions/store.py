@@ -55,6 +55,7 @@ def _to_json(rec: FunctionRecord) -> str:
 def _from_json(text: str) -> FunctionRecord:
     raw: dict[str, Any] = json.loads(text)
     raw["config"] = FunctionConfig(**raw["config"])
+    raw["packages"] = tuple(raw.get("packages", ()))
     return FunctionRecord(**raw)
 
 
@@ -95,10 +96,14 @@ class FunctionStore:
         for (text,) in self.db.execute("SELECT record FROM functions ORDER BY name"):
             yield _from_json(text)
 
-    def create(self, name: str, config: FunctionConfig, code: bytes) -> FunctionRecord:
+    def create(
+        self, name: str, config: FunctionConfig, code: bytes, packages: tuple[str, ...] = ()
+    ) -> FunctionRecord:
         FunctionRecord.check_name(name)
         sha, _ = self.put_code(code)
-        rec = FunctionRecord(name, config, sha, len(code), 1, str(uuid.uuid4()), now_iso())
+        rec = FunctionRecord(
+            name, config, sha, len(code), 1, str(uuid.uuid4()), now_iso(), packages=packages
+        )
         try:
             self.db.execute(
                 "INSERT INTO functions(name, record) VALUES (?, ?)", (name, _to_json(rec))

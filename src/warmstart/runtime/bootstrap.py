@@ -121,6 +121,9 @@ def load_handler(spec: str) -> tuple[Any, dict[str, Any] | None]:
     module_name = module_name.replace("/", ".")
     if TASK_ROOT not in sys.path:
         sys.path.insert(0, TASK_ROOT)
+        # The function's packages from the install cache come right after its own code.
+        extra = [p for p in os.environ.get("WARMSTART_PATH", "").split(":") if p]
+        sys.path[1:1] = extra
     try:
         import importlib
 

@@ -46,6 +46,12 @@ class SandboxSpec:
     extra_ro_mounts: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    output: str
+
+
 @dataclass(eq=False)
 class Sandbox:
     """A running sandbox: the worker's end of the runtime socket and how to control it."""
@@ -86,6 +92,18 @@ class Sandbox:
 
     def oom_killed(self) -> bool:
         return self.cgroup.oom_killed() if self.cgroup is not None else False
+
+
+def _command_result(raw: bytes, marker: str) -> CommandResult:
+    text = raw.decode(errors="replace")
+    head, sep, tail = text.rpartition(marker)
+    if not sep:
+        return CommandResult(-1, text)  # killed before the shell could report
+    try:
+        code = int(tail.strip() or "-1")
+    except ValueError:
+        code = -1
+    return CommandResult(code, head)
 
 
 def _runtime_python() -> str:
@@ -299,6 +317,96 @@ class SandboxManager:
             for sig in (signal.SIGKILL, signal.SIGCONT):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(sandbox.pid, sig)
+
+    async def run(
+        self,
+        argv: list[str],
+        *,
+        mounts: list[tuple[str, str, str]],
+        env: dict[str, str],
+        memory_mb: int = 1024,
+        network: str = "host",
+        timeout: float = 600.0,
+    ) -> CommandResult:
+        """Run a command (an installer, say) in a sandbox and collect its output.
+
+        ``mounts`` are (host path, sandbox path, "ro"|"rw").  Without isolation the
+        command runs as a plain process and sandbox paths in argv are mapped back to
+        host paths.
+        """
+        marker = "__warmstart_exit="
+        script = ["/bin/sh", "-c", f'"$@"; echo "{marker}$?"', "sh", *argv]
+        if self.isolation is not Isolation.LINUX:
+            return await self._run_plain(script, mounts, env, marker, timeout)
+        cgroup = None
+        if self.pool is not None:
+            cgroup = self.pool.acquire(cgroups.Limits(memory_mb << 20, self.pids_max * 4, None))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        spec = {
+            "isolate": True,
+            "root": str(self.root_mountpoint),
+            "mounts": [*self._base_mounts, *mounts],
+            "symlinks": self._symlinks,
+            "tmp_bytes": self.tmp_bytes,
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
+            "cgroup_key": cgroup.rel if cgroup else "",
+            "hostname": "warmstart",
+            "network": network,
+            "uid": self.uid,
+            "gid": self.gid,
+            "argv": script,
+            "env": env,
+            "cwd": "/",
+            "stdio": "socket",
+        }
+        try:
+            reply = await self._request({"cmd": "spawn", "spec": spec}, theirs.fileno())
+            theirs.close()
+            if "error" in reply:
+                raise SandboxError(f"cannot start {argv[0]}: {reply['error']}")
+            ours.setblocking(False)
+            loop = asyncio.get_running_loop()
+            chunks: list[bytes] = []
+            async with asyncio.timeout(timeout):
+                while chunk := await loop.sock_recv(ours, 65536):
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise SandboxError(f"{argv[0]} timed out after {timeout:.0f}s") from None
+        finally:
+            theirs.close()
+            ours.close()
+            if cgroup is not None:
+                await self._recycle(cgroup)
+        return _command_result(b"".join(chunks), marker)
+
+    async def _run_plain(
+        self,
+        script: list[str],
+        mounts: list[tuple[str, str, str]],
+        env: dict[str, str],
+        marker: str,
+        timeout: float,
+    ) -> CommandResult:
+        def host(arg: str) -> str:
+            for src, dst, _ in sorted(mounts, key=lambda m: -len(m[1])):
+                if arg == dst or arg.startswith(dst + "/"):
+                    return src + arg[len(dst) :]
+            return arg
+
+        proc = await asyncio.create_subprocess_exec(
+            *[host(a) for a in script],
+            env={k: host(v) for k, v in env.items()},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise SandboxError(f"{script[4]} timed out after {timeout:.0f}s") from None
+        return _command_result(out, marker)
 
     async def _park(self, cgroup: Cgroup) -> None:
         """Have the spawner pre-join a parent process to this pooled cgroup."""

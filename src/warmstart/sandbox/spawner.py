@@ -60,6 +60,8 @@ def _make_root(spec: dict[str, Any]) -> None:
         os.symlink(target, root + link)
     for src, dst, mode in spec["mounts"]:
         path = root + dst
+        if not os.path.exists(src):
+            raise FileNotFoundError(f"mount source {src} does not exist")
         if os.path.isdir(src):
             os.makedirs(path, exist_ok=True)
         else:
@@ -100,6 +102,9 @@ def _exec_runtime(spec: dict[str, Any], inst_fd: int) -> None:
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
+    if spec.get("stdio") == "socket":  # a command: its output goes to the worker
+        os.dup2(inst_fd, 1)
+        os.dup2(inst_fd, 2)
     if inst_fd != 3:
         os.dup2(inst_fd, 3)
     os.set_inheritable(3, True)

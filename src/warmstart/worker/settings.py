@@ -36,3 +36,7 @@ class Settings:
     idle_ttl_s: float = 600.0  # frozen this long -> evicted
     init_timeout_s: float = 10.0
     event_retries: int = 2  # Lambda's MaximumRetryAttempts default
+    # The install cache.
+    index_url: str | None = None  # None: the installer's default (PyPI)
+    find_links: tuple[Path, ...] = ()  # local wheel directories
+    offline: bool = False  # never touch the network: wheelhouse only

@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warmstart.errors import InvalidRequestContent, NotFound, PlatformError, TooManyRequests
-from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore
+from warmstart.errors import (
+    Conflict,
+    InvalidRequestContent,
+    NotFound,
+    PlatformError,
+    TooManyRequests,
+)
+from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore, bundle
+from warmstart.packages import InstallCache, parse_pins
 from warmstart.sandbox import Isolation, SandboxManager, SandboxSpec
 from warmstart.worker.instance import Instance, InstanceDied, Reply, State
 from warmstart.worker.metrics import Metrics
@@ -67,6 +74,14 @@ class Worker:
             tmp_mb=settings.tmp_mb,
             cpu_quota=settings.cpu_quota,
             pool_size=settings.cgroup_pool,
+        )
+        self.packages = InstallCache(
+            self.data_dir / "packages",
+            self.sandboxes,
+            python=self.sandboxes.python,
+            index_url=settings.index_url,
+            find_links=settings.find_links,
+            offline=settings.offline,
         )
         self.cache = HandlerCache(
             settings.cache_budget_mb << 20, settings.freeze_after_ms / 1000, settings.idle_ttl_s
@@ -139,14 +154,38 @@ class Worker:
     async def create_function(
         self, name: str, config: FunctionConfig, code: bytes
     ) -> FunctionRecord:
-        rec = await asyncio.to_thread(self.store.create, name, config, code)
+        FunctionRecord.check_name(name)
+        if name in self.functions:
+            raise Conflict(f"Function already exist: {name}")
+        packages = await self._prepare_code(code)
+        rec = await asyncio.to_thread(self.store.create, name, config, code, packages)
         self.functions[name] = rec
         return rec
 
     async def update_code(self, name: str, code: bytes) -> FunctionRecord:
         rec = self.get(name)
-        sha, _ = await asyncio.to_thread(self.store.put_code, code)
-        return self._replace(self.store.bump(rec, code_sha256=sha, code_size=len(code)))
+        packages = await self._prepare_code(code)
+        sha = bundle.digest(code)
+        return self._replace(
+            self.store.bump(rec, code_sha256=sha, code_size=len(code), packages=packages)
+        )
+
+    async def _prepare_code(self, code: bytes) -> tuple[str, ...]:
+        """Unpack the bundle; resolve and install its requirements.txt, if any.
+
+        Nothing is recorded until every package is installed, so a failed deploy
+        leaves the function as it was.
+        """
+        _, directory = await asyncio.to_thread(self.store.put_code, code)
+        req = directory / "requirements.txt"
+        if not req.is_file():
+            return ()
+        pins = await self.packages.resolve(req.read_text(errors="replace"))
+        await self.packages.install(pins)
+        return tuple(str(p) for p in pins)
+
+    def _package_dirs(self, rec: FunctionRecord) -> list[Path]:
+        return [self.packages.path(p) for p in parse_pins("\n".join(rec.packages))]
 
     def update_config(self, name: str, **changes: Any) -> FunctionRecord:
         rec = self.get(name)
@@ -234,13 +273,23 @@ class Worker:
                 )
         self.reserved_mb += need
         t0 = time.perf_counter()
+        env = self._env(rec)
+        mounts: tuple[tuple[str, str], ...] = ()
+        if rec.packages:
+            dirs = self._package_dirs(rec)
+            if self.sandboxes.isolation is Isolation.LINUX:
+                mounts = tuple((str(d), f"/var/packages/{d.name}") for d in dirs)
+                env["WARMSTART_PATH"] = ":".join(dst for _, dst in mounts)
+            else:
+                env["WARMSTART_PATH"] = ":".join(str(d) for d in dirs)
         try:
             sandbox = await self.sandboxes.create(
                 SandboxSpec(
                     code_dir=self.store.code_dir(rec),
-                    env=self._env(rec),
+                    env=env,
                     memory_mb=need,
                     network=rec.config.network,
+                    extra_ro_mounts=mounts,
                 )
             )
         except BaseException:
