@@ -532,6 +532,7 @@ class Worker:
             "other": {
                 "functions": float(len(self.functions)),
                 "evictions_total": float(self.cache.evictions),
+                "package_installs_total": float(self.packages.installs),
                 "freezes_total": float(self.cache.freezes),
             },
         }
