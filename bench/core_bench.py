@@ -114,8 +114,10 @@ class RawHTTP:
         self.sock.close()
 
     def request_bytes(self, method: str, path: str, body: bytes = b"") -> bytes:
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
         return head.encode() + body
 
     def roundtrip(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -144,8 +146,8 @@ class RawHTTP:
             if not chunk:
                 raise BenchError("server closed the connection mid-body")
             buf += chunk
-        body = buf[start:start + length]
-        self.buf = buf[start + length:]
+        body = buf[start : start + length]
+        self.buf = buf[start + length :]
         return status, headers, body
 
 
@@ -155,7 +157,9 @@ def timed_call(conn: RawHTTP, raw: bytes) -> tuple[float, int, dict[str, str], b
     return (time.perf_counter_ns() - t0) / 1e6, status, headers, body
 
 
-def check_invocation(status: int, headers: dict[str, str], body: bytes, want_start: str, what: str) -> None:
+def check_invocation(
+    status: int, headers: dict[str, str], body: bytes, want_start: str, what: str
+) -> None:
     if status != 200:
         raise BenchError(f"{what}: HTTP {status}: {body[:500]!r}")
     got = headers.get("x-warmstart-start")
@@ -188,17 +192,35 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "warmstart.cli.main", "serve", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), "--log-level", "warning", *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "warmstart.cli.main",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--log-level",
+            "warning",
+            *self.extra_args,
+        ]
         log(f"starting server {self.name}: {' '.join(cmd[1:])}")
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, cwd=str(self.data_dir.parent))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.data_dir.parent),
+        )
         deadline = time.monotonic() + timeout
         t0 = time.perf_counter()
         while True:
             if self.proc.poll() is not None:
-                raise BenchError(f"server {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise BenchError(
+                    f"server {self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 health = self.get_json("/healthz")
                 if health.get("status") == "ok":
@@ -206,15 +228,21 @@ class Server:
             except (OSError, BenchError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise BenchError(f"server {self.name} not healthy after {timeout}s:\n{self.log_tail()}")
+                raise BenchError(
+                    f"server {self.name} not healthy after {timeout}s:\n{self.log_tail()}"
+                )
             time.sleep(0.05)
         self.startup_s = time.perf_counter() - t0
         self.health = health
-        log(f"server {self.name} up in {self.startup_s:.2f}s at {self.url} "
-            f"(cgroups warmstart/{cgroup_digest(self.data_dir)}): {health}")
+        log(
+            f"server {self.name} up in {self.startup_s:.2f}s at {self.url} "
+            f"(cgroups warmstart/{cgroup_digest(self.data_dir)}): {health}"
+        )
         if health.get("isolation") != "linux":
-            raise BenchError(f"server {self.name} runs with isolation={health.get('isolation')!r}, "
-                             "not linux sandboxes: run the benchmark as root on Linux with cgroups")
+            raise BenchError(
+                f"server {self.name} runs with isolation={health.get('isolation')!r}, "
+                "not linux sandboxes: run the benchmark as root on Linux with cgroups"
+            )
 
     def get(self, path: str) -> tuple[int, bytes]:
         conn = RawHTTP("127.0.0.1", self.port)
@@ -280,12 +308,15 @@ def hello_zip() -> bytes:
 
 def lambda_client(url: str) -> Any:
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    import boto3
-    from botocore.config import Config
+    import boto3  # type: ignore[import-untyped]
+    from botocore.config import Config  # type: ignore[import-untyped]
 
     return boto3.client(
-        "lambda", endpoint_url=url, region_name="us-east-1",
-        aws_access_key_id="bench", aws_secret_access_key="bench",
+        "lambda",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
         config=Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=60),
     )
 
@@ -295,9 +326,13 @@ def deploy(client: Any, names: list[str]) -> float:
     t0 = time.perf_counter()
     for name in names:
         out = client.create_function(
-            FunctionName=name, Runtime="python3.11", Handler="hello.handler",
-            Role="arn:aws:iam::000000000000:role/bench", Code={"ZipFile": code},
-            MemorySize=MEMORY_MB, Timeout=10,
+            FunctionName=name,
+            Runtime="python3.11",
+            Handler="hello.handler",
+            Role="arn:aws:iam::000000000000:role/bench",
+            Code={"ZipFile": code},
+            MemorySize=MEMORY_MB,
+            Timeout=10,
         )
         if out.get("FunctionName") != name:
             raise BenchError(f"create_function({name}) returned {out}")
@@ -348,8 +383,12 @@ def measure_warm(server: Server, name: str, n: int, warmup: int) -> dict[str, An
                 http_only.append(ms)
     finally:
         conn.close()
-    return {**summary(samples), "server_internal": summary(internal), "healthz": summary(http_only),
-            "samples_ms": [round(x, 4) for x in samples]}
+    return {
+        **summary(samples),
+        "server_internal": summary(internal),
+        "healthz": summary(http_only),
+        "samples_ms": [round(x, 4) for x in samples],
+    }
 
 
 WRK_LUA = r"""
@@ -381,9 +420,23 @@ end
 """
 
 
-def run_wrk(url: str, path: str, connections: int, threads: int, duration_s: float, lua: Path) -> dict[str, Any]:
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration_s))}s",
-           "--timeout", "10s", "-s", str(lua), url + path]
+def run_wrk(
+    url: str, path: str, connections: int, threads: int, duration_s: float, lua: Path
+) -> dict[str, Any]:
+    cmd = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{max(1, round(duration_s))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(lua),
+        url + path,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WSBENCH ")), None)
     if out.returncode != 0 or line is None:
@@ -392,12 +445,19 @@ def run_wrk(url: str, path: str, connections: int, threads: int, duration_s: flo
     requests, duration_us, ok, notwarm, bad = f[:5]
     errors = dict(zip(("connect", "read", "write", "status", "timeout"), f[5:10], strict=True))
     return {
-        "tool": "wrk", "connections": connections, "threads": threads,
-        "requests": requests, "duration_s": duration_us / 1e6,
-        "warm_ok": ok, "not_warm": notwarm, "non_200": bad, "errors": errors,
+        "tool": "wrk",
+        "connections": connections,
+        "threads": threads,
+        "requests": requests,
+        "duration_s": duration_us / 1e6,
+        "warm_ok": ok,
+        "not_warm": notwarm,
+        "non_200": bad,
+        "errors": errors,
         "rps": requests / (duration_us / 1e6),
         "warm_rps": ok / (duration_us / 1e6),
-        "latency_p50_ms": f[10] / 1000, "latency_p99_ms": f[11] / 1000,
+        "latency_p50_ms": f[10] / 1000,
+        "latency_p99_ms": f[11] / 1000,
     }
 
 
@@ -405,8 +465,10 @@ def loadgen_worker(port: int, path: str, connections: int, duration_s: float) ->
     """Fallback load generator (no wrk): asyncio keep-alive clients, run in a subprocess."""
     import asyncio
 
-    req = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(EVENT_BYTES)}\r\n\r\n").encode() + EVENT_BYTES
+    req = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(EVENT_BYTES)}\r\n\r\n"
+    ).encode() + EVENT_BYTES
     counts = {"requests": 0, "warm_ok": 0, "not_warm": 0, "non_200": 0}
     lat: list[float] = []
 
@@ -418,7 +480,10 @@ def loadgen_worker(port: int, path: str, connections: int, duration_s: float) ->
                 writer.write(req)
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
-                hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+                hdrs = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+                }
                 await reader.readexactly(int(hdrs.get("content-length", "0")))
                 lat.append((time.perf_counter() - t0) * 1000)
                 counts["requests"] += 1
@@ -437,23 +502,47 @@ def loadgen_worker(port: int, path: str, connections: int, duration_s: float) ->
         return time.monotonic() - t0
 
     elapsed = asyncio.run(main())
-    print(json.dumps({**counts, "duration_s": elapsed, "latency_p50_ms": percentile(lat, 50),
-                      "latency_p99_ms": percentile(lat, 99)}))
+    print(
+        json.dumps(
+            {
+                **counts,
+                "duration_s": elapsed,
+                "latency_p50_ms": percentile(lat, 50),
+                "latency_p99_ms": percentile(lat, 99),
+            }
+        )
+    )
 
 
 def run_python_loadgen(port: int, path: str, connections: int, duration_s: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen-worker",
-           json.dumps([port, path, connections, duration_s])]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--loadgen-worker",
+        json.dumps([port, path, connections, duration_s]),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
     if out.returncode != 0:
         raise BenchError(f"load generator failed: {out.stderr}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"tool": "python-asyncio", "connections": connections, **r,
-            "rps": r["requests"] / r["duration_s"], "warm_rps": r["warm_ok"] / r["duration_s"]}
+    return {
+        "tool": "python-asyncio",
+        "connections": connections,
+        **r,
+        "rps": r["requests"] / r["duration_s"],
+        "warm_rps": r["warm_ok"] / r["duration_s"],
+    }
 
 
-def measure_throughput(server: Server, name: str, connections: int, threads: int, duration_s: float,
-                       warmup_s: float, workdir: Path) -> dict[str, Any]:
+def measure_throughput(
+    server: Server,
+    name: str,
+    connections: int,
+    threads: int,
+    duration_s: float,
+    warmup_s: float,
+    workdir: Path,
+) -> dict[str, Any]:
     wrk = shutil.which("wrk")
     path = f"/run/{name}"
     if wrk:
@@ -467,6 +556,7 @@ def measure_throughput(server: Server, name: str, connections: int, threads: int
 
         def run(d: float) -> dict[str, Any]:
             return run_python_loadgen(server.port, path, connections, d)
+
     # The warm-up starts one instance per connection (those are cold starts); the measured
     # run should then be all warm.
     warm = run(warmup_s)
@@ -489,7 +579,7 @@ class RuncBaseline:
     def __init__(self, workdir: Path, runc: str) -> None:
         self.runc = runc
         self.dir = workdir / "runc"
-        self.state = self.dir / "state"     # a private --root: our containers only
+        self.state = self.dir / "state"  # a private --root: our containers only
         self.rootfs = self.dir / "rootfs"
         self.runtime_dir = self.dir / "runtime"
         self.code_dir = self.dir / "task"
@@ -538,9 +628,15 @@ class RuncBaseline:
         proc["args"] = args
         proc["cwd"] = "/var/task"
         proc["user"] = {"uid": SANDBOX_UID, "gid": SANDBOX_UID}
-        proc["env"] = ["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "TZ=:UTC", "HOME=/tmp",
-                       "_HANDLER=hello.handler", "LAMBDA_TASK_ROOT=/var/task",
-                       "LAMBDA_RUNTIME_DIR=/var/runtime"]
+        proc["env"] = [
+            "PATH=/usr/local/bin:/usr/bin:/bin",
+            "LANG=C.UTF-8",
+            "TZ=:UTC",
+            "HOME=/tmp",
+            "_HANDLER=hello.handler",
+            "LAMBDA_TASK_ROOT=/var/task",
+            "LAMBDA_RUNTIME_DIR=/var/runtime",
+        ]
         spec["root"] = {"path": str(self.rootfs), "readonly": True}
         spec["hostname"] = "warmstart"
         binds = [("/usr", "/usr"), ("/etc", "/etc")]
@@ -550,10 +646,18 @@ class RuncBaseline:
             binds.append((prefix, prefix))
         binds += [(str(self.runtime_dir), "/var/runtime"), (str(self.code_dir), "/var/task")]
         mounts = [m for m in spec["mounts"] if m["destination"] != "/tmp"]
-        mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                       "options": ["nosuid", "nodev", "mode=1777", "size=512m"]})
+        mounts.append(
+            {
+                "destination": "/tmp",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=1777", "size=512m"],
+            }
+        )
         for src, dst in binds:
-            mounts.append({"destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]})
+            mounts.append(
+                {"destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"]}
+            )
         spec["mounts"] = mounts
         linux = spec.setdefault("linux", {})
         linux["namespaces"] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")]
@@ -582,11 +686,38 @@ class RuncBaseline:
         for i in range(warmup + n):
             ms, out = self.run_once(bundle)
             if out.returncode != 0:
-                raise BenchError(f"runc run failed ({out.returncode}): {out.stderr.decode(errors='replace')}")
+                raise BenchError(
+                    f"runc run failed ({out.returncode}): {out.stderr.decode(errors='replace')}"
+                )
             check(out.stdout)
             if i >= warmup:
                 samples.append(ms)
         return {**summary(samples), "samples_ms": samples}
+
+    def throughput(self, bundle: Path, concurrency: int, total: int, check: Any) -> dict[str, Any]:
+        """``total`` runs, ``concurrency`` at a time: invocations/s when each one is a container."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(_i: int) -> float:
+            ms, out = self.run_once(bundle)
+            if out.returncode != 0:
+                raise BenchError(
+                    f"runc run failed ({out.returncode}): {out.stderr.decode(errors='replace')}"
+                )
+            check(out.stdout)
+            return ms
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            samples = list(pool.map(one, range(total)))
+        elapsed = time.perf_counter() - t0
+        return {
+            "concurrency": concurrency,
+            "runs": total,
+            "duration_s": elapsed,
+            "rps": total / elapsed,
+            "latency": summary(samples),
+        }
 
     def cleanup(self) -> None:
         for cid in list(self.created):
@@ -606,21 +737,29 @@ def check_oneshot(stdout: bytes) -> None:
         raise BenchError(f"oneshot returned {got!r}")
 
 
-def measure_runc(workdir: Path, n: int, warmup: int) -> dict[str, Any]:
+def measure_runc(
+    workdir: Path, n: int, warmup: int, concurrency: int, total: int
+) -> dict[str, Any]:
     runc = shutil.which("runc") or ("/usr/sbin/runc" if os.path.exists("/usr/sbin/runc") else None)
     if runc is None:
         raise BenchError("runc is not installed (apt-get install -y runc)")
-    version = subprocess.run([runc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    version = subprocess.run([runc, "--version"], capture_output=True, text=True).stdout.split(
+        "\n"
+    )[0]
     base = RuncBaseline(workdir, runc)
     try:
         base.prepare()
         py = base.python
         event = json.dumps(RUNC_EVENT)
-        oneshot = base.bundle("oneshot", [py, "-E", "-s", "-S", "/var/runtime/bootstrap.py", "--oneshot", event])
+        oneshot = base.bundle(
+            "oneshot", [py, "-E", "-s", "-S", "/var/runtime/bootstrap.py", "--oneshot", event]
+        )
         # Same, but importing the runtime like the sandbox does (from its .pyc, not compiling
         # bootstrap.py as __main__): shows how much of the baseline is that compile.
-        code = ("import sys; sys.path.insert(0, '/var/runtime'); import bootstrap; "
-                f"sys.argv = ['bootstrap', '--oneshot', {event!r}]; bootstrap.main()")
+        code = (
+            "import sys; sys.path.insert(0, '/var/runtime'); import bootstrap; "
+            f"sys.argv = ['bootstrap', '--oneshot', {event!r}]; bootstrap.main()"
+        )
         imported = base.bundle("import", [py, "-E", "-s", "-S", "-c", code])
         true = base.bundle("true", ["/bin/true"])
         log(f"runc baseline ({version}): {n} x runc run of the oneshot runtime")
@@ -630,20 +769,39 @@ def measure_runc(workdir: Path, n: int, warmup: int) -> dict[str, Any]:
         log(f"runc baseline: {n} x runc run of /bin/true")
         r_true = base.measure(true, n, warmup, lambda out: None)
         # The same oneshot without any container, for reference: the interpreter's own cost.
-        env = {"_HANDLER": "hello.handler", "LAMBDA_TASK_ROOT": str(base.code_dir), "PATH": "/usr/bin:/bin"}
+        env = {
+            "_HANDLER": "hello.handler",
+            "LAMBDA_TASK_ROOT": str(base.code_dir),
+            "PATH": "/usr/bin:/bin",
+        }
         bare = []
         for i in range(warmup + n):
             t0 = time.perf_counter_ns()
-            out = subprocess.run([py, "-E", "-s", "-S", str(base.runtime_dir / "bootstrap.py"), "--oneshot", event],
-                                 capture_output=True, env=env, cwd=str(base.code_dir), timeout=60)
+            out = subprocess.run(
+                [py, "-E", "-s", "-S", str(base.runtime_dir / "bootstrap.py"), "--oneshot", event],
+                capture_output=True,
+                env=env,
+                cwd=str(base.code_dir),
+                timeout=60,
+            )
             ms = (time.perf_counter_ns() - t0) / 1e6
             if out.returncode != 0:
                 raise BenchError(f"bare oneshot failed: {out.stderr!r}")
             check_oneshot(out.stdout)
             if i >= warmup:
                 bare.append(ms)
-        return {"runc_version": version, "oneshot": r_oneshot, "oneshot_import": r_import,
-                "true": r_true, "bare_python_oneshot": summary(bare)}
+        log(
+            f"runc baseline: throughput, {total} x runc run of the oneshot runtime, {concurrency} at a time"
+        )
+        r_tput = base.throughput(oneshot, concurrency, total, check_oneshot)
+        return {
+            "runc_version": version,
+            "oneshot": r_oneshot,
+            "oneshot_import": r_import,
+            "true": r_true,
+            "bare_python_oneshot": summary(bare),
+            "throughput": r_tput,
+        }
     finally:
         base.cleanup()
 
@@ -662,7 +820,9 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def report(res: dict[str, Any]) -> str:
-    cold, warm, frozen, tput, runc = (res.get(k) for k in ("cold", "warm", "frozen_warm", "throughput", "runc"))
+    cold, warm, frozen, tput, runc = (
+        res.get(k) for k in ("cold", "warm", "frozen_warm", "throughput", "runc")
+    )
     rc = runc["oneshot"] if runc else None
     rows = [
         ("cold start p50", cold and cold["p50_ms"], rc and rc["p50_ms"], "ms"),
@@ -673,16 +833,29 @@ def report(res: dict[str, Any]) -> str:
         ("frozen-warm p99", frozen and frozen["p99_ms"], None, "ms"),
         ("throughput (warm invocations/s)", tput and tput["warm_rps"], None, "rps"),
     ]
-    out = ["| measure | warmstart | runc baseline | ratio |", "| --- | ---: | ---: | ---: |"]
+    m = res["machine"]
+    out = [
+        f"warmstart {m.get('revision', '?')} on {m.get('cpu', '?')}, {m['cpus']} CPUs, kernel {m['kernel']}, "
+        f"cgroup {m['cgroup']}, Python {m['python']}",
+        "",
+        "| measure | warmstart | runc baseline | ratio |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for label, ws, base, unit in rows:
         if unit == "rps":
+            base = runc["throughput"]["rps"] if runc and "throughput" in runc else None
             ws_s = "-" if ws is None else f"{ws:,.0f}/s"
-            out.append(f"| {label} | {ws_s} | - | - |")
+            base_s = "-" if base is None else f"{base:,.1f}/s"
+            out.append(f"| {label} | {ws_s} | {base_s} | {ratio(ws, base)} |")
         else:
             out.append(f"| {label} | {fmt_ms(ws)} | {fmt_ms(base)} | {ratio(ws, base)} |")
     out.append("")
-    out.append("ratio = warmstart / runc (lower is better for latencies). The runc baseline runs a fresh "
-               "container per invocation, so every runc invocation is a cold start.")
+    out.append(
+        "ratio = warmstart / runc: lower is better for latencies, higher for throughput. The runc "
+        "baseline runs a fresh container per invocation (every runc invocation is a cold start), so it "
+        "has no warm rows; its throughput is concurrent `runc run`s with as many at a time as the "
+        "warmstart run had connections."
+    )
     # Details.
     out.append("")
     out.append("Details:")
@@ -691,30 +864,48 @@ def report(res: dict[str, Any]) -> str:
         # The untimed warm-up cold start of hello took one of the pooled cgroups.
         k = res["config"]["cgroup_pool"] - 1
         first, rest = cold["samples_ms"][:k], cold["samples_ms"][k:]
-        out.append(f"- cold starts: n={cold['n']}, min {fmt_ms(cold['min_ms'])}, mean {fmt_ms(cold['mean_ms'])}, "
-                   f"max {fmt_ms(cold['max_ms'])}; worker-internal p50 {fmt_ms(si['p50_ms'])} "
-                   f"(X-Warmstart-Duration-Ms)")
+        out.append(
+            f"- cold starts: n={cold['n']}, min {fmt_ms(cold['min_ms'])}, mean {fmt_ms(cold['mean_ms'])}, "
+            f"max {fmt_ms(cold['max_ms'])}; worker-internal p50 {fmt_ms(si['p50_ms'])} "
+            f"(X-Warmstart-Duration-Ms)"
+        )
         if rest:
-            out.append(f"- the first {k} cold starts (pre-created pooled cgroups with parked parents): p50 "
-                       f"{fmt_ms(percentile(first, 50))}; the {len(rest)} after the pool ran out: p50 "
-                       f"{fmt_ms(percentile(rest, 50))} (cgroups created and joined on the invocation path)")
+            out.append(
+                f"- the first {k} cold starts (pre-created pooled cgroups with parked parents): p50 "
+                f"{fmt_ms(percentile(first, 50))}; the {len(rest)} after the pool ran out: p50 "
+                f"{fmt_ms(percentile(rest, 50))} (cgroups created and joined on the invocation path)"
+            )
     if warm:
-        out.append(f"- warm: n={warm['n']}, mean {fmt_ms(warm['mean_ms'])}, max {fmt_ms(warm['max_ms'])}; "
-                   f"worker-internal p50 {fmt_ms(warm['server_internal']['p50_ms'])}; "
-                   f"GET /healthz (HTTP stack only) p50 {fmt_ms(warm['healthz']['p50_ms'])}")
+        out.append(
+            f"- warm: n={warm['n']}, mean {fmt_ms(warm['mean_ms'])}, max {fmt_ms(warm['max_ms'])}; "
+            f"worker-internal p50 {fmt_ms(warm['server_internal']['p50_ms'])}; "
+            f"GET /healthz (HTTP stack only) p50 {fmt_ms(warm['healthz']['p50_ms'])}"
+        )
     if frozen:
-        out.append(f"- frozen warm: n={frozen['n']}, worker-internal p50 {fmt_ms(frozen['server_internal']['p50_ms'])}, "
-                   f"freezes counted by the server: {frozen.get('freezes_total')}")
+        out.append(
+            f"- frozen warm: n={frozen['n']}, worker-internal p50 {fmt_ms(frozen['server_internal']['p50_ms'])}, "
+            f"freezes counted by the server: {frozen.get('freezes_total')}"
+        )
     if tput:
-        out.append(f"- throughput: {tput['tool']}, {tput['connections']} connections, {tput['duration_s']:.1f} s, "
-                   f"{tput['requests']} requests ({tput['not_warm']} not warm, {tput['non_200']} non-200), "
-                   f"latency p50 {fmt_ms(tput['latency_p50_ms'])} p99 {fmt_ms(tput['latency_p99_ms'])}")
+        out.append(
+            f"- throughput: {tput['tool']}, {tput['connections']} connections, {tput['duration_s']:.1f} s, "
+            f"{tput['requests']} requests ({tput['not_warm']} not warm, {tput['non_200']} non-200), "
+            f"latency p50 {fmt_ms(tput['latency_p50_ms'])} p99 {fmt_ms(tput['latency_p99_ms'])}"
+        )
     if runc:
-        out.append(f"- runc ({runc['runc_version']}): oneshot via bootstrap.py p50 {fmt_ms(runc['oneshot']['p50_ms'])}; "
-                   f"importing bootstrap from .pyc p50 {fmt_ms(runc['oneshot_import']['p50_ms'])} "
-                   f"(p99 {fmt_ms(runc['oneshot_import']['p99_ms'])}); /bin/true p50 {fmt_ms(runc['true']['p50_ms'])} "
-                   f"(p99 {fmt_ms(runc['true']['p99_ms'])}); the same oneshot with no container p50 "
-                   f"{fmt_ms(runc['bare_python_oneshot']['p50_ms'])}")
+        out.append(
+            f"- runc ({runc['runc_version']}): oneshot via bootstrap.py p50 {fmt_ms(runc['oneshot']['p50_ms'])}; "
+            f"importing bootstrap from .pyc p50 {fmt_ms(runc['oneshot_import']['p50_ms'])} "
+            f"(p99 {fmt_ms(runc['oneshot_import']['p99_ms'])}); /bin/true p50 {fmt_ms(runc['true']['p50_ms'])} "
+            f"(p99 {fmt_ms(runc['true']['p99_ms'])}); the same oneshot with no container p50 "
+            f"{fmt_ms(runc['bare_python_oneshot']['p50_ms'])}"
+        )
+        rt = runc.get("throughput")
+        if rt:
+            out.append(
+                f"- runc throughput: {rt['runs']} runs, {rt['concurrency']} at a time, {rt['duration_s']:.1f} s; "
+                f"latency p50 {fmt_ms(rt['latency']['p50_ms'])} p99 {fmt_ms(rt['latency']['p99_ms'])}"
+            )
     # Targets.
     out.append("")
     out.append("Targets:")
@@ -725,27 +916,66 @@ def report(res: dict[str, Any]) -> str:
 
 def targets(res: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     t: list[tuple[str, bool | None, str]] = []
-    warm, cold, runc, tput = res.get("warm"), res.get("cold"), res.get("runc"), res.get("throughput")
+    warm, cold, runc, tput = (
+        res.get("warm"),
+        res.get("cold"),
+        res.get("runc"),
+        res.get("throughput"),
+    )
     if warm:
-        t.append((f"warm p50 <= {TARGET_WARM_P50_MS} ms", warm["p50_ms"] <= TARGET_WARM_P50_MS,
-                  fmt_ms(warm["p50_ms"])))
+        t.append(
+            (
+                f"warm p50 <= {TARGET_WARM_P50_MS} ms",
+                warm["p50_ms"] <= TARGET_WARM_P50_MS,
+                fmt_ms(warm["p50_ms"]),
+            )
+        )
     if cold and runc:
-        t.append(("cold p50 <= runc p50", cold["p50_ms"] <= runc["oneshot"]["p50_ms"],
-                  f"{fmt_ms(cold['p50_ms'])} vs {fmt_ms(runc['oneshot']['p50_ms'])}"))
+        t.append(
+            (
+                "cold p50 <= runc p50",
+                cold["p50_ms"] <= runc["oneshot"]["p50_ms"],
+                f"{fmt_ms(cold['p50_ms'])} vs {fmt_ms(runc['oneshot']['p50_ms'])}",
+            )
+        )
     if tput:
-        t.append((f">= {TARGET_THROUGHPUT:.0f} warm invocations/s", tput["warm_rps"] >= TARGET_THROUGHPUT,
-                  f"{tput['warm_rps']:,.0f}/s"))
+        t.append(
+            (
+                f">= {TARGET_THROUGHPUT:.0f} warm invocations/s",
+                tput["warm_rps"] >= TARGET_THROUGHPUT,
+                f"{tput['warm_rps']:,.0f}/s",
+            )
+        )
     return t
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "kernel": os.uname().release, "python": sys.version.split()[0]}
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+    }
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
     info["cgroup"] = "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        if rev:
+            info["revision"] = rev + ("+dirty" if dirty else "")
     return info
 
 
@@ -753,22 +983,45 @@ def machine_info() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark warmstart (cold, warm, frozen-warm latency, throughput) against "
-                    "runc running the same runtime, in one run on this machine. Needs root.",
+        "runc running the same runtime, in one run on this machine. Needs root.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
             targets: warm p50 <= 1.5 ms; cold p50 <= runc p50; >= 1000 warm invocations/s.
             Only 127.0.0.1 is contacted. Exit status: 0 ok, 1 a target was missed, 2 error."""),
     )
-    p.add_argument("--quick", action="store_true", help="smaller N everywhere (a ~30 s smoke run)")
+    p.add_argument("--quick", action="store_true", help="smaller N everywhere (a ~15 s smoke run)")
     p.add_argument("--json", metavar="OUT", type=Path, help="also write all results as JSON to OUT")
-    p.add_argument("--cold", type=int, default=None, help="cold starts to time (default 40, quick 12)")
-    p.add_argument("--warm", type=int, default=None, help="sequential warm invocations (default 2000, quick 300)")
-    p.add_argument("--runc", type=int, default=None, help="runc runs per variant (default 40, quick 10)")
-    p.add_argument("--connections", type=int, default=16, help="keep-alive connections for the throughput run (default %(default)s)")
-    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads; the machine has few cores to share (default %(default)s)")
-    p.add_argument("--duration", type=float, default=None, help="throughput run seconds (default 10, quick 3)")
+    p.add_argument(
+        "--cold", type=int, default=None, help="cold starts to time (default 40, quick 12)"
+    )
+    p.add_argument(
+        "--warm",
+        type=int,
+        default=None,
+        help="sequential warm invocations (default 2000, quick 300)",
+    )
+    p.add_argument(
+        "--runc", type=int, default=None, help="runc runs per variant (default 40, quick 10)"
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=16,
+        help="keep-alive connections for the throughput run (default %(default)s)",
+    )
+    p.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=1,
+        help="wrk threads; the machine has few cores to share (default %(default)s)",
+    )
+    p.add_argument(
+        "--duration", type=float, default=None, help="throughput run seconds (default 10, quick 3)"
+    )
     p.add_argument("--skip-runc", action="store_true", help="do not measure the runc baseline")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (for debugging)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (for debugging)"
+    )
     p.add_argument("--loadgen-worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -789,14 +1042,23 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 50
     res: dict[str, Any] = {
         "machine": machine_info(),
-        "config": {"cold": n_cold, "warm": n_warm, "warmup": warmup, "runc": n_runc,
-                   "connections": args.connections, "duration_s": duration, "quick": args.quick,
-                   "cgroup_pool": 8, "memory_mb": MEMORY_MB},
+        "config": {
+            "cold": n_cold,
+            "warm": n_warm,
+            "warmup": warmup,
+            "runc": n_runc,
+            "connections": args.connections,
+            "duration_s": duration,
+            "quick": args.quick,
+            "cgroup_pool": 8,
+            "memory_mb": MEMORY_MB,
+        },
     }
 
     # SIGTERM/SIGHUP -> KeyboardInterrupt, so the finally blocks below stop servers and clean up.
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
 
@@ -826,8 +1088,15 @@ def main(argv: list[str] | None = None) -> int:
         res["warm"] = measure_warm(a, "hello", n_warm, warmup)
         log(f"warm p50 {fmt_ms(res['warm']['p50_ms'])} p99 {fmt_ms(res['warm']['p99_ms'])}")
         log(f"throughput: {args.connections} connections for {duration:.0f}s")
-        res["throughput"] = measure_throughput(a, "hello", args.connections, args.wrk_threads, duration,
-                                               warmup_s=2.0 if args.quick else 3.0, workdir=workdir)
+        res["throughput"] = measure_throughput(
+            a,
+            "hello",
+            args.connections,
+            args.wrk_threads,
+            duration,
+            warmup_s=2.0 if args.quick else 3.0,
+            workdir=workdir,
+        )
         log(f"throughput {res['throughput']['warm_rps']:,.0f} warm invocations/s")
         res["server_default_log_tail"] = a.log_tail(2000)
         a.stop()
@@ -845,12 +1114,20 @@ def main(argv: list[str] | None = None) -> int:
         res["frozen_warm"]["freezes_total"] = None if after is None else after - before
         if after is not None and after - before < n_warm:
             log(f"WARNING: only {after - before:.0f} freezes for {n_warm + warmup} invocations")
-        log(f"frozen warm p50 {fmt_ms(res['frozen_warm']['p50_ms'])} p99 {fmt_ms(res['frozen_warm']['p99_ms'])}")
+        log(
+            f"frozen warm p50 {fmt_ms(res['frozen_warm']['p50_ms'])} p99 {fmt_ms(res['frozen_warm']['p99_ms'])}"
+        )
         b.stop()
 
         # -- runc -------------------------------------------------------------------------
         if not args.skip_runc:
-            res["runc"] = measure_runc(workdir, n_runc, warmup=3)
+            res["runc"] = measure_runc(
+                workdir,
+                n_runc,
+                warmup=3,
+                concurrency=args.connections,
+                total=(2 if args.quick else 4) * args.connections,
+            )
             log(f"runc oneshot p50 {fmt_ms(res['runc']['oneshot']['p50_ms'])}")
     except BenchError as exc:
         print(f"core_bench: {exc}", file=sys.stderr)

@@ -111,7 +111,7 @@ class CgroupPool:
             cg.close()
         self._free.clear()
         self._in_use.clear()
-        reap(self.driver, self.parent)
+        reap(self.driver, self.parent, quiet=True)
         with contextlib.suppress(SandboxError):
             self.driver.remove(self.parent)
         # The shared top directory goes too when no other worker uses it.
@@ -135,6 +135,12 @@ class CgroupPool:
         cg.thaw()
         cg.set_limits(limits)
         self._in_use.add(cg)
+        return cg
+
+    def grow(self) -> Cgroup:
+        """Create one more free cgroup (the caller parks a process in it)."""
+        cg = self._create()
+        self._free.append(cg)
         return cg
 
     def free(self) -> list[Cgroup]:
@@ -175,7 +181,7 @@ class CgroupPool:
         return PoolStatistics(free=len(self._free), in_use=len(self._in_use), created=self._next)
 
 
-def reap(driver: CgroupDriver, parent: str, rounds: int = 200) -> int:
+def reap(driver: CgroupDriver, parent: str, rounds: int = 200, *, quiet: bool = False) -> int:
     """Kill every process below ``parent`` and remove its cgroups.  Returns kills."""
     import time
 
@@ -186,7 +192,8 @@ def reap(driver: CgroupDriver, parent: str, rounds: int = 200) -> int:
         pids = driver.pids(child)
         if pids:
             killed += len(pids)
-            log.warning("reaping %d leftover process(es) in cgroup %s", len(pids), child)
+            if not quiet:
+                log.warning("reaping %d leftover process(es) in cgroup %s", len(pids), child)
         for _ in range(rounds):
             with contextlib.suppress(SandboxError):
                 driver.kill(child)

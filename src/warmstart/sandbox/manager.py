@@ -6,6 +6,7 @@ import array
 import asyncio
 import contextlib
 import enum
+import fcntl
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 
 from warmstart.errors import SandboxError
 from warmstart.sandbox import cgroups
-from warmstart.sandbox.cgpool import Cgroup, CgroupPool
+from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class SandboxManager:
         tmp_mb: int = 512,
         cpu_quota: float | None = None,
         pool_size: int = 8,
+        lock_dir: Path = Path("/run/warmstart"),
     ) -> None:
         self.data_dir = data_dir
         self.uid, self.gid = uid, gid
@@ -144,6 +146,11 @@ class SandboxManager:
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
         self._seq = 0
+        self._closing = False
+        self._refilling = False
+        self._lock_dir = lock_dir
+        self._lock_fd = -1
+        self._background: set[asyncio.Task[None]] = set()
         self._base_mounts: list[tuple[str, str, str]] = []
         self._symlinks: list[tuple[str, str]] = []
 
@@ -153,6 +160,53 @@ class SandboxManager:
         digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
         return f"warmstart/{digest}"
 
+    def _lock_path(self, digest: str) -> Path:
+        return self._lock_dir / f"{digest}.lock"
+
+    def _take_ownership(self) -> None:
+        """One worker per data dir: hold a lock for as long as this manager lives."""
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        digest = self.cgroup_parent().split("/")[1]
+        fd = os.open(self._lock_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SandboxError(f"another warmstart worker is running on {self.data_dir}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.data_dir.resolve()}\n".encode())
+        self._lock_fd = fd
+
+    def _reap_abandoned(self, driver: cgroups.CgroupDriver) -> None:
+        """Reap subtrees of workers that are gone for good (their lock is free).
+
+        Start-up reaps this data dir's own leftovers; this catches those of data dirs
+        that will never start again (deleted test directories, say).
+        """
+        own = self.cgroup_parent()
+        for sibling in driver.children(own.split("/")[0]):
+            if sibling == own:
+                continue
+            path = self._lock_path(sibling.split("/")[1])
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # its worker is alive
+            try:
+                killed = reap(driver, sibling)
+                with contextlib.suppress(SandboxError):
+                    driver.remove(sibling)
+                log.info("reaped abandoned cgroups %s (%d process(es))", sibling, killed)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            finally:
+                os.close(fd)
+
     async def start(self) -> None:
         self.isolation = self._choose_isolation()
         self._install_runtime()
@@ -160,6 +214,8 @@ class SandboxManager:
             driver = cgroups.detect(self._cgroup_root)
             if driver is None:
                 raise SandboxError(f"no usable cgroup hierarchy at {self._cgroup_root}")
+            self._take_ownership()
+            self._reap_abandoned(driver)
             self.pool = CgroupPool(driver, self.cgroup_parent(), initial=self._pool_size)
             self.reaped = self.pool.start()
             self.root_mountpoint.mkdir(parents=True, exist_ok=True)
@@ -235,6 +291,9 @@ class SandboxManager:
         self._sock = parent
 
     async def close(self) -> None:
+        self._closing = True
+        for task in list(self._background):
+            task.cancel()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -245,6 +304,9 @@ class SandboxManager:
         if self.pool is not None:
             await asyncio.to_thread(self.pool.close)
             self.pool = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- sandboxes -----------------------------------------------------------------------
     def _spec_for(
@@ -289,6 +351,7 @@ class SandboxManager:
             cgroup = self.pool.acquire(
                 cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota)
             )
+            self._maybe_refill()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             reply = await self._request(
@@ -418,11 +481,42 @@ class SandboxManager:
             log.warning("cannot park a process in %s: %s", cgroup.rel, exc)
 
     async def _recycle(self, cgroup: Cgroup) -> None:
+        if self._closing:
+            cgroup.kill()
+            return
         if self.pool is not None and await self.pool.release(cgroup):
             await self._park(cgroup)
 
+    def _maybe_refill(self) -> None:
+        """Keep parked cgroups in stock: a cgroup created on demand costs a v1 join
+        (an RCU grace period) on the invocation path."""
+        if self.pool is None or self._refilling or self._closing:
+            return
+        if self.pool.statistics().free >= self._pool_size // 2:
+            return
+        self._refilling = True
+        task = asyncio.get_running_loop().create_task(self._refill())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refill(self) -> None:
+        try:
+            while (
+                self.pool is not None
+                and not self._closing
+                and self.pool.statistics().free < self._pool_size
+            ):
+                cg = self.pool.grow()
+                await self._park(cg)
+        except SandboxError as exc:
+            log.warning("cannot grow the cgroup pool: %s", exc)
+        finally:
+            self._refilling = False
+
     async def _request(self, msg: dict[str, Any], fd: int | None = None) -> dict[str, Any]:
         async with self._lock:
+            if self._closing:
+                raise SandboxError("the sandbox manager is shutting down")
             if self._spawner is None or self._spawner.poll() is not None or self._sock is None:
                 log.error("the spawner is gone; starting a new one")
                 if self._sock is not None:

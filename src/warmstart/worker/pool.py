@@ -189,7 +189,8 @@ class HandlerCache:
         self._lru[inst] = pool
         loop = asyncio.get_running_loop()
         if self.freeze_after <= 0:
-            self._freeze(inst)
+            # Not inline: the response goes out first, then the freeze.
+            inst.freeze_handle = loop.call_later(0, self._freeze, inst)
         else:
             inst.freeze_handle = loop.call_later(self.freeze_after, self._freeze, inst)
 

@@ -93,6 +93,7 @@ class Worker:
         self.metrics = Metrics(self._snapshot)
         self._log_fds: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
         self._event_wakeup = asyncio.Event()
         self._closing = False
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -111,18 +112,21 @@ class Worker:
             len(self.functions),
             self.sandboxes.isolation.value,
         )
-        self._spawn(self._event_loop())
-        self._spawn(self._sweeper())
+        self._loops = [self._spawn(self._event_loop()), self._spawn(self._sweeper())]
 
     async def close(self) -> None:
         self._closing = True
-        for task in list(self._tasks):
+        for task in list(self._loops):
             task.cancel()
-        for task in list(self._tasks):
+        for task in list(self._loops):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Retiring schedules the destruction of every idle instance; let it finish
+        # before the sandboxes go, so nothing races with the cgroup pool's removal.
         for pool in [*self.pools.values(), *self._old_pools]:
             pool.retire()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
         await self.sandboxes.close()
         for fd in self._log_fds.values():
             os.close(fd)
