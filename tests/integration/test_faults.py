@@ -9,6 +9,7 @@ poll with a generous deadline.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -32,8 +33,10 @@ pytestmark = [pytest.mark.integration, needs_root]
 
 # -- helpers -----------------------------------------------------------------------------
 
-def invoke(lam: Any, name: str, event: Any = None, *, raw: bytes | None = None
-           ) -> tuple[dict[str, Any], Any, str | None]:
+
+def invoke(
+    lam: Any, name: str, event: Any = None, *, raw: bytes | None = None
+) -> tuple[dict[str, Any], Any, str | None]:
     """RequestResponse invoke: (raw boto3 response, decoded payload, X-Warmstart-Start)."""
     payload = raw if raw is not None else json.dumps({} if event is None else event).encode()
     resp = lam.invoke(FunctionName=name, Payload=payload)
@@ -110,11 +113,23 @@ def cgroup_pids(data_dir: Path) -> set[int]:
     pids: set[int] = set()
     for d in cgroup_dirs(data_dir):
         for procs in Path(d).rglob("cgroup.procs"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 pids.update(int(x) for x in procs.read_text().split())
-            except FileNotFoundError:
-                pass
     return pids
+
+
+def sandbox_pids(data_dir: Path) -> dict[int, int | None]:
+    """Processes in our cgroups that live in a sandbox's pid namespace (pid 1 and below),
+    with their start times."""
+    ours = os.readlink("/proc/self/ns/pid")
+    out: dict[int, int | None] = {}
+    for pid in cgroup_pids(data_dir):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") != ours:
+                out[pid] = proc_start_time(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
 
 
 def spawner_pid(server: Server) -> int:
@@ -162,7 +177,10 @@ def handler(event, context):
 
 # -- 1. the handler raises --------------------------------------------------------------
 
-def test_handler_exception_is_a_lambda_error_and_the_instance_is_reused(server: Server, lam: Any) -> None:
+
+def test_handler_exception_is_a_lambda_error_and_the_instance_is_reused(
+    server: Server, lam: Any
+) -> None:
     deploy(lam, "raiser", {"handler.py": COUNTER})
     resp, first, start = invoke(lam, "raiser")
     assert_ok(resp, first)
@@ -188,15 +206,26 @@ def test_handler_exception_is_a_lambda_error_and_the_instance_is_reused(server: 
 
 # -- 2. timeout --------------------------------------------------------------------------
 
-def test_timeout_kills_the_instance_and_the_next_call_starts_fresh(server: Server, lam: Any) -> None:
+
+def test_timeout_kills_the_instance_and_the_next_call_starts_fresh(
+    server: Server, lam: Any
+) -> None:
     deploy(lam, "sleeper", {"handler.py": COUNTER}, Timeout=1)
     resp, first, _ = invoke(lam, "sleeper")
     assert_ok(resp, first)
+    before = sandbox_pids(server.data_dir)
+    assert before, "the warm instance should be running in a sandbox"
 
     resp, err, _ = invoke(lam, "sleeper", {"sleep": 5})
     assert resp["StatusCode"] == 200
     assert resp["FunctionError"] == "Unhandled"
+    assert err["errorType"] == "Sandbox.Timedout"
     assert "Task timed out after 1.00 seconds" in err["errorMessage"]
+    # The timed-out instance is killed, not left sleeping in the background.
+    wait_until(
+        lambda: not any(is_alive(p, t) for p, t in before.items()),
+        what="the timed-out sandbox to be killed",
+    )
 
     with server.http() as http:
         r = http.post("/run/sleeper", content=b"{}")
@@ -208,11 +237,12 @@ def test_timeout_kills_the_instance_and_the_next_call_starts_fresh(server: Serve
 
 # -- 3. memory over the limit ------------------------------------------------------------
 
+
 def test_out_of_memory_is_reported_and_the_node_stays_healthy(server: Server, lam: Any) -> None:
     hog = """\
 def handler(event, context):
     chunks = []
-    for _ in range(300):
+    for _ in range(event["mb"]):
         b = bytearray(1 << 20)
         for i in range(0, len(b), 4096):
             b[i] = 1
@@ -220,15 +250,21 @@ def handler(event, context):
     return {"allocated_mb": len(chunks)}
 """
     deploy(lam, "hog", {"handler.py": hog}, MemorySize=128, Timeout=30)
-    resp, err, _ = invoke(lam, "hog")
+    resp, err, _ = invoke(lam, "hog", {"mb": 300})
     assert resp["StatusCode"] == 200
     assert resp.get("FunctionError") == "Unhandled", err
     assert err["errorType"] == "Runtime.OutOfMemory" or "memory" in err["errorMessage"].lower(), err
     assert "128 MB" in err["errorMessage"]
     healthy(server, lam)
+    # The function itself recovers: the next call gets a fresh instance.
+    resp, body, start = invoke(lam, "hog", {"mb": 16})
+    assert_ok(resp, body)
+    assert body == {"allocated_mb": 16}
+    assert start == "cold"
 
 
 # -- 4. fork bomb --------------------------------------------------------------------------
+
 
 def test_fork_bomb_is_stopped_by_the_pids_limit(server: Server, lam: Any) -> None:
     bomb = """\
@@ -263,6 +299,7 @@ def handler(event, context):
 
 # -- 5. read-only file system ------------------------------------------------------------
 
+
 def test_writes_outside_tmp_fail_with_erofs(server: Server, lam: Any) -> None:
     writer = """\
 import errno, os
@@ -289,20 +326,36 @@ def handler(event, context):
 """
     deploy(lam, "writer", {"handler.py": writer})
     event = {
-        "create": ["/evil.txt", "/var/task/evil.py", "/etc/evil.conf", "/usr/evil", "/tmp/probe.txt"],
+        "create": [
+            "/evil.txt",
+            "/var/task/evil.py",
+            "/etc/evil.conf",
+            "/usr/evil",
+            "/tmp/probe.txt",
+        ],
         "append": ["/var/task/handler.py", "/etc/passwd"],
         "mkdir": ["/newdir", "/var/task/newdir", "/etc/newdir", "/tmp/newdir"],
     }
     resp, body, _ = invoke(lam, "writer", event)
     assert_ok(resp, body)
-    for path in ["/evil.txt", "/var/task/evil.py", "/etc/evil.conf", "/usr/evil",
-                 "/newdir", "/var/task/newdir", "/etc/newdir"]:
+    for path in [
+        "/evil.txt",
+        "/var/task/evil.py",
+        "/etc/evil.conf",
+        "/usr/evil",
+        "/newdir",
+        "/var/task/newdir",
+        "/etc/newdir",
+    ]:
         assert body[path] == "EROFS: Read-only file system", (path, body[path])
     # Opening an existing root-owned 0644 file for writing: the kernel checks the file's
     # permission bits (may_open) before the mount's read-only flag, so uid 65534 may see
     # EACCES first.  Either way the write is refused.
     for path in ["/var/task/handler.py", "/etc/passwd"]:
-        assert body[path] in ("EROFS: Read-only file system", "EACCES: Permission denied"), (path, body[path])
+        assert body[path] in ("EROFS: Read-only file system", "EACCES: Permission denied"), (
+            path,
+            body[path],
+        )
     assert body["/tmp/newdir"] == "ok"
     assert body["/tmp/probe.txt"] == "ok"
     assert body["tmp_read_back"] == "x"
@@ -338,11 +391,29 @@ def handler(event, context):
     deploy(lam, "peek", {"handler.py": peek})
     data_dir = str(server.data_dir.resolve())
     event = {
-        "paths": [data_dir, data_dir + "/state.db", str(Path(data_dir) / "code"),
-                  str(Path(__file__).resolve()), "/work/main", "/root/.bashrc",
-                  "/var/lib", "/var/log", "/var/run", "/run", "/sys/fs/cgroup", "/home/cloudsdk"],
-        "dirs": ["/root", "/home", "/work", "/opt", "/srv", "/mnt",
-                 *(str(a) for a in PREFIX.parents if str(a) not in ("/", "/usr"))],
+        "paths": [
+            data_dir,
+            data_dir + "/state.db",
+            str(Path(data_dir) / "code"),
+            str(Path(__file__).resolve()),
+            "/work/main",
+            "/root/.bashrc",
+            "/var/lib",
+            "/var/log",
+            "/var/run",
+            "/run",
+            "/sys/fs/cgroup",
+            "/home/cloudsdk",
+        ],
+        "dirs": [
+            "/root",
+            "/home",
+            "/work",
+            "/opt",
+            "/srv",
+            "/mnt",
+            *(str(a) for a in PREFIX.parents if str(a) not in ("/", "/usr")),
+        ],
         "host_pids": [server.proc.pid, os.getpid(), spawner_pid(server)],
     }
     resp, body, _ = invoke(lam, "peek", event)
@@ -352,7 +423,9 @@ def handler(event, context):
     # is bound read-only at its host path (e.g. /root/.pyenv/versions/3.11.7): those may
     # hold the next path component and nothing else (no ~/.bashrc, no other versions).
     for d, entries in body["listings"].items():
-        below = PREFIX.relative_to(d).parts if PREFIX.is_relative_to(d) and PREFIX != Path(d) else ()
+        below = (
+            PREFIX.relative_to(d).parts if PREFIX.is_relative_to(d) and Path(d) != PREFIX else ()
+        )
         assert set(entries or []) <= set(below[:1]), (d, entries)
     assert body["host_pids_visible"] == []
     assert body["pid"] == 2  # the runtime, under the namespace's init
@@ -413,6 +486,7 @@ def test_network_is_loopback_only_unless_tagged_host(server: Server, lam: Any) -
 
 # -- 8. bad code bundles ------------------------------------------------------------------
 
+
 def _symlink_zip() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -424,47 +498,87 @@ def _symlink_zip() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("label,code", [
-    ("random-bytes", os.urandom(4096)),
-    ("empty", b""),
-    ("truncated-zip", make_zip({"handler.py": "x = 1\n" * 100})[:-30]),
-    ("dot-dot", make_zip({"handler.py": "x = 1\n", "../evil.py": "x = 1\n"})),
-    ("deep-dot-dot", make_zip({"handler.py": "x = 1\n", "pkg/../../evil.py": "x = 1\n"})),
-    ("absolute", make_zip({"handler.py": "x = 1\n", "/tmp/evil.py": "x = 1\n"})),
-    ("symlink", _symlink_zip()),
-])
-def test_bad_zip_is_rejected_with_400(server: Server, lam: Any, label: str, code: bytes) -> None:
+NOT_A_ZIP = "Could not unzip uploaded file"
+UNSAFE = "unsafe path"
+
+
+BAD_ZIPS = {
+    "random-bytes": (os.urandom(4096), NOT_A_ZIP),
+    "empty": (b"", NOT_A_ZIP),
+    "truncated-zip": (make_zip({"handler.py": "x = 1\n" * 100})[:-30], NOT_A_ZIP),
+    "dot-dot": (make_zip({"handler.py": "x = 1\n", "../evil.py": "x = 1\n"}), UNSAFE),
+    "deep-dot-dot": (make_zip({"handler.py": "x = 1\n", "pkg/../../evil.py": "x = 1\n"}), UNSAFE),
+    "absolute": (make_zip({"handler.py": "x = 1\n", "/tmp/evil.py": "x = 1\n"}), UNSAFE),
+    "backslash-dot-dot": (make_zip({"handler.py": "x = 1\n", "..\\evil.py": "x = 1\n"}), UNSAFE),
+    "symlink": (_symlink_zip(), "symbolic link"),
+}
+
+
+@pytest.mark.parametrize("label", list(BAD_ZIPS))
+def test_bad_zip_is_rejected_with_400(server: Server, lam: Any, label: str) -> None:
+    code, message = BAD_ZIPS[label]
     name = f"bad-{label}"
     with pytest.raises(ClientError) as exc:
-        lam.create_function(FunctionName=name, Runtime="python3.11", Role="arn:aws:iam::0:role/x",
-                            Handler="handler.handler", Code={"ZipFile": code})
+        lam.create_function(
+            FunctionName=name,
+            Runtime="python3.11",
+            Role="arn:aws:iam::0:role/x",
+            Handler="handler.handler",
+            Code={"ZipFile": code},
+        )
     assert client_error(exc) == (400, "InvalidParameterValueException"), exc.value.response
+    assert message in exc.value.response["Error"]["Message"]
     with pytest.raises(ClientError) as exc:
         lam.get_function(FunctionName=name)
     assert client_error(exc) == (404, "ResourceNotFoundException")
-    # Nothing escaped the code directory.
-    assert not (server.data_dir / "evil.py").exists()
-    assert not list((server.data_dir / "code").glob("**/evil.py")) if (server.data_dir / "code").exists() else True
-    assert not Path("/tmp/evil.py").exists() or label != "absolute"
+    # Nothing was written outside (or left inside) the code store.
+    assert not list(server.data_dir.rglob("evil.py"))
+    assert not list(server.data_dir.rglob(".tmp-*"))
+    if label == "absolute":
+        assert not Path("/tmp/evil.py").exists()
+
+
+def test_bad_zip_on_update_is_rejected_with_400(server: Server, lam: Any) -> None:
+    deploy(lam, "updated", {"handler.py": COUNTER})
+    for code in (os.urandom(512), make_zip({"../evil.py": "x = 1\n"}), _symlink_zip()):
+        with pytest.raises(ClientError) as exc:
+            lam.update_function_code(FunctionName="updated", ZipFile=code)
+        assert client_error(exc) == (400, "InvalidParameterValueException"), exc.value.response
+    # The deployed code is untouched.
+    resp, body, _ = invoke(lam, "updated")
+    assert_ok(resp, body)
+    assert body["calls"] == 1
 
 
 # -- 9. init errors ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("label,files,handler,error_type", [
-    ("missing-module", {"other.py": "x = 1\n"}, "handler.handler", "Runtime.ImportModuleError"),
-    ("missing-function", {"handler.py": "def other(e, c):\n    return 1\n"}, "handler.handler",
-     "Runtime.HandlerNotFound"),
-    ("syntax-error", {"handler.py": "def handler(e, c)\n    return 1\n"}, "handler.handler",
-     "Runtime.UserCodeSyntaxError"),
-    ("import-raises", {"handler.py": "raise RuntimeError('no config')\ndef handler(e, c):\n    return 1\n"},
-     "handler.handler", "Runtime.ImportModuleError"),
-    ("missing-dependency", {"handler.py": "import no_such_dependency\ndef handler(e, c):\n    return 1\n"},
-     "handler.handler", "Runtime.ImportModuleError"),
-])
-def test_init_errors_have_lambda_error_types(server: Server, lam: Any, label: str, files: dict[str, str],
-                                             handler: str, error_type: str) -> None:
+
+INIT_ERRORS = {  # label: (files, error type); the handler is always handler.handler
+    "missing-module": ({"other.py": "x = 1\n"}, "Runtime.ImportModuleError"),
+    "missing-function": (
+        {"handler.py": "def other(e, c):\n    return 1\n"},
+        "Runtime.HandlerNotFound",
+    ),
+    "syntax-error": (
+        {"handler.py": "def handler(e, c)\n    return 1\n"},
+        "Runtime.UserCodeSyntaxError",
+    ),
+    "import-raises": (
+        {"handler.py": "raise RuntimeError('no config')\ndef handler(e, c):\n    return 1\n"},
+        "Runtime.ImportModuleError",
+    ),
+    "missing-dependency": (
+        {"handler.py": "import no_such_dependency\ndef handler(e, c):\n    return 1\n"},
+        "Runtime.ImportModuleError",
+    ),
+}
+
+
+@pytest.mark.parametrize("label", list(INIT_ERRORS))
+def test_init_errors_have_lambda_error_types(server: Server, lam: Any, label: str) -> None:
+    files, error_type = INIT_ERRORS[label]
     name = f"init-{label}"
-    deploy(lam, name, files, handler=handler)
+    deploy(lam, name, files, handler="handler.handler")
     for _ in range(2):  # a failed init leaves nothing behind that breaks the next try
         resp, err, _ = invoke(lam, name)
         assert resp["StatusCode"] == 200
@@ -479,15 +593,22 @@ def test_init_errors_have_lambda_error_types(server: Server, lam: Any, label: st
 
 # -- 10. the worker is SIGKILLed with idle (frozen) instances --------------------------------
 
+
 def _freezer_state(pid: int) -> str | None:
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         _, ctrls, path = line.split(":", 2)
         if "freezer" in ctrls.split(","):
-            return Path("/sys/fs/cgroup/freezer", path.lstrip("/"), "freezer.state").read_text().strip()
+            return (
+                Path("/sys/fs/cgroup/freezer", path.lstrip("/"), "freezer.state")
+                .read_text()
+                .strip()
+            )
     return None
 
 
-def test_worker_sigkill_then_restart_on_the_same_data_dir(server_factory: Any, tmp_path: Path) -> None:
+def test_worker_sigkill_then_restart_on_the_same_data_dir(
+    server_factory: Any, tmp_path: Path
+) -> None:
     data_dir = tmp_path / "data"
     first = server_factory("--freeze-after-ms", "0", data_dir=data_dir)
     lam = first.lambda_client()
@@ -505,8 +626,7 @@ def test_worker_sigkill_then_restart_on_the_same_data_dir(server_factory: Any, t
 
     old_spawner = spawner_pid(first)
     old = {pid: proc_start_time(pid) for pid in cgroup_pids(data_dir) | {old_spawner}}
-    sandboxed = [p for p in old if p != old_spawner and Path(f"/proc/{p}/root").exists()
-                 and os.readlink(f"/proc/{p}/root") != "/"]
+    sandboxed = list(sandbox_pids(data_dir))
     assert sandboxed, "expected the idle instances' processes in our cgroups"
     assert any(_freezer_state(p) == "FROZEN" for p in sandboxed)
 
@@ -530,7 +650,9 @@ def test_worker_sigkill_then_restart_on_the_same_data_dir(server_factory: Any, t
     # The cgroups hold only the new server's processes.
     members = cgroup_pids(data_dir)
     assert members, "the new server's sandboxes should be in our cgroups"
-    strangers = [p for p in members if proc_state(p) is not None and not descends_from(p, second.proc.pid)]
+    strangers = [
+        p for p in members if proc_state(p) is not None and not descends_from(p, second.proc.pid)
+    ]
     assert strangers == [], strangers
     assert not set(members) & {p for p, t in old.items() if is_alive(p, t)}
 
@@ -545,7 +667,51 @@ def test_worker_sigkill_then_restart_on_the_same_data_dir(server_factory: Any, t
     assert not any(is_alive(p, proc_start_time(p)) for p in members)
 
 
+def test_worker_sigkill_takes_busy_sandboxes_with_it(server_factory: Any, tmp_path: Path) -> None:
+    """Nothing outlives a killed worker except frozen instances: a busy sandbox's pid 1 sees
+    the worker's end of the socket hang up and takes its namespace down."""
+    import threading
+
+    data_dir = tmp_path / "data"
+    first = server_factory(data_dir=data_dir)
+    lam = first.lambda_client()
+    deploy(lam, "spin", {"handler.py": COUNTER}, Timeout=600)
+    resp, body, _ = invoke(lam, "spin")
+    assert_ok(resp, body)
+    with first.http() as http:
+
+        def idle() -> list[str]:
+            return [i["function"] for i in http.get("/instances").json()["instances"]]
+
+        assert idle() == ["spin"]
+
+        def long_call() -> None:
+            with contextlib.suppress(Exception):  # the server is killed under it
+                first.lambda_client().invoke(FunctionName="spin", Payload=b'{"sleep": 600}')
+
+        caller = threading.Thread(target=long_call, daemon=True)
+        caller.start()
+        wait_until(lambda: idle() == [], what="the instance to be busy")
+    busy = sandbox_pids(data_dir)
+    assert busy
+    try:
+        first.stop(signal.SIGKILL)
+        wait_until(
+            lambda: not any(is_alive(p, t) for p, t in busy.items()),
+            timeout=5,
+            what="the busy sandbox to die with its worker",
+        )
+    finally:
+        caller.join(timeout=30)
+        # Clean up whatever outlived it: start-up reaping on the same data dir, then stop.
+        second = server_factory(data_dir=data_dir)
+        second.stop()
+        assert not any(is_alive(p, t) for p, t in busy.items())
+        assert cgroup_dirs(data_dir) == []
+
+
 # -- 11. the spawner is SIGKILLed -----------------------------------------------------------
+
 
 def test_spawner_sigkill_is_survived(server: Server, lam: Any) -> None:
     deploy(lam, "before", {"handler.py": COUNTER})
@@ -564,9 +730,13 @@ def test_spawner_sigkill_is_survived(server: Server, lam: Any) -> None:
     new = spawner_pid(server)
     assert new != pid
     healthy(server, lam)
+    # A spawner crash is invisible to callers of functions that were already warm.
+    resp, body, _ = invoke(lam, "before")
+    assert_ok(resp, body)
 
 
 # -- 12. invalid JSON payload -------------------------------------------------------------------
+
 
 def test_invalid_json_payload_is_400(server: Server, lam: Any) -> None:
     deploy(lam, "echo", {"handler.py": COUNTER})
@@ -574,7 +744,12 @@ def test_invalid_json_payload_is_400(server: Server, lam: Any) -> None:
         with pytest.raises(ClientError) as exc:
             lam.invoke(FunctionName="echo", Payload=raw)
         assert client_error(exc) == (400, "InvalidRequestContentException"), exc.value.response
-    # The instance that parsed the bad payloads is still fine.
+    with server.http() as http:
+        r = http.post("/run/echo", content=b"{not json")
+    assert r.status_code == 400
+    assert r.headers["x-amzn-ErrorType"] == "InvalidRequestContentException"
+    # The instance that parsed the bad payloads is still fine (nothing ran the handler).
     resp, body, start = invoke(lam, "echo")
     assert_ok(resp, body)
     assert start == "warm"
+    assert body["calls"] == 1

@@ -32,8 +32,9 @@ def test_path_traversal_is_rejected(tmp_path: Path, name: str) -> None:
         zf.writestr(zipfile.ZipInfo(name), "x")
     with pytest.raises(InvalidParameter, match="unsafe path"):
         bundle.unpack(buf.getvalue(), tmp_path)
-    assert not list(tmp_path.iterdir()) or not any(p.name != ".tmp" for p in tmp_path.iterdir() if p.is_dir()
-                                                    and not p.name.startswith(".tmp"))
+    assert not list(tmp_path.iterdir()) or not any(
+        p.name != ".tmp" for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".tmp")
+    )
 
 
 def test_symlinks_are_rejected(tmp_path: Path) -> None:

@@ -37,8 +37,16 @@ class FakeV2(V2Driver):
         parts = Path(rel).parts
         for depth in range(1, len(parts) + 1):
             d = self.root.joinpath(*parts[:depth])
-            for f in ("cgroup.procs", "cgroup.freeze", "cgroup.subtree_control", "memory.max", "pids.max",
-                      "cpu.max", "memory.current", "memory.events"):
+            for f in (
+                "cgroup.procs",
+                "cgroup.freeze",
+                "cgroup.subtree_control",
+                "memory.max",
+                "pids.max",
+                "cpu.max",
+                "memory.current",
+                "memory.events",
+            ):
                 if not (d / f).exists():
                     (d / f).write_text("")
 
@@ -54,10 +62,18 @@ class FakeV1(V1Driver):
 
     def create(self, rel: str) -> None:
         super().create(rel)
-        files = {"memory": ["memory.limit_in_bytes", "memory.usage_in_bytes", "memory.oom_control",
-                            "memory.max_usage_in_bytes", "cgroup.procs"],
-                 "pids": ["pids.max", "cgroup.procs"], "freezer": ["freezer.state", "cgroup.procs"],
-                 "cpu": ["cpu.cfs_period_us", "cpu.cfs_quota_us", "cgroup.procs"]}
+        files = {
+            "memory": [
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "memory.oom_control",
+                "memory.max_usage_in_bytes",
+                "cgroup.procs",
+            ],
+            "pids": ["pids.max", "cgroup.procs"],
+            "freezer": ["freezer.state", "cgroup.procs"],
+            "cpu": ["cpu.cfs_period_us", "cpu.cfs_quota_us", "cgroup.procs"],
+        }
         for ctrl, names in files.items():
             for n in names:
                 p = self.root / ctrl / rel / n
@@ -88,7 +104,9 @@ def test_v1_limits_freeze_and_oom(tmp_path: Path) -> None:
     (mem / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
     assert d.oom_kills("warmstart/x/cg0") == 3
     assert sorted(d.procs_files("warmstart/x/cg0")) == sorted(
-        str(tmp_path / c / "warmstart/x/cg0/cgroup.procs") for c in ("memory", "pids", "freezer", "cpu"))
+        str(tmp_path / c / "warmstart/x/cg0/cgroup.procs")
+        for c in ("memory", "pids", "freezer", "cpu")
+    )
 
 
 def test_v2_delegates_controllers_down_the_tree(tmp_path: Path) -> None:

@@ -14,33 +14,41 @@ def test_defaults_are_lambdas() -> None:
     assert (cfg.memory_mb, cfg.timeout_s, cfg.network) == (128, 3, "none")
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"handler": "nodot"},
-    {"handler": "a.b", "memory_mb": 64},
-    {"handler": "a.b", "memory_mb": 10241},
-    {"handler": "a.b", "timeout_s": 0},
-    {"handler": "a.b", "timeout_s": 901},
-    {"handler": "a.b", "runtime": "nodejs20.x"},
-    {"handler": "a.b", "environment": {"AWS_REGION": "x"}},
-    {"handler": "a.b", "network": "bridge"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"handler": "nodot"},
+        {"handler": "a.b", "memory_mb": 64},
+        {"handler": "a.b", "memory_mb": 10241},
+        {"handler": "a.b", "timeout_s": 0},
+        {"handler": "a.b", "timeout_s": 901},
+        {"handler": "a.b", "runtime": "nodejs20.x"},
+        {"handler": "a.b", "environment": {"AWS_REGION": "x"}},
+        {"handler": "a.b", "network": "bridge"},
+    ],
+)
 def test_invalid_configs(kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidParameter):
         FunctionConfig(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("fn", ("fn", None)),
-    ("fn:$LATEST", ("fn", "$LATEST")),
-    ("arn:aws:lambda:us-east-1:000000000000:function:fn", ("fn", None)),
-    ("arn:aws:lambda:us-east-1:000000000000:function:fn:prod", ("fn", "prod")),
-    ("arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Afn", ("fn", None)),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("fn", ("fn", None)),
+        ("fn:$LATEST", ("fn", "$LATEST")),
+        ("arn:aws:lambda:us-east-1:000000000000:function:fn", ("fn", None)),
+        ("arn:aws:lambda:us-east-1:000000000000:function:fn:prod", ("fn", "prod")),
+        ("arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Afn", ("fn", None)),
+    ],
+)
 def test_function_names(raw: str, expected: tuple[str, str | None]) -> None:
     assert function_name(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "a/b", "x" * 65, "a:b:c", "arn:aws:lambda:us-east-1:0:layer:x"])
+@pytest.mark.parametrize(
+    "raw", ["", "a/b", "x" * 65, "a:b:c", "arn:aws:lambda:us-east-1:0:layer:x"]
+)
 def test_bad_function_names(raw: str) -> None:
     with pytest.raises(InvalidParameter):
         function_name(raw)

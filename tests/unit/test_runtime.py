@@ -24,13 +24,20 @@ class Runtime:
         self.sock, theirs = socket.socketpair()
         os.set_inheritable(theirs.fileno(), True)
         fd = theirs.fileno()
-        boot = (f"import os, sys; os.dup2({fd}, 3) if {fd} != 3 else None; "
-                f"sys.path.insert(0, {str(RUNTIME)!r}); import bootstrap; bootstrap.main()")
+        boot = (
+            f"import os, sys; os.dup2({fd}, 3) if {fd} != 3 else None; "
+            f"sys.path.insert(0, {str(RUNTIME)!r}); import bootstrap; bootstrap.main()"
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-E", "-s", "-S", "-c", boot],
-            env={"_HANDLER": handler, "LAMBDA_TASK_ROOT": str(code), "AWS_LAMBDA_FUNCTION_NAME": "t",
-                 **(env or {})},
-            pass_fds=[fd], cwd=code,
+            env={
+                "_HANDLER": handler,
+                "LAMBDA_TASK_ROOT": str(code),
+                "AWS_LAMBDA_FUNCTION_NAME": "t",
+                **(env or {}),
+            },
+            pass_fds=[fd],
+            cwd=code,
         )
         theirs.close()
         self.rfile = self.sock.makefile("rb")
@@ -40,7 +47,7 @@ class Runtime:
         assert len(head) == HEADER.size, "runtime closed the socket"
         a, b, c = HEADER.unpack(head)
         body = self.rfile.read(a + b + c)
-        return json.loads(body[:a]), body[a:a + b], body[a + b:]
+        return json.loads(body[:a]), body[a : a + b], body[a + b :]
 
     def invoke(self, event: bytes, request_id: str = "r1") -> tuple[dict[str, Any], bytes, bytes]:
         meta = {"id": request_id, "deadline_ms": int(time.time() * 1000) + 5000, "arn": "arn:x"}
@@ -98,7 +105,7 @@ def test_ready_then_results_with_captured_output(rt: Runtime) -> None:
 
 def test_errors_have_lambda_shape(rt: Runtime) -> None:
     rt.read()
-    meta, payload, logs = rt.invoke(b'{"fail": true}')
+    meta, payload, _logs = rt.invoke(b'{"fail": true}')
     assert meta["type"] == "error"
     err = json.loads(payload)
     assert err["errorType"] == "ValueError" and err["errorMessage"] == "boom"
@@ -112,12 +119,15 @@ def test_errors_have_lambda_shape(rt: Runtime) -> None:
     assert meta["type"] == "result", "the instance survives all of the above"
 
 
-@pytest.mark.parametrize("handler,error_type", [
-    ("missing.handler", "Runtime.ImportModuleError"),
-    ("app.nope", "Runtime.HandlerNotFound"),
-    ("broken.handler", "Runtime.UserCodeSyntaxError"),
-    ("raises.handler", "Runtime.ImportModuleError"),
-])
+@pytest.mark.parametrize(
+    "handler,error_type",
+    [
+        ("missing.handler", "Runtime.ImportModuleError"),
+        ("app.nope", "Runtime.HandlerNotFound"),
+        ("broken.handler", "Runtime.UserCodeSyntaxError"),
+        ("raises.handler", "Runtime.ImportModuleError"),
+    ],
+)
 def test_init_errors(code: Path, handler: str, error_type: str) -> None:
     r = Runtime(code, handler)
     try:
@@ -131,7 +141,10 @@ def test_init_errors(code: Path, handler: str, error_type: str) -> None:
 def test_oneshot_mode(code: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-E", "-s", "-S", str(RUNTIME / "bootstrap.py"), "--oneshot", '{"a": 1}'],
-        env={"_HANDLER": "app.handler", "LAMBDA_TASK_ROOT": str(code)}, capture_output=True, text=True,
-        check=True, cwd=code,
+        env={"_HANDLER": "app.handler", "LAMBDA_TASK_ROOT": str(code)},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=code,
     )
     assert json.loads(out.stdout.strip().splitlines()[-1])["n"] == 1

@@ -487,6 +487,11 @@ class SandboxManager:
         if self.pool is not None and await self.pool.release(cgroup):
             await self._park(cgroup)
 
+    async def _repark(self) -> None:
+        if self.pool is not None:
+            for cg in self.pool.free():
+                await self._park(cg)
+
     def _maybe_refill(self) -> None:
         """Keep parked cgroups in stock: a cgroup created on demand costs a v1 join
         (an RCU grace period) on the invocation path."""
@@ -522,6 +527,11 @@ class SandboxManager:
                 if self._sock is not None:
                     self._sock.close()
                 self._start_spawner()
+                # The parked parents died with the old spawner: park new ones.
+                if self.pool is not None and msg.get("cmd") != "park":
+                    task = asyncio.get_running_loop().create_task(self._repark())
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
             if self._sock is None:
                 raise SandboxError("no spawner")
             loop = asyncio.get_running_loop()

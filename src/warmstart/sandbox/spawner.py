@@ -10,12 +10,14 @@ the instance's end of a socketpair (SCM_RIGHTS).  For each request::
                                           mounts, mounts /proc, brings lo up, chroots
                                  └─fork──▶ C3   drops to the sandbox uid, exec()s the runtime
 
-* C1 stays alive, waiting on C2, so that the parent-death signal chain works:
-  worker dies → spawner dies (PDEATHSIG) → C1 dies (PDEATHSIG) → C2, pid 1, dies
-  (PDEATHSIG) → the kernel kills the whole pid namespace.  Nothing outlives the worker
-  except frozen instances, which start-up reaping kills through their cgroup.
-* C2 stays as the namespace's init: it reaps orphans so a handler's children never pile
-  up as zombies, and exits with the runtime's status.
+* C1 exits once C2 exists; C2 is reparented to the spawner (a subreaper).
+* C2 stays as the namespace's init.  It holds a reference to the runtime's socket and
+  exits when the worker's end hangs up -- the worker died, or dropped the instance --
+  and the kernel then kills the whole pid namespace.  So nothing outlives the worker
+  except frozen instances (they cannot run), which start-up reaping kills through their
+  cgroup; and a crashed spawner takes no running sandbox with it.  C2 also reaps
+  orphans, so a handler's children never pile up as zombies, and exits with the
+  runtime's status.
 * Every mount happens inside the new mount namespace, so the host never sees them and
   they vanish with the sandbox: there is nothing to unmount after a crash.
 * Errors in C1/C2 are written to a pipe whose write end is close-on-exec; the spawner
@@ -30,6 +32,7 @@ import array
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -121,10 +124,16 @@ def _fail(err_w: int, stage: str, exc: BaseException) -> None:
 
 
 def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
-    """pid 1 of the sandbox: build the root, start the runtime, reap until it exits."""
+    """pid 1 of the sandbox: build the root, start the runtime, then watch and reap.
+
+    pid 1 keeps its own reference to the runtime's socket and exits as soon as the
+    worker's end of it is closed -- the worker died or dropped the instance -- which
+    makes the kernel kill everything in the pid namespace.  (A parent-death signal
+    cannot do this: the kernel clears it when pid 1 drops its uid.)  It also exits
+    when the runtime does, with the runtime's status, and reaps orphans meanwhile.
+    """
     try:
         sc.set_name("ws-init")
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _make_root(spec)
         sc.sethostname(spec["hostname"])
         if spec["network"] == "none":
@@ -138,17 +147,26 @@ def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
             _exec_runtime(spec, inst_fd)
         except BaseException as exc:
             _fail(err_w, "runtime exec", exc)
-    os.close(inst_fd)
     os.close(err_w)
     with contextlib.suppress(OSError):
         _drop_privileges(spec)
+    pidfd = os.pidfd_open(runtime)
+    poller = select.poll()
+    poller.register(inst_fd, select.POLLRDHUP)  # hang-up only: the runtime reads the data
+    poller.register(pidfd, select.POLLIN)
     while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            os._exit(0)
-        if pid == runtime:
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        events = dict(poller.poll(1000))
+        while True:  # reap orphans reparented to us
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == runtime:
+                os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        if events.get(inst_fd, 0) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+            os._exit(0)  # the worker is gone: take the whole sandbox down
 
 
 def _close_fds_except(*keep: int) -> None:
@@ -167,7 +185,11 @@ def _join_cgroup(procs_files: list[str]) -> None:
 
 
 def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) -> None:
-    """Host-side parent of the sandbox: cgroup, namespaces, then wait on pid 1."""
+    """Host side of a new sandbox: joins the cgroup and creates the namespaces.
+
+    Without isolation it simply exec()s the runtime in a new session, which then dies
+    with the spawner (the parent-death signal set here survives exec).
+    """
     try:
         _close_fds_except(inst_fd, err_w)
         sc.set_name("ws-sandbox")
@@ -188,16 +210,9 @@ def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) ->
     child = os.fork()
     if child == 0:
         _c2_init(spec, inst_fd, err_w)
-    os.close(inst_fd)
-    os.close(err_w)
-    while True:
-        try:
-            _pid, status = os.waitpid(child, 0)
-        except ChildProcessError:
-            os._exit(0)
-        except InterruptedError:
-            continue
-        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    # C1's work is done: pid 1 now lives on its own (reparented to the spawner, a
+    # subreaper that lets the kernel reap it) and watches the worker's socket.
+    os._exit(0)
 
 
 def _parked_c1(procs_files: list[str], sock: socket.socket) -> None:

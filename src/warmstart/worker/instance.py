@@ -52,6 +52,11 @@ class Instance:
     def id(self) -> str:
         return self.sandbox.id
 
+    def alive(self) -> bool:
+        """False once the runtime's end of the socket closed (seen by the event loop)."""
+        reader = self._reader
+        return reader is not None and not reader.at_eof() and reader.exception() is None
+
     async def connect(self) -> None:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sandbox.sock)
 

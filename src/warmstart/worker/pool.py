@@ -200,6 +200,8 @@ class HandlerCache:
         if inst.freeze_handle is not None:
             inst.freeze_handle.cancel()
             inst.freeze_handle = None
+        if not inst.alive():
+            return False  # it died while idle (killed, crashed, lost its sandbox)
         if inst.state is State.FROZEN:
             try:
                 inst.sandbox.thaw()
