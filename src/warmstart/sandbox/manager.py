@@ -27,7 +27,7 @@ from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap
 
 log = logging.getLogger(__name__)
 
-RUNTIME_FILES = ("bootstrap.py", "protocol.py")
+RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py")
 DEV_FILES = ("null", "zero", "full", "random", "urandom")
 TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
@@ -255,9 +255,13 @@ class SandboxManager:
         """Copy the runtime next to the data dir and byte-compile it (its bind is read-only)."""
         src = Path(__file__).resolve().parent.parent / "runtime"
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
-        for name in RUNTIME_FILES:
-            shutil.copyfile(src / name, self.runtime_dir / name)
-            py_compile.compile(str(self.runtime_dir / name), doraise=True)
+        # The zygote builds children's roots with the same syscall wrappers as the spawner.
+        sources = [src / name for name in RUNTIME_FILES] + [
+            Path(__file__).resolve().parent / "syscalls.py"
+        ]
+        for path in sources:
+            shutil.copyfile(path, self.runtime_dir / path.name)
+            py_compile.compile(str(self.runtime_dir / path.name), doraise=True)
         for p in [self.runtime_dir, *self.runtime_dir.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
 
@@ -470,6 +474,15 @@ class SandboxManager:
             await proc.wait()
             raise SandboxError(f"{script[4]} timed out after {timeout:.0f}s") from None
         return _command_result(out, marker)
+
+    def limits_for(self, memory_mb: int) -> cgroups.Limits:
+        quota = None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
+        return cgroups.Limits(memory_mb << 20, self.pids_max, quota)
+
+    async def _unpark(self, cgroup: Cgroup) -> None:
+        """Send away the parked parent of a cgroup that a zygote's child will use."""
+        with contextlib.suppress(SandboxError):
+            await self._request({"cmd": "unpark", "key": cgroup.rel})
 
     async def _park(self, cgroup: Cgroup) -> None:
         """Have the spawner pre-join a parent process to this pooled cgroup."""

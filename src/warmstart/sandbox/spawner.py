@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -56,6 +57,14 @@ def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | Non
 
 def _make_root(spec: dict[str, Any]) -> None:
     """In C2: assemble the sandbox root under spec['root'] and chroot into it."""
+    _build_root(spec, with_proc=True)
+    os.chdir(spec["root"])
+    os.chroot(".")
+    os.chdir("/")
+
+
+def _build_root(spec: dict[str, Any], *, with_proc: bool) -> None:
+    """Assemble a root under spec['root'] in our (new, private) mount namespace."""
     root = spec["root"]
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
@@ -80,7 +89,10 @@ def _make_root(spec: dict[str, Any]) -> None:
         f"size={spec['tmp_bytes']},mode=1777",
     )
     os.makedirs(root + "/proc", exist_ok=True)
-    sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    if with_proc:
+        sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    for extra in spec.get("dirs", ()):
+        os.makedirs(root + extra, exist_ok=True)
     for name, target in (
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -89,9 +101,6 @@ def _make_root(spec: dict[str, Any]) -> None:
     ):
         os.symlink(target, f"{root}/dev/{name}")
     sc.mount(None, root, None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
-    os.chdir(root)
-    os.chroot(".")
-    os.chdir("/")
 
 
 def _drop_privileges(spec: dict[str, Any]) -> None:
@@ -169,15 +178,6 @@ def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
             os._exit(0)  # the worker is gone: take the whole sandbox down
 
 
-def _close_fds_except(*keep: int) -> None:
-    """Children must not hold the spawner's sockets: a held copy hides EOF from peers."""
-    low = 3
-    for fd in sorted(k for k in keep if k >= 3):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 65536)
-
-
 def _join_cgroup(procs_files: list[str]) -> None:
     for procs in procs_files:
         with open(procs, "w") as f:
@@ -191,7 +191,7 @@ def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) ->
     with the spawner (the parent-death signal set here survives exec).
     """
     try:
-        _close_fds_except(inst_fd, err_w)
+        sc.close_fds_except(inst_fd, err_w)
         sc.set_name("ws-sandbox")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -223,7 +223,7 @@ def _parked_c1(procs_files: list[str], sock: socket.socket) -> None:
     cgroup pays that off the invocation path, and parking several in a row pays it once.
     """
     try:
-        _close_fds_except(sock.fileno())
+        sc.close_fds_except(sock.fileno())
         sc.set_name("ws-parked")
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _join_cgroup(procs_files)
@@ -237,6 +237,83 @@ def _parked_c1(procs_files: list[str], sock: socket.socket) -> None:
     if len(fds) != 2:
         os._exit(1)
     _c1(spec, fds[0], fds[1], joined=True)
+
+
+# What a zygote keeps while untrusted package code runs in it: just enough to build
+# children (SETGID, SETUID, SETPCAP, NET_ADMIN for lo, SYS_ADMIN for namespaces/mounts).
+ZYGOTE_CAPS = (6, 7, 8, 12, 21)
+
+
+def _zygote_parent(spec: dict[str, Any], ctl_fd: int, err_w: int, up_w: int, go_r: int) -> None:
+    """Z0: our code only.  Build the zygote's root as real root, move into a new user
+    namespace (the spawner writes its uid map), then fork the zygote as pid 1 of fresh
+    namespaces owned by that user namespace -- so every mount it inherits is locked
+    read-only -- and exec the zygote runtime there.
+
+    Exec, not just fork: the zygote must not carry this process's memory (earlier
+    requests' environments).  The zygote is uid 0 only inside its namespace (the host
+    sees spec['zygote_uid']), keeps a handful of capabilities there, and cannot create
+    further user namespaces (seccomp).
+    """
+    try:
+        sc.close_fds_except(ctl_fd, err_w, up_w, go_r)
+        sc.set_name("ws-zygote0")
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _join_cgroup(spec["cgroup_procs"])
+        sc.unshare(sc.CLONE_NEWNS)
+        _build_root(spec, with_proc=False)
+        os.setgroups([])  # before the user namespace: with setgroups=deny it is final
+        sc.unshare(sc.CLONE_NEWUSER)
+        os.write(up_w, b"U")
+        if os.read(go_r, 1) != b"M":
+            raise OSError("the spawner did not map our user namespace")
+        os.close(up_w)
+        os.close(go_r)
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # credential changes reset it
+        sc.unshare(
+            sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET
+        )
+        sc.forbid_new_user_namespaces()
+    except BaseException as exc:
+        _fail(err_w, "zygote setup", exc)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            root = spec["root"]
+            # pivot_root refuses a locked new root: bind it onto itself first.
+            sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+            # proc in a user namespace needs a fully visible proc: mount it before the
+            # host's goes away with the old root.
+            sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+            sc.enter_root(root)
+            sc.sethostname(spec["hostname"])
+            sc.loopback_up()
+            sc.limit_capabilities(ZYGOTE_CAPS)
+            err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, 10)  # keep it off fd 3
+            if ctl_fd != 3:
+                os.dup2(ctl_fd, 3)
+            os.set_inheritable(3, True)
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            sc.close_fds_except(3, err_w)
+            os.chdir("/")
+            os.execve(spec["argv"][0], spec["argv"], spec["env"])
+        except BaseException as exc:
+            _fail(err_w, "zygote exec", exc)
+    os.close(ctl_fd)
+    os.close(err_w)
+    while True:
+        try:
+            _pid, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
 class Spawner:
@@ -305,8 +382,53 @@ class Spawner:
             return {"error": b"".join(chunks).decode(errors="replace")}
         return {"pid": pid}
 
+    def zygote(self, spec: dict[str, Any], ctl_fd: int) -> dict[str, Any]:
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        up_r, up_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _zygote_parent(spec, ctl_fd, err_w, up_w, go_r)
+            finally:
+                os._exit(127)
+        for fd in (err_w, up_w, go_r):
+            os.close(fd)
+        error = ""
+        try:
+            if os.read(up_r, 1) == b"U":
+                uid, gid, sbx_uid, sbx_gid = (
+                    spec["zygote_uid"],
+                    spec["zygote_gid"],
+                    spec["uid"],
+                    spec["gid"],
+                )
+                with open(f"/proc/{pid}/setgroups", "w") as f:
+                    f.write("deny")
+                with open(f"/proc/{pid}/uid_map", "w") as f:
+                    f.write(f"0 {uid} 1\n{sbx_uid} {sbx_uid} 1\n")
+                with open(f"/proc/{pid}/gid_map", "w") as f:
+                    f.write(f"0 {gid} 1\n{sbx_gid} {sbx_gid} 1\n")
+                os.write(go_w, b"M")
+        except OSError as exc:
+            error = f"zygote user namespace: {exc}"
+        finally:
+            os.close(up_r)
+            os.close(go_w)
+        chunks = []
+        while chunk := os.read(err_r, 4096):
+            chunks.append(chunk)
+        os.close(err_r)
+        if chunks or error:
+            return {"error": error or b"".join(chunks).decode(errors="replace")}
+        return {"pid": pid}
+
     def handle(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         cmd = req.get("cmd")
+        if cmd == "zygote":
+            if len(fds) != 1:
+                return {"error": f"expected 1 fd, got {len(fds)}"}
+            return self.zygote(req["spec"], fds[0])
         if cmd == "spawn":
             if len(fds) != 1:
                 return {"error": f"expected 1 fd, got {len(fds)}"}

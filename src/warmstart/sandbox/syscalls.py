@@ -110,3 +110,202 @@ def loopback_up() -> None:
         ifreq = struct.pack("16sH22x", b"lo", 0)
         flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+
+
+# -- the new mount API, namespaces and capabilities (zygotes) ------------------------------
+_libc.syscall.restype = ctypes.c_long
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+CLONE_NEWUSER = 0x10000000
+MNT_DETACH = 2
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+_NR_CAPSET = 126
+_NR_PIVOT_ROOT = 155
+_NR_OPEN_TREE = 428
+_NR_MOVE_MOUNT = 429
+_NR_MOUNT_SETATTR = 442
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _syscall(nr: int, what: str, *args: object) -> int:
+    conv: list[object] = []
+    for a in args:
+        if a is None:
+            conv.append(ctypes.c_void_p(None))
+        elif isinstance(a, int):
+            conv.append(ctypes.c_long(a))
+        elif isinstance(a, str):
+            conv.append(ctypes.c_char_p(os.fsencode(a)))
+        else:
+            conv.append(a)
+    result = int(_libc.syscall(ctypes.c_long(nr), *conv))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _syscall(_NR_PIVOT_ROOT, "pivot_root", new_root, put_old)
+
+
+def enter_root(root: str) -> None:
+    """pivot_root into ``root`` and detach the old root (a chroot can be escaped by a
+    process that holds CAP_SYS_CHROOT, as a zygote does in its user namespace)."""
+    os.chdir(root)
+    pivot_root(".", ".")
+    umount(".", MNT_DETACH)
+    os.chdir("/")
+
+
+def clone_tree_readonly(path: str) -> int:
+    """A detached, read-only copy of the mount tree at ``path``, as a file descriptor
+    that can be sent to another process and attached there with ``attach_tree``."""
+    fd = _syscall(
+        _NR_OPEN_TREE,
+        f"open_tree {path}",
+        AT_FDCWD,
+        path,
+        OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE,
+    )
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    try:
+        _syscall(
+            _NR_MOUNT_SETATTR,
+            f"mount_setattr {path}",
+            fd,
+            "",
+            AT_EMPTY_PATH | AT_RECURSIVE,
+            ctypes.byref(attr),
+            ctypes.sizeof(attr),
+        )
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def attach_tree(fd: int, target: str) -> None:
+    _syscall(
+        _NR_MOVE_MOUNT, f"move_mount {target}", fd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH
+    )
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def limit_capabilities(keep: tuple[int, ...]) -> None:
+    """Shrink the bounding set (so exec() cannot grant more) and the current sets."""
+    for cap in range(last_cap() + 1):
+        if cap not in keep:
+            prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    mask = sum(1 << c for c in keep)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = mask & 0xFFFFFFFF
+    data[1].effective = data[1].permitted = mask >> 32
+    header = _CapHeader(0x20080522, 0)
+    _syscall(_NR_CAPSET, "capset", ctypes.byref(header), ctypes.byref(data))
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Give up every capability for good, become uid/gid, and forbid regaining privileges."""
+    for cap in range(last_cap() + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)  # 0 -> non-0 clears the permitted and effective sets
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def forbid_new_user_namespaces() -> None:
+    """A seccomp filter (inherited, irremovable): no CLONE_NEWUSER in unshare()/clone(),
+    ENOSYS for clone3() (its flags live in memory where BPF cannot look; libc falls back
+    to clone), and only the x86_64 ABI."""
+    allow, errno_ret, kill = 0x7FFF0000, 0x00050000, 0x80000000
+    eperm, enosys = 1, 38
+    prog = [
+        (0x20, 0, 0, 4),  # A = arch
+        (0x15, 1, 0, 0xC000003E),  # x86_64?
+        (0x06, 0, 0, kill),
+        (0x20, 0, 0, 0),  # A = syscall nr
+        (0x35, 0, 1, 0x40000000),  # x32 ABI?
+        (0x06, 0, 0, errno_ret | eperm),
+        (0x15, 0, 1, 435),  # clone3
+        (0x06, 0, 0, errno_ret | enosys),
+        (0x15, 2, 0, 272),  # unshare
+        (0x15, 1, 0, 56),  # clone
+        (0x06, 0, 0, allow),
+        (0x20, 0, 0, 16),  # A = low 32 bits of args[0]
+        (0x45, 0, 1, CLONE_NEWUSER),
+        (0x06, 0, 0, errno_ret | eperm),
+        (0x06, 0, 0, allow),
+    ]
+    arr = (_SockFilter * len(prog))(*[_SockFilter(*i) for i in prog])
+    fprog = _SockFprog(len(prog), arr)
+    _check(
+        _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "seccomp"
+    )
+
+
+def close_fds_except(*keep: int) -> None:
+    """Close every fd >= 3 not in ``keep`` (never an empty range: CPython turns
+    closerange(a, a) into close_range(a, ~0))."""
+    low = 3
+    for fd in sorted(k for k in set(keep) if k >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)

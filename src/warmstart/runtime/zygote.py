@@ -1,0 +1,252 @@
+"""The zygote: a runtime that has already imported packages and forks new instances.
+
+It runs as pid 1 of its own namespaces, as uid 0 of its own user namespace (an
+unprivileged uid on the host), with a few capabilities, under a seccomp filter that
+forbids new user namespaces, inside a root of locked read-only mounts (see the
+spawner).  It imports the packages named in ``WARMSTART_PRELOAD`` -- each one first in
+a throwaway probe child, so a package whose import fails, starts threads or opens
+sockets stays out -- and then serves ``fork`` requests on fd 3.  It never sees function
+code, payloads or environments: those go from the worker straight to each child.
+
+A forked child, still privileged inside the user namespace:
+
+1. tells the worker its pid with SCM_CREDENTIALS (the kernel translates it into the
+   worker's pid namespace, and the worker moves it into its pooled cgroup);
+2. unshares mount, UTS, IPC and network namespaces (it is already pid 1 of a new pid
+   namespace: the zygote unshares CLONE_NEWPID before forking and steps back after);
+3. builds ``/.c``: a tmpfs with recursive binds of the zygote's locked read-only
+   mounts (/usr, /etc, the interpreter, the runtime, the packages, /dev files);
+4. receives from the worker its environment and detached read-only mount trees (its
+   code, any extra packages) as file descriptors, and attaches them;
+5. mounts /proc and /tmp, pivot_roots into ``/.c``, drops every capability and becomes
+   the sandbox uid with no_new_privs;
+6. runs the ordinary runtime loop (bootstrap.Runtime) on its socket.
+
+Standard library only.  The zygote and its children share one trust domain: a
+malicious package imported here could reach every instance forked from it.
+"""
+
+from __future__ import annotations
+
+import array
+import gc
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from warmstart.runtime import bootstrap
+    from warmstart.runtime.protocol import HEADER, encode
+    from warmstart.sandbox import syscalls as sc
+else:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bootstrap  # children run it without importing anything
+    import syscalls as sc
+    from protocol import HEADER, encode
+
+CTL_FD = 3
+CHILD_ROOT = "/.c"
+
+
+def _recv_ctl(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    fds = array.array("i")
+    msg, anc, flags, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        return {"op": "invalid"}, []
+    return (json.loads(msg) if msg else None), list(fds)
+
+
+def _probe(module: str) -> str:
+    """Import ``module`` in a throwaway child; '' when it is safe to pre-import."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        verdict = ""
+        try:
+            __import__(module)
+            threading = sys.modules.get("threading")
+            if threading is not None and threading.active_count() > 1:
+                verdict = "starts threads"
+            else:
+                for fd in os.listdir("/proc/self/fd"):
+                    try:
+                        target = os.readlink(f"/proc/self/fd/{fd}")
+                    except OSError:
+                        continue
+                    if target.startswith("socket:") and int(fd) != CTL_FD:
+                        verdict = "opens sockets"
+                        break
+        except BaseException as exc:
+            verdict = f"import failed: {type(exc).__name__}: {exc}"[:300]
+        os.write(w, verdict.encode() or b"ok")
+        os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return "" if out == b"ok" else (out.decode(errors="replace") or "probe died")
+
+
+def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
+    imported, skipped = [], {}
+    for module in modules:
+        verdict = _probe(module)
+        if verdict:
+            skipped[module] = verdict
+            continue
+        try:
+            __import__(module)
+            imported.append(module)
+        except BaseException as exc:  # the probe passed; be safe anyway
+            skipped[module] = f"import failed: {exc}"
+    return imported, skipped
+
+
+def main() -> None:
+    sc.set_name("ws-zygote")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS threads in a fork server
+    layout: dict[str, Any] = json.loads(os.environ.pop("WARMSTART_LAYOUT"))
+    extra = [p for p in os.environ.get("WARMSTART_PATH", "").split(":") if p]
+    sys.path[0:0] = extra
+    ctl = socket.socket(fileno=CTL_FD)
+    modules = [m for m in os.environ.get("WARMSTART_PRELOAD", "").split(",") if m]
+    imported, skipped = preload(modules)
+    pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    gc.collect()
+    gc.freeze()  # keep the collector from touching (copying) inherited objects in children
+    ctl.sendall(json.dumps({"ready": True, "imported": imported, "skipped": skipped}).encode())
+    while True:
+        msg, fds = _recv_ctl(ctl)
+        if msg is None:
+            os._exit(0)  # the worker closed the control socket
+        if msg.get("op") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue
+        try:
+            sc.unshare(sc.CLONE_NEWPID)  # our next child starts a new pid namespace
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    ctl.detach()
+                    _child(fds[0], layout)
+            finally:
+                sc.setns(pidns, sc.CLONE_NEWPID)
+        except OSError:
+            pass  # the worker sees the socket close without a hello
+        os.close(fds[0])
+
+
+def _recv_setup(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    fds = array.array("i")
+    head, anc, flags, _ = sock.recvmsg(
+        HEADER.size, socket.CMSG_SPACE(64 * 4), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if flags & socket.MSG_CTRUNC or len(head) == 0:
+        raise OSError("no setup message from the worker")
+    while len(head) < HEADER.size:
+        more = sock.recv(HEADER.size - len(head))
+        if not more:
+            raise OSError("the worker hung up")
+        head += more
+    meta_len, payload_len, logs_len = HEADER.unpack(head)
+    body = b""
+    need = meta_len + payload_len + logs_len
+    while len(body) < need:
+        more = sock.recv(need - len(body))
+        if not more:
+            raise OSError("the worker hung up")
+        body += more
+    return json.loads(body[:meta_len]), list(fds)
+
+
+def _child(fd: int, layout: dict[str, Any]) -> None:
+    try:
+        sc.close_fds_except(fd)
+        sc.set_name("ws-instance")
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sock = socket.socket(fileno=fd)
+        creds = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
+        sock.sendmsg([b"H"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+        sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET)
+        root = CHILD_ROOT
+        sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
+        for target, link in layout["symlinks"]:
+            os.symlink(target, root + link)
+        for path in layout["binds"]:
+            dst = root + path
+            if os.path.isdir(path):
+                os.makedirs(dst, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
+            sc.mount(path, dst, None, sc.MS_BIND | sc.MS_REC)  # copies stay locked read-only
+        setup, trees = _recv_setup(sock)
+        for target, tree in zip(setup["mounts"], trees, strict=True):
+            os.makedirs(root + target, exist_ok=True)
+            sc.attach_tree(tree, root + target)
+            os.close(tree)
+        for name in ("proc", "tmp"):
+            os.makedirs(f"{root}/{name}", exist_ok=True)
+        sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+        sc.mount(
+            "tmpfs",
+            root + "/tmp",
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV,
+            f"size={setup['tmp_bytes']},mode=1777",
+        )
+        for name, target in (
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ):
+            if not os.path.lexists(f"{root}/dev/{name}"):
+                os.symlink(target, f"{root}/dev/{name}")
+        sc.mount(
+            None, root, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+        )
+        sc.enter_root(root)
+        sc.sethostname(setup["hostname"])
+        sc.loopback_up()
+        sc.drop_to(setup["uid"], setup["gid"])
+        os.environ.clear()
+        os.environ.update(setup["env"])
+        os.chdir("/var/task")
+    except BaseException as exc:
+        err = {
+            "errorType": "Runtime.SandboxError",
+            "errorMessage": f"forked sandbox setup failed: {exc}",
+            "stackTrace": [],
+        }
+        try:
+            os.write(fd, encode(b'{"type": "init_error"}', json.dumps(err).encode()))
+        finally:
+            os._exit(1)
+    try:
+        bootstrap.Runtime(fd).run()
+    finally:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Zygote processes, seen from the host: start one, fork sandboxes from it, stop it.
+
+The in-sandbox half is ``warmstart/runtime/zygote.py``; the spawner builds the zygote's
+sandbox (``Spawner.zygote``).  A fork, from the worker's side::
+
+    worker ── {"op": "fork"} + the child's socket end (SCM_RIGHTS) ──▶ zygote
+    child  ── "H" + SCM_CREDENTIALS ──▶ worker        (the kernel translates the pid)
+    worker: writes that pid into a pooled cgroup's cgroup.procs files
+    worker ── setup frame + read-only detached mount trees (open_tree) ──▶ child
+    child:  attaches them, pivot_roots, drops privileges, imports the handler
+    child  ── {"type": "ready"} ──▶ worker            (from here: the ordinary protocol)
+
+The worker never passes the zygote a path or a directory fd, and function code or
+environment never passes through the zygote.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from warmstart.errors import SandboxError
+from warmstart.runtime.protocol import encode
+from warmstart.sandbox import syscalls as sc
+from warmstart.sandbox.cgroups import Limits
+
+if TYPE_CHECKING:
+    from warmstart.sandbox.cgpool import Cgroup
+    from warmstart.sandbox.manager import Sandbox, SandboxManager, SandboxSpec
+
+log = logging.getLogger(__name__)
+
+ZYGOTE_ROOT = "/var/runtime"
+CREDS = struct.Struct("iII")
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    rss: int
+    pss: int
+    uss: int
+
+
+def memory_of(pid: int) -> MemoryUse | None:
+    """RSS, PSS and USS in bytes from /proc/<pid>/smaps_rollup."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                    fields[parts[0][:-1]] = int(parts[1]) * 1024
+    except OSError:
+        return None
+    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return MemoryUse(fields.get("Rss", 0), fields.get("Pss", 0), uss)
+
+
+@dataclass(eq=False)
+class Zygote:
+    id: str
+    packages: tuple[tuple[str, str], ...]  # (host dir, sandbox path)
+    ctl: socket.socket
+    cgroup: Cgroup | None
+    pid: int = 0  # the zygote process on the host
+    imported: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    alive: bool = True
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def memory(self) -> MemoryUse | None:
+        return memory_of(self.pid) if self.pid else None
+
+
+async def _recvmsg(
+    sock: socket.socket, size: int, ancsize: int, timeout: float
+) -> tuple[bytes, list[Any]]:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                msg, anc, _flags, _addr = sock.recvmsg(size, ancsize, socket.MSG_CMSG_CLOEXEC)
+                return msg, anc
+            except BlockingIOError:
+                pass
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = sock.fileno()
+
+            def wake(fut: asyncio.Future[None] = ready) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, wake)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+
+
+def _creds_pid(anc: list[Any]) -> int:
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            for fd in fds:
+                os.close(fd)  # nobody should send us descriptors here
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            return int(CREDS.unpack(data[: CREDS.size])[0])
+    return 0
+
+
+class Zygotes:
+    """Starts and forks zygotes on behalf of a SandboxManager."""
+
+    def __init__(
+        self,
+        manager: SandboxManager,
+        *,
+        uid: int = 200000,
+        gid: int = 200000,
+        memory_mb: int = 2048,
+    ) -> None:
+        self.m = manager
+        self.uid, self.gid = uid, gid
+        self.memory_mb = memory_mb
+        self._seq = 0
+
+    def _layout(
+        self, packages: tuple[tuple[str, str], ...]
+    ) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+        mounts = [*self.m._base_mounts, *((src, dst, "ro") for src, dst in packages)]
+        layout = {"binds": [dst for _, dst, _ in mounts], "symlinks": self.m._symlinks}
+        return mounts, layout
+
+    async def start(
+        self, packages: tuple[tuple[str, str], ...], preload: list[str], timeout: float = 300.0
+    ) -> Zygote:
+        m = self.m
+        if m.pool is None:
+            raise SandboxError("zygotes need linux isolation")
+        self._seq += 1
+        mounts, layout = self._layout(packages)
+        cgroup = m.pool.acquire(Limits(self.memory_mb << 20, m.pids_max, None))
+        await m._unpark(cgroup)
+        code = "import sys; sys.path.insert(0, '/var/runtime'); import zygote; zygote.main()"
+        spec = {
+            "root": str(m.root_mountpoint),
+            "mounts": mounts,
+            "symlinks": m._symlinks,
+            "dirs": ["/.c"],
+            "tmp_bytes": 16 << 20,
+            "cgroup_procs": cgroup.procs_files,
+            "hostname": "warmstart-zygote",
+            "uid": m.uid,
+            "gid": m.gid,
+            "zygote_uid": self.uid,
+            "zygote_gid": self.gid,
+            "argv": [m.python, "-E", "-s", "-S", "-c", code],
+            "env": {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "LANG": "C.UTF-8",
+                "HOME": "/tmp",
+                "LAMBDA_TASK_ROOT": "/var/task",
+                "WARMSTART_PRELOAD": ",".join(preload),
+                "WARMSTART_PATH": ":".join(dst for _, dst in packages),
+                "WARMSTART_LAYOUT": json.dumps(layout),
+            },
+        }
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        try:
+            reply = await m._request({"cmd": "zygote", "spec": spec}, theirs.fileno())
+            theirs.close()
+            if "error" in reply:
+                raise SandboxError(f"cannot start a zygote: {reply['error']}")
+            ours.setblocking(False)
+            msg, anc = await _recvmsg(ours, 1 << 16, socket.CMSG_SPACE(CREDS.size), timeout)
+            if not msg:
+                raise SandboxError("the zygote exited while importing its packages")
+            hello = json.loads(msg)
+        except BaseException:
+            theirs.close()
+            ours.close()
+            await m._recycle(cgroup)
+            raise
+        zygote = Zygote(
+            f"zy{self._seq}",
+            packages,
+            ours,
+            cgroup,
+            _creds_pid(anc),
+            tuple(hello.get("imported", ())),
+            dict(hello.get("skipped", {})),
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), self._on_ctl, zygote)
+        if zygote.skipped:
+            log.info("zygote %s left out: %s", zygote.id, zygote.skipped)
+        return zygote
+
+    def _on_ctl(self, zygote: Zygote) -> None:
+        """The zygote never speaks after its hello: readable means it is gone."""
+        try:
+            data = zygote.ctl.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            zygote.alive = False
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(zygote.ctl.fileno())
+
+    async def stop(self, zygote: Zygote) -> None:
+        zygote.alive = False
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(zygote.ctl.fileno())
+        zygote.ctl.close()
+        if zygote.cgroup is not None:
+            await self.m._recycle(zygote.cgroup)
+
+    async def fork(self, zygote: Zygote, spec: SandboxSpec, timeout: float = 10.0) -> Sandbox:
+        from warmstart.sandbox.manager import TASK_ROOT, Sandbox
+
+        m = self.m
+        if not zygote.alive or m.pool is None:
+            raise SandboxError(f"zygote {zygote.id} is gone")
+        cgroup = m.pool.acquire(m.limits_for(spec.memory_mb))
+        m._maybe_refill()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        ours.setblocking(False)
+        trees: list[int] = []
+        try:
+            unpark = asyncio.ensure_future(m._unpark(cgroup))
+            try:
+                async with zygote.lock:
+                    zygote.ctl.sendmsg(
+                        [b'{"op": "fork"}'],
+                        [
+                            (
+                                socket.SOL_SOCKET,
+                                socket.SCM_RIGHTS,
+                                array.array("i", [theirs.fileno()]),
+                            )
+                        ],
+                    )
+            except OSError as exc:
+                zygote.alive = False
+                raise SandboxError(f"zygote {zygote.id} is gone: {exc}") from exc
+            finally:
+                theirs.close()
+            msg, anc = await _recvmsg(ours, 1, socket.CMSG_SPACE(CREDS.size), timeout)
+            pid = _creds_pid(anc)
+            if msg != b"H" or pid <= 0:
+                raise SandboxError(f"zygote {zygote.id} did not fork")
+            await unpark
+            for procs in cgroup.procs_files:
+                with open(procs, "w") as f:
+                    f.write(str(pid))
+            have = {dst for _, dst in zygote.packages}
+            mounts = [(str(spec.code_dir), TASK_ROOT)]
+            mounts += [(src, dst) for src, dst in spec.extra_ro_mounts if dst not in have]
+            trees = [sc.clone_tree_readonly(src) for src, _ in mounts]
+            setup = {
+                "env": spec.env,
+                "mounts": [dst for _, dst in mounts],
+                "hostname": "warmstart",
+                "tmp_bytes": m.tmp_bytes,
+                "uid": m.uid,
+                "gid": m.gid,
+            }
+            ours.sendmsg(
+                [encode(json.dumps(setup).encode())],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", trees))],
+            )
+        except BaseException as exc:
+            ours.close()
+            await m._recycle(cgroup)
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
+            raise
+        finally:
+            for fd in trees:
+                os.close(fd)
+        m._seq += 1
+        return Sandbox(f"sb{m._seq}", pid, ours, cgroup)
+
+
+def top_level_modules(directory: Path) -> list[str]:
+    """The importable top-level names an installed distribution provides."""
+    names = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name.startswith(("_", ".")) or name.endswith((".dist-info", ".egg-info", ".data")):
+            continue
+        if entry.is_dir() and (entry / "__init__.py").exists():
+            names.append(name)
+        elif entry.suffix == ".py":
+            names.append(entry.stem)
+    return names
