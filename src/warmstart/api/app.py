@@ -33,6 +33,7 @@ class NativeAPI:
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/functions/{name}/logs", self.logs, methods=["GET"]),
             Route("/instances", self.instances, methods=["GET"]),
+            Route("/zygotes", self.zygotes, methods=["GET"]),
             Route("/events/{event_id}", self.event, methods=["GET"]),
         ]
 
@@ -59,6 +60,7 @@ class NativeAPI:
                 "isolation": w.sandboxes.isolation.value,
                 "functions": len(w.functions),
                 "idle_instances": len(w.cache),
+                "zygotes": w.zygotes is not None,
             }
         )
 
@@ -84,6 +86,14 @@ class NativeAPI:
 
     async def instances(self, request: Request) -> Response:
         return JSONResponse({"instances": self.worker.instances()})
+
+    async def zygotes(self, request: Request) -> Response:
+        zc = self.worker.zygotes
+        if zc is None:
+            return JSONResponse({"enabled": False, "zygotes": []})
+        return JSONResponse(
+            {"enabled": True, "forks": zc.forks, "failures": zc.failures, "zygotes": zc.describe()}
+        )
 
     async def event(self, request: Request) -> Response:
         ev = self.worker.store.event(request.path_params["event_id"])

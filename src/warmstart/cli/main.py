@@ -85,8 +85,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--cpu-quota",
         type=float,
-        default=None,
-        help="CPUs each instance may use (CFS quota); default unlimited",
+        default=1.0,
+        help="CPUs each instance may use (CFS quota); 0 = unlimited (default %(default)s)",
+    )
+    s.add_argument(
+        "--no-zygotes",
+        action="store_true",
+        help="start every instance in a fresh interpreter (no import cache)",
+    )
+    s.add_argument(
+        "--zygote-after",
+        type=int,
+        default=2,
+        metavar="N",
+        help="cold starts of a package set before it gets its own zygote (default %(default)s)",
+    )
+    s.add_argument(
+        "--zygote-budget-mb",
+        type=int,
+        default=4096,
+        help="zygotes' memory (PSS) before least recently used ones go (default %(default)s)",
     )
     s.add_argument(
         "--index-url", default=None, help="package index for requirements.txt (default: PyPI)"
@@ -166,6 +184,9 @@ def _serve(args: argparse.Namespace) -> int:
         "freeze_after_ms": args.freeze_after_ms,
         "cpu_quota": args.cpu_quota or None,
         "index_url": args.index_url,
+        "zygotes": not args.no_zygotes,
+        "zygote_after": args.zygote_after,
+        "zygote_budget_mb": args.zygote_budget_mb,
         "find_links": tuple(args.find_links),
         "offline": args.offline,
     }

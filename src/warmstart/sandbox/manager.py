@@ -140,7 +140,12 @@ class SandboxManager:
         self.pool: CgroupPool | None = None
         self.reaped = 0
         self.runtime_dir = data_dir / "runtime"
-        self.root_mountpoint = data_dir / "run" / "rootfs"
+        # Every sandbox mounts its root here, inside its own mount namespace (the host
+        # sees an empty directory).  Not under the data dir: a zygote, unprivileged on
+        # the host, must be able to walk to it, and the data dir may sit below a
+        # private directory.
+        digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
+        self.root_mountpoint = lock_dir / "roots" / digest
         self.python = _runtime_python()
         self._spawner: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -218,7 +223,9 @@ class SandboxManager:
             self._reap_abandoned(driver)
             self.pool = CgroupPool(driver, self.cgroup_parent(), initial=self._pool_size)
             self.reaped = self.pool.start()
-            self.root_mountpoint.mkdir(parents=True, exist_ok=True)
+            for d in (self._lock_dir, self._lock_dir / "roots", self.root_mountpoint):
+                d.mkdir(exist_ok=True)
+                d.chmod(0o755)
             self._base_mounts, self._symlinks = self._host_layout()
             log.info(
                 "sandboxes: linux isolation, cgroup %s at %s (%s)",

@@ -13,6 +13,7 @@ from warmstart.runtime.protocol import HEADER, check_sizes, encode
 
 if TYPE_CHECKING:
     from warmstart.sandbox import Sandbox
+    from warmstart.sandbox.zygotes import Zygote
 
 
 class State(enum.Enum):
@@ -45,6 +46,8 @@ class Instance:
         self.invocations = 0
         self.last_used = time.monotonic()
         self.freeze_handle: asyncio.TimerHandle | None = None
+        self.start_kind = "cold"  # or "fork": forked from a zygote
+        self.zygote: Zygote | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 

@@ -40,3 +40,8 @@ class Settings:
     index_url: str | None = None  # None: the installer's default (PyPI)
     find_links: tuple[Path, ...] = ()  # local wheel directories
     offline: bool = False  # never touch the network: wheelhouse only
+    # The import cache (zygotes).
+    zygotes: bool = True  # fork cold starts from pre-initialised zygotes (linux isolation)
+    zygote_after: int = 2  # cold starts of a package set before it gets its own zygote
+    zygote_budget_mb: int = 4096  # zygotes' PSS before LRU eviction
+    zygote_uid: int = 200000  # the host uid a zygote runs as (uid 0 inside its namespace)

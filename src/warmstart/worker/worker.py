@@ -30,6 +30,7 @@ from warmstart.errors import (
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore, bundle
 from warmstart.packages import InstallCache, parse_pins
 from warmstart.sandbox import Isolation, SandboxManager, SandboxSpec
+from warmstart.worker.forks import ZygoteCache
 from warmstart.worker.instance import Instance, InstanceDied, Reply, State
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import FunctionPool, HandlerCache
@@ -86,6 +87,7 @@ class Worker:
         self.cache = HandlerCache(
             settings.cache_budget_mb << 20, settings.freeze_after_ms / 1000, settings.idle_ttl_s
         )
+        self.zygotes: ZygoteCache | None = None
         self.functions: dict[str, FunctionRecord] = {}
         self.pools: dict[str, FunctionPool] = {}
         self._old_pools: set[FunctionPool] = set()
@@ -101,6 +103,19 @@ class Worker:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         await self.sandboxes.start()
+        if self.settings.zygotes and self.sandboxes.isolation is Isolation.LINUX:
+            self.zygotes = ZygoteCache(
+                self.sandboxes,
+                lambda pin: self.packages.path(parse_pins(pin)[0]),
+                grow_after=self.settings.zygote_after,
+                budget_mb=self.settings.zygote_budget_mb,
+                uid=self.settings.zygote_uid,
+            )
+            try:
+                await self.zygotes.start()
+            except (PlatformError, OSError, TimeoutError) as exc:
+                log.error("zygotes are off: the root zygote did not start: %s", exc)
+                self.zygotes = None
         if self.sandboxes.reaped:
             log.warning(
                 "start-up reaped %d process(es) left by a previous worker", self.sandboxes.reaped
@@ -127,6 +142,8 @@ class Worker:
             pool.retire()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
+        if self.zygotes is not None:
+            await self.zygotes.close()
         await self.sandboxes.close()
         for fd in self._log_fds.values():
             os.close(fd)
@@ -143,6 +160,8 @@ class Worker:
         while True:
             await asyncio.sleep(1.0)
             self.cache.enforce()
+            if self.zygotes is not None:
+                self.zygotes.enforce()
             self._old_pools = {p for p in self._old_pools if p.live > 0}
 
     # -- functions -------------------------------------------------------------------------
@@ -286,20 +305,25 @@ class Worker:
                 env["WARMSTART_PATH"] = ":".join(dst for _, dst in mounts)
             else:
                 env["WARMSTART_PATH"] = ":".join(str(d) for d in dirs)
+        spec = SandboxSpec(
+            code_dir=self.store.code_dir(rec),
+            env=env,
+            memory_mb=need,
+            network=rec.config.network,
+            extra_ro_mounts=mounts,
+        )
+        forked = None
         try:
-            sandbox = await self.sandboxes.create(
-                SandboxSpec(
-                    code_dir=self.store.code_dir(rec),
-                    env=env,
-                    memory_mb=need,
-                    network=rec.config.network,
-                    extra_ro_mounts=mounts,
-                )
-            )
+            if self.zygotes is not None and rec.config.network == "none":
+                forked = await self.zygotes.fork(frozenset(rec.packages), spec)
+            sandbox = forked[0] if forked else await self.sandboxes.create(spec)
         except BaseException:
             self.reserved_mb -= need
             raise
         inst = Instance(sandbox, rec.name, rec.revision, need)
+        if forked:
+            inst.start_kind = "fork"
+            inst.zygote = forked[1]
         try:
             await inst.connect()
             reply = await asyncio.wait_for(inst.read_reply(), self.settings.init_timeout_s)
@@ -329,6 +353,8 @@ class Worker:
     def _destroy_instance(self, inst: Instance) -> None:
         if inst.state is State.DEAD:
             return
+        if inst.zygote is not None and self.zygotes is not None:
+            self.zygotes.released(inst.zygote)
         inst.close()
         self.reserved_mb -= inst.memory_mb
         self._spawn(self.sandboxes.destroy(inst.sandbox))
@@ -357,7 +383,7 @@ class Worker:
         except TooManyRequests:
             self.metrics.invocations.labels(name, "throttled").inc()
             raise
-        start = "cold" if cold else "warm"
+        start = inst.start_kind if cold else "warm"
         timeout = rec.config.timeout_s
         meta = {
             "id": request_id,
@@ -520,6 +546,7 @@ class Worker:
 
     # -- statistics ------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, dict[str, float]]:
+        zc = self.zygotes
         states = {s.value: 0.0 for s in State if s is not State.DEAD}
         for pool in [*self.pools.values(), *self._old_pools]:
             st = pool.statistics()
@@ -538,6 +565,9 @@ class Worker:
                 "evictions_total": float(self.cache.evictions),
                 "package_installs_total": float(self.packages.installs),
                 "freezes_total": float(self.cache.freezes),
+                "zygotes": float(len(zc.live)) if zc else 0.0,
+                "zygote_forks_total": float(zc.forks) if zc else 0.0,
+                "zygote_memory_pss_bytes": float(zc.memory()) if zc else 0.0,
             },
         }
 

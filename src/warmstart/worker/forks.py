@@ -1,0 +1,240 @@
+"""The import cache at work: a tree of zygotes grown from demand, used for cold starts.
+
+``ZygoteCache.fork`` is called on every cold start of a function that runs with
+loopback-only networking.  It counts the function's package set (the tree grows a zygote
+for a set once it has been asked for ``grow_after`` times -- in the background, never on
+the request path), picks the deepest ready zygote whose packages the function has, and
+forks from it.  Any failure -- a zygote that crashed, was killed, or could not fork --
+drops that zygote (the root is restarted) and returns None: the caller then starts the
+instance the slow way, so the invocation still succeeds.
+
+Zygotes idle for ``freeze_after_s`` are frozen (thawed before the next fork); when the
+zygotes' proportional memory (PSS) exceeds the budget, or one has been idle past its
+TTL, the least recently used leaves without live instances are stopped (stopping a
+zygote ends its pid namespace, so one with live children stays until they are gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from warmstart.errors import PlatformError, SandboxError
+from warmstart.sandbox import Sandbox, SandboxManager, SandboxSpec
+from warmstart.sandbox.zygotes import Zygote, Zygotes, top_level_modules
+from warmstart.zygote.tree import Node, PackageSet, ZygoteTree
+
+log = logging.getLogger(__name__)
+
+
+class ZygoteCache:
+    def __init__(
+        self,
+        sandboxes: SandboxManager,
+        package_dir: Any,  # (pin string) -> Path
+        *,
+        grow_after: int = 2,
+        budget_mb: int = 4096,
+        freeze_after_s: float = 30.0,
+        ttl_s: float = 900.0,
+        uid: int = 200000,
+    ) -> None:
+        self.sandboxes = sandboxes
+        self.package_dir = package_dir
+        self.launcher = Zygotes(sandboxes, uid=uid, gid=uid)
+        self.tree = ZygoteTree(grow_after=grow_after)
+        self.budget = budget_mb << 20
+        self.freeze_after = freeze_after_s
+        self.ttl = ttl_s
+        self._growing: set[PackageSet] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.live: dict[Zygote, int] = {}  # zygote -> instances forked from it still alive
+        self.frozen: set[Zygote] = set()
+        self.forks = 0
+        self.failures = 0
+        self.created = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.tree.root.handle = await self._launch(frozenset())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for node in self.tree.nodes():
+            if isinstance(node.handle, Zygote):
+                await self.launcher.stop(node.handle)
+                node.handle = None
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _packages(self, pins: PackageSet) -> tuple[tuple[str, str], ...]:
+        dirs: list[Path] = [self.package_dir(p) for p in sorted(pins)]
+        return tuple((str(d), f"/var/packages/{d.name}") for d in dirs)
+
+    async def _launch(self, pins: PackageSet) -> Zygote:
+        packages = self._packages(pins)
+        preload = [m for src, _ in packages for m in top_level_modules(Path(src))]
+        t0 = time.perf_counter()
+        zygote = await self.launcher.start(packages, preload)
+        self.created += 1
+        self.live[zygote] = 0
+        log.info(
+            "zygote %s ready in %.0f ms with %s",
+            zygote.id,
+            (time.perf_counter() - t0) * 1000,
+            ", ".join(zygote.imported) or "the runtime only",
+        )
+        return zygote
+
+    async def _grow(self, pins: PackageSet) -> None:
+        try:
+            zygote = await self._launch(pins)
+        except (SandboxError, OSError, TimeoutError) as exc:
+            log.warning("cannot start a zygote for %s: %s", sorted(pins), exc)
+            return
+        finally:
+            self._growing.discard(pins)
+        node = self.tree.add(pins)
+        node.handle = zygote
+        self.enforce()
+
+    # -- forking ---------------------------------------------------------------------------
+    def _ready_node(self, pins: PackageSet) -> Node | None:
+        node: Node | None = self.tree.find(pins)
+        while node is not None and not (isinstance(node.handle, Zygote) and node.handle.alive):
+            node = node.parent
+        return node
+
+    async def fork(self, pins: PackageSet, spec: SandboxSpec) -> tuple[Sandbox, Zygote] | None:
+        grow = self.tree.record(pins)
+        if grow is not None and grow not in self._growing:
+            self._growing.add(grow)
+            self._background(self._grow(grow))
+        node = self._ready_node(pins)
+        if node is None:
+            self._restart_root()
+            return None
+        zygote = node.handle
+        if not isinstance(zygote, Zygote):
+            return None
+        node.last_used = time.monotonic()
+        try:
+            if zygote in self.frozen and zygote.cgroup is not None:
+                zygote.cgroup.thaw()
+                self.frozen.discard(zygote)
+            sandbox = await self.launcher.fork(zygote, spec)
+        except (SandboxError, PlatformError) as exc:
+            self.failures += 1
+            log.warning("fork from zygote %s failed (%s); starting without it", zygote.id, exc)
+            await self._drop(node)
+            return None
+        node.forks += 1
+        self.forks += 1
+        self.live[zygote] = self.live.get(zygote, 0) + 1
+        return sandbox, zygote
+
+    def released(self, zygote: Zygote) -> None:
+        """An instance forked from ``zygote`` is gone."""
+        if zygote in self.live:
+            self.live[zygote] = max(0, self.live[zygote] - 1)
+
+    async def _drop(self, node: Node) -> None:
+        zygote = node.handle
+        node.handle = None
+        if isinstance(zygote, Zygote):
+            self.live.pop(zygote, None)
+            self.frozen.discard(zygote)
+            await self.launcher.stop(zygote)
+        if node is self.tree.root:
+            self._restart_root()
+        else:
+            self.tree.remove(node)
+
+    def _restart_root(self) -> None:
+        root = self.tree.root
+        if isinstance(root.handle, Zygote) and root.handle.alive:
+            return
+        if frozenset() in self._growing:
+            return
+        self._growing.add(frozenset())
+
+        async def restart() -> None:
+            try:
+                root.handle = await self._launch(frozenset())
+            except (SandboxError, OSError, TimeoutError) as exc:
+                log.error("cannot restart the root zygote: %s", exc)
+            finally:
+                self._growing.discard(frozenset())
+
+        self._background(restart())
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def memory(self) -> int:
+        total = 0
+        for zygote in self.live:
+            use = zygote.memory()
+            total += use.pss if use else 0
+        return total
+
+    def enforce(self) -> None:
+        """Freeze idle zygotes; stop LRU leaves over the budget or past their TTL."""
+        now = time.monotonic()
+        for node in self.tree.nodes():
+            zygote = node.handle
+            if not isinstance(zygote, Zygote):
+                continue
+            if not zygote.alive:
+                self._background(self._drop(node))
+                continue
+            idle = now - node.last_used
+            if idle > self.freeze_after and zygote not in self.frozen and zygote.cgroup is not None:
+                with contextlib.suppress(PlatformError):
+                    zygote.cgroup.freeze()
+                    self.frozen.add(zygote)
+        over = self.memory() - self.budget
+        for node in self.tree.eviction_order():
+            zygote = node.handle
+            if not isinstance(zygote, Zygote) or self.live.get(zygote, 0) > 0:
+                continue
+            if over <= 0 and now - node.last_used < self.ttl:
+                continue
+            use = zygote.memory()
+            over -= use.pss if use else 0
+            log.info("evicting zygote %s (%s)", zygote.id, ", ".join(sorted(node.packages)))
+            self._background(self._drop(node))
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for node in self.tree.nodes():
+            zygote = node.handle
+            entry: dict[str, Any] = {
+                "packages": sorted(node.packages),
+                "depth": node.depth,
+                "forks": node.forks,
+            }
+            if isinstance(zygote, Zygote):
+                use = zygote.memory()
+                entry.update(
+                    {
+                        "id": zygote.id,
+                        "pid": zygote.pid,
+                        "alive": zygote.alive,
+                        "frozen": zygote in self.frozen,
+                        "instances": self.live.get(zygote, 0),
+                        "imported": list(zygote.imported),
+                        "skipped": zygote.skipped,
+                        "memory": None
+                        if use is None
+                        else {"rss": use.rss, "pss": use.pss, "uss": use.uss},
+                    }
+                )
+            out.append(entry)
+        return out
