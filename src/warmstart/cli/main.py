@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         help="cold starts of a package set before it gets its own zygote (default %(default)s)",
     )
     s.add_argument(
+        "--zygote-uid",
+        type=int,
+        default=200000,
+        help="host uid (and gid) zygotes run as: uid 0 only inside their namespace "
+        "(default %(default)s)",
+    )
+    s.add_argument(
         "--zygote-budget-mb",
         type=int,
         default=4096,
@@ -187,6 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
         "zygotes": not args.no_zygotes,
         "zygote_after": args.zygote_after,
         "zygote_budget_mb": args.zygote_budget_mb,
+        "zygote_uid": args.zygote_uid,
         "find_links": tuple(args.find_links),
         "offline": args.offline,
     }
