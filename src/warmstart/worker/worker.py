@@ -30,6 +30,7 @@ from warmstart.errors import (
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore, bundle
 from warmstart.packages import InstallCache, parse_pins
 from warmstart.sandbox import Isolation, SandboxManager, SandboxSpec
+from warmstart.sandbox.zygotes import memory_of
 from warmstart.worker.forks import ZygoteCache
 from warmstart.worker.instance import Instance, InstanceDied, Reply, State
 from warmstart.worker.metrics import Metrics
@@ -572,16 +573,31 @@ class Worker:
         }
 
     def instances(self) -> list[dict[str, Any]]:
+        """Idle instances with their memory: the cgroup's charge, and the processes'
+        proportional (PSS) and unique (USS) set sizes -- a forked instance shares most
+        of its pages with its zygote, which PSS splits fairly and USS leaves out."""
         out = []
         for pool in self.pools.values():
             for inst in pool.idle:
+                pss = uss = 0
+                pids = (
+                    inst.sandbox.cgroup.pids()
+                    if inst.sandbox.cgroup is not None
+                    else [inst.sandbox.pid]
+                )
+                for pid in pids:
+                    use = memory_of(pid)
+                    if use is not None:
+                        pss += use.pss
+                        uss += use.uss
                 out.append(
                     {
                         "id": inst.id,
                         "function": inst.function,
                         "state": inst.state.value,
+                        "start": inst.start_kind,
                         "invocations": inst.invocations,
-                        "memory_bytes": inst.memory_bytes,
+                        "memory": {"cgroup": inst.memory_bytes, "pss": pss, "uss": uss},
                     }
                 )
         return out
