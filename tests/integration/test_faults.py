@@ -139,8 +139,8 @@ def sandbox_pids(data_dir: Path) -> dict[int, int | None]:
     out: dict[int, int | None] = {}
     for pid in cgroup_pids(data_dir):
         try:
-            if Path(f"/proc/{pid}/comm").read_text().startswith("ws-zygote"):
-                continue  # zygotes are not instances: they live on by design
+            if Path(f"/proc/{pid}/comm").read_text().startswith(("ws-zygote", "ws-spare")):
+                continue  # zygotes and their spare children live on by design
             if os.readlink(f"/proc/{pid}/ns/pid") != ours:
                 out[pid] = proc_start_time(pid)
         except (FileNotFoundError, ProcessLookupError):

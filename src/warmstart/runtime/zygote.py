@@ -181,7 +181,7 @@ def _recv_setup(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
 def _child(fd: int, layout: dict[str, Any]) -> None:
     try:
         sc.close_fds_except(fd)
-        sc.set_name("ws-instance")
+        sc.set_name("ws-spare")  # until a function is assigned
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sock = socket.socket(fileno=fd)
         creds = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
@@ -200,6 +200,7 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
                 os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
             sc.mount(path, dst, None, sc.MS_BIND | sc.MS_REC)  # copies stay locked read-only
         setup, trees = _recv_setup(sock)
+        sc.set_name("ws-instance")
         for target, tree in zip(setup["mounts"], trees, strict=True):
             os.makedirs(root + target, exist_ok=True)
             sc.attach_tree(tree, root + target)

@@ -129,9 +129,24 @@ class CgroupPool:
         return cg
 
     # -- use -----------------------------------------------------------------------------
-    def acquire(self, limits: Limits) -> Cgroup:
-        # FIFO: the longest-free cgroup has had the most time to get its parked parent.
-        cg = self._free.pop(0) if self._free else self._create()
+    def acquire(
+        self, limits: Limits, prefer: set[Cgroup] | None = None, *, inside: bool = True
+    ) -> Cgroup:
+        """A free cgroup with ``limits`` applied.
+
+        With ``prefer``, the first free cgroup that is (``inside=True``) or is not in
+        that set is taken, if there is one.  FIFO otherwise: the longest-free cgroup has
+        had the most time to get its parked parent.
+        """
+        cg = None
+        if prefer is not None:
+            for candidate in self._free:
+                if (candidate in prefer) == inside:
+                    cg = candidate
+                    self._free.remove(candidate)
+                    break
+        if cg is None:
+            cg = self._free.pop(0) if self._free else self._create()
         cg.thaw()
         cg.set_limits(limits)
         self._in_use.add(cg)

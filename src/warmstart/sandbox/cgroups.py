@@ -212,10 +212,14 @@ class V1Driver(CgroupDriver):
 
     def set_limits(self, rel: str, limits: Limits) -> None:
         mem = self._d("memory", rel)
-        _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
         memsw = mem / "memory.memsw.limit_in_bytes"
-        if memsw.exists():
-            # memsw must stay >= limit_in_bytes; writing it after the limit keeps that true.
+        # memsw (memory+swap) must stay >= limit_in_bytes at every step: raise it first
+        # when the limit goes up, lower it last when the limit comes down.
+        raising = memsw.exists() and limits.memory_bytes > _read_int(memsw, -1) >= 0
+        if raising:
+            _write(memsw, str(limits.memory_bytes))
+        _write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+        if memsw.exists() and not raising:
             with contextlib.suppress(SandboxError):
                 _write(memsw, str(limits.memory_bytes))
         swappiness = mem / "memory.swappiness"

@@ -61,6 +61,7 @@ class Sandbox:
     pid: int
     sock: socket.socket
     cgroup: Cgroup | None
+    forked: bool = False  # forked from a zygote (vs. a fresh interpreter)
     _stopped: bool = field(default=False, repr=False)
 
     def freeze(self) -> None:
@@ -156,6 +157,7 @@ class SandboxManager:
         self._lock_dir = lock_dir
         self._lock_fd = -1
         self._background: set[asyncio.Task[None]] = set()
+        self._parked: set[Cgroup] = set()  # free cgroups with a parent parked in them
         self._base_mounts: list[tuple[str, str, str]] = []
         self._symlinks: list[tuple[str, str]] = []
 
@@ -360,8 +362,9 @@ class SandboxManager:
                 None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
             )
             cgroup = self.pool.acquire(
-                cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota)
+                cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota), self._parked
             )
+            self._parked.discard(cgroup)  # its parked parent becomes this sandbox's C1
             self._maybe_refill()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -386,7 +389,8 @@ class SandboxManager:
     async def destroy(self, sandbox: Sandbox) -> None:
         sandbox.sock.close()
         if sandbox.cgroup is not None:
-            await self._recycle(sandbox.cgroup)
+            # Forks move their child in themselves; only fresh sandboxes want a parked parent.
+            await self._recycle(sandbox.cgroup, repark=not sandbox.forked)
         else:
             for sig in (signal.SIGKILL, signal.SIGCONT):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -414,7 +418,10 @@ class SandboxManager:
             return await self._run_plain(script, mounts, env, marker, timeout)
         cgroup = None
         if self.pool is not None:
-            cgroup = self.pool.acquire(cgroups.Limits(memory_mb << 20, self.pids_max * 4, None))
+            cgroup = self.pool.acquire(
+                cgroups.Limits(memory_mb << 20, self.pids_max * 4, None), self._parked
+            )
+            self._parked.discard(cgroup)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         spec = {
             "isolate": True,
@@ -488,8 +495,25 @@ class SandboxManager:
 
     async def _unpark(self, cgroup: Cgroup) -> None:
         """Send away the parked parent of a cgroup that a zygote's child will use."""
+        if cgroup not in self._parked:
+            return
+        self._parked.discard(cgroup)
         with contextlib.suppress(SandboxError):
             await self._request({"cmd": "unpark", "key": cgroup.rel})
+
+    def acquire_unparked(self, limits: cgroups.Limits) -> Cgroup:
+        """A pooled cgroup for a process the caller moves in itself (a zygote's child)."""
+        if self.pool is None:
+            raise SandboxError("no cgroup pool")
+        cg = self.pool.acquire(limits, self._parked, inside=False)
+        if cg in self._parked:
+            self._background_task(self._unpark(cg))
+        return cg
+
+    def _background_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _park(self, cgroup: Cgroup) -> None:
         """Have the spawner pre-join a parent process to this pooled cgroup."""
@@ -497,17 +521,20 @@ class SandboxManager:
             await self._request(
                 {"cmd": "park", "key": cgroup.rel, "cgroup_procs": cgroup.procs_files}
             )
+            self._parked.add(cgroup)
         except SandboxError as exc:
             log.warning("cannot park a process in %s: %s", cgroup.rel, exc)
 
-    async def _recycle(self, cgroup: Cgroup) -> None:
+    async def _recycle(self, cgroup: Cgroup, *, repark: bool = True) -> None:
+        self._parked.discard(cgroup)
         if self._closing:
             cgroup.kill()
             return
-        if self.pool is not None and await self.pool.release(cgroup):
+        if self.pool is not None and await self.pool.release(cgroup) and repark:
             await self._park(cgroup)
 
     async def _repark(self) -> None:
+        self._parked.clear()  # they died with the old spawner
         if self.pool is not None:
             for cg in self.pool.free():
                 await self._park(cg)
@@ -517,7 +544,7 @@ class SandboxManager:
         (an RCU grace period) on the invocation path."""
         if self.pool is None or self._refilling or self._closing:
             return
-        if self.pool.statistics().free >= self._pool_size // 2:
+        if sum(1 for cg in self.pool.free() if cg in self._parked) >= self._pool_size // 2:
             return
         self._refilling = True
         task = asyncio.get_running_loop().create_task(self._refill())
@@ -529,10 +556,10 @@ class SandboxManager:
             while (
                 self.pool is not None
                 and not self._closing
-                and self.pool.statistics().free < self._pool_size
+                and sum(1 for cg in self.pool.free() if cg in self._parked) < self._pool_size
             ):
-                cg = self.pool.grow()
-                await self._park(cg)
+                unparked = [cg for cg in self.pool.free() if cg not in self._parked]
+                await self._park(unparked[0] if unparked else self.pool.grow())
         except SandboxError as exc:
             log.warning("cannot grow the cgroup pool: %s", exc)
         finally:

@@ -39,8 +39,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ZYGOTE_ROOT = "/var/runtime"
 CREDS = struct.Struct("iII")
+SPARE_MEMORY_MB = 128  # a spare's limit until it is given a function (and its MemorySize)
+
+
+@dataclass(eq=False)
+class Spare:
+    """A forked child, already in its own cgroup, waiting for a function."""
+
+    pid: int
+    sock: socket.socket
+    cgroup: Cgroup
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class Zygote:
     skipped: dict[str, str] = field(default_factory=dict)
     alive: bool = True
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    spares: list[Spare] = field(default_factory=list)
+    filling: bool = False
 
     def memory(self) -> MemoryUse | None:
         return memory_of(self.pid) if self.pid else None
@@ -128,8 +139,10 @@ class Zygotes:
         uid: int = 200000,
         gid: int = 200000,
         memory_mb: int = 2048,
+        spares: int = 2,
     ) -> None:
         self.m = manager
+        self.spares = spares  # forked children kept waiting per zygote
         self.uid, self.gid = uid, gid
         self.memory_mb = memory_mb
         self._seq = 0
@@ -203,6 +216,8 @@ class Zygotes:
         )
         loop = asyncio.get_running_loop()
         loop.add_reader(ours.fileno(), self._on_ctl, zygote)
+        if self.spares:
+            self.m._background_task(self.refill(zygote))
         if zygote.skipped:
             log.info("zygote %s left out: %s", zygote.id, zygote.skipped)
         return zygote
@@ -222,26 +237,31 @@ class Zygotes:
 
     async def stop(self, zygote: Zygote) -> None:
         zygote.alive = False
+        for spare in zygote.spares:
+            spare.sock.close()  # the child reads EOF instead of a setup and exits
+            await self.m._recycle(spare.cgroup, repark=False)
+        zygote.spares.clear()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(zygote.ctl.fileno())
         zygote.ctl.close()
         if zygote.cgroup is not None:
             await self.m._recycle(zygote.cgroup)
 
-    async def fork(self, zygote: Zygote, spec: SandboxSpec, timeout: float = 10.0) -> Sandbox:
-        from warmstart.sandbox.manager import TASK_ROOT, Sandbox
+    async def _spare(self, zygote: Zygote, timeout: float = 10.0) -> Spare:
+        """Fork a child and move it into a pooled cgroup; it then waits for its setup.
 
+        Moving a task into a v1 cgroup can wait 10-20 ms for an RCU grace period when it
+        comes alone; doing it ahead of time (and several in a row) keeps that off the
+        invocation path.
+        """
         m = self.m
-        if not zygote.alive or m.pool is None:
+        if not zygote.alive:
             raise SandboxError(f"zygote {zygote.id} is gone")
-        cgroup = m.pool.acquire(m.limits_for(spec.memory_mb))
-        m._maybe_refill()
+        cgroup = m.acquire_unparked(m.limits_for(SPARE_MEMORY_MB))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ours.setblocking(False)
-        trees: list[int] = []
         try:
-            unpark = asyncio.ensure_future(m._unpark(cgroup))
             try:
                 async with zygote.lock:
                     zygote.ctl.sendmsg(
@@ -262,11 +282,52 @@ class Zygotes:
             msg, anc = await _recvmsg(ours, 1, socket.CMSG_SPACE(CREDS.size), timeout)
             pid = _creds_pid(anc)
             if msg != b"H" or pid <= 0:
+                zygote.alive = False  # a zygote that cannot fork is of no use
                 raise SandboxError(f"zygote {zygote.id} did not fork")
-            await unpark
             for procs in cgroup.procs_files:
                 with open(procs, "w") as f:
                     f.write(str(pid))
+        except BaseException as exc:
+            ours.close()
+            await m._recycle(cgroup, repark=False)
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
+            raise
+        return Spare(pid, ours, cgroup)
+
+    async def refill(self, zygote: Zygote) -> None:
+        """Keep ``spares`` forked children waiting in the zygote's stock."""
+        if zygote.filling:
+            return
+        zygote.filling = True
+        try:
+            while zygote.alive and len(zygote.spares) < self.spares and not self.m._closing:
+                zygote.spares.append(await self._spare(zygote))
+        except SandboxError as exc:
+            log.warning("cannot fork a spare from zygote %s: %s", zygote.id, exc)
+        finally:
+            zygote.filling = False
+
+    async def fork(self, zygote: Zygote, spec: SandboxSpec) -> Sandbox:
+        """A sandbox for ``spec``: a spare child of ``zygote`` (or a new one), set up."""
+        from warmstart.sandbox.manager import TASK_ROOT, Sandbox
+
+        m = self.m
+        spare = None
+        while zygote.spares:
+            candidate = zygote.spares.pop(0)
+            if _still_waiting(candidate.sock):
+                spare = candidate
+                break
+            candidate.sock.close()
+            await m._recycle(candidate.cgroup, repark=False)
+        if self.spares:
+            m._background_task(self.refill(zygote))
+        if spare is None:
+            spare = await self._spare(zygote)
+        trees: list[int] = []
+        try:
+            spare.cgroup.set_limits(m.limits_for(spec.memory_mb))
             have = {dst for _, dst in zygote.packages}
             mounts = [(str(spec.code_dir), TASK_ROOT)]
             mounts += [(src, dst) for src, dst in spec.extra_ro_mounts if dst not in have]
@@ -279,21 +340,31 @@ class Zygotes:
                 "uid": m.uid,
                 "gid": m.gid,
             }
-            ours.sendmsg(
+            spare.sock.sendmsg(
                 [encode(json.dumps(setup).encode())],
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", trees))],
             )
         except BaseException as exc:
-            ours.close()
-            await m._recycle(cgroup)
-            if isinstance(exc, (OSError, TimeoutError)):
+            spare.sock.close()
+            await m._recycle(spare.cgroup, repark=False)
+            if isinstance(exc, OSError):
                 raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
             raise
         finally:
             for fd in trees:
                 os.close(fd)
         m._seq += 1
-        return Sandbox(f"sb{m._seq}", pid, ours, cgroup)
+        return Sandbox(f"sb{m._seq}", spare.pid, spare.sock, spare.cgroup, forked=True)
+
+
+def _still_waiting(sock: socket.socket) -> bool:
+    """A spare that is alive has sent its hello and waits: nothing to read, no EOF."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def top_level_modules(directory: Path) -> list[str]:

@@ -134,7 +134,8 @@ class ZygoteCache:
         except (SandboxError, PlatformError) as exc:
             self.failures += 1
             log.warning("fork from zygote %s failed (%s); starting without it", zygote.id, exc)
-            await self._drop(node)
+            if not zygote.alive:  # it crashed or was killed: replace it
+                await self._drop(node)
             return None
         node.forks += 1
         self.forks += 1
@@ -195,7 +196,12 @@ class ZygoteCache:
                 self._background(self._drop(node))
                 continue
             idle = now - node.last_used
-            if idle > self.freeze_after and zygote not in self.frozen and zygote.cgroup is not None:
+            if (
+                idle > self.freeze_after
+                and zygote not in self.frozen
+                and not zygote.filling
+                and zygote.cgroup is not None
+            ):
                 with contextlib.suppress(PlatformError):
                     zygote.cgroup.freeze()
                     self.frozen.add(zygote)
