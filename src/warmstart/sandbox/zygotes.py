@@ -284,9 +284,9 @@ class Zygotes:
             if msg != b"H" or pid <= 0:
                 zygote.alive = False  # a zygote that cannot fork is of no use
                 raise SandboxError(f"zygote {zygote.id} did not fork")
-            for procs in cgroup.procs_files:
-                with open(procs, "w") as f:
-                    f.write(str(pid))
+            # In a thread: the write can block for an RCU grace period, and the event
+            # loop has invocations to serve meanwhile.
+            await asyncio.to_thread(cgroup.driver.add, cgroup.rel, pid)
         except BaseException as exc:
             ours.close()
             await m._recycle(cgroup, repark=False)
