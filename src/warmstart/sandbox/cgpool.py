@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 
 from warmstart.errors import SandboxError
-from warmstart.sandbox.cgroups import CgroupDriver, Limits
+from warmstart.sandbox.cgroups import CgroupDriver, Limits, V2Driver
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class Cgroup:
     _freeze_fd: int = field(default=-1, repr=False)
     _values: tuple[bytes, bytes] = (b"", b"")
     oom_baseline: int = 0
+    applied: Limits | None = None  # the limits the cgroup has now
+    frozen: bool = False
 
     def open(self) -> None:
         path, frozen, thawed = self.driver.freeze_file(self.rel)
@@ -45,24 +48,38 @@ class Cgroup:
         return self.driver.procs_files(self.rel)
 
     def freeze(self) -> None:
+        self.frozen = True
         try:
             os.write(self._freeze_fd, self._values[0])
         except OSError as exc:
             raise SandboxError(f"cannot freeze cgroup {self.rel}: {exc.strerror}") from exc
 
     def thaw(self) -> None:
+        self.frozen = False
         try:
             os.write(self._freeze_fd, self._values[1])
         except OSError as exc:
             raise SandboxError(f"cannot thaw cgroup {self.rel}: {exc.strerror}") from exc
 
     def set_limits(self, limits: Limits) -> None:
-        self.driver.set_limits(self.rel, limits)
-        self.driver.reset_peak(self.rel)
+        self.driver.set_limits(self.rel, limits, self.applied)
+        self.applied = limits
         self.oom_baseline = self.driver.oom_kills(self.rel)
 
     def kill(self) -> None:
-        self.driver.kill(self.rel)
+        """SIGKILL every member without racing against fork (freeze, kill, thaw)."""
+        if isinstance(self.driver, V2Driver):
+            self.driver.kill(self.rel)  # cgroup.kill where the kernel has it
+            return
+        # Every member of a sandbox's cgroup lives in one pid namespace whose init is a
+        # member too, and SIGKILL to an init takes the whole namespace down, children
+        # forked meanwhile included: no freeze needed to win the race.  A frozen cgroup
+        # is thawed so that the signals land.
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.frozen:
+            self.thaw()
 
     def pids(self) -> list[int]:
         return self.driver.pids(self.rel)
@@ -147,7 +164,8 @@ class CgroupPool:
                     break
         if cg is None:
             cg = self._free.pop(0) if self._free else self._create()
-        cg.thaw()
+        if cg.frozen:
+            cg.thaw()
         cg.set_limits(limits)
         self._in_use.add(cg)
         return cg

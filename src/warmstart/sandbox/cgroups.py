@@ -138,12 +138,18 @@ class CgroupDriver:
 
     # -- membership ------------------------------------------------------------------
     def pids(self, rel: str) -> list[int]:
-        seen: set[int] = set()
-        for d in self.dirs(rel):
-            for p in [d, *(c for c in d.rglob("*") if c.is_dir())] if d.is_dir() else []:
-                with contextlib.suppress(FileNotFoundError):
-                    seen.update(int(x) for x in (p / "cgroup.procs").read_text().split())
-        return sorted(seen)
+        """Members of this cgroup (not of its children: pooled cgroups are leaves).
+
+        One file: every sandbox process joins all our controllers, so any one of them
+        lists it.  This runs for every recycled cgroup, so it must stay cheap.
+        """
+        try:
+            text = (self.dirs(rel)[0] / "cgroup.procs").read_text()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise SandboxError(f"cannot list cgroup {rel}: {exc.strerror}") from exc
+        return sorted({int(x) for x in text.split()})
 
     def add(self, rel: str, pid: int) -> None:
         for f in self.procs_files(rel):
@@ -160,7 +166,9 @@ class CgroupDriver:
             self.thaw(rel)
 
     # -- control ---------------------------------------------------------------------
-    def set_limits(self, rel: str, limits: Limits) -> None:
+    def set_limits(self, rel: str, limits: Limits, previous: Limits | None = None) -> None:
+        """Apply ``limits``; with ``previous`` (what the cgroup has now), write only what
+        changes -- a recycled cgroup usually keeps most of them."""
         raise NotImplementedError
 
     def freeze_file(self, rel: str) -> tuple[Path, bytes, bytes]:
@@ -210,7 +218,19 @@ class V1Driver(CgroupDriver):
             with contextlib.suppress(SandboxError):
                 _write(use_h, "1")
 
-    def set_limits(self, rel: str, limits: Limits) -> None:
+    def set_limits(self, rel: str, limits: Limits, previous: Limits | None = None) -> None:
+        if previous is None or previous.memory_bytes != limits.memory_bytes:
+            self._set_memory(rel, limits.memory_bytes, first=previous is None)
+        if previous is None or previous.pids_max != limits.pids_max:
+            _write(self._d("pids", rel) / "pids.max", str(limits.pids_max))
+        cpu = self._d("cpu", rel)
+        if previous is None:
+            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+        if previous is None or previous.cpu_quota_us != limits.cpu_quota_us:
+            _write(cpu / "cpu.cfs_quota_us", str(limits.cpu_quota_us or -1))
+
+    def _set_memory(self, rel: str, memory_bytes: int, *, first: bool) -> None:
+        limits = Limits(memory_bytes, 0)
         mem = self._d("memory", rel)
         memsw = mem / "memory.memsw.limit_in_bytes"
         # memsw (memory+swap) must stay >= limit_in_bytes at every step: raise it first
@@ -223,13 +243,9 @@ class V1Driver(CgroupDriver):
             with contextlib.suppress(SandboxError):
                 _write(memsw, str(limits.memory_bytes))
         swappiness = mem / "memory.swappiness"
-        if swappiness.exists():
+        if first and swappiness.exists():
             with contextlib.suppress(SandboxError):
                 _write(swappiness, "0")
-        _write(self._d("pids", rel) / "pids.max", str(limits.pids_max))
-        cpu = self._d("cpu", rel)
-        _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-        _write(cpu / "cpu.cfs_quota_us", str(limits.cpu_quota_us or -1))
 
     def freeze_file(self, rel: str) -> tuple[Path, bytes, bytes]:
         return self._d("freezer", rel) / "freezer.state", b"FROZEN", b"THAWED"
@@ -273,14 +289,17 @@ class V2Driver(CgroupDriver):
             if todo:
                 _write(d / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(todo)))
 
-    def set_limits(self, rel: str, limits: Limits) -> None:
+    def set_limits(self, rel: str, limits: Limits, previous: Limits | None = None) -> None:
         d = self.root / rel
-        _write(d / "memory.max", str(limits.memory_bytes))
-        if (d / "memory.swap.max").exists():
+        if previous is None or previous.memory_bytes != limits.memory_bytes:
+            _write(d / "memory.max", str(limits.memory_bytes))
+        if previous is None and (d / "memory.swap.max").exists():
             _write(d / "memory.swap.max", "0")
-        _write(d / "pids.max", str(limits.pids_max))
-        quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
-        _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        if previous is None or previous.pids_max != limits.pids_max:
+            _write(d / "pids.max", str(limits.pids_max))
+        if previous is None or previous.cpu_quota_us != limits.cpu_quota_us:
+            quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
+            _write(d / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
     def freeze_file(self, rel: str) -> tuple[Path, bytes, bytes]:
         return self.root / rel / "cgroup.freeze", b"1", b"0"
