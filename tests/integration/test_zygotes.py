@@ -233,3 +233,56 @@ def test_zygote_probe_leaves_out_packages_that_start_threads(
     # The instance imports it itself, and its thread is there.
     resp = lam.invoke(FunctionName="t2", Payload=b"{}")
     assert json.loads(resp["Payload"].read()) >= 2
+
+
+def test_zygotes_form_a_tree(server_factory: Any) -> None:
+    """A pandas zygote is forked from the numpy zygote: it inherits numpy, imports the rest."""
+    server: Server = server_factory("--zygote-after", "1")
+    lam = server.lambda_client()
+
+    def wait_for(pred: Any) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 120
+        with server.http() as http:
+            while True:
+                zs: list[dict[str, Any]] = http.get("/zygotes").json()["zygotes"]
+                if pred(zs):
+                    return zs
+                assert time.monotonic() < deadline, zs
+                time.sleep(0.2)
+
+    np_code = "import numpy\ndef handler(e, c):\n    return int(numpy.arange(3).sum())\n"
+    deploy(lam, "np1", {"handler.py": np_code, "requirements.txt": "numpy\n"}, MemorySize=256)
+    assert _run(server, "np1")[1] == 3
+
+    def has(zs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+        return [
+            z
+            for z in zs
+            if z.get("alive")
+            and any(p.startswith(name + "==") for p in z["packages"])
+            and (name != "numpy" or len(z["packages"]) == 1)
+        ]
+
+    numpy_z = has(wait_for(lambda zs: has(zs, "numpy")), "numpy")[0]
+    assert numpy_z["depth"] == 1 and "numpy" in numpy_z["imported"]
+
+    deploy(
+        lam,
+        "pd1",
+        {"handler.py": PANDAS, "requirements.txt": "pandas\n"},
+        MemorySize=512,
+        Timeout=60,
+    )
+    assert _run(server, "pd1")[1]["sum"] == 6
+    pandas_z = has(wait_for(lambda zs: has(zs, "pandas")), "pandas")[0]
+    assert pandas_z["depth"] == 2
+    assert "pandas" in pandas_z["imported"] and "numpy" not in pandas_z["imported"]  # inherited
+    deploy(
+        lam,
+        "pd2",
+        {"handler.py": PANDAS, "requirements.txt": "pandas\n"},
+        MemorySize=512,
+        Timeout=60,
+    )
+    start, body = _run(server, "pd2")
+    assert start == "fork" and body == {"preloaded": True, "sum": 6}

@@ -29,6 +29,7 @@ malicious package imported here could reach every instance forked from it.
 from __future__ import annotations
 
 import array
+import contextlib
 import gc
 import json
 import os
@@ -52,6 +53,7 @@ else:
 
 CTL_FD = 3
 CHILD_ROOT = "/.c"
+_ctl_fd = CTL_FD  # this zygote's control socket (a child zygote's is elsewhere)
 
 
 def _recv_ctl(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -85,7 +87,7 @@ def _probe(module: str) -> str:
                         target = os.readlink(f"/proc/self/fd/{fd}")
                     except OSError:
                         continue
-                    if target.startswith("socket:") and int(fd) != CTL_FD:
+                    if target.startswith("socket:") and int(fd) != _ctl_fd:
                         verdict = "opens sockets"
                         break
         except BaseException as exc:
@@ -97,7 +99,8 @@ def _probe(module: str) -> str:
     while chunk := os.read(r, 4096):
         out += chunk
     os.close(r)
-    os.waitpid(pid, 0)
+    with contextlib.suppress(ChildProcessError):  # already reaped where SIGCHLD is ignored
+        os.waitpid(pid, 0)
     return "" if out == b"ok" else (out.decode(errors="replace") or "probe died")
 
 
@@ -122,11 +125,17 @@ def main() -> None:
     layout: dict[str, Any] = json.loads(os.environ.pop("WARMSTART_LAYOUT"))
     extra = [p for p in os.environ.get("WARMSTART_PATH", "").split(":") if p]
     sys.path[0:0] = extra
-    ctl = socket.socket(fileno=CTL_FD)
     modules = [m for m in os.environ.get("WARMSTART_PRELOAD", "").split(",") if m]
     imported, skipped = preload(modules)
-    pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    serve(socket.socket(fileno=CTL_FD), layout, imported, skipped)
+
+
+def serve(
+    ctl: socket.socket, layout: dict[str, Any], imported: list[str], skipped: dict[str, str]
+) -> None:
+    """Say ready, then fork instances -- or child zygotes -- until the worker hangs up."""
+    pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     gc.collect()
     gc.freeze()  # keep the collector from touching (copying) inherited objects in children
     ctl.sendall(json.dumps({"ready": True, "imported": imported, "skipped": skipped}).encode())
@@ -134,22 +143,66 @@ def main() -> None:
         msg, fds = _recv_ctl(ctl)
         if msg is None:
             os._exit(0)  # the worker closed the control socket
-        if msg.get("op") != "fork" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            continue
-        try:
-            sc.unshare(sc.CLONE_NEWPID)  # our next child starts a new pid namespace
+        op = msg.get("op")
+        if op == "fork" and len(fds) == 1:
             try:
-                pid = os.fork()
-                if pid == 0:
+                sc.unshare(sc.CLONE_NEWPID)  # our next child starts a new pid namespace
+                try:
+                    pid = os.fork()
+                    if pid == 0:
+                        ctl.detach()
+                        _child(fds[0], layout)
+                finally:
+                    sc.setns(pidns, sc.CLONE_NEWPID)
+            except OSError:
+                pass  # the worker sees the socket close without a hello
+        elif op == "zygote" and len(fds) == 1 + len(msg.get("mounts", ())):
+            try:
+                if os.fork() == 0:
                     ctl.detach()
-                    _child(fds[0], layout)
-            finally:
-                sc.setns(pidns, sc.CLONE_NEWPID)
-        except OSError:
-            pass  # the worker sees the socket close without a hello
-        os.close(fds[0])
+                    os.close(pidns)
+                    _child_zygote(fds[0], fds[1:], msg, layout)
+            except OSError:
+                pass
+        for fd in fds:
+            os.close(fd)
+
+
+def _child_zygote(
+    ctl_fd: int, trees: list[int], msg: dict[str, Any], layout: dict[str, Any]
+) -> None:
+    """A zygote forked from this one: it keeps everything already imported, attaches the
+    packages the worker sends (read-only trees), imports them, and serves on its own."""
+    global _ctl_fd
+    _ctl_fd = ctl_fd
+    ctl = socket.socket(fileno=ctl_fd)
+    try:
+        sc.close_fds_except(ctl_fd, *trees)
+        # Say hello (the kernel adds our pid) and wait until the worker has moved us into
+        # a cgroup of our own: what we import must not be charged to -- or frozen with --
+        # our parent.
+        ctl.sendall(b'{"hello": true}')
+        if ctl.recv(16) != b"go":
+            os._exit(1)
+        sc.unshare(sc.CLONE_NEWNS)  # its extra packages are its own
+        mounts: list[str] = msg["mounts"]
+        for dst, tree in zip(mounts, trees, strict=True):
+            os.makedirs(dst, exist_ok=True)  # /var/packages is the zygotes' own tmpfs
+            sc.attach_tree(tree, dst)
+            os.close(tree)
+        sys.path[0:0] = mounts
+        layout = {**layout, "binds": [*layout["binds"], *mounts]}
+        imported, skipped = preload(list(msg.get("preload", ())))
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            ctl.sendall(
+                json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}).encode()
+            )
+        os._exit(1)
+    try:
+        serve(ctl, layout, imported, skipped)
+    finally:
+        os._exit(1)
 
 
 def _recv_setup(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:

@@ -70,6 +70,17 @@ def _build_root(spec: dict[str, Any], *, with_proc: bool) -> None:
     sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
     for target, link in spec["symlinks"]:
         os.symlink(target, root + link)
+    # Writable tmpfs directories owned by a given uid (a zygote's /var/packages, where its
+    # child zygotes make mount points for the packages they add).
+    for path, uid in spec.get("owned_dirs", ()):
+        os.makedirs(root + path, exist_ok=True)
+        sc.mount(
+            "tmpfs",
+            root + path,
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV,
+            f"size=1m,mode=0755,uid={uid},gid={uid}",
+        )
     for src, dst, mode in spec["mounts"]:
         path = root + dst
         if not os.path.exists(src):

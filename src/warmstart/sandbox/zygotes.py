@@ -170,6 +170,7 @@ class Zygotes:
             "mounts": mounts,
             "symlinks": m._symlinks,
             "dirs": ["/.c"],
+            "owned_dirs": [["/var/packages", self.uid]],
             "tmp_bytes": 16 << 20,
             "cgroup_procs": cgroup.procs_files,
             "hostname": "warmstart-zygote",
@@ -220,6 +221,76 @@ class Zygotes:
             self.m._background_task(self.refill(zygote))
         if zygote.skipped:
             log.info("zygote %s left out: %s", zygote.id, zygote.skipped)
+        return zygote
+
+    async def start_child(
+        self,
+        parent: Zygote,
+        extra: tuple[tuple[str, str], ...],
+        preload: list[str],
+        timeout: float = 300.0,
+    ) -> Zygote:
+        """A zygote forked from ``parent``: it shares the parent's imported modules
+        (copy-on-write) and adds ``extra`` packages, attached as read-only trees."""
+        m = self.m
+        if not parent.alive:
+            raise SandboxError(f"zygote {parent.id} is gone")
+        self._seq += 1
+        cgroup = m.acquire_unparked(Limits(self.memory_mb << 20, m.pids_max, None))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        ours.setblocking(False)
+        trees: list[int] = []
+        try:
+            trees = [sc.clone_tree_readonly(src) for src, _ in extra]
+            msg = {"op": "zygote", "mounts": [dst for _, dst in extra], "preload": preload}
+            try:
+                async with parent.lock:
+                    parent.ctl.sendmsg(
+                        [json.dumps(msg).encode()],
+                        [
+                            (
+                                socket.SOL_SOCKET,
+                                socket.SCM_RIGHTS,
+                                array.array("i", [theirs.fileno(), *trees]),
+                            )
+                        ],
+                    )
+            except OSError as exc:
+                parent.alive = False
+                raise SandboxError(f"zygote {parent.id} is gone: {exc}") from exc
+            finally:
+                theirs.close()
+                for fd in trees:
+                    os.close(fd)
+            raw, anc = await _recvmsg(ours, 1 << 16, socket.CMSG_SPACE(CREDS.size), 10.0)
+            pid = _creds_pid(anc)
+            if not raw or pid <= 0:
+                raise SandboxError(f"zygote {parent.id} could not start a child zygote")
+            await asyncio.to_thread(cgroup.driver.add, cgroup.rel, pid)
+            ours.send(b"go")
+            raw, anc = await _recvmsg(ours, 1 << 16, socket.CMSG_SPACE(CREDS.size), timeout)
+            if not raw:
+                raise SandboxError("the child zygote exited while importing its packages")
+            hello = json.loads(raw)
+            if not hello.get("ready"):
+                raise SandboxError(f"the child zygote failed: {hello.get('error')}")
+        except BaseException:
+            ours.close()
+            await m._recycle(cgroup, repark=False)
+            raise
+        zygote = Zygote(
+            f"zy{self._seq}",
+            (*parent.packages, *extra),
+            ours,
+            cgroup,
+            pid,
+            tuple(hello.get("imported", ())),
+            dict(hello.get("skipped", {})),
+        )
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_ctl, zygote)
+        if self.spares:
+            self.m._background_task(self.refill(zygote))
         return zygote
 
     def _on_ctl(self, zygote: Zygote) -> None:

@@ -80,12 +80,24 @@ class ZygoteCache:
         return tuple((str(d), f"/var/packages/{d.name}") for d in dirs)
 
     async def _launch(self, pins: PackageSet) -> Zygote:
-        packages = self._packages(pins)
-        preload = [m for src, _ in packages for m in top_level_modules(Path(src))]
+        """Start a zygote for ``pins``: forked from the deepest ready zygote whose packages
+        are a subset (sharing what it imported), or from scratch for the root."""
         t0 = time.perf_counter()
-        zygote = await self.launcher.start(packages, preload)
+        parent = self._ready_node(pins) if pins else None
+        if parent is not None and isinstance(parent.handle, Zygote):
+            parent.last_used = time.monotonic()
+            self._thaw(parent.handle)
+            extra = self._packages(pins - parent.packages)
+            preload = [m for src, _ in extra for m in top_level_modules(Path(src))]
+            zygote = await self.launcher.start_child(parent.handle, extra, preload)
+        else:
+            packages = self._packages(pins)
+            preload = [m for src, _ in packages for m in top_level_modules(Path(src))]
+            zygote = await self.launcher.start(packages, preload)
         self.created += 1
         self.live[zygote] = 0
+        if zygote.skipped:
+            log.info("zygote %s left out %s", zygote.id, zygote.skipped)
         log.info(
             "zygote %s ready in %.0f ms with %s",
             zygote.id,
@@ -127,9 +139,7 @@ class ZygoteCache:
             return None
         node.last_used = time.monotonic()
         try:
-            if zygote in self.frozen and zygote.cgroup is not None:
-                zygote.cgroup.thaw()
-                self.frozen.discard(zygote)
+            self._thaw(zygote)
             sandbox = await self.launcher.fork(zygote, spec)
         except (SandboxError, PlatformError) as exc:
             self.failures += 1
@@ -141,6 +151,11 @@ class ZygoteCache:
         self.forks += 1
         self.live[zygote] = self.live.get(zygote, 0) + 1
         return sandbox, zygote
+
+    def _thaw(self, zygote: Zygote) -> None:
+        if zygote in self.frozen and zygote.cgroup is not None:
+            zygote.cgroup.thaw()
+            self.frozen.discard(zygote)
 
     def released(self, zygote: Zygote) -> None:
         """An instance forked from ``zygote`` is gone."""
