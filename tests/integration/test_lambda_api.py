@@ -291,3 +291,27 @@ def test_state_survives_restart(server_factory: Any, tmp_path: Any) -> None:
     again = server_factory(data_dir=server.data_dir)
     _, body = _invoke(again.lambda_client(), "keep", {"after": "restart"})
     assert body["event"] == {"after": "restart"}
+
+
+@needs_root
+def test_handler_cache_budget_evicts_least_recently_used(server_factory: Any) -> None:
+    """Idle instances beyond the cache's memory budget are evicted, oldest first."""
+    server = server_factory("--freeze-after-ms", "0", "--cache-budget-mb", "1")
+    lam = server.lambda_client()
+    deploy(lam, "old", {"handler.py": HELLO})
+    deploy(lam, "new", {"handler.py": HELLO})
+    _invoke(lam, "old", {})
+    _invoke(lam, "new", {})
+    deadline = time.monotonic() + 10
+    with server.http() as http:
+        while True:
+            left = [i["function"] for i in http.get("/instances").json()["instances"]]
+            if len(left) <= 1:
+                break
+            assert time.monotonic() < deadline, left
+            time.sleep(0.05)
+        assert "old" not in left
+        assert "warmstart_evictions_total" in http.get("/metrics").text
+    # An evicted function simply starts again.
+    resp, body = _invoke(lam, "old", {"again": True})
+    assert body["event"] == {"again": True}

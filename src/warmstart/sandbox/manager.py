@@ -318,6 +318,12 @@ class SandboxManager:
             await asyncio.to_thread(self.pool.close)
             self.pool = None
         if self._lock_fd >= 0:
+            # Clean up after ourselves while we still hold the lock.
+            digest = self.cgroup_parent().split("/")[1]
+            with contextlib.suppress(OSError):
+                self._lock_path(digest).unlink()
+            with contextlib.suppress(OSError):
+                self.root_mountpoint.rmdir()
             os.close(self._lock_fd)
             self._lock_fd = -1
 
