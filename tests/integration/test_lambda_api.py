@@ -313,5 +313,5 @@ def test_handler_cache_budget_evicts_least_recently_used(server_factory: Any) ->
         assert "old" not in left
         assert "warmstart_evictions_total" in http.get("/metrics").text
     # An evicted function simply starts again.
-    resp, body = _invoke(lam, "old", {"again": True})
+    _resp, body = _invoke(lam, "old", {"again": True})
     assert body["event"] == {"again": True}
