@@ -440,8 +440,18 @@ def report(res: dict[str, Any]) -> str:
     rows = [
         ("cold start p50, fresh interpreter", fresh and fresh["p50_ms"], rc and rc["p50_ms"], "ms"),
         ("cold start p99, fresh interpreter", fresh and fresh["p99_ms"], rc and rc["p99_ms"], "ms"),
-        ("cold start p50, forked from a zygote", cold and cold["p50_ms"], rc and rc["p50_ms"], "ms"),
-        ("cold start p99, forked from a zygote", cold and cold["p99_ms"], rc and rc["p99_ms"], "ms"),
+        (
+            "cold start p50, forked from a zygote",
+            cold and cold["p50_ms"],
+            rc and rc["p50_ms"],
+            "ms",
+        ),
+        (
+            "cold start p99, forked from a zygote",
+            cold and cold["p99_ms"],
+            rc and rc["p99_ms"],
+            "ms",
+        ),
         ("warm p50", warm and warm["p50_ms"], None, "ms"),
         ("warm p99", warm and warm["p99_ms"], None, "ms"),
         ("frozen-warm p50", frozen and frozen["p50_ms"], None, "ms"),

@@ -200,21 +200,11 @@ def wait_for_pandas_zygote(server: Server, timeout: float) -> dict[str, Any]:
 
 # -- memory ----------------------------------------------------------------------------------
 def smaps_rollup(pid: int) -> dict[str, int] | None:
-    """RSS, PSS and USS (Private_Clean + Private_Dirty) in bytes."""
-    fields: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                    fields[parts[0][:-1]] = int(parts[1]) * 1024
-    except OSError:
-        return None
-    return {
-        "rss": fields.get("Rss", 0),
-        "pss": fields.get("Pss", 0),
-        "uss": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
-    }
+    """RSS, PSS and USS in bytes (the same reading the server reports in /zygotes)."""
+    from warmstart.sandbox.zygotes import memory_of
+
+    use = memory_of(pid)
+    return None if use is None else {"rss": use.rss, "pss": use.pss, "uss": use.uss}
 
 
 def parent_pid(pid: int) -> int:

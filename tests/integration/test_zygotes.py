@@ -39,6 +39,37 @@ def handler(event, context):
 """
 
 
+def _deploy_pandas(lam: Any, name: str) -> None:
+    deploy(
+        lam,
+        name,
+        {"handler.py": PANDAS, "requirements.txt": "pandas\n"},
+        MemorySize=512,
+        Timeout=60,
+    )
+
+
+def _wait_for_zygotes(server: Server, pred: Any, timeout: float = 120) -> list[dict[str, Any]]:
+    """Poll GET /zygotes until ``pred(zygotes)`` holds."""
+    deadline = time.monotonic() + timeout
+    with server.http() as http:
+        while True:
+            zs: list[dict[str, Any]] = http.get("/zygotes").json()["zygotes"]
+            if pred(zs):
+                return zs
+            assert time.monotonic() < deadline, zs
+            time.sleep(0.2)
+
+
+def _alive_with(zygotes: list[dict[str, Any]], package: str) -> list[dict[str, Any]]:
+    """The live zygotes whose packages include ``package``."""
+    return [
+        z
+        for z in zygotes
+        if z.get("alive") and any(p.startswith(package + "==") for p in z["packages"])
+    ]
+
+
 def _run(server: Server, name: str) -> tuple[str, Any]:
     with server.http() as http:
         r = http.post(f"/run/{name}", content=b"{}")
@@ -122,32 +153,14 @@ def test_forked_instances_are_isolated(server: Server, lam: Any) -> None:
 def test_pandas_zygote_grows_from_demand(server_factory: Any) -> None:
     server: Server = server_factory("--zygote-after", "1")
     lam = server.lambda_client()
-    deploy(
-        lam,
-        "pd1",
-        {"handler.py": PANDAS, "requirements.txt": "pandas\n"},
-        MemorySize=512,
-        Timeout=60,
-    )
-    deploy(
-        lam,
-        "pd2",
-        {"handler.py": PANDAS, "requirements.txt": "pandas\n"},
-        MemorySize=512,
-        Timeout=60,
-    )
+    _deploy_pandas(lam, "pd1")
+    _deploy_pandas(lam, "pd2")
     start, first = _run(server, "pd1")
     assert first["sum"] == 6
     # The first cold start asked for a pandas zygote; it is built in the background.
-    deadline = time.monotonic() + 120
-    with server.http() as http:
-        while True:
-            zs = http.get("/zygotes").json()["zygotes"]
-            pandas_z = [z for z in zs if any(p.startswith("pandas==") for p in z["packages"])]
-            if pandas_z and pandas_z[0].get("alive"):
-                break
-            assert time.monotonic() < deadline, zs
-            time.sleep(0.2)
+    pandas_z = _alive_with(
+        _wait_for_zygotes(server, lambda zs: _alive_with(zs, "pandas")), "pandas"
+    )
     assert "pandas" in pandas_z[0]["imported"] and "numpy" in pandas_z[0]["imported"]
     start, second = _run(server, "pd2")
     assert start == "fork"
@@ -219,14 +232,9 @@ def test_zygote_probe_leaves_out_packages_that_start_threads(
     code = "import threadpkg, threading\ndef handler(e, c):\n    return threading.active_count()\n"
     deploy(lam, "t1", {"handler.py": code, "requirements.txt": "threadpkg==1.0\n"})
     assert json.loads(lam.invoke(FunctionName="t1", Payload=b"{}")["Payload"].read()) >= 2
-    deadline = time.monotonic() + 60
-    with server.http() as http:
-        while True:
-            zs = [z for z in http.get("/zygotes").json()["zygotes"] if z["packages"]]
-            if zs and zs[0].get("alive"):
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    zs = _alive_with(
+        _wait_for_zygotes(server, lambda zs: _alive_with(zs, "threadpkg")), "threadpkg"
+    )
     assert zs[0]["imported"] == []
     assert "threadpkg" in zs[0]["skipped"] and "threads" in zs[0]["skipped"]["threadpkg"]
     deploy(lam, "t2", {"handler.py": code, "requirements.txt": "threadpkg==1.0\n"})
@@ -240,49 +248,25 @@ def test_zygotes_form_a_tree(server_factory: Any) -> None:
     server: Server = server_factory("--zygote-after", "1")
     lam = server.lambda_client()
 
-    def wait_for(pred: Any) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + 120
-        with server.http() as http:
-            while True:
-                zs: list[dict[str, Any]] = http.get("/zygotes").json()["zygotes"]
-                if pred(zs):
-                    return zs
-                assert time.monotonic() < deadline, zs
-                time.sleep(0.2)
-
     np_code = "import numpy\ndef handler(e, c):\n    return int(numpy.arange(3).sum())\n"
     deploy(lam, "np1", {"handler.py": np_code, "requirements.txt": "numpy\n"}, MemorySize=256)
     assert _run(server, "np1")[1] == 3
 
-    def has(zs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-        return [
-            z
-            for z in zs
-            if z.get("alive")
-            and any(p.startswith(name + "==") for p in z["packages"])
-            and (name != "numpy" or len(z["packages"]) == 1)
-        ]
-
-    numpy_z = has(wait_for(lambda zs: has(zs, "numpy")), "numpy")[0]
+    only_numpy = [
+        z
+        for z in _wait_for_zygotes(server, lambda zs: _alive_with(zs, "numpy"))
+        if len(z["packages"]) == 1
+    ]
+    numpy_z = _alive_with(only_numpy, "numpy")[0]
     assert numpy_z["depth"] == 1 and "numpy" in numpy_z["imported"]
 
-    deploy(
-        lam,
-        "pd1",
-        {"handler.py": PANDAS, "requirements.txt": "pandas\n"},
-        MemorySize=512,
-        Timeout=60,
-    )
+    _deploy_pandas(lam, "pd1")
     assert _run(server, "pd1")[1]["sum"] == 6
-    pandas_z = has(wait_for(lambda zs: has(zs, "pandas")), "pandas")[0]
+    pandas_z = _alive_with(
+        _wait_for_zygotes(server, lambda zs: _alive_with(zs, "pandas")), "pandas"
+    )[0]
     assert pandas_z["depth"] == 2
     assert "pandas" in pandas_z["imported"] and "numpy" not in pandas_z["imported"]  # inherited
-    deploy(
-        lam,
-        "pd2",
-        {"handler.py": PANDAS, "requirements.txt": "pandas\n"},
-        MemorySize=512,
-        Timeout=60,
-    )
+    _deploy_pandas(lam, "pd2")
     start, body = _run(server, "pd2")
     assert start == "fork" and body == {"preloaded": True, "sum": 6}
