@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -21,6 +22,8 @@ from warmstart.worker import Worker
 
 log = logging.getLogger(__name__)
 
+MAX_JOB_BODY = 64 << 20
+
 
 class NativeAPI:
     def __init__(self, worker: Worker) -> None:
@@ -35,6 +38,10 @@ class NativeAPI:
             Route("/instances", self.instances, methods=["GET"]),
             Route("/zygotes", self.zygotes, methods=["GET"]),
             Route("/events/{event_id}", self.event, methods=["GET"]),
+            Route("/jobs", self.submit_job, methods=["POST"]),
+            Route("/jobs", self.list_jobs, methods=["GET"]),
+            Route("/jobs/{job_id}", self.job, methods=["GET"]),
+            Route("/jobs/{job_id}/results", self.job_results, methods=["GET"]),
         ]
 
     async def run(self, request: Request) -> Response:
@@ -94,6 +101,50 @@ class NativeAPI:
         return JSONResponse(
             {"enabled": True, "forks": zc.forks, "failures": zc.failures, "zygotes": zc.describe()}
         )
+
+    async def submit_job(self, request: Request) -> Response:
+        """POST /jobs: {"function": F, "inputs": [...]}, or JSON lines with ?function=F."""
+        raw = await request.body()
+        if len(raw) > MAX_JOB_BODY:
+            raise InvalidParameter(f"a job's inputs may take at most {MAX_JOB_BODY} bytes")
+        if "ndjson" in request.headers.get("content-type", "") or "function" in request.query_params:
+            name = request.query_params.get("function", "")
+            inputs = []
+            for n, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError:
+                    raise InvalidParameter(f"input line {n} is not JSON") from None
+                inputs.append(line)
+        else:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise InvalidParameter("the body must be JSON or JSON lines") from None
+            if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+                raise InvalidParameter('expected {"function": NAME, "inputs": [...]}')
+            name = str(body.get("function", ""))
+            inputs = [json.dumps(item).encode() for item in body["inputs"]]
+        name, _ = function_name(name)
+        job_id = self.worker.submit_job(name, inputs)
+        return JSONResponse({"JobId": job_id, "total": len(inputs)}, status_code=202)
+
+    async def list_jobs(self, request: Request) -> Response:
+        return JSONResponse({"jobs": self.worker.store.jobs()})
+
+    async def job(self, request: Request) -> Response:
+        job = self.worker.store.job(request.path_params["job_id"])
+        if job is None:
+            raise NotFound("no such job")
+        return JSONResponse(job)
+
+    async def job_results(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if self.worker.store.job(job_id) is None:
+            raise NotFound("no such job")
+        return JSONResponse({"JobId": job_id, "results": self.worker.store.job_results(job_id)})
 
     async def event(self, request: Request) -> Response:
         ev = self.worker.store.event(request.path_params["event_id"])

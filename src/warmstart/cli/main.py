@@ -165,7 +165,18 @@ def _parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="print a function's recent logs")
     lg.add_argument("name")
     lg.add_argument("--bytes", type=int, default=65536, help="how much of the end to print")
-    for sp in (d, i, r, lg, sub.choices["ls"]):
+    j = sub.add_parser("job", help="batch jobs: run a function over many inputs")
+    jsub = j.add_subparsers(dest="job_command", required=True, metavar="JOBCOMMAND")
+    js = jsub.add_parser("submit", help="queue a job (one invocation per input line)")
+    js.add_argument("function")
+    js.add_argument("inputs", type=Path, help="a JSON-lines file: one event per line ('-' for stdin)")
+    js.add_argument("--wait", action="store_true", help="show progress until the job is done")
+    jst = jsub.add_parser("status", help="a job's progress")
+    jst.add_argument("job_id")
+    jst.add_argument("--wait", action="store_true", help="show progress until the job is done")
+    jr = jsub.add_parser("results", help="print a job's results as JSON lines")
+    jr.add_argument("job_id")
+    for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr):
         sp.add_argument(
             "--endpoint", default=DEFAULT_ENDPOINT, help="server URL (default %(default)s)"
         )
@@ -385,9 +396,53 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.job_command == "submit":
+            data = sys.stdin.buffer.read() if str(args.inputs) == "-" else args.inputs.read_bytes()
+            out = _check(c.post("/jobs", params={"function": args.function}, content=data,
+                                headers={"Content-Type": "application/x-ndjson"})).json()
+            print(f"job {out['JobId']}: {out['total']} inputs queued")
+            if not args.wait:
+                return 0
+            job_id = out["JobId"]
+        elif args.job_command == "results":
+            for item in _check(c.get(f"/jobs/{args.job_id}/results")).json()["results"]:
+                print(json.dumps(item))
+            return 0
+        else:
+            job_id = args.job_id
+            if not args.wait:
+                print(json.dumps(_check(c.get(f"/jobs/{job_id}")).json(), indent=2))
+                return 0
+        return _follow_job(c, job_id)
+
+
+def _follow_job(c: Any, job_id: str) -> int:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        job = _check(c.get(f"/jobs/{job_id}")).json()
+        task = progress.add_task(f"job {job_id[:8]}", total=job["total"])
+        while True:
+            done = job["succeeded"] + job["failed"]
+            progress.update(task, completed=done,
+                            description=f"job {job_id[:8]} ({job['failed']} failed)")
+            if job["status"] == "completed":
+                break
+            time.sleep(0.25)
+            job = _check(c.get(f"/jobs/{job_id}")).json()
+    print(f"job {job_id}: {job['succeeded']} succeeded, {job['failed']} failed")
+    return 1 if job["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
+        "job": _job,
         "serve": _serve,
         "deploy": _deploy,
         "invoke": _invoke,

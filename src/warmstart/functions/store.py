@@ -40,6 +40,12 @@ CREATE TABLE IF NOT EXISTS events (
     result BLOB
 );
 CREATE INDEX IF NOT EXISTS events_status ON events(status, created);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    created REAL NOT NULL,
+    total INTEGER NOT NULL
+);
 """
 
 
@@ -70,6 +76,11 @@ class FunctionStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(events)")}
+        if "job_id" not in columns:  # a job's items are events that remember their job
+            self.db.execute("ALTER TABLE events ADD COLUMN job_id TEXT")
+            self.db.execute("ALTER TABLE events ADD COLUMN idx INTEGER")
+        self.db.execute("CREATE INDEX IF NOT EXISTS events_job ON events(job_id, idx)")
         bundle.clean_partial(self.code_root)
 
     def close(self) -> None:
@@ -144,6 +155,48 @@ class FunctionStore:
             (event_id, function, payload, time.time()),
         )
         return event_id
+
+    # -- batch jobs: a job row plus one event per input -------------------------------------
+    def create_job(self, function: str, inputs: list[bytes]) -> str:
+        job_id = str(uuid.uuid4())
+        now = time.time()
+        with self.db:  # one transaction: the job and all its items, or nothing
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT INTO jobs(id, function, created, total) VALUES (?, ?, ?, ?)",
+                (job_id, function, now, len(inputs)),
+            )
+            self.db.executemany(
+                "INSERT INTO events(id, function, payload, created, job_id, idx) VALUES (?, ?, ?, ?, ?, ?)",
+                [(f"{job_id}/{i}", function, payload, now, job_id, i) for i, payload in enumerate(inputs)],
+            )
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT function, created, total FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        counts = dict(self.db.execute(
+            "SELECT status, COUNT(*) FROM events WHERE job_id=? GROUP BY status", (job_id,)
+        ).fetchall())
+        done = counts.get("succeeded", 0) + counts.get("failed", 0) + counts.get("dropped", 0)
+        return {
+            "JobId": job_id, "function": row[0], "created": row[1], "total": row[2],
+            "succeeded": counts.get("succeeded", 0), "failed": counts.get("failed", 0) + counts.get("dropped", 0),
+            "pending": counts.get("pending", 0),
+            "status": "completed" if done == row[2] else "running",
+        }
+
+    def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        ids = [r[0] for r in self.db.execute("SELECT id FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
+        return [j for j in (self.job(i) for i in ids) if j is not None]
+
+    def job_results(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT idx, status, attempts, result FROM events WHERE job_id=? ORDER BY idx", (job_id,)
+        ).fetchall()
+        return [{"index": r[0], "status": r[1], "attempts": r[2],
+                 "result": None if r[3] is None else bytes(r[3]).decode(errors="replace")} for r in rows]
 
     def pending_events(self, limit: int = 100) -> list[tuple[str, str, bytes, int]]:
         rows = self.db.execute(

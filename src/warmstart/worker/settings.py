@@ -36,6 +36,7 @@ class Settings:
     idle_ttl_s: float = 600.0  # frozen this long -> evicted
     init_timeout_s: float = 10.0
     event_retries: int = 2  # Lambda's MaximumRetryAttempts default
+    be_concurrency: int = 2 * (os.cpu_count() or 1)  # Event invocations and job items at once
     # The install cache.
     index_url: str | None = None  # None: the installer's default (PyPI)
     find_links: tuple[Path, ...] = ()  # local wheel directories

@@ -22,6 +22,7 @@ from typing import Any
 
 from warmstart.errors import (
     Conflict,
+    InvalidParameter,
     InvalidRequestContent,
     NotFound,
     PlatformError,
@@ -40,6 +41,7 @@ from warmstart.worker.settings import Settings
 log = logging.getLogger(__name__)
 
 LOG_TAIL_BYTES = 4096
+MAX_JOB_INPUTS = 100_000
 StartKind = str  # "warm" | "cold"
 
 
@@ -506,6 +508,18 @@ class Worker:
         self._event_wakeup.set()
         return event_id
 
+    # -- batch jobs ------------------------------------------------------------------------
+    def submit_job(self, name: str, inputs: list[bytes]) -> str:
+        """Queue ``inputs`` for ``name`` durably; they run like Event invocations."""
+        self.get(name)
+        if not inputs:
+            raise InvalidParameter("a job needs at least one input")
+        if len(inputs) > MAX_JOB_INPUTS:
+            raise InvalidParameter(f"a job takes at most {MAX_JOB_INPUTS} inputs")
+        job_id = self.store.create_job(name, inputs)
+        self._event_wakeup.set()
+        return job_id
+
     async def _event_loop(self) -> None:
         """Run queued Event invocations (durable in SQLite; retried like Lambda does)."""
         running: set[asyncio.Task[None]] = set()
@@ -513,7 +527,7 @@ class Worker:
             self._event_wakeup.clear()
             taken = {t.get_name() for t in running}
             for event_id, fn, payload, attempts in self.store.pending_events():
-                if event_id in taken or len(running) >= self.settings.max_concurrency:
+                if event_id in taken or len(running) >= self.settings.be_concurrency:
                     continue
                 task = asyncio.get_running_loop().create_task(
                     self._run_event(event_id, fn, payload, attempts), name=event_id

@@ -1,0 +1,114 @@
+"""Batch jobs: durable, at least once, with results and progress; the CLI follows them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Server, deploy
+
+pytestmark = [pytest.mark.integration]
+
+SQUARE = """
+import time
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    if event.get("fail"):
+        raise ValueError("bad input %s" % event["x"])
+    return event["x"] ** 2
+"""
+
+
+def _wait_done(server: Server, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    with server.http() as http:
+        while True:
+            job: dict[str, Any] = http.get(f"/jobs/{job_id}").json()
+            if job["status"] == "completed":
+                return job
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+
+
+def test_job_runs_every_input_and_keeps_results(server: Server, lam: Any) -> None:
+    deploy(lam, "square", {"handler.py": SQUARE})
+    inputs = [{"x": i} for i in range(20)] + [{"x": 99, "fail": True}]
+    with server.http() as http:
+        r = http.post("/jobs", json={"function": "square", "inputs": inputs})
+        assert r.status_code == 202
+        job_id = r.json()["JobId"]
+        job = _wait_done(server, job_id)
+        assert (job["total"], job["succeeded"], job["failed"]) == (21, 20, 1)
+        results = http.get(f"/jobs/{job_id}/results").json()["results"]
+    assert [json.loads(r["result"]) for r in results[:20]] == [i * i for i in range(20)]
+    failed = results[20]
+    assert failed["status"] == "failed" and failed["attempts"] == 3  # retried like Lambda
+    assert json.loads(failed["result"])["errorMessage"] == "bad input 99"
+
+
+def test_bad_job_requests(server: Server, lam: Any) -> None:
+    deploy(lam, "square", {"handler.py": SQUARE})
+    with server.http() as http:
+        assert http.post("/jobs", json={"function": "nope", "inputs": [{}]}).status_code == 404
+        assert http.post("/jobs", json={"function": "square", "inputs": []}).status_code == 400
+        bad = http.post(
+            "/jobs?function=square",
+            content=b'{"x": 1}\nnot json\n',
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+        assert bad.status_code == 400 and "line 2" in bad.json()["message"]
+        assert http.get("/jobs/no-such-job").status_code == 404
+
+
+def test_jobs_survive_a_killed_worker(server_factory: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = server_factory(data_dir=data_dir)
+    deploy(first.lambda_client(), "square", {"handler.py": SQUARE}, Timeout=10)
+    with first.http() as http:
+        job_id = http.post(
+            "/jobs",
+            json={"function": "square", "inputs": [{"x": i, "sleep": 0.2} for i in range(30)]},
+        ).json()["JobId"]
+        time.sleep(0.5)
+        assert http.get(f"/jobs/{job_id}").json()["status"] == "running"
+    first.stop(signal.SIGKILL)
+    second = server_factory(data_dir=data_dir)
+    job = _wait_done(second, job_id)
+    assert job["succeeded"] == 30 and job["failed"] == 0  # nothing lost
+
+
+def test_cli_submits_and_follows_a_job(server: Server, lam: Any, tmp_path: Path) -> None:
+    deploy(lam, "square", {"handler.py": SQUARE})
+    lines = tmp_path / "inputs.jsonl"
+    lines.write_text("".join(json.dumps({"x": i}) + "\n" for i in range(5)))
+    cli = [sys.executable, "-m", "warmstart.cli.main"]
+    out = subprocess.run(
+        [*cli, "job", "submit", "square", str(lines), "--wait", "--endpoint", server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "5 succeeded, 0 failed" in out.stdout
+    job_id = out.stdout.split()[1].rstrip(":")
+    res = subprocess.run(
+        [*cli, "job", "results", job_id, "--endpoint", server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert sorted(json.loads(json.loads(line)["result"]) for line in res.stdout.splitlines()) == [
+        0,
+        1,
+        4,
+        9,
+        16,
+    ]
