@@ -112,3 +112,31 @@ def test_cli_submits_and_follows_a_job(server: Server, lam: Any, tmp_path: Path)
         9,
         16,
     ]
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpu/cpu.shares").exists(), reason="needs cgroup v1 cpu"
+)
+def test_best_effort_work_runs_in_its_own_cgroup_subtree(server: Server, lam: Any) -> None:
+    """Event invocations and job items run in the BE subtree: lowest CPU weight, idle class."""
+    from tests.conftest import IS_ROOT
+
+    if not IS_ROOT:
+        pytest.skip("needs root")
+    where = "import os\ndef handler(e, c):\n    return open('/proc/self/cgroup').read()\n"
+    deploy(lam, "where", {"handler.py": where})
+    with server.http() as http:
+        ls_cgroups = http.post("/run/where", content=b"{}").json()
+        job_id = http.post("/jobs", json={"function": "where", "inputs": [{}]}).json()["JobId"]
+        _wait_done(server, job_id)
+        be_cgroups = json.loads(http.get(f"/jobs/{job_id}/results").json()["results"][0]["result"])
+    ls_cpu = next(line for line in ls_cgroups.splitlines() if ":cpu:" in line).split(":", 2)[2]
+    be_cpu = next(line for line in be_cgroups.splitlines() if ":cpu:" in line).split(":", 2)[2]
+    assert "/be/" not in ls_cpu
+    assert "/be/" in be_cpu
+    be_parent = Path("/sys/fs/cgroup/cpu" + be_cpu).parent
+    assert be_parent.name == "be"
+    # 2 written; the kernel stores a weight and may read back 3 after rounding.
+    assert int((be_parent / "cpu.shares").read_text()) <= 3
+    if (be_parent / "cpu.idle").exists():
+        assert (be_parent / "cpu.idle").read_text().strip() == "1"

@@ -31,6 +31,7 @@ RESERVED_ENV = frozenset(
 MIN_MEMORY, MAX_MEMORY = 128, 10240
 MAX_TIMEOUT = 900
 NETWORK_TAG = "warmstart:network"
+QOS_TAG = "warmstart:qos"
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class FunctionConfig:
                 raise InvalidParameter(
                     "Environment variables must be string keys and string values"
                 )
+        if self.tags.get(QOS_TAG, "ls") not in ("ls", "be"):
+            raise InvalidParameter(f"{QOS_TAG} must be 'ls' or 'be'")
         if self.network not in ("none", "host"):
             raise InvalidParameter(f"{NETWORK_TAG} must be 'none' or 'host', not {self.network!r}")
 

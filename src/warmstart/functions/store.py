@@ -168,35 +168,57 @@ class FunctionStore:
             )
             self.db.executemany(
                 "INSERT INTO events(id, function, payload, created, job_id, idx) VALUES (?, ?, ?, ?, ?, ?)",
-                [(f"{job_id}/{i}", function, payload, now, job_id, i) for i, payload in enumerate(inputs)],
+                [
+                    (f"{job_id}/{i}", function, payload, now, job_id, i)
+                    for i, payload in enumerate(inputs)
+                ],
             )
         return job_id
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT function, created, total FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self.db.execute(
+            "SELECT function, created, total FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
         if row is None:
             return None
-        counts = dict(self.db.execute(
-            "SELECT status, COUNT(*) FROM events WHERE job_id=? GROUP BY status", (job_id,)
-        ).fetchall())
+        counts = dict(
+            self.db.execute(
+                "SELECT status, COUNT(*) FROM events WHERE job_id=? GROUP BY status", (job_id,)
+            ).fetchall()
+        )
         done = counts.get("succeeded", 0) + counts.get("failed", 0) + counts.get("dropped", 0)
         return {
-            "JobId": job_id, "function": row[0], "created": row[1], "total": row[2],
-            "succeeded": counts.get("succeeded", 0), "failed": counts.get("failed", 0) + counts.get("dropped", 0),
+            "JobId": job_id,
+            "function": row[0],
+            "created": row[1],
+            "total": row[2],
+            "succeeded": counts.get("succeeded", 0),
+            "failed": counts.get("failed", 0) + counts.get("dropped", 0),
             "pending": counts.get("pending", 0),
             "status": "completed" if done == row[2] else "running",
         }
 
     def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
-        ids = [r[0] for r in self.db.execute("SELECT id FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
+        ids = [
+            r[0]
+            for r in self.db.execute("SELECT id FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
+        ]
         return [j for j in (self.job(i) for i in ids) if j is not None]
 
     def job_results(self, job_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT idx, status, attempts, result FROM events WHERE job_id=? ORDER BY idx", (job_id,)
+            "SELECT idx, status, attempts, result FROM events WHERE job_id=? ORDER BY idx",
+            (job_id,),
         ).fetchall()
-        return [{"index": r[0], "status": r[1], "attempts": r[2],
-                 "result": None if r[3] is None else bytes(r[3]).decode(errors="replace")} for r in rows]
+        return [
+            {
+                "index": r[0],
+                "status": r[1],
+                "attempts": r[2],
+                "result": None if r[3] is None else bytes(r[3]).decode(errors="replace"),
+            }
+            for r in rows
+        ]
 
     def pending_events(self, limit: int = 100) -> list[tuple[str, str, bytes, int]]:
         rows = self.db.execute(

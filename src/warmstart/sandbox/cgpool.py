@@ -170,6 +170,9 @@ class CgroupPool:
         self._in_use.add(cg)
         return cg
 
+    def owns(self, cg: Cgroup) -> bool:
+        return cg.rel.startswith(self.parent + "/") and "/" not in cg.rel[len(self.parent) + 1 :]
+
     def grow(self) -> Cgroup:
         """Create one more free cgroup (the caller parks a process in it)."""
         cg = self._create()
@@ -222,6 +225,7 @@ def reap(driver: CgroupDriver, parent: str, rounds: int = 200, *, quiet: bool = 
         return 0
     killed = 0
     for child in driver.children(parent):
+        killed += reap(driver, child, rounds, quiet=quiet)  # nested pools (the BE class) first
         pids = driver.pids(child)
         if pids:
             killed += len(pids)
@@ -238,3 +242,19 @@ def reap(driver: CgroupDriver, parent: str, rounds: int = 200, *, quiet: bool = 
         except SandboxError as exc:
             log.error("cannot remove leftover cgroup %s: %s", child, exc)
     return killed
+
+
+def set_best_effort(driver: CgroupDriver, rel: str) -> None:
+    """The lowest CPU weight for a subtree (Kubernetes' BestEffort share), and SCHED_IDLE
+    for its tasks where the kernel has ``cpu.idle`` (>= 5.15)."""
+    if isinstance(driver, V2Driver):
+        files = [(driver.root / rel / "cpu.weight", "1"), (driver.root / rel / "cpu.idle", "1")]
+    else:
+        cpu = driver.root / "cpu" / rel
+        files = [(cpu / "cpu.shares", "2"), (cpu / "cpu.idle", "1")]
+    for path, value in files:
+        if path.exists():
+            try:
+                path.write_text(value)
+            except OSError as exc:
+                log.warning("cannot set %s: %s", path, exc)

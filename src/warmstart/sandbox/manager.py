@@ -23,7 +23,7 @@ from typing import Any
 
 from warmstart.errors import SandboxError
 from warmstart.sandbox import cgroups
-from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap
+from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap, set_best_effort
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class SandboxSpec:
     memory_mb: int
     network: str = "none"  # "none" (loopback only) or "host"
     extra_ro_mounts: tuple[tuple[str, str], ...] = ()
+    qos: str = "ls"  # "ls" (latency-sensitive) or "be" (best-effort: its own cgroup subtree)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ class SandboxManager:
         self._pool_size = pool_size
         self.isolation = Isolation.PROCESS
         self.pool: CgroupPool | None = None
+        self.be_pool: CgroupPool | None = None  # best-effort instances (async events, jobs)
         self.reaped = 0
         self.runtime_dir = data_dir / "runtime"
         # Every sandbox mounts its root here, inside its own mount namespace (the host
@@ -225,6 +227,11 @@ class SandboxManager:
             self._reap_abandoned(driver)
             self.pool = CgroupPool(driver, self.cgroup_parent(), initial=self._pool_size)
             self.reaped = self.pool.start()
+            # Best-effort work gets a subtree of its own, with the lowest CPU weight; the
+            # QoS manager squeezes it further when latency-sensitive work needs the CPU.
+            self.be_pool = CgroupPool(driver, f"{self.cgroup_parent()}/be", initial=0)
+            self.be_pool.start()
+            set_best_effort(driver, self.be_pool.parent)
             for d in (self._lock_dir, self._lock_dir / "roots", self.root_mountpoint):
                 d.mkdir(exist_ok=True)
                 d.chmod(0o755)
@@ -315,6 +322,9 @@ class SandboxManager:
             await asyncio.to_thread(self._spawner.wait)
             self._spawner = None
         if self.pool is not None:
+            if self.be_pool is not None:
+                await asyncio.to_thread(self.be_pool.close)
+                self.be_pool = None
             await asyncio.to_thread(self.pool.close)
             self.pool = None
         if self._lock_fd >= 0:
@@ -367,7 +377,7 @@ class SandboxManager:
             cpu_quota = (
                 None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
             )
-            cgroup = self.pool.acquire(
+            cgroup = self.pool_for(spec.qos).acquire(
                 cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota), self._parked
             )
             self._parked.discard(cgroup)  # its parked parent becomes this sandbox's C1
@@ -507,11 +517,15 @@ class SandboxManager:
         with contextlib.suppress(SandboxError):
             await self._request({"cmd": "unpark", "key": cgroup.rel})
 
-    def acquire_unparked(self, limits: cgroups.Limits) -> Cgroup:
-        """A pooled cgroup for a process the caller moves in itself (a zygote's child)."""
-        if self.pool is None:
+    def pool_for(self, qos: str) -> CgroupPool:
+        pool = self.be_pool if qos == "be" else self.pool
+        if pool is None:
             raise SandboxError("no cgroup pool")
-        cg = self.pool.acquire(limits, self._parked, inside=False)
+        return pool
+
+    def acquire_unparked(self, limits: cgroups.Limits, qos: str = "ls") -> Cgroup:
+        """A pooled cgroup for a process the caller moves in itself (a zygote's child)."""
+        cg = self.pool_for(qos).acquire(limits, self._parked, inside=False)
         if cg in self._parked:
             self._background_task(self._unpark(cg))
         return cg
@@ -536,7 +550,8 @@ class SandboxManager:
         if self._closing:
             cgroup.kill()
             return
-        if self.pool is not None and await self.pool.release(cgroup) and repark:
+        pool = self.be_pool if self.be_pool is not None and self.be_pool.owns(cgroup) else self.pool
+        if pool is not None and await pool.release(cgroup) and repark and pool is self.pool:
             await self._park(cgroup)
 
     async def _repark(self) -> None:

@@ -318,7 +318,7 @@ class Zygotes:
         if zygote.cgroup is not None:
             await self.m._recycle(zygote.cgroup)
 
-    async def _spare(self, zygote: Zygote, timeout: float = 10.0) -> Spare:
+    async def _spare(self, zygote: Zygote, timeout: float = 10.0, qos: str = "ls") -> Spare:
         """Fork a child and move it into a pooled cgroup; it then waits for its setup.
 
         Moving a task into a v1 cgroup can wait 10-20 ms for an RCU grace period when it
@@ -328,7 +328,7 @@ class Zygotes:
         m = self.m
         if not zygote.alive:
             raise SandboxError(f"zygote {zygote.id} is gone")
-        cgroup = m.acquire_unparked(m.limits_for(SPARE_MEMORY_MB))
+        cgroup = m.acquire_unparked(m.limits_for(SPARE_MEMORY_MB), qos)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ours.setblocking(False)
@@ -385,7 +385,7 @@ class Zygotes:
 
         m = self.m
         spare = None
-        while zygote.spares:
+        while zygote.spares and spec.qos == "ls":  # spares sit in latency-sensitive cgroups
             candidate = zygote.spares.pop(0)
             if _still_waiting(candidate.sock):
                 spare = candidate
@@ -395,7 +395,7 @@ class Zygotes:
         if self.spares:
             m._background_task(self.refill(zygote))
         if spare is None:
-            spare = await self._spare(zygote)
+            spare = await self._spare(zygote, qos=spec.qos)
         trees: list[int] = []
         try:
             spare.cgroup.set_limits(m.limits_for(spec.memory_mb))

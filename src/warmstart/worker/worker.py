@@ -29,6 +29,7 @@ from warmstart.errors import (
     TooManyRequests,
 )
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore, bundle
+from warmstart.functions.models import QOS_TAG
 from warmstart.packages import InstallCache, parse_pins
 from warmstart.sandbox import Isolation, SandboxManager, SandboxSpec
 from warmstart.sandbox.zygotes import memory_of
@@ -92,7 +93,8 @@ class Worker:
         )
         self.zygotes: ZygoteCache | None = None
         self.functions: dict[str, FunctionRecord] = {}
-        self.pools: dict[str, FunctionPool] = {}
+        self.pools: dict[str, FunctionPool] = {}  # latency-sensitive instances
+        self.be_pools: dict[str, FunctionPool] = {}  # best-effort instances (events, jobs)
         self._old_pools: set[FunctionPool] = set()
         self.reserved_mb = 0
         self.metrics = Metrics(self._snapshot)
@@ -141,7 +143,7 @@ class Worker:
                 await task
         # Retiring schedules the destruction of every idle instance; let it finish
         # before the sandboxes go, so nothing races with the cgroup pool's removal.
-        for pool in [*self.pools.values(), *self._old_pools]:
+        for pool in self._all_pools():
             pool.retire()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
@@ -221,10 +223,10 @@ class Worker:
         rec = self.get(name)
         new = self.store.bump(rec, reserved_concurrency=reserved)
         self.functions[name] = new
-        pool = self.pools.get(name)
-        if pool is not None:
-            pool.limit = self._limit(new)
-            pool._pass_slot()
+        for pool in (self.pools.get(name), self.be_pools.get(name)):
+            if pool is not None:
+                pool.limit = self._limit(new)
+                pool._pass_slot()
         return new
 
     def delete_function(self, name: str) -> None:
@@ -243,31 +245,40 @@ class Worker:
         return rec
 
     def _retire(self, name: str) -> None:
-        pool = self.pools.pop(name, None)
-        if pool is not None:
-            pool.retire()
-            if pool.live > 0:
-                self._old_pools.add(pool)
+        for pools in (self.pools, self.be_pools):
+            pool = pools.pop(name, None)
+            if pool is not None:
+                pool.retire()
+                if pool.live > 0:
+                    self._old_pools.add(pool)
 
     def _limit(self, rec: FunctionRecord) -> int:
         if rec.reserved_concurrency is not None:
             return rec.reserved_concurrency
         return self.settings.max_concurrency
 
-    def _pool(self, rec: FunctionRecord) -> FunctionPool:
-        pool = self.pools.get(rec.name)
+    def _pool(self, rec: FunctionRecord, qos: str = "ls") -> FunctionPool:
+        pools = self.be_pools if qos == "be" else self.pools
+        pool = pools.get(rec.name)
         if pool is None or pool.revision != rec.revision:
+            if pool is not None:
+                pool.retire()
+                if pool.live > 0:
+                    self._old_pools.add(pool)
             pool = FunctionPool(
                 rec.name,
                 rec.revision,
                 self._limit(rec),
                 self.settings.queue_depth,
-                lambda: self._start_instance(rec),
+                lambda: self._start_instance(rec, qos),
                 self._destroy_instance,
                 self.cache,
             )
-            self.pools[rec.name] = pool
+            pools[rec.name] = pool
         return pool
+
+    def _all_pools(self) -> list[FunctionPool]:
+        return [*self.pools.values(), *self.be_pools.values(), *self._old_pools]
 
     # -- instances -------------------------------------------------------------------------
     def _env(self, rec: FunctionRecord) -> dict[str, str]:
@@ -289,7 +300,7 @@ class Worker:
         env.update(rec.config.environment)
         return env
 
-    async def _start_instance(self, rec: FunctionRecord) -> Instance:
+    async def _start_instance(self, rec: FunctionRecord, qos: str = "ls") -> Instance:
         need = rec.config.memory_mb
         while self.reserved_mb + need > self.settings.memory_budget_mb:
             if not self.cache.evict_lru():
@@ -314,6 +325,7 @@ class Worker:
             memory_mb=need,
             network=rec.config.network,
             extra_ro_mounts=mounts,
+            qos=qos,
         )
         forked = None
         try:
@@ -364,10 +376,13 @@ class Worker:
 
     # -- invocation ------------------------------------------------------------------------
     async def invoke(
-        self, name: str, payload: bytes, *, client_context: str | None = None
+        self, name: str, payload: bytes, *, client_context: str | None = None, qos: str = "ls"
     ) -> InvokeResult:
+        """Invoke ``name``; ``qos`` is the invocation's class ("ls" for synchronous calls,
+        "be" for Event invocations and job items), unless the function's
+        ``warmstart:qos`` tag pins one."""
         rec = self.get(name)
-        pool = self._pool(rec)
+        pool = self._pool(rec, rec.config.tags.get(QOS_TAG, qos))
         request_id = str(uuid.uuid4())
         t0 = time.perf_counter()
         try:
@@ -540,7 +555,7 @@ class Worker:
 
     async def _run_event(self, event_id: str, fn: str, payload: bytes, attempts: int) -> None:
         try:
-            result = await self.invoke(fn, payload)
+            result = await self.invoke(fn, payload, qos="be")
         except NotFound:
             self.store.finish_event(event_id, "dropped", b"function deleted", attempts)
             return
@@ -563,7 +578,7 @@ class Worker:
     def _snapshot(self) -> dict[str, dict[str, float]]:
         zc = self.zygotes
         states = {s.value: 0.0 for s in State if s is not State.DEAD}
-        for pool in [*self.pools.values(), *self._old_pools]:
+        for pool in self._all_pools():
             st = pool.statistics()
             states["busy"] += st.busy
             states["starting"] += st.starting
@@ -591,7 +606,7 @@ class Worker:
         proportional (PSS) and unique (USS) set sizes -- a forked instance shares most
         of its pages with its zygote, which PSS splits fairly and USS leaves out."""
         out = []
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self.be_pools.values()]:
             for inst in pool.idle:
                 pss = uss = 0
                 pids = (
