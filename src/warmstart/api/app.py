@@ -107,7 +107,10 @@ class NativeAPI:
         raw = await request.body()
         if len(raw) > MAX_JOB_BODY:
             raise InvalidParameter(f"a job's inputs may take at most {MAX_JOB_BODY} bytes")
-        if "ndjson" in request.headers.get("content-type", "") or "function" in request.query_params:
+        if (
+            "ndjson" in request.headers.get("content-type", "")
+            or "function" in request.query_params
+        ):
             name = request.query_params.get("function", "")
             inputs = []
             for n, line in enumerate(raw.splitlines(), 1):

@@ -169,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     jsub = j.add_subparsers(dest="job_command", required=True, metavar="JOBCOMMAND")
     js = jsub.add_parser("submit", help="queue a job (one invocation per input line)")
     js.add_argument("function")
-    js.add_argument("inputs", type=Path, help="a JSON-lines file: one event per line ('-' for stdin)")
+    js.add_argument(
+        "inputs", type=Path, help="a JSON-lines file: one event per line ('-' for stdin)"
+    )
     js.add_argument("--wait", action="store_true", help="show progress until the job is done")
     jst = jsub.add_parser("status", help="a job's progress")
     jst.add_argument("job_id")
@@ -400,8 +402,14 @@ def _job(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.job_command == "submit":
             data = sys.stdin.buffer.read() if str(args.inputs) == "-" else args.inputs.read_bytes()
-            out = _check(c.post("/jobs", params={"function": args.function}, content=data,
-                                headers={"Content-Type": "application/x-ndjson"})).json()
+            out = _check(
+                c.post(
+                    "/jobs",
+                    params={"function": args.function},
+                    content=data,
+                    headers={"Content-Type": "application/x-ndjson"},
+                )
+            ).json()
             print(f"job {out['JobId']}: {out['total']} inputs queued")
             if not args.wait:
                 return 0
@@ -423,14 +431,20 @@ def _follow_job(c: Any, job_id: str) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns) as progress:
         job = _check(c.get(f"/jobs/{job_id}")).json()
         task = progress.add_task(f"job {job_id[:8]}", total=job["total"])
         while True:
             done = job["succeeded"] + job["failed"]
-            progress.update(task, completed=done,
-                            description=f"job {job_id[:8]} ({job['failed']} failed)")
+            progress.update(
+                task, completed=done, description=f"job {job_id[:8]} ({job['failed']} failed)"
+            )
             if job["status"] == "completed":
                 break
             time.sleep(0.25)

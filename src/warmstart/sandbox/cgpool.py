@@ -131,11 +131,6 @@ class CgroupPool:
         reap(self.driver, self.parent, quiet=True)
         with contextlib.suppress(SandboxError):
             self.driver.remove(self.parent)
-        # The shared top directory goes too when no other worker uses it.
-        top = self.parent.split("/")[0]
-        if top != self.parent and not self.driver.children(top):
-            with contextlib.suppress(SandboxError):
-                self.driver.remove(top)
 
     def _create(self) -> Cgroup:
         rel = f"{self.parent}/cg{self._next}"

@@ -32,6 +32,9 @@ from pathlib import Path
 from warmstart.errors import SandboxError
 
 V1_CONTROLLERS = ("memory", "pids", "freezer", "cpu")
+# Joined too where the host has it (CPU accounting for the QoS manager); where cpu and
+# cpuacct are co-mounted the two names are one directory.
+V1_OPTIONAL = ("cpuacct",)
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
 
@@ -204,7 +207,16 @@ class V1Driver(CgroupDriver):
     version = CgroupVersion.V1
 
     def dirs(self, rel: str) -> list[Path]:
-        return [self.root / c / rel for c in V1_CONTROLLERS]
+        dirs = [self.root / c / rel for c in V1_CONTROLLERS]
+        for c in V1_OPTIONAL:
+            d = self.root / c
+            if (
+                d.is_dir()
+                and not d.is_symlink()
+                and d.resolve() not in {(self.root / k).resolve() for k in V1_CONTROLLERS}
+            ):
+                dirs.append(d / rel)
+        return dirs
 
     def _d(self, controller: str, rel: str) -> Path:
         return self.root / controller / rel

@@ -141,6 +141,7 @@ class SandboxManager:
         self.isolation = Isolation.PROCESS
         self.pool: CgroupPool | None = None
         self.be_pool: CgroupPool | None = None  # best-effort instances (async events, jobs)
+        self.driver: cgroups.CgroupDriver | None = None
         self.reaped = 0
         self.runtime_dir = data_dir / "runtime"
         # Every sandbox mounts its root here, inside its own mount namespace (the host
@@ -164,6 +165,14 @@ class SandboxManager:
         self._symlinks: list[tuple[str, str]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def ls_parent(self) -> str:
+        return f"{self.cgroup_parent()}/ls"
+
+    @property
+    def be_parent(self) -> str:
+        return f"{self.cgroup_parent()}/be"
+
     def cgroup_parent(self) -> str:
         """Our cgroup subtree: one per data dir, so two workers never reap each other."""
         digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
@@ -225,11 +234,15 @@ class SandboxManager:
                 raise SandboxError(f"no usable cgroup hierarchy at {self._cgroup_root}")
             self._take_ownership()
             self._reap_abandoned(driver)
-            self.pool = CgroupPool(driver, self.cgroup_parent(), initial=self._pool_size)
-            self.reaped = self.pool.start()
-            # Best-effort work gets a subtree of its own, with the lowest CPU weight; the
-            # QoS manager squeezes it further when latency-sensitive work needs the CPU.
-            self.be_pool = CgroupPool(driver, f"{self.cgroup_parent()}/be", initial=0)
+            # Whatever a crashed worker left in our subtree goes first.
+            self.reaped = reap(driver, self.cgroup_parent())
+            self.driver = driver
+            # Two classes, two subtrees: latency-sensitive instances (and zygotes) under
+            # ls/, best-effort ones under be/ with the lowest CPU weight; the QoS manager
+            # squeezes be/ further when ls/ needs the CPU.
+            self.pool = CgroupPool(driver, self.ls_parent, initial=self._pool_size)
+            self.reaped += self.pool.start()
+            self.be_pool = CgroupPool(driver, self.be_parent, initial=0)
             self.be_pool.start()
             set_best_effort(driver, self.be_pool.parent)
             for d in (self._lock_dir, self._lock_dir / "roots", self.root_mountpoint):
@@ -326,6 +339,14 @@ class SandboxManager:
                 await asyncio.to_thread(self.be_pool.close)
                 self.be_pool = None
             await asyncio.to_thread(self.pool.close)
+            if self.driver is not None:
+                driver = self.driver
+                await asyncio.to_thread(reap, driver, self.cgroup_parent(), quiet=True)
+                with contextlib.suppress(SandboxError):
+                    driver.remove(self.cgroup_parent())
+                if not driver.children("warmstart"):
+                    with contextlib.suppress(SandboxError):
+                        driver.remove("warmstart")
             self.pool = None
         if self._lock_fd >= 0:
             # Clean up after ourselves while we still hold the lock.

@@ -1,0 +1,193 @@
+"""Applying QoS decisions to cgroupfs, for cgroup v1 and v2.
+
+Every function takes the cgroup driver (for its version and root directory), a cgroup
+path relative to that root, and the values to apply; nothing is remembered between
+calls.  Files are written only when their content differs, so calling these every loop
+costs one read per file.  Failures raise ``SandboxError``.
+
+File map::
+
+                     v1 (<root>/cpu/<rel>)              v2 (<root>/<rel>)
+    BE weight        cpu.shares = 2                     cpu.weight = 1
+    BE idle class    cpu.idle = 1 (if present)          cpu.idle = 1 (if present)
+    CFS quota        cpu.cfs_period_us, cpu.cfs_quota_us  cpu.max = "QUOTA PERIOD"
+    CPU burst        cpu.cfs_burst_us                   cpu.max.burst
+    cpuset           <root>/cpuset/<rel>/cpuset.cpus    cpuset.cpus
+
+Kernel rules these functions respect:
+
+* a group with ``cpu.idle=1`` rejects writes to its weight (EINVAL), so the weight is
+  written first and left alone once the group is idle;
+* the burst may not exceed the quota (EINVAL), so lowering a quota below the current
+  burst lowers the burst first;
+* a v1 cpuset with an empty ``cpuset.mems`` accepts no tasks, so it is filled from the
+  parent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from warmstart.errors import SandboxError
+from warmstart.qos.policy import CPU_PERIOD_US, DEFAULT_CONFIG, QoSConfig, be_cfs_quota_us
+from warmstart.sandbox.cgroups import CgroupDriver, CgroupVersion
+
+BE_CPU_SHARES = 2  # Kubernetes' BestEffort shares, the v1 minimum that still means "share"
+BE_CPU_WEIGHT = 1  # the v2 minimum
+
+
+def cpu_dir(driver: CgroupDriver, rel: str) -> Path:
+    """Directory holding the cpu controller's files for ``rel``."""
+    if driver.version is CgroupVersion.V1:
+        return driver.root / "cpu" / rel
+    return driver.root / rel
+
+
+def cpuset_dir(driver: CgroupDriver, rel: str) -> Path:
+    """Directory holding the cpuset controller's files for ``rel``."""
+    if driver.version is CgroupVersion.V1:
+        return driver.root / "cpuset" / rel
+    return driver.root / rel
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError as exc:
+        raise SandboxError(f"{path} does not exist") from exc
+    except OSError as exc:
+        raise SandboxError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _write(path: Path, value: str) -> None:
+    if not path.exists():
+        # cgroupfs never creates files; a fake cgroupfs must not either.
+        raise SandboxError(f"{path} does not exist")
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise SandboxError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
+
+
+def _ensure(path: Path, value: str) -> bool:
+    """Write ``value`` unless the file already holds it; True when written."""
+    if _read(path) == value:
+        return False
+    _write(path, value)
+    return True
+
+
+def _int(path: Path) -> int:
+    text = _read(path)
+    try:
+        return int(text.split()[0]) if text else 0
+    except ValueError as exc:
+        raise SandboxError(f"unexpected content in {path}: {text[:40]!r}") from exc
+
+
+# -- BE scheduling class --------------------------------------------------------------
+
+
+def set_be_parent(driver: CgroupDriver, rel: str) -> bool:
+    """Give the BE parent cgroup the lowest CPU weight and, where the kernel has it
+    (mainline >= 5.15), the SCHED_IDLE-like ``cpu.idle`` class.
+
+    Returns True when ``cpu.idle`` is in effect, False when the kernel lacks it (the
+    weight alone then keeps BE behind LS).
+    """
+    d = cpu_dir(driver, rel)
+    idle = d / "cpu.idle"
+    has_idle = idle.exists()
+    if has_idle and _read(idle) == "1":
+        return True  # already idle: the weight is fixed and cannot be written
+    if driver.version is CgroupVersion.V1:
+        _ensure(d / "cpu.shares", str(BE_CPU_SHARES))
+    else:
+        _ensure(d / "cpu.weight", str(BE_CPU_WEIGHT))
+    if has_idle:
+        _ensure(idle, "1")
+    return has_idle
+
+
+# -- CFS quota and burst -------------------------------------------------------------
+
+
+def _burst_file(driver: CgroupDriver, rel: str) -> Path:
+    name = "cpu.cfs_burst_us" if driver.version is CgroupVersion.V1 else "cpu.max.burst"
+    return cpu_dir(driver, rel) / name
+
+
+def set_cpu_quota(
+    driver: CgroupDriver, rel: str, quota_us: int | None, period_us: int = CPU_PERIOD_US
+) -> None:
+    """Set the CFS bandwidth of ``rel``: ``quota_us`` per ``period_us`` (None = no limit).
+
+    A burst larger than the new quota is lowered to it first, as the kernel requires.
+    """
+    if quota_us is not None and quota_us <= 0:
+        raise SandboxError(f"CFS quota must be positive or None, got {quota_us}")
+    d = cpu_dir(driver, rel)
+    burst = _burst_file(driver, rel)
+    if quota_us is not None and burst.exists() and _int(burst) > quota_us:
+        _write(burst, str(quota_us))
+    if driver.version is CgroupVersion.V1:
+        _ensure(d / "cpu.cfs_period_us", str(period_us))
+        _ensure(d / "cpu.cfs_quota_us", str(-1 if quota_us is None else quota_us))
+    else:
+        quota = "max" if quota_us is None else str(quota_us)
+        _ensure(d / "cpu.max", f"{quota} {period_us}")
+
+
+def set_be_cpu_limit(
+    driver: CgroupDriver,
+    rel: str,
+    limit_cores: float,
+    config: QoSConfig = DEFAULT_CONFIG,
+    period_us: int = CPU_PERIOD_US,
+) -> int:
+    """Enforce the BE CPU limit (``policy.be_cpu_limit``, after ``next_be_cpu``) as a CFS
+    quota on the BE parent; returns the quota written, in microseconds per period."""
+    quota = be_cfs_quota_us(limit_cores, config, period_us)
+    set_cpu_quota(driver, rel, quota, period_us)
+    return quota
+
+
+def set_cpu_burst(driver: CgroupDriver, rel: str, burst_us: int) -> bool:
+    """Set the CFS burst of an LS cgroup (``policy.ls_burst``).
+
+    Returns False, writing nothing, when the kernel has no burst file (< 5.14).  The
+    kernel rejects a burst above the cgroup's quota: that raises ``SandboxError``.
+    """
+    if burst_us < 0:
+        raise SandboxError(f"CPU burst must not be negative, got {burst_us}")
+    burst = _burst_file(driver, rel)
+    if not burst.exists():
+        return False
+    _ensure(burst, str(burst_us))
+    return True
+
+
+# -- cpuset ------------------------------------------------------------------------------
+
+
+def set_cpuset(driver: CgroupDriver, rel: str, cpus: str) -> None:
+    """Restrict ``rel`` to ``cpus`` (a cpuset list such as ``"1"`` or ``"2-3"``, see
+    ``policy.be_cpuset_list``).
+
+    On v1 the cpuset hierarchy is separate from the ones the sandbox driver joins, and
+    an empty ``cpuset.mems`` is filled from the parent so tasks can join.  On v2 the
+    ``cpuset`` controller must be enabled in the parent's ``cgroup.subtree_control``.
+    """
+    if not cpus.strip():
+        raise SandboxError("a cpuset needs at least one CPU")
+    d = cpuset_dir(driver, rel)
+    if driver.version is CgroupVersion.V1:
+        mems = d / "cpuset.mems"
+        if not _read(mems):
+            parent = d.parent
+            source = parent / "cpuset.effective_mems"
+            if not source.exists():
+                source = parent / "cpuset.mems"
+            _write(mems, _read(source))
+    _ensure(d / "cpuset.cpus", cpus)

@@ -1,0 +1,490 @@
+"""Differentiated-SLO colocation policy: Koordinator's formulas as pure functions.
+
+Latency-sensitive (LS) work reserves far more than it uses; best-effort (BE) work runs on
+what LS leaves idle and gives it back the moment LS wants it.  This module decides *how
+much* BE may have; ``usage.py`` measures, ``enforce.py`` writes the answers to cgroupfs.
+Nothing here touches the system, so every decision is a unit test away.
+
+Units everywhere: CPU in cores (float), memory in bytes (int), time in seconds from a
+monotonic clock (float), CFS quota/burst in microseconds (int).
+
+The formulas (koordinator-sh/koordinator, see ``shared/REFERENCES.md``, "Colocation"):
+
+* **Reclaimed capacity** (what BE admission may hand out)::
+
+      reclaimed = capacity * reclaim_threshold - smoothed LS usage
+                  - max(system usage, reserved)             clamped at 0
+
+  and withdrawn (zero) when the metrics behind it are stale.
+* **BE CPU suppress** (what BE may use right now)::
+
+      be_limit = capacity * suppress_threshold - LS usage - max(system usage, reserved)
+
+  enforced either as a CFS quota or as a cpuset of whole cores; both shrink at once when
+  LS needs the CPU and grow back by at most ``cpuset_grow_step`` of the node per step.
+* **LS CPU burst**: an LS cgroup that was throttled while the shared pool is below
+  ``ls_burst_pool_threshold`` busy may bank unused quota (``cpu.cfs_burst_us``).
+* **Eviction**: node memory at or above ``memory_evict_upper`` evicts BE instances
+  (lowest priority first, then largest usage) until the node is below
+  ``memory_evict_lower``; BE CPU satisfaction (granted / requested) below
+  ``be_cpu_satisfaction_lower`` over a window, while BE uses at least
+  ``be_cpu_usage_threshold`` of its grant, evicts BE until satisfaction would reach
+  ``be_cpu_satisfaction_upper``.
+
+"System usage" is whatever the node uses outside the LS and BE subtrees (the worker
+itself, the kernel, other daemons): node usage - LS usage - BE usage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class QoSConfig:
+    """Every threshold of the QoS manager.  Defaults are Koordinator's, scaled to small
+    (2-core) nodes and a loop of about one second.
+
+    Fractions are of node capacity unless stated otherwise.
+    """
+
+    # -- reclaimed capacity (BE admission) ------------------------------------------
+    cpu_reclaim_threshold: float = 0.60
+    """Share of node CPU that LS + system + BE together may be planned against (60%)."""
+    memory_reclaim_threshold: float = 0.65
+    """Share of node memory LS + system + BE may be planned against (65%)."""
+    reserved_cpu_cores: float = 0.0
+    """CPU set aside for the system; the formula uses max(system usage, this)."""
+    reserved_memory_bytes: int = 0
+    """Memory set aside for the system; the formula uses max(system usage, this)."""
+    stale_after_s: float = 5.0
+    """A sample older than this withdraws all reclaimed capacity (Koordinator degrades
+    after minutes of missing metrics; five one-second loops here)."""
+    smoothing_alpha: float = 0.2
+    """Weight of a new sample in the moving average when usage falls (slow decay)."""
+    smoothing_alpha_rise: float = 0.6
+    """Weight of a new sample when usage rises: LS growth is believed quickly, so BE
+    gives capacity back quickly and takes it again only slowly."""
+
+    # -- BE CPU suppress -------------------------------------------------------------
+    be_cpu_suppress_threshold: float = 0.65
+    """BE CPU limit = capacity * this - LS usage - system usage (65%)."""
+    be_min_cpu_cores: int = 1
+    """The BE cpuset never shrinks below this many whole cores (Koordinator keeps 2 on
+    big nodes; 1 on a 2-core node)."""
+    be_min_quota_cores: float = 0.1
+    """Floor of the BE CFS quota, so suppressed BE still makes (slow) progress and CPU
+    satisfaction eviction, not starvation, decides its fate."""
+    cpuset_grow_step: float = 0.10
+    """BE CPU grows by at most this share of the node per step (at least one core for a
+    cpuset); it shrinks at once."""
+
+    # -- LS CPU burst ----------------------------------------------------------------
+    ls_burst_pool_threshold: float = 0.50
+    """Grant burst only while the shared CPU pool is less busy than this (50%)."""
+    ls_burst_ratio: float = 1.0
+    """Burst = quota * this.  The kernel refuses a burst larger than the quota, so the
+    result is capped at the quota (Koordinator's 1000% would be cut to 100% anyway)."""
+
+    # -- eviction --------------------------------------------------------------------
+    memory_evict_upper: float = 0.70
+    """Node memory at or above this evicts BE work (70%)."""
+    memory_evict_lower: float = 0.68
+    """... until node memory is below this (68%)."""
+    be_cpu_satisfaction_lower: float = 0.60
+    """Evict when BE's granted / requested CPU averages below this over the window."""
+    be_cpu_satisfaction_upper: float = 0.80
+    """... releasing BE requests until satisfaction would reach this."""
+    be_cpu_usage_threshold: float = 0.90
+    """... and only while BE actually uses at least this share of its grant (90%)."""
+    be_cpu_evict_window_s: float = 30.0
+    """The window over which satisfaction and usage are averaged."""
+
+    def __post_init__(self) -> None:
+        fractions = {
+            "cpu_reclaim_threshold": self.cpu_reclaim_threshold,
+            "memory_reclaim_threshold": self.memory_reclaim_threshold,
+            "be_cpu_suppress_threshold": self.be_cpu_suppress_threshold,
+            "cpuset_grow_step": self.cpuset_grow_step,
+            "ls_burst_pool_threshold": self.ls_burst_pool_threshold,
+            "memory_evict_upper": self.memory_evict_upper,
+            "memory_evict_lower": self.memory_evict_lower,
+            "be_cpu_satisfaction_lower": self.be_cpu_satisfaction_lower,
+            "be_cpu_satisfaction_upper": self.be_cpu_satisfaction_upper,
+            "be_cpu_usage_threshold": self.be_cpu_usage_threshold,
+        }
+        for name, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {value}")
+        for name, value in (
+            ("smoothing_alpha", self.smoothing_alpha),
+            ("smoothing_alpha_rise", self.smoothing_alpha_rise),
+        ):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be within (0, 1], got {value}")
+        if self.memory_evict_lower > self.memory_evict_upper:
+            raise ValueError("memory_evict_lower must not exceed memory_evict_upper")
+        if self.be_cpu_satisfaction_lower > self.be_cpu_satisfaction_upper:
+            raise ValueError("be_cpu_satisfaction_lower must not exceed the upper bound")
+        if self.be_min_cpu_cores < 0 or self.be_min_quota_cores < 0:
+            raise ValueError("BE minimums must not be negative")
+        if self.reserved_cpu_cores < 0 or self.reserved_memory_bytes < 0:
+            raise ValueError("reservations must not be negative")
+        if self.stale_after_s <= 0 or self.be_cpu_evict_window_s <= 0:
+            raise ValueError("stale_after_s and be_cpu_evict_window_s must be positive")
+        if self.ls_burst_ratio < 0:
+            raise ValueError("ls_burst_ratio must not be negative")
+
+
+DEFAULT_CONFIG = QoSConfig()
+
+
+@dataclass(frozen=True)
+class NodeSample:
+    """Node usage over one sampling interval (``usage.Sampler`` produces these).
+
+    ``timestamp`` is the monotonic time of the end of the interval.  System usage is not
+    measured directly: it is what the node uses outside the LS and BE subtrees.
+    """
+
+    timestamp: float
+    capacity_cpus: float
+    capacity_memory_bytes: int
+    node_cpu_used: float
+    node_memory_used: int
+    ls_cpu_used: float
+    ls_memory_used: int
+    be_cpu_used: float = 0.0
+    be_memory_used: int = 0
+
+    @property
+    def system_cpu_used(self) -> float:
+        return max(0.0, self.node_cpu_used - self.ls_cpu_used - self.be_cpu_used)
+
+    @property
+    def system_memory_used(self) -> int:
+        return max(0, self.node_memory_used - self.ls_memory_used - self.be_memory_used)
+
+    @property
+    def cpu_busy_fraction(self) -> float:
+        """Node CPU busy share (0..1): the "shared pool" of ``ls_burst``."""
+        if self.capacity_cpus <= 0:
+            return 1.0
+        return min(1.0, max(0.0, self.node_cpu_used / self.capacity_cpus))
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """Capacity BE admission may hand out; ``stale`` when withdrawn for old metrics."""
+
+    cpu_cores: float
+    memory_bytes: int
+    stale: bool = False
+
+
+@dataclass(frozen=True)
+class BEUsage:
+    """One BE instance (or job) as the eviction policies see it.
+
+    ``priority``: higher is more important; the lowest goes first.  ``cpu_request`` is
+    what the instance asked for (its share of "requested" in CPU satisfaction).
+    """
+
+    id: str
+    priority: int = 0
+    memory_bytes: int = 0
+    cpu_used: float = 0.0
+    cpu_request: float = 0.0
+
+
+@dataclass(frozen=True)
+class BECPUSample:
+    """One loop's view of BE CPU for satisfaction eviction.
+
+    ``granted_cores``: the limit BE ran under (CFS quota in cores, or cpuset size);
+    ``requested_cores``: the sum of BE instances' requests; ``used_cores``: measured.
+    """
+
+    timestamp: float
+    granted_cores: float
+    requested_cores: float
+    used_cores: float
+
+
+# -- smoothing -------------------------------------------------------------------------
+
+
+def ewma(previous: float | None, value: float, config: QoSConfig = DEFAULT_CONFIG) -> float:
+    """Exponential moving average that believes rises faster than falls.
+
+    ``previous`` None starts the average at ``value``.
+    """
+    if previous is None:
+        return value
+    alpha = config.smoothing_alpha_rise if value > previous else config.smoothing_alpha
+    return previous + alpha * (value - previous)
+
+
+def smooth(
+    previous: NodeSample | None, sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG
+) -> NodeSample:
+    """Smooth the usage fields of ``sample`` against the previous *smoothed* sample.
+
+    Capacity and timestamp come from ``sample`` (so staleness follows the newest raw
+    reading).  Keep the result and pass it back as ``previous`` next time.
+    """
+    if previous is None:
+        return sample
+
+    def f(old: float, new: float) -> float:
+        return ewma(old, new, config)
+
+    def m(old: int, new: int) -> int:
+        return round(ewma(float(old), float(new), config))
+
+    return NodeSample(
+        timestamp=sample.timestamp,
+        capacity_cpus=sample.capacity_cpus,
+        capacity_memory_bytes=sample.capacity_memory_bytes,
+        node_cpu_used=f(previous.node_cpu_used, sample.node_cpu_used),
+        node_memory_used=m(previous.node_memory_used, sample.node_memory_used),
+        ls_cpu_used=f(previous.ls_cpu_used, sample.ls_cpu_used),
+        ls_memory_used=m(previous.ls_memory_used, sample.ls_memory_used),
+        be_cpu_used=f(previous.be_cpu_used, sample.be_cpu_used),
+        be_memory_used=m(previous.be_memory_used, sample.be_memory_used),
+    )
+
+
+def is_stale(sample: NodeSample, config: QoSConfig, now: float) -> bool:
+    """True when ``sample`` is older than ``config.stale_after_s`` at ``now``."""
+    return now - sample.timestamp > config.stale_after_s
+
+
+# -- reclaimed capacity ----------------------------------------------------------------
+
+
+def reclaimed(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: float) -> Reclaimed:
+    """Capacity BE may be admitted against (Koordinator's usage policy).
+
+    ``sample`` should be smoothed (``smooth``); ``now`` is the current monotonic time.
+    Stale metrics withdraw everything: when we cannot see LS, we must not lend its CPU.
+    """
+    if is_stale(sample, config, now):
+        return Reclaimed(0.0, 0, stale=True)
+    cpu = (
+        sample.capacity_cpus * config.cpu_reclaim_threshold
+        - sample.ls_cpu_used
+        - max(sample.system_cpu_used, config.reserved_cpu_cores)
+    )
+    memory = (
+        sample.capacity_memory_bytes * config.memory_reclaim_threshold
+        - sample.ls_memory_used
+        - max(sample.system_memory_used, config.reserved_memory_bytes)
+    )
+    return Reclaimed(max(0.0, cpu), max(0, int(memory)))
+
+
+# -- BE CPU suppress ------------------------------------------------------------------
+
+
+def be_cpu_limit(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: float) -> float:
+    """Cores BE may use now: capacity * suppress threshold - LS - max(system, reserved).
+
+    Clamped at 0 (and 0 for stale metrics); the enforcement floors
+    (``be_min_quota_cores``, ``be_min_cpu_cores``) are applied by ``be_cfs_quota_us`` and
+    ``be_cpuset_cores``.
+    """
+    if is_stale(sample, config, now):
+        return 0.0
+    limit = (
+        sample.capacity_cpus * config.be_cpu_suppress_threshold
+        - sample.ls_cpu_used
+        - max(sample.system_cpu_used, config.reserved_cpu_cores)
+    )
+    return max(0.0, limit)
+
+
+def _grow_step(total: float, config: QoSConfig) -> float:
+    return total * config.cpuset_grow_step
+
+
+def next_be_cpu(
+    current: float, target: float, total: float, config: QoSConfig = DEFAULT_CONFIG
+) -> float:
+    """Next BE CPU limit in cores (CFS-quota policy): shrink at once, grow slowly.
+
+    Bounded to [``be_min_quota_cores``, ``total``]; growth is at most
+    ``cpuset_grow_step * total`` per call.
+    """
+    lo = min(config.be_min_quota_cores, total)
+    target = min(max(target, lo), total)
+    current = min(max(current, lo), total)
+    if target <= current:
+        return target
+    return min(target, current + _grow_step(total, config))
+
+
+def be_cpuset_cores(limit_cores: float, total: int, config: QoSConfig = DEFAULT_CONFIG) -> int:
+    """Whole cores for a BE cpuset holding ``limit_cores``: rounded up, within
+    [``be_min_cpu_cores``, ``total``]."""
+    lo = min(config.be_min_cpu_cores, total)
+    # The epsilon keeps 1.0000000001 (float noise) from becoming two cores.
+    return min(max(math.ceil(limit_cores - 1e-9), lo), total)
+
+
+def next_cpuset(
+    current_cores: int, target_cores: int, total: int, config: QoSConfig = DEFAULT_CONFIG
+) -> int:
+    """Next BE cpuset size: shrink to the target at once, grow by at most
+    ``cpuset_grow_step`` of the node per call (but at least one core), always within
+    [``be_min_cpu_cores``, ``total``]."""
+    lo = min(config.be_min_cpu_cores, total)
+    target = min(max(target_cores, lo), total)
+    current = min(max(current_cores, lo), total)
+    if target <= current:
+        return target
+    step = max(1, math.floor(_grow_step(total, config) + 1e-9))
+    return min(target, current + step)
+
+
+def be_cpuset_list(cores: int, total: int) -> str:
+    """The cpuset string for a BE cpuset of ``cores`` cores out of ``total``.
+
+    BE takes the highest-numbered cores, so LS keeps cpu0 (where most interrupts land
+    on small machines) and BE's cores are taken back from the top.
+    """
+    cores = min(max(cores, 0), total)
+    if cores == 0:
+        return ""
+    first = total - cores
+    return str(first) if cores == 1 else f"{first}-{total - 1}"
+
+
+def be_cfs_quota_us(
+    limit_cores: float, config: QoSConfig = DEFAULT_CONFIG, period_us: int = CPU_PERIOD_US
+) -> int:
+    """CFS quota (per ``period_us``) for a BE limit, never below ``be_min_quota_cores``
+    (and never below the kernel's 1 ms minimum)."""
+    cores = max(limit_cores, config.be_min_quota_cores)
+    return max(1000, round(cores * period_us))
+
+
+# -- LS burst -------------------------------------------------------------------------
+
+
+def ls_burst(
+    throttled: bool,
+    pool_busy_fraction: float,
+    quota_us: int | None,
+    config: QoSConfig = DEFAULT_CONFIG,
+    current_us: int = 0,
+) -> int:
+    """``cpu.cfs_burst_us`` for one LS cgroup.
+
+    * no quota (unlimited) → 0: nothing to burst past;
+    * shared pool at or above ``ls_burst_pool_threshold`` busy → 0: banked quota would
+      be spent against other LS work;
+    * throttled in the last interval while the pool is quiet → quota * ``ls_burst_ratio``
+      (capped at the quota: the kernel rejects a larger burst);
+    * otherwise keep ``current_us`` (capped likewise), so burst does not flap.
+    """
+    if quota_us is None or quota_us <= 0:
+        return 0
+    if pool_busy_fraction >= config.ls_burst_pool_threshold:
+        return 0
+    if throttled:
+        return min(quota_us, round(quota_us * config.ls_burst_ratio))
+    return min(max(current_us, 0), quota_us)
+
+
+# -- eviction -------------------------------------------------------------------------
+
+
+def _eviction_order_memory(be: BEUsage) -> tuple[int, int, str]:
+    return (be.priority, -be.memory_bytes, be.id)
+
+
+def memory_evictions(
+    node_used: int,
+    capacity: int,
+    be_instances: Sequence[BEUsage],
+    config: QoSConfig = DEFAULT_CONFIG,
+) -> list[str]:
+    """BE instances to evict for node memory pressure, in eviction order.
+
+    Nothing happens below ``memory_evict_upper * capacity``.  Above it, instances go
+    lowest priority first and, within a priority, largest memory first, until the
+    node's usage minus what was evicted is below ``memory_evict_lower * capacity``.
+    Instances using no memory are never chosen: evicting them frees nothing.  If every
+    BE instance is not enough, all of them are returned.
+    """
+    if capacity <= 0 or node_used < capacity * config.memory_evict_upper:
+        return []
+    target = capacity * config.memory_evict_lower
+    used = node_used
+    chosen: list[str] = []
+    for be in sorted(be_instances, key=_eviction_order_memory):
+        if used < target:
+            break
+        if be.memory_bytes <= 0:
+            continue
+        chosen.append(be.id)
+        used -= be.memory_bytes
+    return chosen
+
+
+def _eviction_order_cpu(be: BEUsage) -> tuple[int, float, str]:
+    return (be.priority, -be.cpu_used, be.id)
+
+
+def cpu_satisfaction_evictions(
+    history: Sequence[BECPUSample],
+    be_instances: Sequence[BEUsage],
+    config: QoSConfig = DEFAULT_CONFIG,
+) -> list[str]:
+    """BE instances to evict because BE is starved of CPU it is actually using.
+
+    Considered only once ``history`` covers the whole window (``be_cpu_evict_window_s``
+    back from its newest sample).  Over the window, average satisfaction (granted /
+    requested) must be below ``be_cpu_satisfaction_lower`` *and* average usage / grant
+    at least ``be_cpu_usage_threshold`` (a suppressed BE that is idle anyway is fine).
+    Then BE requests are released -- lowest priority first, then highest CPU usage --
+    until the remaining requests fit the newest grant at ``be_cpu_satisfaction_upper``.
+
+    The caller should clear ``history`` after evicting, so the next decision is made on
+    a fresh window rather than on the starvation that was just dealt with.
+    """
+    if not history:
+        return []
+    newest = max(history, key=lambda s: s.timestamp)
+    start = newest.timestamp - config.be_cpu_evict_window_s
+    if min(s.timestamp for s in history) > start:
+        return []  # not enough history yet
+    window = [s for s in history if s.timestamp >= start]
+    ratios = [s.granted_cores / s.requested_cores for s in window if s.requested_cores > 0]
+    if not ratios:
+        return []
+    satisfaction = sum(ratios) / len(ratios)
+    # A zero grant is fully used by definition: BE has nothing and wants more.
+    usage = sum(s.used_cores / s.granted_cores if s.granted_cores > 0 else 1.0 for s in window)
+    usage /= len(window)
+    if satisfaction >= config.be_cpu_satisfaction_lower or usage < config.be_cpu_usage_threshold:
+        return []
+    requested = sum(be.cpu_request for be in be_instances if be.cpu_request > 0)
+    # satisfaction < lower <= upper, so upper > 0 here.
+    keep = newest.granted_cores / config.be_cpu_satisfaction_upper
+    to_release = requested - keep
+    chosen: list[str] = []
+    released = 0.0
+    for be in sorted(be_instances, key=_eviction_order_cpu):
+        if released >= to_release - 1e-9:
+            break
+        if be.cpu_request <= 0:
+            continue
+        chosen.append(be.id)
+        released += be.cpu_request
+    return chosen
