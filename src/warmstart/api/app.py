@@ -37,6 +37,7 @@ class NativeAPI:
             Route("/functions/{name}/logs", self.logs, methods=["GET"]),
             Route("/instances", self.instances, methods=["GET"]),
             Route("/zygotes", self.zygotes, methods=["GET"]),
+            Route("/node", self.node, methods=["GET"]),
             Route("/events/{event_id}", self.event, methods=["GET"]),
             Route("/jobs", self.submit_job, methods=["POST"]),
             Route("/jobs", self.list_jobs, methods=["GET"]),
@@ -93,6 +94,10 @@ class NativeAPI:
 
     async def instances(self, request: Request) -> Response:
         return JSONResponse({"instances": self.worker.instances()})
+
+    async def node(self, request: Request) -> Response:
+        """The node's status: capacity, LS/BE/system usage, reclaimed capacity, queues."""
+        return JSONResponse(self.worker.node_status())
 
     async def zygotes(self, request: Request) -> Response:
         zc = self.worker.zygotes

@@ -89,6 +89,25 @@ def _parser() -> argparse.ArgumentParser:
         help="CPUs each instance may use (CFS quota); 0 = unlimited (default %(default)s)",
     )
     s.add_argument(
+        "--no-qos",
+        action="store_true",
+        help="turn the QoS loop off (best-effort work keeps only its low CPU weight)",
+    )
+    s.add_argument(
+        "--qos-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a JSON object overriding QoS thresholds (names and defaults: "
+        'docs/architecture.md), e.g. {"cpu_reclaim_threshold": 0.6}',
+    )
+    s.add_argument(
+        "--be-concurrency",
+        type=int,
+        default=None,
+        help="best-effort (event, job) invocations at once at most (default 2 per CPU)",
+    )
+    s.add_argument(
         "--no-zygotes",
         action="store_true",
         help="start every instance in a fresh interpreter (no import cache)",
@@ -208,9 +227,19 @@ def _serve(args: argparse.Namespace) -> int:
         "zygote_after": args.zygote_after,
         "zygote_budget_mb": args.zygote_budget_mb,
         "zygote_uid": args.zygote_uid,
+        "qos": not args.no_qos,
         "find_links": tuple(args.find_links),
         "offline": args.offline,
     }
+    if args.qos_config is not None:
+        from warmstart.qos.policy import QoSConfig
+
+        try:
+            kwargs["qos_config"] = QoSConfig(**json.loads(args.qos_config.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CLIError(f"--qos-config {args.qos_config}: {exc}") from exc
+    if args.be_concurrency is not None:
+        kwargs["be_concurrency"] = args.be_concurrency
     if args.cache_budget_mb is not None:
         kwargs["cache_budget_mb"] = args.cache_budget_mb
     if args.memory_budget_mb is not None:

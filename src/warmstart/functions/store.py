@@ -220,6 +220,11 @@ class FunctionStore:
             for r in rows
         ]
 
+    def pending_count(self) -> int:
+        return int(
+            self.db.execute("SELECT COUNT(*) FROM events WHERE status='pending'").fetchone()[0]
+        )
+
     def pending_events(self, limit: int = 100) -> list[tuple[str, str, bytes, int]]:
         rows = self.db.execute(
             "SELECT id, function, payload, attempts FROM events WHERE status='pending' ORDER BY created LIMIT ?",

@@ -165,6 +165,9 @@ class CgroupPool:
         self._in_use.add(cg)
         return cg
 
+    def in_use(self) -> list[Cgroup]:
+        return list(self._in_use)
+
     def owns(self, cg: Cgroup) -> bool:
         return cg.rel.startswith(self.parent + "/") and "/" not in cg.rel[len(self.parent) + 1 :]
 

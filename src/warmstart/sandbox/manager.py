@@ -395,11 +395,8 @@ class SandboxManager:
         sandbox_id = f"sb{self._seq}"
         cgroup = None
         if self.pool is not None:
-            cpu_quota = (
-                None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
-            )
             cgroup = self.pool_for(spec.qos).acquire(
-                cgroups.Limits(spec.memory_mb << 20, self.pids_max, cpu_quota), self._parked
+                self.limits_for(spec.memory_mb, spec.qos), self._parked
             )
             self._parked.discard(cgroup)  # its parked parent becomes this sandbox's C1
             self._maybe_refill()
@@ -526,9 +523,12 @@ class SandboxManager:
             raise SandboxError(f"{script[4]} timed out after {timeout:.0f}s") from None
         return _command_result(out, marker)
 
-    def limits_for(self, memory_mb: int) -> cgroups.Limits:
+    def limits_for(self, memory_mb: int, qos: str = "ls") -> cgroups.Limits:
+        """An instance's limits.  Best-effort instances get no CPU quota of their own: the
+        QoS manager caps the whole be/ subtree (and cgroup v1 refuses a parent quota
+        below a child's)."""
         quota = None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
-        return cgroups.Limits(memory_mb << 20, self.pids_max, quota)
+        return cgroups.Limits(memory_mb << 20, self.pids_max, None if qos == "be" else quota)
 
     async def _unpark(self, cgroup: Cgroup) -> None:
         """Send away the parked parent of a cgroup that a zygote's child will use."""

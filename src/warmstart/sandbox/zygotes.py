@@ -328,7 +328,7 @@ class Zygotes:
         m = self.m
         if not zygote.alive:
             raise SandboxError(f"zygote {zygote.id} is gone")
-        cgroup = m.acquire_unparked(m.limits_for(SPARE_MEMORY_MB), qos)
+        cgroup = m.acquire_unparked(m.limits_for(SPARE_MEMORY_MB, qos), qos)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ours.setblocking(False)
@@ -398,7 +398,7 @@ class Zygotes:
             spare = await self._spare(zygote, qos=spec.qos)
         trees: list[int] = []
         try:
-            spare.cgroup.set_limits(m.limits_for(spec.memory_mb))
+            spare.cgroup.set_limits(m.limits_for(spec.memory_mb, spec.qos))
             have = {dst for _, dst in zygote.packages}
             mounts = [(str(spec.code_dir), TASK_ROOT)]
             mounts += [(src, dst) for src, dst in spec.extra_ro_mounts if dst not in have]

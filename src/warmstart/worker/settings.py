@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from warmstart.qos.policy import QoSConfig
 
 
 def _physical_memory_mb() -> int:
@@ -46,3 +48,8 @@ class Settings:
     zygote_after: int = 2  # cold starts of a package set before it gets its own zygote
     zygote_budget_mb: int = 4096  # zygotes' PSS before LRU eviction
     zygote_uid: int = 200000  # the host uid a zygote runs as (uid 0 inside its namespace)
+    # Colocation (differentiated SLO).
+    qos: bool = True  # the QoS loop: reclaimed capacity, BE suppression, LS burst, eviction
+    qos_config: QoSConfig = field(default_factory=QoSConfig)
+    be_cpu_request: float = 0.5  # cores each best-effort instance counts against reclaimed CPU
+    min_be_concurrency: int = 1  # best-effort instances allowed even with nothing reclaimed

@@ -37,6 +37,7 @@ from warmstart.worker.forks import ZygoteCache
 from warmstart.worker.instance import Instance, InstanceDied, Reply, State
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import FunctionPool, HandlerCache
+from warmstart.worker.qos import BEInstance, QoSManager
 from warmstart.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Worker:
             settings.cache_budget_mb << 20, settings.freeze_after_ms / 1000, settings.idle_ttl_s
         )
         self.zygotes: ZygoteCache | None = None
+        self.qos: QoSManager | None = None
+        self.running_be: dict[Instance, FunctionPool] = {}
         self.functions: dict[str, FunctionRecord] = {}
         self.pools: dict[str, FunctionPool] = {}  # latency-sensitive instances
         self.be_pools: dict[str, FunctionPool] = {}  # best-effort instances (events, jobs)
@@ -132,7 +135,17 @@ class Worker:
             len(self.functions),
             self.sandboxes.isolation.value,
         )
+        if self.sandboxes.isolation is Isolation.LINUX and self.sandboxes.driver is not None:
+            self.qos = QoSManager(
+                self.sandboxes,
+                self._be_instances,
+                self._evict_be,
+                config=self.settings.qos_config,
+                enabled=self.settings.qos,
+            )
         self._loops = [self._spawn(self._event_loop()), self._spawn(self._sweeper())]
+        if self.qos is not None:
+            self._loops.append(self._spawn(self.qos.run()))
 
     async def close(self) -> None:
         self._closing = True
@@ -366,6 +379,7 @@ class Worker:
         return inst
 
     def _destroy_instance(self, inst: Instance) -> None:
+        self.running_be.pop(inst, None)
         if inst.state is State.DEAD:
             return
         if inst.zygote is not None and self.zygotes is not None:
@@ -410,6 +424,9 @@ class Worker:
         }
         if client_context:
             meta["client_context"] = client_context
+        best_effort = pool.name in self.be_pools and self.be_pools[pool.name] is pool
+        if best_effort:
+            self.running_be[inst] = pool
         try:
             await inst.send(json.dumps(meta).encode(), payload)
             reply: Reply = await asyncio.wait_for(inst.read_reply(), timeout)
@@ -427,6 +444,8 @@ class Worker:
                 b"",
             )
         except InstanceDied:
+            if inst.evicted:
+                raise Evicted(f"best-effort instance of {name} was evicted") from None
             oom = inst.sandbox.oom_killed()
             pool.discard(inst)
             kind = "Runtime.OutOfMemory" if oom else "Runtime.ExitError"
@@ -448,6 +467,7 @@ class Worker:
             pool.discard(inst)
             raise
         inst.invocations += 1
+        self.running_be.pop(inst, None)
         pool.release(inst)
         if reply.kind == "result":
             return self._finish(
@@ -542,7 +562,7 @@ class Worker:
             self._event_wakeup.clear()
             taken = {t.get_name() for t in running}
             for event_id, fn, payload, attempts in self.store.pending_events():
-                if event_id in taken or len(running) >= self.settings.be_concurrency:
+                if event_id in taken or len(running) >= self._be_slots():
                     continue
                 task = asyncio.get_running_loop().create_task(
                     self._run_event(event_id, fn, payload, attempts), name=event_id
@@ -553,12 +573,52 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event_wakeup.wait(), 1.0)
 
+    def _be_slots(self) -> int:
+        """How many best-effort invocations may run: within the reclaimed capacity (each
+        asks for ``be_cpu_request`` cores and its MemorySize), never more than
+        ``be_concurrency``, and at least ``min_be_concurrency`` so async work cannot
+        starve for ever (it stays under the squeezed, lowest-weight be/ subtree)."""
+        cap = self.settings.be_concurrency
+        if self.qos is None or not self.qos.enabled:
+            return cap
+        r = self.qos.reclaimed
+        by_cpu = (
+            int(r.cpu_cores / self.settings.be_cpu_request)
+            if self.settings.be_cpu_request > 0
+            else cap
+        )
+        running_mb = sum(inst.memory_mb for inst in self.running_be)
+        by_memory = len(self.running_be) + max(0, (r.memory_bytes >> 20) - running_mb) // 128
+        return max(self.settings.min_be_concurrency, min(cap, by_cpu, by_memory))
+
+    def _be_instances(self) -> list[BEInstance]:
+        out = []
+        for inst in self.running_be:
+            cg = inst.sandbox.cgroup
+            if cg is None:
+                continue
+            try:
+                memory = cg.memory_usage()
+            except PlatformError:
+                memory = 0
+            out.append(BEInstance(inst.id, cg.rel, memory, self.settings.be_cpu_request))
+        return out
+
+    def _evict_be(self, ids: list[str]) -> None:
+        for inst, pool in list(self.running_be.items()):
+            if inst.id in ids:
+                inst.evicted = True
+                self.running_be.pop(inst, None)
+                pool.discard(inst)  # the invocation sees the instance die and is requeued
+
     async def _run_event(self, event_id: str, fn: str, payload: bytes, attempts: int) -> None:
         try:
             result = await self.invoke(fn, payload, qos="be")
         except NotFound:
             self.store.finish_event(event_id, "dropped", b"function deleted", attempts)
             return
+        except Evicted:
+            return  # still pending: it runs again when there is room (not an attempt)
         except (TooManyRequests, PlatformError) as exc:
             log.warning("event %s for %s deferred: %s", event_id, fn, exc)
             await asyncio.sleep(1.0)
@@ -577,6 +637,7 @@ class Worker:
     # -- statistics ------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, dict[str, float]]:
         zc = self.zygotes
+        q = self.qos
         states = {s.value: 0.0 for s in State if s is not State.DEAD}
         for pool in self._all_pools():
             st = pool.statistics()
@@ -598,8 +659,29 @@ class Worker:
                 "zygotes": float(len(zc.live)) if zc else 0.0,
                 "zygote_forks_total": float(zc.forks) if zc else 0.0,
                 "zygote_memory_pss_bytes": float(zc.memory()) if zc else 0.0,
+                "reclaimed_cpu_cores": q.reclaimed.cpu_cores if q else 0.0,
+                "reclaimed_memory_bytes": float(q.reclaimed.memory_bytes) if q else 0.0,
+                "be_cpu_limit_cores": (q.be_cpu_cores or 0.0) if q else 0.0,
+                "qos_evictions_total": float(q.evictions) if q else 0.0,
+                "best_effort_running": float(len(self.running_be)),
             },
         }
+
+    def node_status(self) -> dict[str, Any]:
+        snap = self._snapshot()
+        status: dict[str, Any] = self.qos.status() if self.qos is not None else {"qos": False}
+        status.update(
+            {
+                "isolation": self.sandboxes.isolation.value,
+                "instances": snap["instances"],
+                "best_effort_running": len(self.running_be),
+                "best_effort_slots": self._be_slots(),
+                "queue_depth": self.store.pending_count(),
+                "functions": len(self.functions),
+                "zygotes": len(self.zygotes.live) if self.zygotes is not None else 0,
+            }
+        )
+        return status
 
     def instances(self) -> list[dict[str, Any]]:
         """Idle instances with their memory: the cgroup's charge, and the processes'
@@ -630,6 +712,10 @@ class Worker:
                     }
                 )
         return out
+
+
+class Evicted(Exception):
+    """A best-effort instance was evicted by the QoS manager; its work is requeued."""
 
 
 class _InitFailed(Exception):

@@ -1,0 +1,855 @@
+#!/usr/bin/env python3
+"""QoS benchmark: latency-sensitive (LS) tails next to best-effort (BE) batch work.
+
+Four scenarios in one run, each on a fresh ``warmstart serve`` (temporary data dir, free
+loopback port), all driven the same way:
+
+1. **LS alone** -- the reference.
+2. **LS + BE, no differentiation** -- server ``--no-qos`` and the BE function deployed
+   with the tag ``warmstart:qos=ls``: the batch items run as LS instances (normal CPU
+   weight, LS limits).
+3. **LS + BE, --no-qos** -- BE runs in the BE subtree with the lowest CPU weight
+   (``cpu.shares=2``, ``cpu.idle=1``) but no QoS loop squeezes it.
+4. **LS + BE, QoS on** -- the default server: the QoS loop computes reclaimed capacity and
+   caps the BE subtree (CFS quota) whenever LS needs the CPU.
+
+The LS load: ``lsburn`` (a handler that busy-loops on ``time.perf_counter`` for ~2 ms and
+returns how many loop iterations it managed) invoked (``POST /run/lsburn``) at a FIXED
+rate, open loop, by a separate client process: several keep-alive connections, each with
+its own timetable (send i at ``start + i / rate``, interleaved across connections, the way
+wrk2 does it) and every latency measured from the *scheduled* send time, so a stalled
+server cannot hide behind a waiting client (no coordinated omission).  The LS load runs
+for the whole scenario: a warm-up (LS alone; instances started, pool sized), a ramp (the
+BE job is submitted at its start, BE instances start and the QoS loop settles) and the
+measurement window (``--duration``, default 20 s, --quick 6 s).  Only requests scheduled
+inside the window count.
+
+The BE load: one job (``POST /jobs``) over the function ``bework`` (MemorySize 512) with
+several hundred items, two CPU items for each memory item: a CPU item burns ~0.5 s of CPU
+(busy loop on ``time.process_time``), a memory item allocates and writes ~300 MB, then
+sleeps 0.5 s.  BE throughput = items finished (``GET /jobs/<id>``: succeeded + failed)
+per second over the window; the job is sized to outlast the window (checked).
+
+Measured over the window as well: node CPU utilisation (``/proc/stat`` deltas), the CPU of
+the server's ``ls/`` and ``be/`` cgroup subtrees (``cpuacct.usage`` deltas), the CPU of
+the server process itself and of the client, and -- when the server has it -- ``GET
+/node`` once a second (usage, reclaimed capacity, BE CPU limit, queue depth, evictions).
+
+Targets (with QoS on): LS p99 <= 1.10x LS alone (aim 1.05x), and BE gets >= 60% of the CPU
+that LS leaves idle: BE CPU / (capacity - LS CPU), with BE and LS CPU from ``/node``
+(``usage.be_cpu`` / ``usage.ls_cpu`` averaged over the window) when available, otherwise
+from the cgroups' cpuacct.  Prints a markdown table; ``--json OUT`` writes every number.
+Servers are stopped (SIGTERM) and temporary directories removed at the end, even on error.
+Only 127.0.0.1 is contacted.
+
+    sudo .venv/bin/python bench/qos_bench.py [--quick] [--duration S] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    BenchError,
+    RawHTTP,
+    Server,
+    cgroup_digest,
+    fmt_ms,
+    lambda_client,
+    log,
+    machine_info,
+    make_zip,
+    percentile,
+    ratio,
+)
+
+LS_FN = "lsburn"
+BE_FN = "bework"
+QOS_TAG = "warmstart:qos"
+
+LS_PY = """\
+import time
+
+
+def handler(event, context):
+    # Busy for ~ms milliseconds of wall-clock time; the iteration count says how much of
+    # that time the handler actually had a CPU.
+    end = time.perf_counter() + float(event.get("ms", 2.0)) / 1000.0
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return {"n": n}
+"""
+
+BE_PY = """\
+import time
+
+
+def handler(event, context):
+    if event.get("kind") == "mem":
+        mb = int(event.get("mb", 300))
+        buf = bytearray(b"\\x01") * (mb << 20)  # malloc + memset: every page is touched
+        time.sleep(float(event.get("sleep_s", 0.5)))
+        size = len(buf)
+        del buf
+        return {"kind": "mem", "bytes": size}
+    cpu_s = float(event.get("cpu_s", 0.5))
+    t0 = time.process_time()
+    n = 0
+    while time.process_time() - t0 < cpu_s:
+        n += 1
+    return {"kind": "cpu", "n": n}
+"""
+
+TARGET_P99_RATIO = 1.10
+AIM_P99_RATIO = 1.05
+TARGET_BE_SHARE = 0.60
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "alone": {"label": "LS alone", "args": [], "be": False, "be_tags": {}},
+    "nodiff": {
+        "label": "LS + BE, no differentiation (BE tagged ls, --no-qos)",
+        "args": ["--no-qos"],
+        "be": True,
+        "be_tags": {QOS_TAG: "ls"},
+    },
+    "noqos": {
+        "label": "LS + BE, --no-qos (low CPU weight only)",
+        "args": ["--no-qos"],
+        "be": True,
+        "be_tags": {},
+    },
+    "qos": {"label": "LS + BE, QoS on", "args": [], "be": True, "be_tags": {}},
+}
+
+
+# -- system readings ---------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_stat() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat (busy = total - idle - iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+    total = sum(fields[:8])
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return total - idle, total
+
+
+def cpuacct_ns(data_dir: Path, sub: str) -> int | None:
+    """cpuacct.usage (ns) of the server's ``sub`` subtree (v1), or cpu.stat usage_usec (v2)."""
+    rel = f"warmstart/{cgroup_digest(data_dir)}/{sub}"
+    root = Path("/sys/fs/cgroup")
+    for controller in ("cpuacct", "cpu,cpuacct", "cpu"):
+        p = root / controller / rel / "cpuacct.usage"
+        with contextlib.suppress(OSError, ValueError):
+            return int(p.read_text())
+    with contextlib.suppress(OSError, ValueError):
+        for line in (root / rel / "cpu.stat").read_text().splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) * 1000
+    return None
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """utime + stime of one process (its own threads, not its children)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def server_supports(flag: str) -> bool:
+    out = subprocess.run(
+        [sys.executable, "-m", "warmstart.cli.main", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return flag in out.stdout
+
+
+# -- the open-loop LS client (runs in its own process) -----------------------------------------
+def loadgen_worker(cfg: dict[str, Any]) -> None:
+    """Fixed-rate open-loop client: ``connections`` threads, each with a keep-alive
+    connection and its own slice of one timetable (request i is due at start + i/rate and
+    goes out on connection i % connections).  A late connection sends at once; latency is
+    always measured from the due time.  Writes [[due - start, latency_ms, status, start
+    kind, iterations], ...] as JSON to cfg["out"]."""
+    port, path = cfg["port"], cfg["path"]
+    rate, conns, start, total_s = cfg["rate"], cfg["connections"], cfg["start"], cfg["total_s"]
+    body = json.dumps(cfg["event"]).encode()
+    n_total = int(total_s * rate)
+    results: list[list[list[Any]]] = [[] for _ in range(conns)]
+    errors: list[str] = []
+
+    def run(k: int) -> None:
+        conn = RawHTTP("127.0.0.1", port)
+        raw = conn.request_bytes("POST", path, body)
+        out = results[k]
+        try:
+            for i in range(k, n_total, conns):
+                due = start + i / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                try:
+                    status, headers, resp = conn.roundtrip(raw)
+                except (OSError, BenchError) as exc:
+                    lat = (time.monotonic() - due) * 1000
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    out.append([due - start, lat, 0, "error", None])
+                    with contextlib.suppress(OSError):
+                        conn.close()
+                    conn = RawHTTP("127.0.0.1", port)
+                    continue
+                lat = (time.monotonic() - due) * 1000
+                n = None
+                if status == 200:
+                    with contextlib.suppress(ValueError, AttributeError):
+                        n = json.loads(resp).get("n")
+                out.append([due - start, lat, status, headers.get("x-warmstart-start"), n])
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    samples = sorted((s for r in results for s in r), key=lambda s: s[0])
+    cpu = os.times()
+    with open(cfg["out"], "w") as f:
+        json.dump(
+            {"samples": samples, "errors": errors[:20], "n_errors": len(errors),
+             "cpu_s": cpu.user + cpu.system},
+            f,
+        )
+
+
+class LoadGen:
+    def __init__(self, workdir: Path, name: str, cfg: dict[str, Any]) -> None:
+        self.out = workdir / f"loadgen-{name}.json"
+        self.cfg = {**cfg, "out": str(self.out)}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen-worker",
+               json.dumps(self.cfg)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None
+        try:
+            _out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError(f"the LS load generator did not finish within {timeout:.0f}s") from None
+        if self.proc.returncode != 0:
+            raise BenchError(f"the LS load generator failed: {err.decode(errors='replace')[-2000:]}")
+        result: dict[str, Any] = json.loads(self.out.read_text())
+        return result
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- deploy and warm up ---------------------------------------------------------------------
+def deploy(server: Server, be_tags: dict[str, str] | None) -> None:
+    client = lambda_client(server.url)
+    fns = [(LS_FN, LS_PY, 128, {})]
+    if be_tags is not None:
+        fns.append((BE_FN, BE_PY, 512, be_tags))
+    for name, code, mem, tags in fns:
+        kwargs: dict[str, Any] = {}
+        if tags:
+            kwargs["Tags"] = tags
+        out = client.create_function(
+            FunctionName=name,
+            Runtime="python3.11",
+            Handler=f"{name}.handler",
+            Role="arn:aws:iam::000000000000:role/bench",
+            Code={"ZipFile": make_zip({f"{name}.py": code})},
+            MemorySize=mem,
+            Timeout=60,
+            **kwargs,
+        )
+        if out.get("FunctionName") != name:
+            raise BenchError(f"create_function({name}) returned {out}")
+
+
+def warm_ls(server: Server, ls_ms: float, n: int = 30) -> float:
+    """A few sequential invocations (the first one starts the instance); returns the mean
+    iteration count of the warm ones."""
+    conn = RawHTTP("127.0.0.1", server.port)
+    raw = conn.request_bytes("POST", f"/run/{LS_FN}", json.dumps({"ms": ls_ms}).encode())
+    iters = []
+    try:
+        for i in range(n):
+            status, headers, body = conn.roundtrip(raw)
+            if status != 200:
+                raise BenchError(f"{LS_FN} invocation {i}: HTTP {status}: {body[:300]!r}")
+            if i >= 5:
+                iters.append(json.loads(body)["n"])
+    finally:
+        conn.close()
+    return statistics.fmean(iters)
+
+
+def be_inputs(n: int, cpu_s: float, mem_mb: int, sleep_s: float) -> list[dict[str, Any]]:
+    """Two CPU items for each memory item, interleaved."""
+    out = []
+    for i in range(n):
+        if i % 3 == 2:
+            out.append({"kind": "mem", "mb": mem_mb, "sleep_s": sleep_s})
+        else:
+            out.append({"kind": "cpu", "cpu_s": cpu_s})
+    return out
+
+
+def submit_job(server: Server, inputs: list[dict[str, Any]]) -> str:
+    conn = RawHTTP("127.0.0.1", server.port)
+    try:
+        body = json.dumps({"function": BE_FN, "inputs": inputs}).encode()
+        status, _h, resp = conn.roundtrip(conn.request_bytes("POST", "/jobs", body))
+    finally:
+        conn.close()
+    if status != 202:
+        raise BenchError(f"POST /jobs: HTTP {status}: {resp[:500]!r}")
+    job: dict[str, Any] = json.loads(resp)
+    if job.get("total") != len(inputs) or not job.get("JobId"):
+        raise BenchError(f"POST /jobs returned {job}")
+    return str(job["JobId"])
+
+
+def job_progress(server: Server, job_id: str) -> dict[str, Any]:
+    j = server.get_json(f"/jobs/{job_id}")
+    j["done"] = int(j.get("succeeded", 0)) + int(j.get("failed", 0))
+    return j
+
+
+def node_status(server: Server) -> dict[str, Any] | None:
+    try:
+        status, body = server.get("/node")
+    except (OSError, BenchError):
+        return None
+    if status != 200:
+        return None
+    with contextlib.suppress(ValueError):
+        d = json.loads(body)
+        return d if isinstance(d, dict) else None
+    return None
+
+
+class Snapshot:
+    def __init__(self, server: Server, job_id: str | None) -> None:
+        self.t = time.monotonic()
+        self.busy, self.total = proc_stat()
+        self.ls_ns = cpuacct_ns(server.data_dir, "ls")
+        self.be_ns = cpuacct_ns(server.data_dir, "be")
+        self.server_cpu = process_cpu_s(server.proc.pid) if server.proc else None
+        self.job = job_progress(server, job_id) if job_id else None
+
+
+def _num(d: Any, *keys: str) -> float | None:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    v = [x for x in xs if x is not None]
+    return statistics.fmean(v) if v else None
+
+
+# -- one scenario ---------------------------------------------------------------------------
+def run_scenario(
+    workdir: Path, key: str, args: argparse.Namespace, servers: list[Server]
+) -> dict[str, Any]:
+    sc = SCENARIOS[key]
+    server = Server(workdir, key, [*sc["args"], *args.server_arg])
+    servers.append(server)
+    server.data_dir.mkdir()
+    server.start()
+    deploy(server, sc["be_tags"] if sc["be"] else None)
+    iters_alone = warm_ls(server, args.ls_ms)
+    node0 = node_status(server)
+
+    warm_s, ramp_s, dur = args.warmup, args.ramp, args.duration
+    start = time.monotonic() + 1.0  # time for the client to start and connect
+    lg = LoadGen(
+        workdir,
+        key,
+        {
+            "port": server.port,
+            "path": f"/run/{LS_FN}",
+            "event": {"ms": args.ls_ms},
+            "rate": args.rate,
+            "connections": args.connections,
+            "start": start,
+            "total_s": warm_s + ramp_s + dur,
+        },
+    )
+    loadgens.append(lg)
+    lg.start()
+    job_id = None
+    n_items = 0
+    try:
+        time.sleep(max(0.0, start + warm_s - time.monotonic()))
+        if sc["be"]:
+            n_items = args.be_items or int((ramp_s + dur + 15) * 10) + 100
+            job_id = submit_job(
+                server, be_inputs(n_items, args.be_cpu_s, args.be_mem_mb, args.be_sleep_s)
+            )
+            log(f"{key}: BE job {job_id} with {n_items} items submitted")
+        w0 = start + warm_s + ramp_s
+        time.sleep(max(0.0, w0 - time.monotonic()))
+        a = Snapshot(server, job_id)
+        nodes: list[dict[str, Any]] = []
+        progress: list[tuple[float, int]] = [(a.t - w0, a.job["done"])] if a.job else []
+        w1 = w0 + dur
+        # /node (and job progress) once a second through the window.
+        while True:
+            nxt = min(w1, time.monotonic() + 1.0)
+            time.sleep(max(0.0, nxt - time.monotonic()))
+            if time.monotonic() >= w1 - 0.05:
+                break
+            n = node_status(server)
+            if n is not None:
+                nodes.append(n)
+            if job_id:
+                progress.append((time.monotonic() - w0, job_progress(server, job_id)["done"]))
+        b = Snapshot(server, job_id)
+        if b.job:
+            progress.append((b.t - w0, b.job["done"]))
+        n = node_status(server)
+        if n is not None:
+            nodes.append(n)
+        lgres = lg.wait(timeout=60)
+    finally:
+        lg.kill()
+
+    # -- LS latency: requests due inside the window -----------------------------------
+    t0, t1 = w0 - start, w0 - start + dur
+    win = [s for s in lgres["samples"] if t0 <= s[0] < t1]
+    ok = [s for s in win if s[2] == 200]
+    lat = [s[1] for s in ok]
+    iters = [s[4] for s in ok if isinstance(s[4], (int, float))]
+    kinds: dict[str, int] = {}
+    for s in win:
+        kinds[str(s[3])] = kinds.get(str(s[3]), 0) + 1
+    elapsed = b.t - a.t
+    cap = _num(node0, "capacity", "cpus") or float(os.cpu_count() or 1)
+
+    def cores(x0: int | None, x1: int | None) -> float | None:
+        return None if x0 is None or x1 is None else (x1 - x0) / 1e9 / elapsed
+
+    res: dict[str, Any] = {
+        "key": key,
+        "label": sc["label"],
+        "server_args": sc["args"] + args.server_arg,
+        "be_tags": sc["be_tags"],
+        "window_s": elapsed,
+        "ls": {
+            "scheduled": len(win),
+            "ok": len(ok),
+            "errors": len(win) - len(ok),
+            "statuses": sorted({s[2] for s in win}),
+            "start_kinds": kinds,
+            "p50_ms": percentile(lat, 50),
+            "p90_ms": percentile(lat, 90),
+            "p99_ms": percentile(lat, 99),
+            "p999_ms": percentile(lat, 99.9),
+            "max_ms": max(lat) if lat else float("nan"),
+            "mean_ms": statistics.fmean(lat) if lat else float("nan"),
+            "achieved_rps": len(ok) / dur,
+            "iterations_mean": statistics.fmean(iters) if iters else None,
+            "iterations_alone_warmup": iters_alone,
+            "client_errors": lgres.get("errors"),
+            "client_cpu_s": lgres.get("cpu_s"),
+        },
+        "cpu": {
+            "capacity_cores": cap,
+            "node_util_pct": 100.0 * (b.busy - a.busy) / max(1, b.total - a.total),
+            "node_busy_cores": (b.busy - a.busy) / CLK_TCK / elapsed,
+            "ls_cgroup_cores": cores(a.ls_ns, b.ls_ns),
+            "be_cgroup_cores": cores(a.be_ns, b.be_ns),
+            "server_process_cores": (
+                None
+                if a.server_cpu is None or b.server_cpu is None
+                else (b.server_cpu - a.server_cpu) / elapsed
+            ),
+        },
+        "node": None,
+    }
+    if nodes:
+        ev = [_num(x, "evictions") for x in nodes]
+        evd = [x for x in ev if x is not None]
+        res["node"] = {
+            "samples": len(nodes),
+            "qos": nodes[-1].get("qos"),
+            "ls_cpu": _mean([_num(x, "usage", "ls_cpu") for x in nodes]),
+            "be_cpu": _mean([_num(x, "usage", "be_cpu") for x in nodes]),
+            "system_cpu": _mean([_num(x, "usage", "system_cpu") for x in nodes]),
+            "node_cpu": _mean([_num(x, "usage", "node_cpu") for x in nodes]),
+            "reclaimed_cpu_cores": _mean([_num(x, "reclaimed", "cpu_cores") for x in nodes]),
+            "reclaimed_memory_bytes": _mean([_num(x, "reclaimed", "memory_bytes") for x in nodes]),
+            "stale_samples": sum(1 for x in nodes if (x.get("reclaimed") or {}).get("stale")),
+            "be_cpu_limit_cores": _mean([_num(x, "be_cpu_limit_cores") for x in nodes]),
+            "be_cpu_limit_min": min(
+                (v for v in (_num(x, "be_cpu_limit_cores") for x in nodes) if v is not None),
+                default=None,
+            ),
+            "queue_depth_mean": _mean([_num(x, "queue_depth") for x in nodes]),
+            "evictions_in_window": (evd[-1] - evd[0]) if len(evd) >= 2 else None,
+            "evictions_total": evd[-1] if evd else None,
+            "last": nodes[-1],
+        }
+    if job_id and a.job and b.job:
+        done = b.job["done"] - a.job["done"]
+        res["be"] = {
+            "job_id": job_id,
+            "items": n_items,
+            "items_done_in_window": done,
+            "items_per_s": done / elapsed,
+            "failed_total": b.job.get("failed"),
+            "succeeded_total": b.job.get("succeeded"),
+            "pending_at_end": b.job.get("pending"),
+            "status_at_end": b.job.get("status"),
+            "progress": progress,
+        }
+        if b.job.get("status") == "completed" or not b.job.get("pending"):
+            log(f"WARNING: {key}: the BE job ran dry before the window ended ({b.job})")
+            res["be"]["ran_dry"] = True
+        if b.job.get("failed"):
+            log(f"WARNING: {key}: {b.job['failed']} BE items failed")
+    # BE CPU share of what LS leaves idle.
+    node = res["node"] or {}
+    cpu = res["cpu"]
+    ls_cpu, ls_src = (
+        (node["ls_cpu"], "/node") if node.get("ls_cpu") is not None else (cpu["ls_cgroup_cores"], "cpuacct")
+    )
+    be_cpu, be_src = (
+        (node["be_cpu"], "/node") if node.get("be_cpu") is not None else (cpu["be_cgroup_cores"], "cpuacct")
+    )
+    if sc["be"] and not sc["be_tags"] and ls_cpu is not None and be_cpu is not None:
+        idle = cap - ls_cpu
+        cpu["be_share_of_ls_idle"] = be_cpu / idle if idle > 0 else None
+        cpu["be_share_source"] = f"BE {be_src}, LS {ls_src}"
+        cpu["be_share_ls_cpu"] = ls_cpu
+        cpu["be_share_be_cpu"] = be_cpu
+        if cpu["be_cgroup_cores"] is not None and cpu["ls_cgroup_cores"] is not None:
+            idle2 = cap - cpu["ls_cgroup_cores"]
+            cpu["be_share_cpuacct"] = cpu["be_cgroup_cores"] / idle2 if idle2 > 0 else None
+    log(
+        f"{key}: LS p50 {fmt_ms(res['ls']['p50_ms'])} p99 {fmt_ms(res['ls']['p99_ms'])} "
+        f"p99.9 {fmt_ms(res['ls']['p999_ms'])} ({len(ok)}/{len(win)} ok); "
+        f"BE {res.get('be', {}).get('items_per_s', 0):.2f} items/s; node CPU {cpu['node_util_pct']:.0f}%"
+    )
+    res["server_log_tail"] = server.log_tail(3000)
+    server.stop()
+    return res
+
+
+loadgens: list[LoadGen] = []
+
+
+# -- the report -------------------------------------------------------------------------------
+def f2(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None or v != v else fmt.format(v)
+
+
+def report(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    c = res["config"]
+    sc = res["scenarios"]
+    alone = sc.get("alone")
+    out = [
+        f"warmstart {m.get('revision', '?')} on {m.get('cpu', '?')}, {m['cpus']} CPUs, kernel "
+        f"{m['kernel']}, cgroup {m['cgroup']}, Python {m['python']}",
+        f"LS: {c['ls_ms']:g} ms busy loop at {c['rate']:g} req/s open loop over "
+        f"{c['connections']} keep-alive connections; window {c['duration_s']:g} s after "
+        f"{c['warmup_s']:g} s LS warm-up + {c['ramp_s']:g} s BE ramp. BE: job of CPU items "
+        f"({c['be_cpu_s']:g} s CPU) and memory items ({c['be_mem_mb']} MB + {c['be_sleep_s']:g} s "
+        "sleep), 2:1, MemorySize 512.",
+        "",
+        "| scenario | LS p50 | LS p99 | LS p99.9 | p99 vs alone | BE items/s | node CPU % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key in SCENARIOS:
+        r = sc.get(key)
+        if r is None:
+            if key in res.get("skipped", {}):
+                out.append(f"| {SCENARIOS[key]['label']} | skipped: {res['skipped'][key]} | | | | | |")
+            continue
+        ls = r["ls"]
+        be = r.get("be")
+        out.append(
+            f"| {r['label']} | {fmt_ms(ls['p50_ms'])} | {fmt_ms(ls['p99_ms'])} | "
+            f"{fmt_ms(ls['p999_ms'])} | "
+            f"{ratio(ls['p99_ms'], alone['ls']['p99_ms']) if alone else '-'} | "
+            f"{f2(be['items_per_s']) if be else '-'} | {r['cpu']['node_util_pct']:.0f}% |"
+        )
+    out += [
+        "",
+        "CPU over the window, in cores (cgroup cpuacct; /node averages in brackets where the "
+        "server has it):",
+        "",
+        "| scenario | LS subtree | BE subtree | server process | client | BE limit | "
+        "BE share of LS idle | evictions |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key in SCENARIOS:
+        r = sc.get(key)
+        if r is None:
+            continue
+        cpu, node = r["cpu"], r.get("node") or {}
+
+        def both(cg: float | None, nd: float | None) -> str:
+            s = f2(cg)
+            return s + (f" [{nd:.2f}]" if nd is not None else "")
+
+        client = r["ls"].get("client_cpu_s")
+        total_s = c["warmup_s"] + c["ramp_s"] + c["duration_s"]
+        out.append(
+            f"| {r['label']} | {both(cpu['ls_cgroup_cores'], node.get('ls_cpu'))} | "
+            f"{both(cpu['be_cgroup_cores'], node.get('be_cpu'))} | "
+            f"{f2(cpu['server_process_cores'])} | {f2(client / total_s if client else None)} | "
+            f"{f2(node.get('be_cpu_limit_cores'))} | "
+            f"{f2(cpu.get('be_share_of_ls_idle'), '{:.0%}')} | "
+            f"{f2(node.get('evictions_in_window'), '{:.0f}')} |"
+        )
+    out += ["", "Details:"]
+    for key in SCENARIOS:
+        r = sc.get(key)
+        if r is None:
+            continue
+        ls, be = r["ls"], r.get("be")
+        it = ls.get("iterations_mean")
+        line = (
+            f"- {r['label']}: {ls['ok']}/{ls['scheduled']} LS requests ok "
+            f"({ls['achieved_rps']:.0f}/s), started as {ls['start_kinds']}, mean "
+            f"{fmt_ms(ls['mean_ms'])}, max {fmt_ms(ls['max_ms'])}"
+        )
+        if it:
+            line += (
+                f"; handler loop iterations per call {it:,.0f} "
+                f"({it / ls['iterations_alone_warmup']:.0%} of an uncontended call)"
+            )
+        if be:
+            line += (
+                f"; BE {be['items_done_in_window']} items in {r['window_s']:.1f} s, "
+                f"{be['failed_total']} failed in total, {be['pending_at_end']} pending at the end"
+            )
+            if be.get("ran_dry"):
+                line += " (JOB RAN DRY: throughput understated)"
+        node = r.get("node")
+        if node:
+            line += (
+                f"; /node: qos={node.get('qos')}, reclaimed CPU {f2(node.get('reclaimed_cpu_cores'))} "
+                f"cores, BE limit min {f2(node.get('be_cpu_limit_min'))}, queue depth "
+                f"{f2(node.get('queue_depth_mean'), '{:.0f}')}, stale samples {node.get('stale_samples')}"
+            )
+        else:
+            line += "; GET /node not available"
+        if ls["errors"]:
+            line += f"; LS ERRORS: {ls['errors']} (statuses {ls['statuses']}, {ls['client_errors']})"
+        out.append(line)
+    out += ["", "Targets:"]
+    for name, ok, detail in res["targets"]:
+        out.append(f"- [{'PASS' if ok else 'FAIL' if ok is not None else 'n/a'}] {name}: {detail}")
+    return "\n".join(out)
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
+    t: list[tuple[str, bool | None, str]] = []
+    sc = res["scenarios"]
+    alone, qos = sc.get("alone"), sc.get("qos")
+    if alone and qos:
+        r = qos["ls"]["p99_ms"] / alone["ls"]["p99_ms"]
+        detail = f"{fmt_ms(qos['ls']['p99_ms'])} vs {fmt_ms(alone['ls']['p99_ms'])} = {r:.2f}x"
+        t.append((f"QoS on: LS p99 <= {TARGET_P99_RATIO:.2f}x alone", r <= TARGET_P99_RATIO, detail))
+        t.append((f"QoS on: LS p99 <= {AIM_P99_RATIO:.2f}x alone (aim)", r <= AIM_P99_RATIO, detail))
+        e = qos["ls"]["errors"]
+        t.append(("QoS on: every LS request succeeded", e == 0, f"{e} failed"))
+    else:
+        t.append((f"QoS on: LS p99 <= {TARGET_P99_RATIO:.2f}x alone", None, "not measured"))
+    if qos:
+        share = qos["cpu"].get("be_share_of_ls_idle")
+        if share is None:
+            t.append((f"QoS on: BE gets >= {TARGET_BE_SHARE:.0%} of the CPU LS leaves idle", None,
+                      "BE/LS CPU not measurable"))
+        else:
+            cpu = qos["cpu"]
+            t.append(
+                (
+                    f"QoS on: BE gets >= {TARGET_BE_SHARE:.0%} of the CPU LS leaves idle",
+                    share >= TARGET_BE_SHARE,
+                    f"{share:.0%} = BE {cpu['be_share_be_cpu']:.2f} / ({cpu['capacity_cores']:g} - "
+                    f"LS {cpu['be_share_ls_cpu']:.2f}) cores ({cpu['be_share_source']})"
+                    + (
+                        f"; from cpuacct: {cpu['be_share_cpuacct']:.0%}"
+                        if cpu.get("be_share_cpuacct") is not None
+                        else ""
+                    ),
+                )
+            )
+        if qos.get("be", {}).get("ran_dry"):
+            t.append(("QoS on: the BE job outlasted the window", False, "it ran dry"))
+    return t
+
+
+# -- main ----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark LS latency and BE throughput with QoS off and on: four "
+        "scenarios (LS alone; LS + BE with no differentiation; LS + BE with --no-qos; LS + BE "
+        "with QoS on), each on a fresh warmstart server. Needs root.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            targets (QoS on): LS p99 <= 1.10x alone (aim 1.05x); BE CPU >= 60% of
+            (capacity - LS CPU). Only 127.0.0.1 is contacted.
+            Exit status: 0 ok, 1 a target was missed, 2 error."""),
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="6 s windows and shorter warm-ups (a ~1.5 min smoke run)")
+    p.add_argument("--json", metavar="OUT", type=Path, help="also write all results as JSON to OUT")
+    p.add_argument("--duration", type=float, default=None,
+                   help="measurement window per scenario, seconds (default 20, quick 6)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="LS-alone warm-up before the BE job, seconds (default 4, quick 2)")
+    p.add_argument("--ramp", type=float, default=None,
+                   help="seconds between the BE job and the window (default 5, quick 3)")
+    p.add_argument("--rate", type=float, default=180.0,
+                   help="LS requests per second (default %(default)s: about half a core here)")
+    p.add_argument("--ls-ms", type=float, default=2.0,
+                   help="LS handler busy time per call, ms (default %(default)s)")
+    p.add_argument("--connections", type=int, default=8,
+                   help="LS client keep-alive connections (default %(default)s)")
+    p.add_argument("--be-items", type=int, default=None,
+                   help="BE job size (default: enough to outlast the window)")
+    p.add_argument("--be-cpu-s", type=float, default=0.5, help="CPU per CPU item (default 0.5)")
+    p.add_argument("--be-mem-mb", type=int, default=300, help="MB per memory item (default 300)")
+    p.add_argument("--be-sleep-s", type=float, default=0.5,
+                   help="sleep after a memory item's allocation (default 0.5)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help="comma-separated subset of %(default)s")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra argument for every warmstart serve (repeatable)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--loadgen-worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.duration is None:
+        args.duration = 6.0 if args.quick else 20.0
+    if args.warmup is None:
+        args.warmup = 2.0 if args.quick else 4.0
+    if args.ramp is None:
+        args.ramp = 3.0 if args.quick else 5.0
+    keys = [k.strip() for k in args.scenarios.split(",") if k.strip()]
+    bad = [k for k in keys if k not in SCENARIOS]
+    if bad:
+        p.error(f"unknown scenarios {bad}; choose from {list(SCENARIOS)}")
+    args.scenario_keys = keys
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.loadgen_worker:
+        loadgen_worker(json.loads(args.loadgen_worker))
+        return 0
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        print("qos_bench: needs root on Linux (sandboxes and cgroups do)", file=sys.stderr)
+        return 2
+    res: dict[str, Any] = {
+        "machine": machine_info(),
+        "config": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "ramp_s": args.ramp,
+            "rate": args.rate,
+            "ls_ms": args.ls_ms,
+            "connections": args.connections,
+            "be_cpu_s": args.be_cpu_s,
+            "be_mem_mb": args.be_mem_mb,
+            "be_sleep_s": args.be_sleep_s,
+            "quick": args.quick,
+            "server_args": args.server_arg,
+        },
+        "scenarios": {},
+        "skipped": {},
+    }
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+
+    has_no_qos = server_supports("--no-qos")
+    if not has_no_qos:
+        log("WARNING: this warmstart has no `serve --no-qos`: the --no-qos scenarios are skipped")
+    workdir = Path(tempfile.mkdtemp(prefix="warmstart-qosbench-"))
+    servers: list[Server] = []
+    status = 0
+    try:
+        for key in args.scenario_keys:
+            if "--no-qos" in SCENARIOS[key]["args"] and not has_no_qos:
+                res["skipped"][key] = "no --no-qos in this warmstart"
+                continue
+            log(f"scenario {key}: {SCENARIOS[key]['label']}")
+            res["scenarios"][key] = run_scenario(workdir, key, args, servers)
+    except BenchError as exc:
+        print(f"qos_bench: {exc}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt as exc:
+        print(f"qos_bench: interrupted ({exc})", file=sys.stderr)
+        status = 2
+    finally:
+        for lg in loadgens:
+            lg.kill()
+        for s in servers:
+            try:
+                s.stop()
+            except Exception as exc:  # keep cleaning up
+                print(f"qos_bench: stopping server {s.name}: {exc}", file=sys.stderr)
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    res["targets"] = targets(res)
+    print(report(res))
+    if args.json:
+        for r in res["scenarios"].values():
+            r.pop("server_log_tail", None)
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    if status == 0 and any(ok is False for _n, ok, _d in res["targets"]):
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

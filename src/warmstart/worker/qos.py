@@ -1,0 +1,194 @@
+"""The node QoS manager: a loop of about a second that keeps best-effort work on the
+capacity latency-sensitive work leaves unused (differentiated SLO, after Koordinator).
+
+Every tick it
+1. samples node, LS (``ls/`` subtree) and BE (``be/`` subtree) CPU and memory;
+2. smooths the sample and computes the *reclaimed* capacity (capacity x threshold -
+   smoothed LS usage - system usage; zero when the metrics go stale) -- BE admission in
+   the worker never exceeds it;
+3. squeezes the BE subtree's CFS quota at once when LS needs the CPU, and lets it grow back
+   a step at a time (BE also always runs at the lowest weight, with ``cpu.idle``);
+4. gives throttled LS instances a CFS burst while the node's CPU pool is not busy;
+5. evicts BE instances -- lowest priority, largest first -- when node memory crosses the
+   upper threshold, and when BE CPU satisfaction stays low while BE uses its grant; the
+   evicted work is requeued, never lost.
+
+The policy itself is pure (``warmstart.qos.policy``); this module only wires it to the
+sandboxes and the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from warmstart.errors import SandboxError
+from warmstart.qos import enforce, policy, usage
+from warmstart.qos.policy import BECPUSample, BEUsage, NodeSample, QoSConfig, Reclaimed
+from warmstart.sandbox import SandboxManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BEInstance:
+    """What the manager needs to know of a running best-effort instance."""
+
+    id: str
+    cgroup_rel: str
+    memory_bytes: int
+    cpu_request: float
+    priority: int = 0
+
+
+class QoSManager:
+    def __init__(
+        self,
+        sandboxes: SandboxManager,
+        be_instances: Callable[[], list[BEInstance]],
+        evict: Callable[[list[str]], None],
+        *,
+        config: QoSConfig = policy.DEFAULT_CONFIG,
+        enabled: bool = True,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.sandboxes = sandboxes
+        self.be_instances = be_instances
+        self.evict = evict
+        self.config = config
+        self.enabled = enabled
+        self.interval = interval_s
+        driver = sandboxes.driver
+        self.sampler = usage.Sampler(driver, [sandboxes.ls_parent], [sandboxes.be_parent])
+        self.sample: NodeSample | None = None
+        self.smoothed: NodeSample | None = None
+        self.reclaimed = Reclaimed(0.0, 0, stale=True)
+        self.be_cpu_cores: float | None = None  # the BE quota in force (None: unlimited)
+        self.history: deque[BECPUSample] = deque()
+        self.throttling: dict[str, usage.Throttling] = {}
+        self.bursts: dict[str, int] = {}
+        self.evictions = 0
+        self.ticks = 0
+
+    async def run(self) -> None:
+        self.sampler.sample()  # the first reading only sets the baseline
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.tick()  # a handful of small cgroupfs reads and writes: on the loop
+            except SandboxError as exc:
+                log.warning("qos: %s", exc)
+
+    # -- one tick ------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        sample = self.sampler.sample()
+        self.ticks += 1
+        if sample is not None:
+            self.sample = sample
+            self.smoothed = policy.smooth(self.smoothed, sample, self.config)
+        if self.smoothed is not None:
+            self.reclaimed = policy.reclaimed(self.smoothed, self.config, now=now)
+        if not self.enabled or sample is None:
+            return
+        self._suppress_be(sample, now)
+        self._burst_ls(sample)
+        self._evict(sample, now)
+
+    def _suppress_be(self, sample: NodeSample, now: float) -> None:
+        driver = self.sandboxes.driver
+        if driver is None:
+            return
+        target = policy.be_cpu_limit(sample, self.config, now=now)
+        current = sample.capacity_cpus if self.be_cpu_cores is None else self.be_cpu_cores
+        self.be_cpu_cores = policy.next_be_cpu(current, target, sample.capacity_cpus, self.config)
+        enforce.set_be_cpu_limit(driver, self.sandboxes.be_parent, self.be_cpu_cores, self.config)
+
+    def _burst_ls(self, sample: NodeSample) -> None:
+        driver, pool = self.sandboxes.driver, self.sandboxes.pool
+        if driver is None or pool is None:
+            return
+        quota = self.sandboxes.limits_for(128).cpu_quota_us
+        if not quota:
+            return
+        live = {cg.rel for cg in pool.in_use()}
+        for rel in list(self.throttling):
+            if rel not in live:
+                self.throttling.pop(rel, None)
+                self.bursts.pop(rel, None)
+        for rel in live:
+            now_t = usage.cgroup_throttling(driver, rel)
+            before = self.throttling.get(rel, now_t)
+            self.throttling[rel] = now_t
+            burst = policy.ls_burst(
+                usage.was_throttled(before, now_t),
+                sample.cpu_busy_fraction,
+                quota,
+                self.config,
+                self.bursts.get(rel, 0),
+            )
+            if burst != self.bursts.get(rel, 0):
+                try:
+                    enforce.set_cpu_burst(driver, rel, burst)
+                    self.bursts[rel] = burst
+                except SandboxError as exc:
+                    log.debug("qos: burst on %s: %s", rel, exc)
+
+    def _evict(self, sample: NodeSample, now: float) -> None:
+        running = self.be_instances()
+        if not running:
+            self.history.clear()
+            return
+        be = [BEUsage(i.id, i.priority, i.memory_bytes, 0.0, i.cpu_request) for i in running]
+        victims = policy.memory_evictions(
+            sample.node_memory_used, sample.capacity_memory_bytes, be, self.config
+        )
+        granted = sample.capacity_cpus if self.be_cpu_cores is None else self.be_cpu_cores
+        self.history.append(
+            BECPUSample(now, granted, sum(i.cpu_request for i in running), sample.be_cpu_used)
+        )
+        while self.history and now - self.history[0].timestamp > self.config.be_cpu_evict_window_s:
+            self.history.popleft()
+        if not victims:
+            victims = policy.cpu_satisfaction_evictions(list(self.history), be, self.config)
+            if victims:
+                self.history.clear()
+        if victims:
+            self.evictions += len(victims)
+            log.warning("qos: evicting best-effort instance(s) %s", ", ".join(victims))
+            self.evict(victims)
+
+    # -- reporting -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        s = self.sample
+        return {
+            "qos": self.enabled,
+            "capacity": {
+                "cpus": s.capacity_cpus if s else None,
+                "memory_bytes": s.capacity_memory_bytes if s else None,
+            },
+            "usage": {}
+            if s is None
+            else {
+                "node_cpu": s.node_cpu_used,
+                "ls_cpu": s.ls_cpu_used,
+                "be_cpu": s.be_cpu_used,
+                "system_cpu": s.system_cpu_used,
+                "node_memory": s.node_memory_used,
+                "ls_memory": s.ls_memory_used,
+                "be_memory": s.be_memory_used,
+                "system_memory": s.system_memory_used,
+            },
+            "reclaimed": {
+                "cpu_cores": self.reclaimed.cpu_cores,
+                "memory_bytes": self.reclaimed.memory_bytes,
+                "stale": self.reclaimed.stale,
+            },
+            "be_cpu_limit_cores": self.be_cpu_cores,
+            "evictions": self.evictions,
+        }
