@@ -184,6 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="print a function's recent logs")
     lg.add_argument("name")
     lg.add_argument("--bytes", type=int, default=65536, help="how much of the end to print")
+    t = sub.add_parser(
+        "top", help="a live view of the node: LS/BE usage, reclaimed capacity, queues"
+    )
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    t.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
     j = sub.add_parser("job", help="batch jobs: run a function over many inputs")
     jsub = j.add_subparsers(dest="job_command", required=True, metavar="JOBCOMMAND")
     js = jsub.add_parser("submit", help="queue a job (one invocation per input line)")
@@ -197,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     jst.add_argument("--wait", action="store_true", help="show progress until the job is done")
     jr = jsub.add_parser("results", help="print a job's results as JSON lines")
     jr.add_argument("job_id")
-    for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr):
+    for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr, t):
         sp.add_argument(
             "--endpoint", default=DEFAULT_ENDPOINT, help="server URL (default %(default)s)"
         )
@@ -427,6 +432,13 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from warmstart.cli import top
+
+    with _client(args) as c:
+        return top.run(c, args.endpoint, args.interval, args.iterations)
+
+
 def _job(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.job_command == "submit":
@@ -485,6 +497,7 @@ def _follow_job(c: Any, job_id: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
+        "top": _top,
         "job": _job,
         "serve": _serve,
         "deploy": _deploy,

@@ -1,0 +1,114 @@
+"""The node QoS manager against real cgroups: reclaimed capacity, BE suppression,
+eviction with requeue, and the views of it (GET /node, /metrics, warmstart top)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Server, deploy, needs_root
+
+pytestmark = [pytest.mark.integration, needs_root]
+
+SLEEPER = "import time\ndef handler(event, context):\n    time.sleep(event.get('sleep', 0))\n    return 'done'\n"
+
+
+def _be_cpu_dir(server: Server) -> Path:
+    digest = hashlib.sha256(str(server.data_dir.resolve()).encode()).hexdigest()[:10]
+    return Path("/sys/fs/cgroup/cpu/warmstart") / digest / "be"
+
+
+def _node(server: Server) -> dict[str, Any]:
+    with server.http() as http:
+        node: dict[str, Any] = http.get("/node").json()
+        return node
+
+
+def _wait(pred: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="cgroup v1 cpu"
+)
+def test_reclaimed_capacity_and_be_suppression(server: Server) -> None:
+    _wait(lambda: _node(server).get("usage"))  # the first tick has happened
+    node = _node(server)
+    assert node["qos"] is True
+    assert node["capacity"]["cpus"] >= 1 and node["capacity"]["memory_bytes"] > 0
+    for key in ("node_cpu", "ls_cpu", "be_cpu", "system_cpu", "node_memory"):
+        assert node["usage"][key] >= 0
+    assert node["reclaimed"]["stale"] is False
+    assert 0 <= node["reclaimed"]["cpu_cores"] <= node["capacity"]["cpus"]
+    assert node["be_cpu_limit_cores"] > 0
+    # The limit is enforced as a CFS quota on the be/ subtree, which also has the lowest
+    # weight.
+    quota = int((_be_cpu_dir(server) / "cpu.cfs_quota_us").read_text())
+    assert quota > 0
+    assert int((_be_cpu_dir(server) / "cpu.shares").read_text()) <= 3
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert "warmstart_reclaimed_cpu_cores" in metrics and "warmstart_be_cpu_limit_cores" in metrics
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="cgroup v1 cpu"
+)
+def test_without_qos_nothing_is_squeezed(server_factory: Any) -> None:
+    server: Server = server_factory("--no-qos")
+    time.sleep(1.5)
+    assert _node(server)["qos"] is False
+    assert int((_be_cpu_dir(server) / "cpu.cfs_quota_us").read_text()) == -1
+
+
+def test_memory_pressure_evicts_best_effort_work_and_requeues_it(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    config = tmp_path / "qos.json"
+    # Thresholds far below this node's memory use: any running BE instance is evicted.
+    config.write_text(json.dumps({"memory_evict_upper": 0.001, "memory_evict_lower": 0.0}))
+    server: Server = server_factory("--qos-config", str(config))
+    deploy(server.lambda_client(), "slow", {"handler.py": SLEEPER}, Timeout=60)
+    with server.http() as http:
+        job_id = http.post("/jobs", json={"function": "slow", "inputs": [{"sleep": 5}]}).json()[
+            "JobId"
+        ]
+    _wait(lambda: _node(server)["evictions"] >= 1)
+    with server.http() as http:
+        item = http.get(f"/jobs/{job_id}/results").json()["results"][0]
+    # Nothing is lost: the evicted item is pending again and no attempt was spent on it.
+    assert item["status"] == "pending" and item["attempts"] == 0
+    assert "evicting best-effort" in server.log()
+
+
+def test_top_shows_the_node(server: Server) -> None:
+    _wait(lambda: _node(server).get("usage"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "warmstart.cli.main",
+            "top",
+            "--iterations",
+            "1",
+            "--endpoint",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"COLUMNS": "120", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    for word in ("reclaimed", "best-effort", "latency-sensitive", "queue depth", "evictions"):
+        assert word in out.stdout
