@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         'docs/architecture.md), e.g. {"cpu_reclaim_threshold": 0.6}',
     )
     s.add_argument(
+        "--min-be-concurrency",
+        type=int,
+        default=1,
+        help="best-effort invocations allowed even when nothing is reclaimed, so async work "
+        "cannot starve (0: strictly within reclaimed capacity; default %(default)s)",
+    )
+    s.add_argument(
         "--be-concurrency",
         type=int,
         default=None,
@@ -243,6 +250,7 @@ def _serve(args: argparse.Namespace) -> int:
             kwargs["qos_config"] = QoSConfig(**json.loads(args.qos_config.read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise CLIError(f"--qos-config {args.qos_config}: {exc}") from exc
+    kwargs["min_be_concurrency"] = args.min_be_concurrency
     if args.be_concurrency is not None:
         kwargs["be_concurrency"] = args.be_concurrency
     if args.cache_budget_mb is not None:
