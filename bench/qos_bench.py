@@ -35,6 +35,15 @@ the server's ``ls/`` and ``be/`` cgroup subtrees (``cpuacct.usage`` deltas), the
 the server process itself and of the client, and -- when the server has it -- ``GET
 /node`` once a second (usage, reclaimed capacity, BE CPU limit, queue depth, evictions).
 
+Diagnostics in the details: the client's send lateness (and p99 measured from the actual
+send, which leaves the client's own scheduling out), how often the LS handler lost part of
+its busy loop (its iteration count well below the median), the run-queue wait of the LS
+instances and of the server process (``/proc/<tid>/schedstat``), CPU used by unrelated
+processes (``other``; the benchmark first waits for a quiet machine), the BE slots the
+server admitted, and the job's items by kind and status.  ``--repeat N`` runs N rounds of
+all scenarios on fresh servers and pools the LS samples (p99 per round in the details):
+single 20 s windows vary by +-10-20% in p99 on a small VM.
+
 Targets (with QoS on): LS p99 <= 1.10x LS alone (aim 1.05x), and BE gets >= 60% of the CPU
 that LS leaves idle: BE CPU / (capacity - LS CPU), with BE and LS CPU from ``/node``
 (``usage.be_cpu`` / ``usage.ls_cpu`` averaged over the window) when available, otherwise
@@ -167,6 +176,61 @@ def cpuacct_ns(data_dir: Path, sub: str) -> int | None:
     return None
 
 
+def subtree_tasks(data_dir: Path, sub: str) -> list[int]:
+    """Thread ids in the server's ``sub`` cgroup subtree (cpuacct hierarchy)."""
+    rel = f"warmstart/{cgroup_digest(data_dir)}/{sub}"
+    for controller in ("cpuacct", "cpu,cpuacct", "cpu"):
+        base = Path("/sys/fs/cgroup") / controller / rel
+        if base.is_dir():
+            break
+    else:
+        base = Path("/sys/fs/cgroup") / rel
+    tids: list[int] = []
+    for dirpath, _dirs, files in os.walk(base):
+        name = "tasks" if "tasks" in files else "cgroup.threads"
+        with contextlib.suppress(OSError, ValueError):
+            tids += [int(x) for x in Path(dirpath, name).read_text().split()]
+    return tids
+
+
+def run_delays(tids: list[int]) -> dict[int, tuple[int, int, int]]:
+    """tid -> (ns on CPU, ns waiting on a run queue, timeslices) from /proc/<tid>/schedstat."""
+    out = {}
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError):
+            a, b, c = (int(x) for x in Path(f"/proc/{tid}/schedstat").read_text().split()[:3])
+            out[tid] = (a, b, c)
+    return out
+
+
+def delay_delta(
+    before: dict[int, tuple[int, int, int]], after: dict[int, tuple[int, int, int]]
+) -> tuple[float, float, int]:
+    """(CPU s, run-queue wait s, timeslices) accumulated by threads present in both."""
+    cpu = wait = 0.0
+    slices = 0
+    for tid, (r1, d1, s1) in after.items():
+        if tid in before:
+            r0, d0, s0 = before[tid]
+            cpu += (r1 - r0) / 1e9
+            wait += (d1 - d0) / 1e9
+            slices += s1 - s0
+    return cpu, wait, slices
+
+
+def process_threads(pid: int) -> list[int]:
+    with contextlib.suppress(OSError, ValueError):
+        return [int(x) for x in os.listdir(f"/proc/{pid}/task")]
+    return []
+
+
+def renice(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of ``pid`` (a diagnostic: --renice)."""
+    for tid in process_threads(pid):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+
 def process_cpu_s(pid: int) -> float | None:
     """utime + stime of one process (its own threads, not its children)."""
     try:
@@ -175,6 +239,56 @@ def process_cpu_s(pid: int) -> float | None:
         return (int(rest[11]) + int(rest[12])) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return None
+
+
+def all_process_cpu() -> dict[int, tuple[str, float, str, int]]:
+    """pid -> (comm, utime + stime in s, cpuacct cgroup path, start time) for every process."""
+    out: dict[int, tuple[str, float, str, int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                raw = f.read()
+            comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+            rest = raw.rsplit(")", 1)[1].split()
+            cpu = (int(rest[11]) + int(rest[12])) / CLK_TCK
+            cg = ""
+            with open(f"/proc/{d}/cgroup") as f:
+                for line in f:
+                    parts = line.rstrip("\n").split(":", 2)
+                    if len(parts) == 3 and (
+                        "cpuacct" in parts[1].split(",") or (parts[0] == "0" and not cg)
+                    ):
+                        cg = parts[2]
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(d)] = (comm, cpu, cg, int(rest[19]))
+    return out
+
+
+def foreign_cpu(
+    before: dict[int, tuple[str, float, str, int]],
+    after: dict[int, tuple[str, float, str, int]],
+    ours: set[int],
+    our_cgroup: str,
+    elapsed: float,
+) -> tuple[float, list[tuple[str, int, float]]]:
+    """CPU (cores) of processes that are neither the server, its sandboxes nor the client,
+    and the top consumers among them (processes that exited during the window are missed)."""
+    total = 0.0
+    rows = []
+    for pid, (comm, cpu1, cg, started) in after.items():
+        if pid in ours or cg.startswith(our_cgroup):
+            continue
+        prev = before.get(pid)
+        d = cpu1 - (prev[1] if prev and prev[3] == started else 0.0)
+        if d <= 0:
+            continue
+        total += d
+        rows.append((comm, pid, d / elapsed))
+    rows.sort(key=lambda r: -r[2])
+    return total / elapsed, rows[:5]
 
 
 def server_supports(flag: str) -> bool:
@@ -193,7 +307,7 @@ def loadgen_worker(cfg: dict[str, Any]) -> None:
     connection and its own slice of one timetable (request i is due at start + i/rate and
     goes out on connection i % connections).  A late connection sends at once; latency is
     always measured from the due time.  Writes [[due - start, latency_ms, status, start
-    kind, iterations], ...] as JSON to cfg["out"]."""
+    kind, iterations, send lateness_ms], ...] as JSON to cfg["out"]."""
     port, path = cfg["port"], cfg["path"]
     rate, conns, start, total_s = cfg["rate"], cfg["connections"], cfg["start"], cfg["total_s"]
     body = json.dumps(cfg["event"]).encode()
@@ -211,12 +325,13 @@ def loadgen_worker(cfg: dict[str, Any]) -> None:
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+                late = (time.monotonic() - due) * 1000
                 try:
                     status, headers, resp = conn.roundtrip(raw)
                 except (OSError, BenchError) as exc:
                     lat = (time.monotonic() - due) * 1000
                     errors.append(f"{type(exc).__name__}: {exc}")
-                    out.append([due - start, lat, 0, "error", None])
+                    out.append([due - start, lat, 0, "error", None, late])
                     with contextlib.suppress(OSError):
                         conn.close()
                     conn = RawHTTP("127.0.0.1", port)
@@ -226,7 +341,7 @@ def loadgen_worker(cfg: dict[str, Any]) -> None:
                 if status == 200:
                     with contextlib.suppress(ValueError, AttributeError):
                         n = json.loads(resp).get("n")
-                out.append([due - start, lat, status, headers.get("x-warmstart-start"), n])
+                out.append([due - start, lat, status, headers.get("x-warmstart-start"), n, late])
         finally:
             conn.close()
 
@@ -239,8 +354,12 @@ def loadgen_worker(cfg: dict[str, Any]) -> None:
     cpu = os.times()
     with open(cfg["out"], "w") as f:
         json.dump(
-            {"samples": samples, "errors": errors[:20], "n_errors": len(errors),
-             "cpu_s": cpu.user + cpu.system},
+            {
+                "samples": samples,
+                "errors": errors[:20],
+                "n_errors": len(errors),
+                "cpu_s": cpu.user + cpu.system,
+            },
             f,
         )
 
@@ -252,8 +371,12 @@ class LoadGen:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen-worker",
-               json.dumps(self.cfg)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--loadgen-worker",
+            json.dumps(self.cfg),
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def wait(self, timeout: float) -> dict[str, Any]:
@@ -262,9 +385,13 @@ class LoadGen:
             _out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise BenchError(f"the LS load generator did not finish within {timeout:.0f}s") from None
+            raise BenchError(
+                f"the LS load generator did not finish within {timeout:.0f}s"
+            ) from None
         if self.proc.returncode != 0:
-            raise BenchError(f"the LS load generator failed: {err.decode(errors='replace')[-2000:]}")
+            raise BenchError(
+                f"the LS load generator failed: {err.decode(errors='replace')[-2000:]}"
+            )
         result: dict[str, Any] = json.loads(self.out.read_text())
         return result
 
@@ -274,10 +401,26 @@ class LoadGen:
             self.proc.wait()
 
 
+def wait_quiet(key: str, limit_cores: float = 0.15, timeout: float = 60.0) -> float:
+    """Wait (up to ``timeout``) for a second in which the node uses < ``limit_cores``:
+    other work on the machine would show up as noise in the scenario."""
+    deadline = time.monotonic() + timeout
+    while True:
+        b0, _ = proc_stat()
+        time.sleep(1.0)
+        b1, _ = proc_stat()
+        busy = (b1 - b0) / CLK_TCK / 1.0
+        if busy < limit_cores or time.monotonic() > deadline:
+            if busy >= limit_cores:
+                log(f"WARNING: {key}: the machine is busy ({busy:.2f} cores) before the scenario")
+            return busy
+        log(f"{key}: the machine is busy ({busy:.2f} cores used by others): waiting")
+
+
 # -- deploy and warm up ---------------------------------------------------------------------
 def deploy(server: Server, be_tags: dict[str, str] | None) -> None:
     client = lambda_client(server.url)
-    fns = [(LS_FN, LS_PY, 128, {})]
+    fns: list[tuple[str, str, int, dict[str, str]]] = [(LS_FN, LS_PY, 128, {})]
     if be_tags is not None:
         fns.append((BE_FN, BE_PY, 512, be_tags))
     for name, code, mem, tags in fns:
@@ -306,7 +449,7 @@ def warm_ls(server: Server, ls_ms: float, n: int = 30) -> float:
     iters = []
     try:
         for i in range(n):
-            status, headers, body = conn.roundtrip(raw)
+            status, _headers, body = conn.roundtrip(raw)
             if status != 200:
                 raise BenchError(f"{LS_FN} invocation {i}: HTTP {status}: {body[:300]!r}")
             if i >= 5:
@@ -316,11 +459,17 @@ def warm_ls(server: Server, ls_ms: float, n: int = 30) -> float:
     return statistics.fmean(iters)
 
 
-def be_inputs(n: int, cpu_s: float, mem_mb: int, sleep_s: float) -> list[dict[str, Any]]:
-    """Two CPU items for each memory item, interleaved."""
+def is_mem_item(i: int, mix: str) -> bool:
+    return mix == "mem" or (mix == "2:1" and i % 3 == 2)
+
+
+def be_inputs(
+    n: int, cpu_s: float, mem_mb: int, sleep_s: float, mix: str = "2:1"
+) -> list[dict[str, Any]]:
+    """Two CPU items for each memory item, interleaved (mix "2:1"), or only one kind."""
     out = []
     for i in range(n):
-        if i % 3 == 2:
+        if is_mem_item(i, mix):
             out.append({"kind": "mem", "mb": mem_mb, "sleep_s": sleep_s})
         else:
             out.append({"kind": "cpu", "cpu_s": cpu_s})
@@ -369,6 +518,9 @@ class Snapshot:
         self.be_ns = cpuacct_ns(server.data_dir, "be")
         self.server_cpu = process_cpu_s(server.proc.pid) if server.proc else None
         self.job = job_progress(server, job_id) if job_id else None
+        self.procs = all_process_cpu()
+        self.ls_sched = run_delays(subtree_tasks(server.data_dir, "ls"))
+        self.server_sched = run_delays(process_threads(server.proc.pid)) if server.proc else {}
 
 
 def _num(d: Any, *keys: str) -> float | None:
@@ -386,13 +538,16 @@ def _mean(xs: list[float | None]) -> float | None:
 
 # -- one scenario ---------------------------------------------------------------------------
 def run_scenario(
-    workdir: Path, key: str, args: argparse.Namespace, servers: list[Server]
+    workdir: Path, key: str, args: argparse.Namespace, servers: list[Server], sc_key: str
 ) -> dict[str, Any]:
-    sc = SCENARIOS[key]
+    sc = SCENARIOS[sc_key]
+    quiet = wait_quiet(key)
     server = Server(workdir, key, [*sc["args"], *args.server_arg])
     servers.append(server)
     server.data_dir.mkdir()
     server.start()
+    if args.renice is not None and server.proc:
+        renice(server.proc.pid, args.renice)
     deploy(server, sc["be_tags"] if sc["be"] else None)
     iters_alone = warm_ls(server, args.ls_ms)
     node0 = node_status(server)
@@ -414,6 +569,9 @@ def run_scenario(
     )
     loadgens.append(lg)
     lg.start()
+    if args.renice is not None and lg.proc:
+        time.sleep(0.3)
+        renice(lg.proc.pid, args.renice)
     job_id = None
     n_items = 0
     try:
@@ -421,7 +579,8 @@ def run_scenario(
         if sc["be"]:
             n_items = args.be_items or int((ramp_s + dur + 15) * 10) + 100
             job_id = submit_job(
-                server, be_inputs(n_items, args.be_cpu_s, args.be_mem_mb, args.be_sleep_s)
+                server,
+                be_inputs(n_items, args.be_cpu_s, args.be_mem_mb, args.be_sleep_s, args.be_mix),
             )
             log(f"{key}: BE job {job_id} with {n_items} items submitted")
         w0 = start + warm_s + ramp_s
@@ -457,17 +616,44 @@ def run_scenario(
     ok = [s for s in win if s[2] == 200]
     lat = [s[1] for s in ok]
     iters = [s[4] for s in ok if isinstance(s[4], (int, float))]
+    lateness = [s[5] for s in win]
+    from_send = [s[1] - s[5] for s in ok]
     kinds: dict[str, int] = {}
     for s in win:
         kinds[str(s[3])] = kinds.get(str(s[3]), 0) + 1
     elapsed = b.t - a.t
     cap = _num(node0, "capacity", "cpus") or float(os.cpu_count() or 1)
 
+    ours = {os.getpid()}
+    if server.proc:
+        ours.add(server.proc.pid)
+    if lg.proc:
+        ours.add(lg.proc.pid)
+    # The server's helpers (its spawner, zygotes) are its descendants.
+    children: dict[int, list[int]] = {}
+    for pid in b.procs:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(pid)
+    stack = list(ours)
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in ours:
+                ours.add(c)
+                stack.append(c)
+    other_cores, other_top = foreign_cpu(
+        a.procs, b.procs, ours, f"/warmstart/{cgroup_digest(server.data_dir)}", b.t - a.t
+    )
+
+    _ls_run, ls_wait, ls_slices = delay_delta(a.ls_sched, b.ls_sched)
+    _sv_run, sv_wait, _sv_slices = delay_delta(a.server_sched, b.server_sched)
+
     def cores(x0: int | None, x1: int | None) -> float | None:
         return None if x0 is None or x1 is None else (x1 - x0) / 1e9 / elapsed
 
     res: dict[str, Any] = {
-        "key": key,
+        "key": sc_key,
         "label": sc["label"],
         "server_args": sc["args"] + args.server_arg,
         "be_tags": sc["be_tags"],
@@ -485,7 +671,12 @@ def run_scenario(
             "max_ms": max(lat) if lat else float("nan"),
             "mean_ms": statistics.fmean(lat) if lat else float("nan"),
             "achieved_rps": len(ok) / dur,
+            "from_send_p99_ms": percentile(from_send, 99),
+            "send_lateness_p50_ms": percentile(lateness, 50),
+            "send_lateness_p99_ms": percentile(lateness, 99),
+            "send_lateness_max_ms": max(lateness) if lateness else float("nan"),
             "iterations_mean": statistics.fmean(iters) if iters else None,
+            **handler_preemption(iters),
             "iterations_alone_warmup": iters_alone,
             "client_errors": lgres.get("errors"),
             "client_cpu_s": lgres.get("cpu_s"),
@@ -501,8 +692,16 @@ def run_scenario(
                 if a.server_cpu is None or b.server_cpu is None
                 else (b.server_cpu - a.server_cpu) / elapsed
             ),
+            "ls_runqueue_wait_s": ls_wait,
+            "ls_runqueue_wait_per_request_ms": ls_wait * 1000 / max(1, len(win)),
+            "ls_timeslices": ls_slices,
+            "server_runqueue_wait_s": sv_wait,
+            "server_runqueue_wait_per_request_ms": sv_wait * 1000 / max(1, len(win)),
+            "other_processes_cores": other_cores,
+            "other_processes_top": other_top,
         },
         "node": None,
+        "busy_before_cores": quiet,
     }
     if nodes:
         ev = [_num(x, "evictions") for x in nodes]
@@ -525,6 +724,21 @@ def run_scenario(
             "queue_depth_mean": _mean([_num(x, "queue_depth") for x in nodes]),
             "evictions_in_window": (evd[-1] - evd[0]) if len(evd) >= 2 else None,
             "evictions_total": evd[-1] if evd else None,
+            "be_slots_mean": _mean([_num(x, "best_effort_slots") for x in nodes]),
+            "be_running_mean": _mean([_num(x, "best_effort_running") for x in nodes]),
+            "series": [
+                {
+                    "ls": _num(x, "usage", "ls_cpu"),
+                    "be": _num(x, "usage", "be_cpu"),
+                    "sys": _num(x, "usage", "system_cpu"),
+                    "reclaimed": _num(x, "reclaimed", "cpu_cores"),
+                    "limit": _num(x, "be_cpu_limit_cores"),
+                    "slots": _num(x, "best_effort_slots"),
+                    "running": _num(x, "best_effort_running"),
+                    "evictions": _num(x, "evictions"),
+                }
+                for x in nodes
+            ],
             "last": nodes[-1],
         }
     if job_id and a.job and b.job:
@@ -540,6 +754,16 @@ def run_scenario(
             "status_at_end": b.job.get("status"),
             "progress": progress,
         }
+        with contextlib.suppress(OSError, BenchError, ValueError):
+            rows = server.get_json(f"/jobs/{job_id}/results").get("results", [])
+            by_kind: dict[str, dict[str, int]] = {}
+            for row in rows:
+                kind = "mem" if is_mem_item(int(row.get("index", 0)), args.be_mix) else "cpu"
+                st = str(row.get("status"))
+                by_kind.setdefault(kind, {})[st] = by_kind.setdefault(kind, {}).get(st, 0) + 1
+            res["be"]["items_by_kind_status"] = by_kind
+            attempts = [int(r.get("attempts") or 0) for r in rows if r.get("status") != "pending"]
+            res["be"]["retried_items"] = sum(1 for x in attempts if x > 1)
         if b.job.get("status") == "completed" or not b.job.get("pending"):
             log(f"WARNING: {key}: the BE job ran dry before the window ended ({b.job})")
             res["be"]["ran_dry"] = True
@@ -549,10 +773,14 @@ def run_scenario(
     node = res["node"] or {}
     cpu = res["cpu"]
     ls_cpu, ls_src = (
-        (node["ls_cpu"], "/node") if node.get("ls_cpu") is not None else (cpu["ls_cgroup_cores"], "cpuacct")
+        (node["ls_cpu"], "/node")
+        if node.get("ls_cpu") is not None
+        else (cpu["ls_cgroup_cores"], "cpuacct")
     )
     be_cpu, be_src = (
-        (node["be_cpu"], "/node") if node.get("be_cpu") is not None else (cpu["be_cgroup_cores"], "cpuacct")
+        (node["be_cpu"], "/node")
+        if node.get("be_cpu") is not None
+        else (cpu["be_cgroup_cores"], "cpuacct")
     )
     if sc["be"] and not sc["be_tags"] and ls_cpu is not None and be_cpu is not None:
         idle = cap - ls_cpu
@@ -568,12 +796,119 @@ def run_scenario(
         f"p99.9 {fmt_ms(res['ls']['p999_ms'])} ({len(ok)}/{len(win)} ok); "
         f"BE {res.get('be', {}).get('items_per_s', 0):.2f} items/s; node CPU {cpu['node_util_pct']:.0f}%"
     )
+    res["_lat"] = lat
+    res["_iters"] = iters
+    res["_from_send"] = from_send
     res["server_log_tail"] = server.log_tail(3000)
     server.stop()
     return res
 
 
 loadgens: list[LoadGen] = []
+
+
+def handler_preemption(iters: list[float]) -> dict[str, Any]:
+    """How often the 2 ms busy loop lost the CPU: iterations well below the median mean the
+    handler was descheduled for part of its run."""
+    if not iters:
+        return {"iterations_median": None, "preempted_20pct": None, "preempted_50pct": None}
+    med = percentile(iters, 50)
+    return {
+        "iterations_median": med,
+        "preempted_20pct": sum(1 for x in iters if x < 0.8 * med) / len(iters),
+        "preempted_50pct": sum(1 for x in iters if x < 0.5 * med) / len(iters),
+    }
+
+
+def _merge(values: list[Any]) -> Any:
+    """Numbers -> mean; dicts -> merged key by key; anything else -> the last value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return statistics.fmean(present)
+    if all(isinstance(v, dict) for v in present):
+        keys: list[str] = []
+        for v in present:
+            keys += [k for k in v if k not in keys]
+        return {k: _merge([v.get(k) for v in present]) for k in keys}
+    return present[-1]
+
+
+def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scenario over several rounds (fresh servers): LS percentiles from the pooled
+    samples, sums for counts, means for rates and CPU."""
+    if len(rounds) == 1:
+        r = dict(rounds[0])
+        r["rounds"] = [round_summary(rounds[0])]
+        return r
+    out: dict[str, Any] = _merge(
+        [{k: v for k, v in r.items() if not k.startswith("_")} for r in rounds]
+    )
+    lat = [x for r in rounds for x in r["_lat"]]
+    iters = [x for r in rounds for x in r["_iters"]]
+    ls = out["ls"]
+    for k in ("scheduled", "ok", "errors"):
+        ls[k] = sum(r["ls"][k] for r in rounds)
+    ls["start_kinds"] = {}
+    for r in rounds:
+        for k, v in r["ls"]["start_kinds"].items():
+            ls["start_kinds"][k] = ls["start_kinds"].get(k, 0) + v
+    ls["statuses"] = sorted({x for r in rounds for x in r["ls"]["statuses"]})
+    ls.update(
+        p50_ms=percentile(lat, 50),
+        p90_ms=percentile(lat, 90),
+        p99_ms=percentile(lat, 99),
+        p999_ms=percentile(lat, 99.9),
+        max_ms=max(lat) if lat else float("nan"),
+        from_send_p99_ms=percentile([x for r in rounds for x in r["_from_send"]], 99),
+        mean_ms=statistics.fmean(lat) if lat else float("nan"),
+        iterations_mean=statistics.fmean(iters) if iters else None,
+        send_lateness_max_ms=max(r["ls"]["send_lateness_max_ms"] for r in rounds),
+        client_errors=[e for r in rounds for e in (r["ls"].get("client_errors") or [])][:20],
+    )
+    out["window_s"] = sum(r["window_s"] for r in rounds)
+    if out.get("be"):
+        be = out["be"]
+        be["items_done_in_window"] = sum(r["be"]["items_done_in_window"] for r in rounds)
+        be["failed_total"] = sum(r["be"].get("failed_total") or 0 for r in rounds)
+        be["pending_at_end"] = sum(r["be"].get("pending_at_end") or 0 for r in rounds)
+        be["retried_items"] = sum(r["be"].get("retried_items") or 0 for r in rounds)
+        be["ran_dry"] = any(r["be"].get("ran_dry") for r in rounds)
+        kinds: dict[str, dict[str, int]] = {}
+        for r in rounds:
+            for kind, sts in (r["be"].get("items_by_kind_status") or {}).items():
+                for st, n in sts.items():
+                    kinds.setdefault(kind, {})[st] = kinds.setdefault(kind, {}).get(st, 0) + n
+        be["items_by_kind_status"] = kinds
+        be["progress"] = [r["be"]["progress"] for r in rounds]
+    if out.get("node"):
+        out["node"]["series"] = [(r.get("node") or {}).get("series") for r in rounds]
+        out["node"]["be_cpu_limit_min"] = min(
+            (
+                x
+                for x in ((r.get("node") or {}).get("be_cpu_limit_min") for r in rounds)
+                if x is not None
+            ),
+            default=None,
+        )
+        out["node"]["evictions_in_window"] = sum(
+            (r.get("node") or {}).get("evictions_in_window") or 0 for r in rounds
+        )
+    out["cpu"]["other_processes_top"] = [t for r in rounds for t in r["cpu"]["other_processes_top"]]
+    out["rounds"] = [round_summary(r) for r in rounds]
+    return out
+
+
+def round_summary(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "p50_ms": r["ls"]["p50_ms"],
+        "p99_ms": r["ls"]["p99_ms"],
+        "p999_ms": r["ls"]["p999_ms"],
+        "be_items_per_s": (r.get("be") or {}).get("items_per_s"),
+        "node_util_pct": r["cpu"]["node_util_pct"],
+        "be_share_of_ls_idle": r["cpu"].get("be_share_of_ls_idle"),
+    }
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -593,7 +928,7 @@ def report(res: dict[str, Any]) -> str:
         f"{c['connections']} keep-alive connections; window {c['duration_s']:g} s after "
         f"{c['warmup_s']:g} s LS warm-up + {c['ramp_s']:g} s BE ramp. BE: job of CPU items "
         f"({c['be_cpu_s']:g} s CPU) and memory items ({c['be_mem_mb']} MB + {c['be_sleep_s']:g} s "
-        "sleep), 2:1, MemorySize 512.",
+        f"sleep), mix {c.get('be_mix', '2:1')}, MemorySize 512.",
         "",
         "| scenario | LS p50 | LS p99 | LS p99.9 | p99 vs alone | BE items/s | node CPU % |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -602,7 +937,9 @@ def report(res: dict[str, Any]) -> str:
         r = sc.get(key)
         if r is None:
             if key in res.get("skipped", {}):
-                out.append(f"| {SCENARIOS[key]['label']} | skipped: {res['skipped'][key]} | | | | | |")
+                out.append(
+                    f"| {SCENARIOS[key]['label']} | skipped: {res['skipped'][key]} | | | | | |"
+                )
             continue
         ls = r["ls"]
         be = r.get("be")
@@ -617,9 +954,9 @@ def report(res: dict[str, Any]) -> str:
         "CPU over the window, in cores (cgroup cpuacct; /node averages in brackets where the "
         "server has it):",
         "",
-        "| scenario | LS subtree | BE subtree | server process | client | BE limit | "
-        "BE share of LS idle | evictions |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | LS subtree | BE subtree | server process | client | other | node busy | "
+        "BE limit | BE share of LS idle | evictions |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in SCENARIOS:
         r = sc.get(key)
@@ -637,6 +974,7 @@ def report(res: dict[str, Any]) -> str:
             f"| {r['label']} | {both(cpu['ls_cgroup_cores'], node.get('ls_cpu'))} | "
             f"{both(cpu['be_cgroup_cores'], node.get('be_cpu'))} | "
             f"{f2(cpu['server_process_cores'])} | {f2(client / total_s if client else None)} | "
+            f"{f2(cpu.get('other_processes_cores'))} | {f2(cpu['node_busy_cores'])} | "
             f"{f2(node.get('be_cpu_limit_cores'))} | "
             f"{f2(cpu.get('be_share_of_ls_idle'), '{:.0%}')} | "
             f"{f2(node.get('evictions_in_window'), '{:.0f}')} |"
@@ -651,18 +989,30 @@ def report(res: dict[str, Any]) -> str:
         line = (
             f"- {r['label']}: {ls['ok']}/{ls['scheduled']} LS requests ok "
             f"({ls['achieved_rps']:.0f}/s), started as {ls['start_kinds']}, mean "
-            f"{fmt_ms(ls['mean_ms'])}, max {fmt_ms(ls['max_ms'])}"
+            f"{fmt_ms(ls['mean_ms'])}, max {fmt_ms(ls['max_ms'])}, client send lateness p99 "
+            f"{fmt_ms(ls['send_lateness_p99_ms'])} (p99 measured from the actual send "
+            f"{fmt_ms(ls['from_send_p99_ms'])})"
         )
+        if len(r.get("rounds") or []) > 1:
+            line += "; p99 per round " + ", ".join(fmt_ms(x["p99_ms"]) for x in r["rounds"])
         if it:
             line += f"; handler loop iterations per call {it:,.0f}"
             base = alone and alone["ls"].get("iterations_mean")
             if base and r is not alone:
                 line += f" ({it / base:.0%} of LS alone's)"
+            if ls.get("preempted_20pct") is not None:
+                line += (
+                    f", handler lost > 20% of its busy time in {ls['preempted_20pct']:.1%} of "
+                    f"calls (> 50%: {ls['preempted_50pct']:.1%})"
+                )
         if be:
             line += (
                 f"; BE {be['items_done_in_window']} items in {r['window_s']:.1f} s, "
                 f"{be['failed_total']} failed in total, {be['pending_at_end']} pending at the end"
             )
+            if be.get("items_by_kind_status"):
+                line += f" (whole job at the end, by kind: {be['items_by_kind_status']}"
+                line += f", {be.get('retried_items', 0)} items took > 1 attempt)"
             if be.get("ran_dry"):
                 line += " (JOB RAN DRY: throughput understated)"
         node = r.get("node")
@@ -670,12 +1020,25 @@ def report(res: dict[str, Any]) -> str:
             line += (
                 f"; /node: qos={node.get('qos')}, reclaimed CPU {f2(node.get('reclaimed_cpu_cores'))} "
                 f"cores, BE limit min {f2(node.get('be_cpu_limit_min'))}, queue depth "
-                f"{f2(node.get('queue_depth_mean'), '{:.0f}')}, stale samples {node.get('stale_samples')}"
+                f"{f2(node.get('queue_depth_mean'), '{:.0f}')}, BE slots {f2(node.get('be_slots_mean'), '{:.1f}')} "
+                f"running {f2(node.get('be_running_mean'), '{:.1f}')} (means), stale samples "
+                f"{f2(node.get('stale_samples'), '{:.0f}')}"
             )
         else:
             line += "; GET /node not available"
+        line += (
+            f"; run-queue wait per LS request: LS instances "
+            f"{r['cpu']['ls_runqueue_wait_per_request_ms'] * 1000:.0f} us, server process "
+            f"{r['cpu']['server_runqueue_wait_per_request_ms'] * 1000:.0f} us (schedstat)"
+        )
+        oc = r["cpu"].get("other_processes_cores")
+        if oc is not None and oc > 0.05:
+            top = ", ".join(f"{c} ({p}) {x:.2f}" for c, p, x in r["cpu"]["other_processes_top"][:3])
+            line += f"; OTHER PROCESSES used {oc:.2f} cores: {top}"
         if ls["errors"]:
-            line += f"; LS ERRORS: {ls['errors']} (statuses {ls['statuses']}, {ls['client_errors']})"
+            line += (
+                f"; LS ERRORS: {ls['errors']} (statuses {ls['statuses']}, {ls['client_errors']})"
+            )
         out.append(line)
     out += ["", "Targets:"]
     for name, ok, detail in res["targets"]:
@@ -690,8 +1053,12 @@ def targets(res: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     if alone and qos:
         r = qos["ls"]["p99_ms"] / alone["ls"]["p99_ms"]
         detail = f"{fmt_ms(qos['ls']['p99_ms'])} vs {fmt_ms(alone['ls']['p99_ms'])} = {r:.2f}x"
-        t.append((f"QoS on: LS p99 <= {TARGET_P99_RATIO:.2f}x alone", r <= TARGET_P99_RATIO, detail))
-        t.append((f"QoS on: LS p99 <= {AIM_P99_RATIO:.2f}x alone (aim)", r <= AIM_P99_RATIO, detail))
+        t.append(
+            (f"QoS on: LS p99 <= {TARGET_P99_RATIO:.2f}x alone", r <= TARGET_P99_RATIO, detail)
+        )
+        t.append(
+            (f"QoS on: LS p99 <= {AIM_P99_RATIO:.2f}x alone (aim)", r <= AIM_P99_RATIO, detail)
+        )
         e = qos["ls"]["errors"]
         t.append(("QoS on: every LS request succeeded", e == 0, f"{e} failed"))
     else:
@@ -699,8 +1066,13 @@ def targets(res: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     if qos:
         share = qos["cpu"].get("be_share_of_ls_idle")
         if share is None:
-            t.append((f"QoS on: BE gets >= {TARGET_BE_SHARE:.0%} of the CPU LS leaves idle", None,
-                      "BE/LS CPU not measurable"))
+            t.append(
+                (
+                    f"QoS on: BE gets >= {TARGET_BE_SHARE:.0%} of the CPU LS leaves idle",
+                    None,
+                    "BE/LS CPU not measurable",
+                )
+            )
         else:
             cpu = qos["cpu"]
             t.append(
@@ -733,31 +1105,92 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             (capacity - LS CPU). Only 127.0.0.1 is contacted.
             Exit status: 0 ok, 1 a target was missed, 2 error."""),
     )
-    p.add_argument("--quick", action="store_true",
-                   help="6 s windows and shorter warm-ups (a ~1.5 min smoke run)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="6 s windows and shorter warm-ups (a ~1.5 min smoke run)",
+    )
     p.add_argument("--json", metavar="OUT", type=Path, help="also write all results as JSON to OUT")
-    p.add_argument("--duration", type=float, default=None,
-                   help="measurement window per scenario, seconds (default 20, quick 6)")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="LS-alone warm-up before the BE job, seconds (default 4, quick 2)")
-    p.add_argument("--ramp", type=float, default=None,
-                   help="seconds between the BE job and the window (default 5, quick 3)")
-    p.add_argument("--rate", type=float, default=200.0,
-                   help="LS requests per second (default %(default)s: about half a core here)")
-    p.add_argument("--ls-ms", type=float, default=2.0,
-                   help="LS handler busy time per call, ms (default %(default)s)")
-    p.add_argument("--connections", type=int, default=8,
-                   help="LS client keep-alive connections (default %(default)s)")
-    p.add_argument("--be-items", type=int, default=None,
-                   help="BE job size (default: enough to outlast the window)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measurement window per scenario, seconds (default 20, quick 6)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="LS-alone warm-up before the BE job, seconds (default 4, quick 2)",
+    )
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=None,
+        help="seconds between the BE job and the window (default 5, quick 3)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="LS requests per second (default %(default)s: about half a core here)",
+    )
+    p.add_argument(
+        "--ls-ms",
+        type=float,
+        default=2.0,
+        help="LS handler busy time per call, ms (default %(default)s)",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=8,
+        help="LS client keep-alive connections (default %(default)s)",
+    )
+    p.add_argument(
+        "--be-items",
+        type=int,
+        default=None,
+        help="BE job size (default: enough to outlast the window)",
+    )
     p.add_argument("--be-cpu-s", type=float, default=0.5, help="CPU per CPU item (default 0.5)")
     p.add_argument("--be-mem-mb", type=int, default=300, help="MB per memory item (default 300)")
-    p.add_argument("--be-sleep-s", type=float, default=0.5,
-                   help="sleep after a memory item's allocation (default 0.5)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help="comma-separated subset of %(default)s")
-    p.add_argument("--server-arg", action="append", default=[],
-                   help="extra argument for every warmstart serve (repeatable)")
+    p.add_argument(
+        "--be-sleep-s",
+        type=float,
+        default=0.5,
+        help="sleep after a memory item's allocation (default 0.5)",
+    )
+    p.add_argument(
+        "--be-mix",
+        choices=("2:1", "cpu", "mem"),
+        default="2:1",
+        help="BE items: 2 CPU per memory item (default), or only one kind",
+    )
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of %(default)s"
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for every warmstart serve (repeatable)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of all scenarios, each on fresh servers; LS percentiles come from "
+        "the pooled samples (default %(default)s)",
+    )
+    p.add_argument(
+        "--renice",
+        type=int,
+        default=None,
+        metavar="N",
+        help="diagnostic: run the server process (not its sandboxes) and the LS client at "
+        "nice N, e.g. -10",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--loadgen-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -795,7 +1228,10 @@ def main(argv: list[str] | None = None) -> int:
             "be_cpu_s": args.be_cpu_s,
             "be_mem_mb": args.be_mem_mb,
             "be_sleep_s": args.be_sleep_s,
+            "be_mix": args.be_mix,
             "quick": args.quick,
+            "repeat": args.repeat,
+            "renice": args.renice,
             "server_args": args.server_arg,
         },
         "scenarios": {},
@@ -815,12 +1251,18 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[Server] = []
     status = 0
     try:
-        for key in args.scenario_keys:
-            if "--no-qos" in SCENARIOS[key]["args"] and not has_no_qos:
-                res["skipped"][key] = "no --no-qos in this warmstart"
-                continue
-            log(f"scenario {key}: {SCENARIOS[key]['label']}")
-            res["scenarios"][key] = run_scenario(workdir, key, args, servers)
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for i in range(args.repeat):
+            for key in args.scenario_keys:
+                if "--no-qos" in SCENARIOS[key]["args"] and not has_no_qos:
+                    res["skipped"][key] = "no --no-qos in this warmstart"
+                    continue
+                log(f"round {i + 1}/{args.repeat}, scenario {key}: {SCENARIOS[key]['label']}")
+                r = run_scenario(
+                    workdir, f"{key}-{i}" if args.repeat > 1 else key, args, servers, sc_key=key
+                )
+                rounds.setdefault(key, []).append(r)
+                res["scenarios"][key] = aggregate(rounds[key])
     except BenchError as exc:
         print(f"qos_bench: {exc}", file=sys.stderr)
         status = 2
@@ -845,6 +1287,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         for r in res["scenarios"].values():
             r.pop("server_log_tail", None)
+            r.pop("_lat", None)
+            r.pop("_iters", None)
+            r.pop("_from_send", None)
         args.json.write_text(json.dumps(res, indent=2, default=str))
     if status == 0 and any(ok is False for _n, ok, _d in res["targets"]):
         status = 1
