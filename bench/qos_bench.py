@@ -176,6 +176,23 @@ def cpuacct_ns(data_dir: Path, sub: str) -> int | None:
     return None
 
 
+def other_warmstart_ns(data_dir: Path) -> dict[str, int]:
+    """cpuacct.usage of every other warmstart worker's subtree on this host (tests, other
+    servers): their CPU during a window is interference."""
+    ours = cgroup_digest(data_dir)
+    out: dict[str, int] = {}
+    for controller in ("cpuacct", "cpu,cpuacct"):
+        base = Path("/sys/fs/cgroup") / controller / "warmstart"
+        if not base.is_dir():
+            continue
+        for d in base.iterdir():
+            if d.is_dir() and d.name != ours:
+                with contextlib.suppress(OSError, ValueError):
+                    out[d.name] = int((d / "cpuacct.usage").read_text())
+        break
+    return out
+
+
 def subtree_tasks(data_dir: Path, sub: str) -> list[int]:
     """Thread ids in the server's ``sub`` cgroup subtree (cpuacct hierarchy)."""
     rel = f"warmstart/{cgroup_digest(data_dir)}/{sub}"
@@ -519,6 +536,7 @@ class Snapshot:
         self.server_cpu = process_cpu_s(server.proc.pid) if server.proc else None
         self.job = job_progress(server, job_id) if job_id else None
         self.procs = all_process_cpu()
+        self.other_ws = other_warmstart_ns(server.data_dir)
         self.ls_sched = run_delays(subtree_tasks(server.data_dir, "ls"))
         self.server_sched = run_delays(process_threads(server.proc.pid)) if server.proc else {}
 
@@ -698,6 +716,12 @@ def run_scenario(
             "server_runqueue_wait_s": sv_wait,
             "server_runqueue_wait_per_request_ms": sv_wait * 1000 / max(1, len(win)),
             "other_processes_cores": other_cores,
+            "other_warmstart_cores": sum(
+                b.other_ws[k] - a.other_ws[k] for k in b.other_ws if k in a.other_ws
+            )
+            / 1e9
+            / elapsed,
+            "other_warmstart_workers": sorted(set(a.other_ws) | set(b.other_ws)),
             "other_processes_top": other_top,
         },
         "node": None,
@@ -791,6 +815,30 @@ def run_scenario(
         if cpu["be_cgroup_cores"] is not None and cpu["ls_cgroup_cores"] is not None:
             idle2 = cap - cpu["ls_cgroup_cores"]
             cpu["be_share_cpuacct"] = cpu["be_cgroup_cores"] / idle2 if idle2 > 0 else None
+    known = sum(
+        x or 0.0
+        for x in (
+            cpu["ls_cgroup_cores"],
+            cpu["be_cgroup_cores"],
+            cpu["server_process_cores"],
+            (lgres.get("cpu_s") or 0.0) / (warm_s + ramp_s + dur),
+            cpu["other_processes_cores"],
+        )
+    )
+    cpu["unaccounted_cores"] = cpu["node_busy_cores"] - known
+    reasons = []
+    if cpu["other_warmstart_workers"]:
+        reasons.append(
+            f"other warmstart workers on the host ({len(cpu['other_warmstart_workers'])}, "
+            f"{cpu['other_warmstart_cores']:.2f} cores)"
+        )
+    if cpu["other_processes_cores"] > 0.10:
+        reasons.append(f"other processes used {cpu['other_processes_cores']:.2f} cores")
+    if cpu["unaccounted_cores"] > 0.25:
+        reasons.append(f"{cpu['unaccounted_cores']:.2f} cores unaccounted for")
+    res["interference"] = reasons
+    if reasons:
+        log(f"WARNING: {key}: the window was disturbed: {'; '.join(reasons)}")
     log(
         f"{key}: LS p50 {fmt_ms(res['ls']['p50_ms'])} p99 {fmt_ms(res['ls']['p99_ms'])} "
         f"p99.9 {fmt_ms(res['ls']['p999_ms'])} ({len(ok)}/{len(win)} ok); "
@@ -897,6 +945,7 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         )
     out["cpu"]["other_processes_top"] = [t for r in rounds for t in r["cpu"]["other_processes_top"]]
     out["rounds"] = [round_summary(r) for r in rounds]
+    out["interference"] = [x for r in rounds for x in (r.get("interference") or [])]
     return out
 
 
@@ -908,6 +957,7 @@ def round_summary(r: dict[str, Any]) -> dict[str, Any]:
         "be_items_per_s": (r.get("be") or {}).get("items_per_s"),
         "node_util_pct": r["cpu"]["node_util_pct"],
         "be_share_of_ls_idle": r["cpu"].get("be_share_of_ls_idle"),
+        "interference": r.get("interference") or [],
     }
 
 
@@ -943,12 +993,19 @@ def report(res: dict[str, Any]) -> str:
             continue
         ls = r["ls"]
         be = r.get("be")
+        mark = " (DISTURBED)" if r.get("interference") else ""
         out.append(
-            f"| {r['label']} | {fmt_ms(ls['p50_ms'])} | {fmt_ms(ls['p99_ms'])} | "
+            f"| {r['label']}{mark} | {fmt_ms(ls['p50_ms'])} | {fmt_ms(ls['p99_ms'])} | "
             f"{fmt_ms(ls['p999_ms'])} | "
             f"{ratio(ls['p99_ms'], alone['ls']['p99_ms']) if alone else '-'} | "
             f"{f2(be['items_per_s']) if be else '-'} | {r['cpu']['node_util_pct']:.0f}% |"
         )
+    if any(r.get("interference") for r in sc.values()):
+        out += [
+            "",
+            "DISTURBED: other work ran on this host during some windows (see the details); "
+            "rerun on a quiet machine before trusting those rows.",
+        ]
     out += [
         "",
         "CPU over the window, in cores (cgroup cpuacct; /node averages in brackets where the "
@@ -1035,6 +1092,8 @@ def report(res: dict[str, Any]) -> str:
         if oc is not None and oc > 0.05:
             top = ", ".join(f"{c} ({p}) {x:.2f}" for c, p, x in r["cpu"]["other_processes_top"][:3])
             line += f"; OTHER PROCESSES used {oc:.2f} cores: {top}"
+        if r.get("interference"):
+            line += "; DISTURBED: " + "; ".join(r["interference"])
         if ls["errors"]:
             line += (
                 f"; LS ERRORS: {ls['errors']} (statuses {ls['statuses']}, {ls['client_errors']})"
