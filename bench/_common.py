@@ -536,3 +536,20 @@ def machine_info() -> dict[str, Any]:
         if rev:
             info["revision"] = rev + ("+dirty" if dirty else "")
     return info
+
+
+def target_lines(targets: list[tuple[str, bool | None, str]]) -> list[str]:
+    """The report's target checklist: PASS, FAIL or n/a per target."""
+    return [
+        f"- [{'PASS' if ok else 'FAIL' if ok is not None else 'n/a'}] {name}: {detail}"
+        for name, ok, detail in targets
+    ]
+
+
+def stop_servers(servers: list[Server], prog: str) -> None:
+    """Stop every server, reporting (not raising) failures: cleanup must go on."""
+    for s in servers:
+        try:
+            s.stop()
+        except Exception as exc:
+            print(f"{prog}: stopping server {s.name}: {exc}", file=sys.stderr)

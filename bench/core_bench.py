@@ -58,7 +58,9 @@ from _common import (
     make_zip,
     percentile,
     ratio,
+    stop_servers,
     summary,
+    target_lines,
     timed_call,
 )
 
@@ -535,8 +537,7 @@ def report(res: dict[str, Any]) -> str:
     # Targets.
     out.append("")
     out.append("Targets:")
-    for name, ok, detail in res["targets"]:
-        out.append(f"- [{'PASS' if ok else 'FAIL' if ok is not None else 'n/a'}] {name}: {detail}")
+    out += target_lines(res["targets"])
     return "\n".join(out)
 
 
@@ -742,11 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"core_bench: interrupted ({exc})", file=sys.stderr)
         status = 2
     finally:
-        for s in servers:
-            try:
-                s.stop()
-            except Exception as exc:  # keep cleaning up
-                print(f"core_bench: stopping server {s.name}: {exc}", file=sys.stderr)
+        stop_servers(servers, "core_bench")
         if args.keep:
             log(f"kept {workdir}")
         else:

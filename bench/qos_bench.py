@@ -85,6 +85,8 @@ from _common import (
     make_zip,
     percentile,
     ratio,
+    stop_servers,
+    target_lines,
 )
 
 LS_FN = "lsburn"
@@ -1102,8 +1104,7 @@ def report(res: dict[str, Any]) -> str:
             )
         out.append(line)
     out += ["", "Targets:"]
-    for name, ok, detail in res["targets"]:
-        out.append(f"- [{'PASS' if ok else 'FAIL' if ok is not None else 'n/a'}] {name}: {detail}")
+    out += target_lines(res["targets"])
     return "\n".join(out)
 
 
@@ -1342,11 +1343,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for lg in loadgens:
             lg.kill()
-        for s in servers:
-            try:
-                s.stop()
-            except Exception as exc:  # keep cleaning up
-                print(f"qos_bench: stopping server {s.name}: {exc}", file=sys.stderr)
+        stop_servers(servers, "qos_bench")
         if args.keep:
             log(f"kept {workdir}")
         else:

@@ -71,6 +71,7 @@ from _common import (
     percentile,
     remove_run_state,
     summary,
+    target_lines,
     timed_call,
 )
 
@@ -190,7 +191,7 @@ def wait_for_pandas_zygote(server: Server, timeout: float) -> dict[str, Any]:
         for z in zs:
             names = {p.split("==")[0].lower() for p in z.get("packages", [])}
             if "pandas" in names and z.get("alive"):
-                return z
+                return dict(z)
         if time.monotonic() > deadline:
             raise BenchError(
                 f"no live pandas zygote after {timeout:.0f}s: {zs}\n{server.log_tail()}"
@@ -263,10 +264,10 @@ def wait_frozen(server: Server, functions: set[str], timeout: float = 15.0) -> l
         time.sleep(0.05)
 
 
-def memory_summary(rows: list[dict[str, int]]) -> dict[str, Any]:
+def memory_summary(rows: list[dict[str, int | None]]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(rows)}
     for key in ("rss", "pss", "uss", "cgroup"):
-        vals = [r[key] for r in rows if r.get(key) is not None]
+        vals: list[float] = [float(v) for r in rows if (v := r.get(key)) is not None]
         out[key] = percentile(vals, 50) if vals else None
     return out
 
@@ -641,8 +642,7 @@ def report(res: dict[str, Any]) -> str:
             "column is that whole cgroup"
         )
     out += ["", "Targets:"]
-    for name, ok, detail in res["targets"]:
-        out.append(f"- [{'PASS' if ok else 'FAIL' if ok is not None else 'n/a'}] {name}: {detail}")
+    out += target_lines(res["targets"])
     return "\n".join(out)
 
 
