@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,3 +164,39 @@ def deploy(
         **kwargs,
     )
     return out
+
+
+# -- container images ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The reference OCI registry (Debian's docker-registry) on loopback, no auth."""
+    from tests import imagetools
+
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed (scripts/test installs it)")
+    reg = imagetools.start_registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def python_image(registry: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Debian bookworm + python3 image with a handler in /var/task, pushed to ``registry``.
+
+    Two layers: the Debian root, then /var/task/app.py. CMD is ["app.handler"].
+    """
+    from tests import imagetools
+
+    handler = (
+        "import sys\n"
+        "def handler(event, context):\n"
+        "    return {'python': sys.executable, 'event': event}\n"
+    )
+    return imagetools.build_image(
+        tmp_path_factory.mktemp("python-image"),
+        [imagetools.base_rootfs(), {"var/task/app.py": handler}],
+        ref=f"{registry.host}/python:3.11",
+        cmd=["app.handler"],
+        workingdir="/var/task",
+        env=["PATH=/usr/local/bin:/usr/bin:/bin"],
+    )

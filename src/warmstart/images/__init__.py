@@ -1,0 +1,1 @@
+"""Container images: registry client, content store, safe unpacking, eStargz, lazy mounts."""
