@@ -123,10 +123,16 @@ def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
         "RevisionId": rec.revision_id,
         "State": "Active",
         "LastUpdateStatus": "Successful",
-        "PackageType": "Zip",
+        "PackageType": rec.package_type,
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": worker.settings.tmp_mb},
     }
+    if rec.image is not None:
+        # Image functions have no Runtime or Handler of their own in Lambda's shapes.
+        out.pop("Runtime")
+        out.pop("Handler")
+        if rec.image.overrides:
+            out["ImageConfigResponse"] = {"ImageConfig": dict(rec.image.overrides)}
     if cfg.environment:
         out["Environment"] = {"Variables": dict(cfg.environment)}
     return out
@@ -146,6 +152,29 @@ def _env(body: dict[str, Any], default: dict[str, str]) -> dict[str, str]:
     if not isinstance(env, dict) or not isinstance(env.get("Variables", {}), dict):
         raise InvalidParameter("Environment must be {'Variables': {...}}")
     return dict(env.get("Variables") or {})
+
+
+def _image_config(body: dict[str, Any]) -> dict[str, Any]:
+    """The ImageConfig of a request: EntryPoint, Command (lists), WorkingDirectory."""
+    raw = body.get("ImageConfig") or {}
+    if not isinstance(raw, dict):
+        raise InvalidParameter("ImageConfig must be a map")
+    out: dict[str, Any] = {}
+    for key in ("EntryPoint", "Command"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidParameter(f"ImageConfig.{key} must be a list of strings")
+            out[key] = list(value)
+    if "WorkingDirectory" in raw:
+        wd = raw["WorkingDirectory"]
+        if not isinstance(wd, str) or not wd.startswith("/"):
+            raise InvalidParameter("ImageConfig.WorkingDirectory must be an absolute path")
+        out["WorkingDirectory"] = wd
+    unknown = set(raw) - {"EntryPoint", "Command", "WorkingDirectory"}
+    if unknown:
+        raise InvalidParameter(f"Unknown ImageConfig keys: {sorted(unknown)}")
+    return out
 
 
 class LambdaAPI:
@@ -189,15 +218,22 @@ class LambdaAPI:
         if not isinstance(name, str):
             raise InvalidParameter("FunctionName is required")
         name, _ = function_name(name)
-        if body.get("PackageType", "Zip") != "Zip":
-            raise InvalidParameter("Only PackageType=Zip is supported by this node")
+        package_type = body.get("PackageType", "Zip")
+        if package_type not in ("Zip", "Image"):
+            raise InvalidParameter("PackageType must be Zip or Image")
         code = body.get("Code") or {}
-        if not isinstance(code, dict) or "ZipFile" not in code:
+        if not isinstance(code, dict):
+            raise InvalidParameter("Code must be a map")
+        if package_type == "Zip" and "ZipFile" not in code:
             raise InvalidParameter("Code.ZipFile is required (S3 code locations are not supported)")
+        if package_type == "Image" and not isinstance(code.get("ImageUri"), str):
+            raise InvalidParameter("Code.ImageUri is required for PackageType=Image")
         tags = body.get("Tags") or {}
         if not isinstance(tags, dict):
             raise InvalidParameter("Tags must be a map")
         handler = body.get("Handler")
+        if package_type == "Image":
+            handler = "image.handler"  # replaced by the image's CMD / ImageConfig.Command
         if not isinstance(handler, str):
             raise InvalidParameter("Handler is required")
         config = FunctionConfig(
@@ -211,7 +247,11 @@ class LambdaAPI:
             network=str(tags.get(NETWORK_TAG, "none")),
             tags={str(k): str(v) for k, v in tags.items()},
         )
-        rec = await self.worker.create_function(name, config, decode_zip(code["ZipFile"]))
+        if package_type == "Image":
+            image = await self.worker.inspect_image(code["ImageUri"], _image_config(body))
+            rec = await self.worker.create_image_function(name, config, image)
+        else:
+            rec = await self.worker.create_function(name, config, decode_zip(code["ZipFile"]))
         return JSONResponse(configuration(self.worker, rec), status_code=201)
 
     async def list_functions(self, request: Request) -> Response:
@@ -239,12 +279,20 @@ class LambdaAPI:
             "Code": {"RepositoryType": "S3", "Location": url},
             "Tags": dict(rec.config.tags),
         }
+        if rec.image is not None:
+            out["Code"] = {
+                "RepositoryType": "ECR",
+                "ImageUri": rec.image.uri,
+                "ResolvedImageUri": rec.image.resolved_uri,
+            }
         if rec.reserved_concurrency is not None:
             out["Concurrency"] = {"ReservedConcurrentExecutions": rec.reserved_concurrency}
         return JSONResponse(out)
 
     async def download_code(self, request: Request) -> Response:
         rec = self._rec(request)
+        if rec.image is not None:
+            raise InvalidParameter(f"{rec.name} is an image function: its code is {rec.image.uri}")
         return FileResponse(
             self.worker.store.code_zip(rec),
             media_type="application/zip",
@@ -268,6 +316,14 @@ class LambdaAPI:
         self._check_revision(rec, body)
         cfg = rec.config
         changes: dict[str, Any] = {}
+        if "ImageConfig" in body:
+            if rec.image is None:
+                raise InvalidParameter("ImageConfig applies to PackageType=Image functions only")
+            image = await self.worker.inspect_image(rec.image.resolved_uri, _image_config(body))
+            rec = await self.worker.update_image(rec.name, image)
+            cfg = rec.config
+        if "Handler" in body and rec.image is not None:
+            raise InvalidParameter("An image function's handler is its ImageConfig.Command")
         if "Handler" in body:
             changes["handler"] = body["Handler"]
         if "Runtime" in body:
@@ -289,8 +345,15 @@ class LambdaAPI:
         rec = self._rec(request)
         body = await json_body(request)
         self._check_revision(rec, body)
+        if isinstance(body.get("ImageUri"), str):
+            overrides = dict(rec.image.overrides) if rec.image is not None else {}
+            image = await self.worker.inspect_image(body["ImageUri"], overrides)
+            if body.get("DryRun"):
+                return JSONResponse(configuration(self.worker, rec))
+            new = await self.worker.update_image(rec.name, image)
+            return JSONResponse(configuration(self.worker, new))
         if "ZipFile" not in body:
-            raise InvalidParameter("ZipFile is required (S3 and image code are not supported)")
+            raise InvalidParameter("ZipFile or ImageUri is required (S3 code is not supported)")
         data = decode_zip(body["ZipFile"])
         if body.get("DryRun"):
             return JSONResponse(configuration(self.worker, rec))

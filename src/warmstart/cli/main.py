@@ -155,10 +155,53 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="install packages from --find-links only, never from the network",
     )
+    s.add_argument(
+        "--image-pull",
+        choices=["auto", "lazy", "full"],
+        default="auto",
+        help="how image functions get their root: auto = lazily when every layer is "
+        "eStargz, else a full pull; full = always pull first (default %(default)s)",
+    )
+    s.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a registry reached over plain HTTP (repeatable; loopback always is)",
+    )
+    s.add_argument(
+        "--image-budget-mb",
+        type=int,
+        default=20480,
+        help="disk for pulled images before least recently used ones go (default %(default)s)",
+    )
+    s.add_argument(
+        "--no-background-fetch",
+        action="store_true",
+        help="lazily mounted images fetch only what is read (no background fetch of the rest)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    d = sub.add_parser("deploy", help="create or update a function from a directory or zip")
-    d.add_argument("source", type=Path, help="a directory with handler code, or a .zip")
+    d = sub.add_parser(
+        "deploy",
+        help="create or update a function from a directory, a zip or a container image",
+    )
+    d.add_argument(
+        "source", type=Path, nargs="?", help="a directory with handler code, or a .zip"
+    )
+    d.add_argument(
+        "--image",
+        metavar="REF",
+        default=None,
+        help="deploy a container image (PackageType=Image) instead of code: its CMD names "
+        "the handler; the image's own Python runs it",
+    )
+    d.add_argument(
+        "--command",
+        default=None,
+        metavar="MODULE.FUNCTION",
+        help="with --image: the handler, overriding the image's CMD (ImageConfig.Command)",
+    )
     d.add_argument("--name", required=True, help="function name")
     d.add_argument(
         "--handler",
@@ -209,6 +252,9 @@ def _parser() -> argparse.ArgumentParser:
     jst.add_argument("--wait", action="store_true", help="show progress until the job is done")
     jr = jsub.add_parser("results", help="print a job's results as JSON lines")
     jr.add_argument("job_id")
+    from warmstart.cli import images
+
+    images.add_parser(sub)
     for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr, t):
         sp.add_argument(
             "--endpoint", default=DEFAULT_ENDPOINT, help="server URL (default %(default)s)"
@@ -242,6 +288,10 @@ def _serve(args: argparse.Namespace) -> int:
         "qos": not args.no_qos,
         "find_links": tuple(args.find_links),
         "offline": args.offline,
+        "image_pull": args.image_pull,
+        "insecure_registries": tuple(args.insecure_registry),
+        "image_budget_mb": args.image_budget_mb,
+        "image_background_fetch": not args.no_background_fetch,
     }
     if args.qos_config is not None:
         from warmstart.qos.policy import QoSConfig
@@ -323,10 +373,63 @@ def _check(resp: Any) -> Any:
     return resp
 
 
+def _deploy_image(args: argparse.Namespace) -> int:
+    env: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--env takes KEY=VALUE, not {item!r}")
+        env[key] = value
+    with _client(args) as c:
+        exists = c.get(f"{API}/{args.name}").status_code == 200
+        image_config = {"Command": [args.command]} if args.command else {}
+        conf: dict[str, Any] = {}
+        if args.memory is not None:
+            conf["MemorySize"] = args.memory
+        if args.timeout is not None:
+            conf["Timeout"] = args.timeout
+        if env:
+            conf["Environment"] = {"Variables": env}
+        if exists:
+            if image_config:
+                conf["ImageConfig"] = image_config
+            if conf:
+                _check(c.put(f"{API}/{args.name}/configuration", json=conf))
+            out = _check(c.put(f"{API}/{args.name}/code", json={"ImageUri": args.image})).json()
+            verb = "updated"
+        else:
+            body: dict[str, Any] = {
+                "FunctionName": args.name,
+                "PackageType": "Image",
+                "Code": {"ImageUri": args.image},
+                "Role": "arn:aws:iam::000000000000:role/x",
+                **conf,
+            }
+            if image_config:
+                body["ImageConfig"] = image_config
+            if args.network:
+                body["Tags"] = {"warmstart:network": args.network}
+            out = _check(c.post(API, json=body)).json()
+            verb = "created"
+    print(
+        f"{verb} {out['FunctionName']} from image {args.image} ({out['MemorySize']} MB, "
+        f"{out['Timeout']} s, {out['CodeSize'] / 1e6:.1f} MB compressed)"
+    )
+    return 0
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from warmstart.functions.bundle import zip_directory
 
-    src: Path = args.source
+    if args.image is not None:
+        if args.source is not None:
+            raise CLIError("give either a source directory/zip or --image, not both")
+        return _deploy_image(args)
+    if args.command is not None:
+        raise CLIError("--command is for --image deployments (use --handler for code)")
+    src: Path | None = args.source
+    if src is None:
+        raise CLIError("deploy needs a source directory or zip, or --image REF")
     if src.is_dir():
         data = zip_directory(src)
         handler = args.handler or (
@@ -502,9 +605,20 @@ def _follow_job(c: Any, job_id: str) -> int:
     return 1 if job["failed"] else 0
 
 
+def _image(args: argparse.Namespace) -> int:
+    from warmstart.cli import images
+    from warmstart.errors import WarmstartError
+
+    try:
+        return images.run(args)
+    except WarmstartError as exc:
+        raise CLIError(f"{type(exc).__name__}: {exc}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
+        "image": _image,
         "top": _top,
         "job": _job,
         "serve": _serve,

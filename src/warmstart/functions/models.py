@@ -88,6 +88,39 @@ class FunctionConfig:
 
 
 @dataclass(frozen=True)
+class ImageSource:
+    """A function packaged as a container image: where it is and how to run it.
+
+    ``command`` / ``entrypoint`` / ``working_directory`` are the image config's values
+    overridden by the function's ImageConfig; ``env`` is the image's environment.  The
+    handler is ``command[0]`` (as with Lambda's Python base images).
+    """
+
+    uri: str  # as given by the user: "registry/repo:tag" or "...@sha256:..."
+    digest: str  # the manifest digest the function runs ("sha256:...")
+    size: int  # compressed bytes of the image's layers
+    command: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    working_directory: str = "/var/task"
+    env: tuple[str, ...] = ()  # "KEY=value" from the image config
+    overrides: dict[str, Any] = field(default_factory=dict)  # the ImageConfig as given
+    lazy: bool = False  # layers are eStargz: started from a lazy mount
+
+    @property
+    def resolved_uri(self) -> str:
+        base = self.uri.split("@", 1)[0]
+        return f"{base}@{self.digest}"
+
+    def env_dict(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in self.env:
+            key, _, value = item.partition("=")
+            if key:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
 class FunctionRecord:
     """A function as deployed: its config, its code and a revision that changes on update."""
 
@@ -100,6 +133,8 @@ class FunctionRecord:
     last_modified: str
     reserved_concurrency: int | None = None
     packages: tuple[str, ...] = ()  # resolved requirements, "name==version"
+    package_type: str = "Zip"  # "Zip" (code_sha256 names the zip) or "Image"
+    image: ImageSource | None = None  # for package_type "Image"
 
     @staticmethod
     def check_name(name: str) -> str:

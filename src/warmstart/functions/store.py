@@ -23,7 +23,7 @@ from typing import Any
 
 from warmstart.errors import Conflict, NotFound
 from warmstart.functions import bundle
-from warmstart.functions.models import FunctionConfig, FunctionRecord
+from warmstart.functions.models import FunctionConfig, FunctionRecord, ImageSource
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
@@ -62,6 +62,11 @@ def _from_json(text: str) -> FunctionRecord:
     raw: dict[str, Any] = json.loads(text)
     raw["config"] = FunctionConfig(**raw["config"])
     raw["packages"] = tuple(raw.get("packages", ()))
+    if raw.get("image"):
+        img = raw["image"]
+        for key in ("command", "entrypoint", "env"):
+            img[key] = tuple(img.get(key, ()))
+        raw["image"] = ImageSource(**img)
     return FunctionRecord(**raw)
 
 
@@ -114,6 +119,28 @@ class FunctionStore:
         sha, _ = self.put_code(code)
         rec = FunctionRecord(
             name, config, sha, len(code), 1, str(uuid.uuid4()), now_iso(), packages=packages
+        )
+        try:
+            self.db.execute(
+                "INSERT INTO functions(name, record) VALUES (?, ?)", (name, _to_json(rec))
+            )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"Function already exist: {name}") from exc
+        return rec
+
+    def create_image(self, name: str, config: FunctionConfig, image: ImageSource) -> FunctionRecord:
+        """A function whose code is a container image (nothing to store but the record)."""
+        FunctionRecord.check_name(name)
+        rec = FunctionRecord(
+            name,
+            config,
+            image.digest.split(":", 1)[-1],
+            image.size,
+            1,
+            str(uuid.uuid4()),
+            now_iso(),
+            package_type="Image",
+            image=image,
         )
         try:
             self.db.execute(

@@ -6,6 +6,13 @@ a pooled cgroup with memory, pids and CPU limits, freezer); elsewhere it falls b
 plain processes and says so loudly.  It knows nothing of HTTP or functions.
 """
 
-from warmstart.sandbox.manager import CommandResult, Isolation, Sandbox, SandboxManager, SandboxSpec
+from warmstart.sandbox.manager import (
+    CommandResult,
+    Isolation,
+    RootLayout,
+    Sandbox,
+    SandboxManager,
+    SandboxSpec,
+)
 
-__all__ = ["CommandResult", "Isolation", "Sandbox", "SandboxManager", "SandboxSpec"]
+__all__ = ["CommandResult", "Isolation", "RootLayout", "Sandbox", "SandboxManager", "SandboxSpec"]

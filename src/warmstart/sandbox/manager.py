@@ -31,6 +31,10 @@ RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py")
 DEV_FILES = ("null", "zero", "full", "random", "urandom")
 TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
+# In an image's root, warmstart's runtime sits at the top level (the image owns /var).
+IMAGE_RUNTIME_ROOT = "/.warmstart-runtime"
+# Top-level directories of an image that a sandbox gets fresh instead of from the image.
+IMAGE_SKIP = frozenset({"dev", "proc", "sys", "tmp", "run"})
 
 
 class Isolation(enum.Enum):
@@ -39,13 +43,31 @@ class Isolation(enum.Enum):
 
 
 @dataclass(frozen=True)
+class RootLayout:
+    """What a sandbox's root is made of: read-only binds, symlinks and the Python to run.
+
+    The host layout binds the host's /usr, /lib... and runs the host's Python; an image
+    layout binds the top-level directories of an image's root and runs the image's Python
+    (with its site-packages, and honouring the image's environment).
+    """
+
+    mounts: tuple[tuple[str, str, str], ...]
+    symlinks: tuple[tuple[str, str], ...]
+    python: str
+    runtime_root: str = RUNTIME_ROOT
+    python_flags: tuple[str, ...] = ("-E", "-s", "-S")
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
-    code_dir: Path
+    code_dir: Path | None  # mounted at /var/task; None when the code is in the image
     env: dict[str, str]
     memory_mb: int
     network: str = "none"  # "none" (loopback only) or "host"
     extra_ro_mounts: tuple[tuple[str, str], ...] = ()
     qos: str = "ls"  # "ls" (latency-sensitive) or "be" (best-effort: its own cgroup subtree)
+    layout: RootLayout | None = None  # None: the host layout
+    workdir: str = TASK_ROOT  # the handler's directory (LAMBDA_TASK_ROOT)
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,40 @@ def _command_result(raw: bytes, marker: str) -> CommandResult:
     except ValueError:
         code = -1
     return CommandResult(code, head)
+
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def find_python(rootfs: Path, path_env: str = "") -> str | None:
+    """The first python3 (or python) on ``path_env`` inside ``rootfs``, as a path in it."""
+    for name in ("python3", "python"):
+        for d in (path_env or DEFAULT_PATH).split(":"):
+            if not d.startswith("/"):
+                continue
+            candidate = f"{d.rstrip('/')}/{name}"
+            if _exists_in(rootfs, candidate):
+                return candidate
+    return None
+
+
+def _exists_in(rootfs: Path, path: str, depth: int = 0) -> bool:
+    """Whether ``path`` exists inside ``rootfs``, resolving symlinks within it."""
+    if depth > 16:
+        return False
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for i, part in enumerate(parts):
+        host = os.path.join(str(rootfs), cur.lstrip("/"), part)
+        if os.path.islink(host):
+            target = os.readlink(host)
+            rest = "/".join(parts[i + 1 :])
+            base = target if target.startswith("/") else os.path.join(cur, target)
+            return _exists_in(rootfs, os.path.normpath(os.path.join(base, rest)), depth + 1)
+        if not os.path.lexists(host):
+            return False
+        cur = os.path.join(cur, part)
+    return True
 
 
 def _runtime_python() -> str:
@@ -312,6 +368,41 @@ class SandboxManager:
         mounts += [(f"/dev/{d}", f"/dev/{d}", "rw") for d in DEV_FILES]
         return mounts, links
 
+    def image_layout(self, rootfs: Path, path_env: str = "") -> RootLayout:
+        """The layout of a sandbox whose root is an image's (mounted) root filesystem.
+
+        Each top-level entry of the image is bound read-only (symlinks stay symlinks);
+        /dev, /proc, /tmp come fresh from the sandbox; warmstart's runtime is bound at
+        IMAGE_RUNTIME_ROOT.  The Python is the image's: the first python3 on the image's
+        PATH.
+        """
+        if self.isolation is not Isolation.LINUX:
+            raise SandboxError(
+                "container image functions need linux isolation (run as root on Linux)"
+            )
+        mounts: list[tuple[str, str, str]] = []
+        links: list[tuple[str, str]] = []
+        for entry in sorted(os.scandir(rootfs), key=lambda e: e.name):
+            if entry.name in IMAGE_SKIP:
+                continue
+            if entry.is_symlink():
+                links.append((os.readlink(entry.path), f"/{entry.name}"))
+            elif entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+                mounts.append((entry.path, f"/{entry.name}", "ro"))
+        mounts.append((str(self.runtime_dir), IMAGE_RUNTIME_ROOT, "ro"))
+        mounts += [(f"/dev/{d}", f"/dev/{d}", "rw") for d in DEV_FILES]
+        python = find_python(rootfs, path_env)
+        if python is None:
+            raise SandboxError(
+                f"the image has no python3 on its PATH ({path_env or DEFAULT_PATH}): "
+                "warmstart runs Python functions with the image's own interpreter"
+            )
+        return RootLayout(tuple(mounts), tuple(links), python, IMAGE_RUNTIME_ROOT, ("-s",))
+
+    @property
+    def host_layout(self) -> RootLayout:
+        return RootLayout(tuple(self._base_mounts), tuple(self._symlinks), self.python)
+
     def _start_spawner(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._spawner = subprocess.Popen(
@@ -363,21 +454,24 @@ class SandboxManager:
         self, spec: SandboxSpec, sandbox_id: str, cgroup: Cgroup | None
     ) -> dict[str, Any]:
         isolate = self.isolation is Isolation.LINUX
+        layout = spec.layout or self.host_layout
         env = dict(spec.env)
-        env["LAMBDA_TASK_ROOT"] = TASK_ROOT if isolate else str(spec.code_dir)
-        env["LAMBDA_RUNTIME_DIR"] = RUNTIME_ROOT if isolate else str(self.runtime_dir)
-        runtime_dir = RUNTIME_ROOT if isolate else str(self.runtime_dir)
+        task_root = spec.workdir if isolate else str(spec.code_dir)
+        runtime_dir = layout.runtime_root if isolate else str(self.runtime_dir)
+        env["LAMBDA_TASK_ROOT"] = task_root
+        env["LAMBDA_RUNTIME_DIR"] = runtime_dir
         code = (
             f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; bootstrap.main()"
         )
-        mounts = list(self._base_mounts)
-        mounts.append((str(spec.code_dir), TASK_ROOT, "ro"))
+        mounts = list(layout.mounts)
+        if spec.code_dir is not None:
+            mounts.append((str(spec.code_dir), TASK_ROOT, "ro"))
         mounts += [(src, dst, "ro") for src, dst in spec.extra_ro_mounts]
         return {
             "isolate": isolate,
             "root": str(self.root_mountpoint),
             "mounts": mounts,
-            "symlinks": self._symlinks,
+            "symlinks": list(layout.symlinks),
             "tmp_bytes": self.tmp_bytes,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "cgroup_key": cgroup.rel if cgroup else "",
@@ -385,9 +479,9 @@ class SandboxManager:
             "network": spec.network,
             "uid": self.uid,
             "gid": self.gid,
-            "argv": [self.python, "-E", "-s", "-S", "-c", code],
+            "argv": [layout.python, *layout.python_flags, "-c", code],
             "env": env,
-            "cwd": TASK_ROOT if isolate else str(spec.code_dir),
+            "cwd": task_root,
         }
 
     async def create(self, spec: SandboxSpec) -> Sandbox:

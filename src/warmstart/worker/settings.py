@@ -48,6 +48,11 @@ class Settings:
     zygote_after: int = 2  # cold starts of a package set before it gets its own zygote
     zygote_budget_mb: int = 4096  # zygotes' PSS before LRU eviction
     zygote_uid: int = 200000  # the host uid a zygote runs as (uid 0 inside its namespace)
+    # Container images.
+    image_pull: str = "auto"  # auto: lazy when every layer is eStargz; lazy; full
+    image_budget_mb: int = 20480  # the content store's disk budget (LRU beyond it)
+    insecure_registries: tuple[str, ...] = ()  # hosts reached over plain HTTP
+    image_background_fetch: bool = True  # lazy mounts fetch the rest after the start
     # Colocation (differentiated SLO).
     qos: bool = True  # the QoS loop: reclaimed capacity, BE suppression, LS burst, eviction
     qos_config: QoSConfig = field(default_factory=QoSConfig)

@@ -29,11 +29,12 @@ from warmstart.errors import (
     TooManyRequests,
 )
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore, bundle
-from warmstart.functions.models import QOS_TAG
+from warmstart.functions.models import HANDLER_RE, QOS_TAG, ImageSource
 from warmstart.packages import InstallCache, parse_pins
-from warmstart.sandbox import Isolation, SandboxManager, SandboxSpec
+from warmstart.sandbox import Isolation, RootLayout, SandboxManager, SandboxSpec
 from warmstart.sandbox.zygotes import memory_of
 from warmstart.worker.forks import ZygoteCache
+from warmstart.worker.images import ImageManager
 from warmstart.worker.instance import Instance, InstanceDied, Reply, State
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import FunctionPool, HandlerCache
@@ -93,6 +94,8 @@ class Worker:
             settings.cache_budget_mb << 20, settings.freeze_after_ms / 1000, settings.idle_ttl_s
         )
         self.zygotes: ZygoteCache | None = None
+        self.images: ImageManager | None = None  # made on first use (container images)
+        self._layouts: dict[str, RootLayout] = {}  # image digest -> sandbox root layout
         self.qos: QoSManager | None = None
         self.running_be: dict[Instance, FunctionPool] = {}
         self.functions: dict[str, FunctionRecord] = {}
@@ -130,6 +133,10 @@ class Worker:
             )
         for rec in self.store.load_all():
             self.functions[rec.name] = rec
+        if (self.settings.data_dir / "images" / "roots").exists() or any(
+            rec.package_type == "Image" for rec in self.functions.values()
+        ):
+            self._image_manager().recover()
         log.info(
             "worker ready: %d function(s), isolation=%s",
             len(self.functions),
@@ -163,6 +170,8 @@ class Worker:
         if self.zygotes is not None:
             await self.zygotes.close()
         await self.sandboxes.close()
+        if self.images is not None:
+            await self.images.close()
         for fd in self._log_fds.values():
             os.close(fd)
         self._log_fds.clear()
@@ -203,13 +212,109 @@ class Worker:
         self.functions[name] = rec
         return rec
 
+    def _image_manager(self) -> ImageManager:
+        if self.images is None:
+            self.images = ImageManager(
+                self.data_dir,
+                pull_mode=self.settings.image_pull,
+                budget_mb=self.settings.image_budget_mb,
+                insecure=self.settings.insecure_registries,
+                background_fetch=self.settings.image_background_fetch,
+            )
+        return self.images
+
+    async def inspect_image(self, uri: str, overrides: dict[str, Any]) -> ImageSource:
+        """Resolve an image for a function; its CMD (or ImageConfig.Command) names the handler."""
+        if self.sandboxes.isolation is not Isolation.LINUX:
+            raise InvalidParameter(
+                "PackageType=Image needs linux isolation (run warmstart serve as root on Linux)"
+            )
+        image = await self._image_manager().inspect(uri, overrides)
+        if not image.command or not HANDLER_RE.match(image.command[0]):
+            raise InvalidParameter(
+                f"Image {uri}: the handler comes from ImageConfig.Command or the image's CMD, "
+                f"which must be ['module.function'] (got {list(image.command)})"
+            )
+        return image
+
+    async def create_image_function(
+        self, name: str, config: FunctionConfig, image: ImageSource
+    ) -> FunctionRecord:
+        FunctionRecord.check_name(name)
+        if name in self.functions:
+            raise Conflict(f"Function already exist: {name}")
+        config = config.updated(handler=image.command[0])
+        rec = await asyncio.to_thread(self.store.create_image, name, config, image)
+        self.functions[name] = rec
+        self._spawn(self._premount(image))
+        return rec
+
+    async def _premount(self, image: ImageSource) -> None:
+        """Mount a new function's image right away, so its first invocation finds it ready."""
+        try:
+            await self._image_layout(image)
+        except Exception as exc:  # the first invocation retries and reports it
+            log.warning("image %s: cannot mount it yet: %s", image.uri, exc)
+
+    async def update_image(self, name: str, image: ImageSource) -> FunctionRecord:
+        rec = self.get(name)
+        old = rec.image
+        new = self.store.bump(
+            rec,
+            config=rec.config.updated(handler=image.command[0]),
+            package_type="Image",
+            image=image,
+            code_sha256=image.digest.split(":", 1)[-1],
+            code_size=image.size,
+            packages=(),
+        )
+        out = self._replace(new)
+        if old is not None and old.digest != image.digest:
+            await self._release_image(old)
+        self._spawn(self._premount(image))
+        return out
+
+    async def _release_image(self, image: ImageSource) -> None:
+        if self.images is None:
+            return
+        used = any(
+            r.image is not None and r.image.digest == image.digest
+            for r in self.functions.values()
+        )
+        if not used:
+            self._layouts.pop(image.digest, None)
+        await self.images.release(image, still_used=used)
+
+    async def _image_layout(self, image: ImageSource) -> RootLayout:
+        """The sandbox root layout of an image (mounting it on first use)."""
+        images = self._image_manager()
+        rootfs = await images.rootfs(image)
+        layout = self._layouts.get(image.digest)
+        if layout is None or self.images is None or not rootfs.exists():
+            env = image.env_dict()
+            layout = await asyncio.to_thread(
+                self.sandboxes.image_layout, rootfs, env.get("PATH", "")
+            )
+            self._layouts[image.digest] = layout
+        return layout
+
     async def update_code(self, name: str, code: bytes) -> FunctionRecord:
         rec = self.get(name)
         packages = await self._prepare_code(code)
         sha = bundle.digest(code)
-        return self._replace(
-            self.store.bump(rec, code_sha256=sha, code_size=len(code), packages=packages)
+        out = self._replace(
+            self.store.bump(
+                rec,
+                code_sha256=sha,
+                code_size=len(code),
+                packages=packages,
+                package_type="Zip",
+                image=None,
+            )
         )
+        if rec.image is not None:
+            await self._release_image(rec.image)
+        return out
 
     async def _prepare_code(self, code: bytes) -> tuple[str, ...]:
         """Unpack the bundle; resolve and install its requirements.txt, if any.
@@ -243,13 +348,15 @@ class Worker:
         return new
 
     def delete_function(self, name: str) -> None:
-        self.get(name)
+        rec = self.get(name)
         self.store.delete(name)
         del self.functions[name]
         self._retire(name)
         fd = self._log_fds.pop(name, None)
         if fd is not None:
             os.close(fd)
+        if rec.image is not None:
+            self._spawn(self._release_image(rec.image))
 
     def _replace(self, rec: FunctionRecord) -> FunctionRecord:
         """A new revision: new invocations get new instances; running ones finish."""
@@ -323,6 +430,8 @@ class Worker:
                 )
         self.reserved_mb += need
         t0 = time.perf_counter()
+        if rec.image is not None:
+            return await self._start_image_instance(rec, qos, t0)
         env = self._env(rec)
         mounts: tuple[tuple[str, str], ...] = ()
         if rec.packages:
@@ -352,6 +461,34 @@ class Worker:
         if forked:
             inst.start_kind = "fork"
             inst.zygote = forked[1]
+        return await self._await_ready(inst, t0)
+
+    async def _start_image_instance(self, rec: FunctionRecord, qos: str, t0: float) -> Instance:
+        """A fresh sandbox whose root is the function's image (mounted on first use)."""
+        image = rec.image
+        assert image is not None
+        try:
+            layout = await self._image_layout(image)
+            env = image.env_dict()
+            env.update(self._env(rec))
+            env["PATH"] = image.env_dict().get("PATH") or env["PATH"]
+            spec = SandboxSpec(
+                code_dir=None,
+                env=env,
+                memory_mb=rec.config.memory_mb,
+                network=rec.config.network,
+                qos=qos,
+                layout=layout,
+                workdir=image.working_directory or "/var/task",
+            )
+            sandbox = await self.sandboxes.create(spec)
+        except BaseException:
+            self.reserved_mb -= rec.config.memory_mb
+            raise
+        inst = Instance(sandbox, rec.name, rec.revision, rec.config.memory_mb)
+        return await self._await_ready(inst, t0)
+
+    async def _await_ready(self, inst: Instance, t0: float) -> Instance:
         try:
             await inst.connect()
             reply = await asyncio.wait_for(inst.read_reply(), self.settings.init_timeout_s)
@@ -664,6 +801,7 @@ class Worker:
                 "be_cpu_limit_cores": (q.be_cpu_cores or 0.0) if q else 0.0,
                 "qos_evictions_total": float(q.evictions) if q else 0.0,
                 "best_effort_running": float(len(self.running_be)),
+                **(self.images.snapshot() if self.images is not None else {}),
             },
         }
 
