@@ -245,9 +245,14 @@ class Server:
                 proc.wait()
         self._log_file.close()
         # The server removes its cgroup subtree on a clean shutdown; say so if it did not.
-        rel = f"warmstart/{cgroup_digest(self.data_dir)}"
         root = Path("/sys/fs/cgroup")
-        leftovers = [p for p in [root / rel, *root.glob(f"*/{rel}")] if p.is_dir()]
+        leftovers = [
+            p
+            for top in ("warmstart", "warmstart-be")
+            for rel in [f"{top}/{cgroup_digest(self.data_dir)}"]
+            for p in [root / rel, *root.glob(f"*/{rel}")]
+            if p.is_dir()
+        ]
         if leftovers:
             log(f"WARNING: server {self.name} left cgroups behind: {[str(p) for p in leftovers]}")
         remove_run_state(self.data_dir)

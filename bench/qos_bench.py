@@ -10,8 +10,12 @@ loopback port), all driven the same way:
    weight, LS limits).
 3. **LS + BE, --no-qos** -- BE runs in the BE subtree with the lowest CPU weight
    (``cpu.shares=2``, ``cpu.idle=1``) but no QoS loop squeezes it.
-4. **LS + BE, QoS on** -- the default server: the QoS loop computes reclaimed capacity and
-   caps the BE subtree (CFS quota) whenever LS needs the CPU.
+4. **LS + BE, QoS on** -- the default server: the QoS loop computes reclaimed capacity,
+   admits BE within it and enforces the BE CPU limit as its ``be_cpu_policy`` says.
+
+Optional scenarios (``--scenarios``) compare BE CPU policies: ``qos-quota`` (the limit as a
+CFS quota with a 20 ms period), ``qos-quota100`` (the same with the kernel's 100 ms period)
+and ``qos-cpuset`` (whole cores), each a server with QoS on and that ``--qos-config``.
 
 The LS load: ``lsburn`` (a handler that busy-loops on ``time.perf_counter`` for ~2 ms and
 returns how many loop iterations it managed) invoked (``POST /run/lsburn``) at a FIXED
@@ -146,7 +150,29 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "be_tags": {},
     },
     "qos": {"label": "LS + BE, QoS on", "args": [], "be": True, "be_tags": {}},
+    "qos-quota": {
+        "label": "LS + BE, QoS on, BE limit as a CFS quota (20 ms period)",
+        "args": [],
+        "be": True,
+        "be_tags": {},
+        "qos_config": {"be_cpu_policy": "quota", "be_cfs_period_us": 20_000},
+    },
+    "qos-quota100": {
+        "label": "LS + BE, QoS on, BE limit as a CFS quota (100 ms period)",
+        "args": [],
+        "be": True,
+        "be_tags": {},
+        "qos_config": {"be_cpu_policy": "quota", "be_cfs_period_us": 100_000},
+    },
+    "qos-cpuset": {
+        "label": "LS + BE, QoS on, BE limit as a cpuset",
+        "args": [],
+        "be": True,
+        "be_tags": {},
+        "qos_config": {"be_cpu_policy": "cpuset"},
+    },
 }
+DEFAULT_SCENARIOS = ("alone", "nodiff", "noqos", "qos")
 
 
 # -- system readings ---------------------------------------------------------------------------
@@ -163,9 +189,22 @@ def proc_stat() -> tuple[int, int]:
     return total - idle, total
 
 
+def subtree_rel(data_dir: Path, sub: str) -> str:
+    """The server's ``ls`` or ``be`` cgroup subtree: BE lives in ``warmstart-be/<hash>`` (in
+    ``warmstart/<hash>/be`` before it moved to the hierarchy's root)."""
+    digest = cgroup_digest(data_dir)
+    if sub == "be":
+        root = Path("/sys/fs/cgroup")
+        for rel in (f"warmstart-be/{digest}", f"warmstart/{digest}/be"):
+            if any(d.is_dir() for d in (root / "cpuacct" / rel, root / "cpu" / rel, root / rel)):
+                return rel
+        return f"warmstart-be/{digest}"
+    return f"warmstart/{digest}/{sub}"
+
+
 def cpuacct_ns(data_dir: Path, sub: str) -> int | None:
     """cpuacct.usage (ns) of the server's ``sub`` subtree (v1), or cpu.stat usage_usec (v2)."""
-    rel = f"warmstart/{cgroup_digest(data_dir)}/{sub}"
+    rel = subtree_rel(data_dir, sub)
     root = Path("/sys/fs/cgroup")
     for controller in ("cpuacct", "cpu,cpuacct", "cpu"):
         p = root / controller / rel / "cpuacct.usage"
@@ -184,20 +223,23 @@ def other_warmstart_ns(data_dir: Path) -> dict[str, int]:
     ours = cgroup_digest(data_dir)
     out: dict[str, int] = {}
     for controller in ("cpuacct", "cpu,cpuacct"):
-        base = Path("/sys/fs/cgroup") / controller / "warmstart"
-        if not base.is_dir():
+        if not (Path("/sys/fs/cgroup") / controller).is_dir():
             continue
-        for d in base.iterdir():
-            if d.is_dir() and d.name != ours:
-                with contextlib.suppress(OSError, ValueError):
-                    out[d.name] = int((d / "cpuacct.usage").read_text())
+        for top in ("warmstart", "warmstart-be"):
+            base = Path("/sys/fs/cgroup") / controller / top
+            if not base.is_dir():
+                continue
+            for d in base.iterdir():
+                if d.is_dir() and d.name != ours:
+                    with contextlib.suppress(OSError, ValueError):
+                        out[f"{top}/{d.name}"] = int((d / "cpuacct.usage").read_text())
         break
     return out
 
 
 def subtree_tasks(data_dir: Path, sub: str) -> list[int]:
     """Thread ids in the server's ``sub`` cgroup subtree (cpuacct hierarchy)."""
-    rel = f"warmstart/{cgroup_digest(data_dir)}/{sub}"
+    rel = subtree_rel(data_dir, sub)
     for controller in ("cpuacct", "cpu,cpuacct", "cpu"):
         base = Path("/sys/fs/cgroup") / controller / rel
         if base.is_dir():
@@ -290,7 +332,7 @@ def foreign_cpu(
     before: dict[int, tuple[str, float, str, int]],
     after: dict[int, tuple[str, float, str, int]],
     ours: set[int],
-    our_cgroup: str,
+    our_cgroups: tuple[str, ...],
     elapsed: float,
 ) -> tuple[float, list[tuple[str, int, float]]]:
     """CPU (cores) of processes that are neither the server, its sandboxes nor the client,
@@ -298,7 +340,7 @@ def foreign_cpu(
     total = 0.0
     rows = []
     for pid, (comm, cpu1, cg, started) in after.items():
-        if pid in ours or cg.startswith(our_cgroup):
+        if pid in ours or cg.startswith(our_cgroups):
             continue
         prev = before.get(pid)
         d = cpu1 - (prev[1] if prev and prev[3] == started else 0.0)
@@ -562,7 +604,13 @@ def run_scenario(
 ) -> dict[str, Any]:
     sc = SCENARIOS[sc_key]
     quiet = wait_quiet(key)
-    server = Server(workdir, key, [*sc["args"], *args.server_arg])
+    load_before = os.getloadavg()
+    extra = list(sc["args"])
+    if sc.get("qos_config"):
+        config = workdir / f"{key}-qos.json"
+        config.write_text(json.dumps(sc["qos_config"]))
+        extra += ["--qos-config", str(config)]
+    server = Server(workdir, key, [*extra, *args.server_arg])
     servers.append(server)
     server.data_dir.mkdir()
     server.start()
@@ -662,8 +710,9 @@ def run_scenario(
             if c not in ours:
                 ours.add(c)
                 stack.append(c)
+    digest = cgroup_digest(server.data_dir)
     other_cores, other_top = foreign_cpu(
-        a.procs, b.procs, ours, f"/warmstart/{cgroup_digest(server.data_dir)}", b.t - a.t
+        a.procs, b.procs, ours, (f"/warmstart/{digest}", f"/warmstart-be/{digest}"), b.t - a.t
     )
 
     _ls_run, ls_wait, ls_slices = delay_delta(a.ls_sched, b.ls_sched)
@@ -676,6 +725,7 @@ def run_scenario(
         "key": sc_key,
         "label": sc["label"],
         "server_args": sc["args"] + args.server_arg,
+        "qos_config": sc.get("qos_config"),
         "be_tags": sc["be_tags"],
         "window_s": elapsed,
         "ls": {
@@ -728,6 +778,7 @@ def run_scenario(
         },
         "node": None,
         "busy_before_cores": quiet,
+        "loadavg_before": load_before,
     }
     if nodes:
         ev = [_num(x, "evictions") for x in nodes]
@@ -983,6 +1034,11 @@ def report(res: dict[str, Any]) -> str:
         f"{c['warmup_s']:g} s LS warm-up + {c['ramp_s']:g} s BE ramp. BE: job of CPU items "
         f"({c['be_cpu_s']:g} s CPU) and memory items ({c['be_mem_mb']} MB + {c['be_sleep_s']:g} s "
         f"sleep), mix {c.get('be_mix', '2:1')}, MemorySize 512.",
+        "Load average (1/5/15 min) at the start "
+        + "/".join(f"{x:.2f}" for x in res["loadavg"]["start"])
+        + ", at the end "
+        + "/".join(f"{x:.2f}" for x in res["loadavg"].get("end", ()))
+        + ".",
         "",
         "| scenario | LS p50 | LS p99 | LS p99.9 | p99 vs alone | BE items/s | node CPU % |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -1239,7 +1295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="BE items: 2 CPU per memory item (default), or only one kind",
     )
     p.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of %(default)s"
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default %(default)s)",
     )
     p.add_argument(
         "--server-arg",
@@ -1261,6 +1319,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="diagnostic: run the server process (not its sandboxes) and the LS client at "
         "nice N, e.g. -10",
+    )
+    p.add_argument(
+        "--retry-disturbed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run a scenario whose window other work disturbed again, up to N times "
+        "(on a shared machine; default %(default)s)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--loadgen-worker", help=argparse.SUPPRESS)
@@ -1303,10 +1369,12 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "repeat": args.repeat,
             "renice": args.renice,
+            "retry_disturbed": args.retry_disturbed,
             "server_args": args.server_arg,
         },
         "scenarios": {},
         "skipped": {},
+        "loadavg": {"start": os.getloadavg()},
     }
 
     def interrupted(signum: int, _frame: Any) -> None:
@@ -1329,9 +1397,13 @@ def main(argv: list[str] | None = None) -> int:
                     res["skipped"][key] = "no --no-qos in this warmstart"
                     continue
                 log(f"round {i + 1}/{args.repeat}, scenario {key}: {SCENARIOS[key]['label']}")
-                r = run_scenario(
-                    workdir, f"{key}-{i}" if args.repeat > 1 else key, args, servers, sc_key=key
-                )
+                name = f"{key}-{i}" if args.repeat > 1 else key
+                r = run_scenario(workdir, name, args, servers, sc_key=key)
+                for attempt in range(1, args.retry_disturbed + 1):
+                    if not r.get("interference"):
+                        break
+                    log(f"{name}: disturbed window, running it again ({attempt})")
+                    r = run_scenario(workdir, f"{name}-r{attempt}", args, servers, sc_key=key)
                 rounds.setdefault(key, []).append(r)
                 res["scenarios"][key] = aggregate(rounds[key])
     except BenchError as exc:
@@ -1349,6 +1421,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    res["loadavg"]["end"] = os.getloadavg()
     res["targets"] = targets(res)
     print(report(res))
     if args.json:

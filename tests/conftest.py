@@ -110,15 +110,17 @@ def start_server(data_dir: Path, log_path: Path, *extra: str) -> Server:
 
 
 def cgroup_dirs(data_dir: Path) -> list[str]:
-    """Our cgroup directories for this data dir, across every v1 controller."""
+    """Our cgroup directories for this data dir (the latency-sensitive subtree and the
+    best-effort one), across every v1 controller."""
     import hashlib
 
     digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:10]
     found = []
     for ctrl in Path("/sys/fs/cgroup").iterdir():
-        d = ctrl / "warmstart" / digest
-        if d.is_dir():
-            found.append(str(d))
+        for top in ("warmstart", "warmstart-be"):
+            d = ctrl / top / digest
+            if d.is_dir():
+                found.append(str(d))
     return found
 
 

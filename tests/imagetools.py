@@ -87,14 +87,16 @@ def _wait_registry(reg: Registry, timeout: float = 20) -> None:
     raise RuntimeError(f"docker-registry did not come up:\n{reg.log()}")
 
 
-def start_registry(root: Path, *, auth_yaml: str = "", port: int | None = None) -> Registry:
+def start_registry(
+    root: Path, *, auth_yaml: str = "", port: int | None = None, log_level: str = "warn"
+) -> Registry:
     """Start a registry storing under ``root``; ``auth_yaml`` is an indented ``auth:`` block."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config = root / "config.yml"
     config.write_text(
         "version: 0.1\n"
-        "log:\n  level: warn\n"
+        f"log:\n  level: {log_level}\n"
         "storage:\n"
         f"  filesystem:\n    rootdirectory: {root / 'data'}\n"
         "  delete:\n    enabled: true\n"
@@ -225,3 +227,205 @@ def tar_layer(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -
         for info, data in members:
             tf.addfile(info, io.BytesIO(data) if data is not None else None)
     return path
+
+
+# -- containerd and ctr-remote (the reference eStargz implementation) ------------------------
+@dataclass
+class Containerd:
+    """A private containerd (own root, state and socket) for ``ctr``/``ctr-remote``."""
+
+    root: Path
+    address: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    sock_dir: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ctr(self, *args: str, timeout: float = 600) -> str:
+        """Run ``ctr-remote`` against this containerd; raise with its output on failure."""
+        cmd = ["ctr-remote", "--address", self.address, *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr}{res.stdout}"
+            )
+        return res.stdout
+
+    def stop(self) -> None:
+        """Stop containerd and remove the mounts its snapshotter left under its root."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        root = str(self.root.resolve())
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f]
+        for target in sorted((m for m in mounts if m.startswith(root + "/")), reverse=True):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def start_containerd(root: Path, *, snapshotter_plugins: str = "") -> Containerd:
+    """Start containerd with everything under ``root`` (socket in a short directory, since
+    unix socket paths are limited to 107 bytes). CRI and snapshotters that need special
+    filesystems are disabled; ``snapshotter_plugins`` is extra TOML (proxy plugins)."""
+    import tempfile
+
+    if shutil.which("containerd") is None or shutil.which("ctr-remote") is None:
+        raise RuntimeError("containerd and ctr-remote are needed (scripts/test installs them)")
+    root.mkdir(parents=True, exist_ok=True)
+    short_dir = "/run" if os.access("/run", os.W_OK) else None
+    sock_dir = Path(tempfile.mkdtemp(prefix="wsctd-", dir=short_dir))
+    address = str(sock_dir / "containerd.sock")
+    config = root / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{root / "root"}"\n'
+        f'state = "{root / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",'
+        ' "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",'
+        ' "io.containerd.snapshotter.v1.devmapper"]\n'
+        f'[grpc]\n  address = "{address}"\n'
+        f'[ttrpc]\n  address = "{address}.ttrpc"\n'
+        '[debug]\n  address = ""\n'
+        '[metrics]\n  address = ""\n'
+        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{root / "opt"}"\n'
+        + snapshotter_plugins
+    )
+    log_path = root / "containerd.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            ["containerd", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    ctd = Containerd(root, address, proc, log_path, sock_dir)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"containerd exited ({proc.returncode}):\n{ctd.log()}")
+        probe = subprocess.run(
+            ["ctr-remote", "--address", address, "version"], capture_output=True, timeout=10
+        )
+        if probe.returncode == 0:
+            return ctd
+        time.sleep(0.1)
+    ctd.stop()
+    raise RuntimeError(f"containerd did not come up:\n{ctd.log()}")
+
+
+REFERENCE_TOOLS = Path(__file__).resolve().parent / "integration" / "estargz_ref"
+
+
+def build_reference_tool(name: str) -> Path | None:
+    """Build one of the Go programs in ``tests/integration/estargz_ref`` against the
+    reference eStargz library (Debian's golang-github-containerd-stargz-snapshotter-dev),
+    cached by source hash; None when Go or the library is not installed."""
+    import hashlib
+
+    gopath = Path("/usr/share/gocode")
+    if (
+        shutil.which("go") is None
+        or not (gopath / "src/github.com/containerd/stargz-snapshotter/estargz").is_dir()
+    ):
+        return None
+    src = REFERENCE_TOOLS / name
+    digest = hashlib.sha256((src / "main.go").read_bytes()).hexdigest()[:16]
+    out = CACHE / "go" / f"{name}-{digest}"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, GO111MODULE="off", GOPATH=str(gopath), GOFLAGS="")
+    env.setdefault("GOCACHE", str(CACHE / "go" / "build-cache"))
+    tmp = out.with_suffix(f".{os.getpid()}")
+    res = subprocess.run(
+        ["go", "build", "-o", str(tmp), "."], cwd=src, env=env, capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"building {name} failed:\n{res.stderr}")
+    tmp.rename(out)
+    return out
+
+
+@dataclass
+class StargzSnapshotter:
+    """The reference lazy-pulling snapshotter, serving containerd as proxy plugin "stargz"."""
+
+    root: Path
+    socket: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def plugin_toml(self) -> str:
+        """The containerd config fragment that registers this snapshotter."""
+        return (
+            "[proxy_plugins]\n  [proxy_plugins.stargz]\n"
+            f'    type = "snapshot"\n    address = "{self.socket}"\n'
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def fuse_mounts(self) -> list[Path]:
+        """The layer filesystems it has mounted (one FUSE mount per eStargz layer)."""
+        root = str(self.root.resolve())
+        with open("/proc/self/mountinfo") as f:
+            fields = [line.split() for line in f]
+        return [
+            Path(parts[4])
+            for parts in fields
+            if parts[4].startswith(root + "/") and parts[parts.index("-") + 1].startswith("fuse")
+        ]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        root = str(self.root.resolve())
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f]
+        for target in sorted((m for m in mounts if m.startswith(root + "/")), reverse=True):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+        shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)
+
+
+def start_stargz_snapshotter(root: Path) -> StargzSnapshotter | None:
+    """Start the reference snapshotter with its state under ``root`` (start it before
+    containerd, then pass ``plugin_toml()`` to :func:`start_containerd`); None when it
+    cannot be built here."""
+    import tempfile
+
+    binary = build_reference_tool("snapshotter")
+    if binary is None:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    short_dir = "/run" if os.access("/run", os.W_OK) else None
+    socket = os.path.join(tempfile.mkdtemp(prefix="wsstargz-", dir=short_dir), "stargz.sock")
+    log_path = root / "snapshotter.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [str(binary), str(root), socket],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    snap = StargzSnapshotter(root, socket, proc, log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"stargz snapshotter exited ({proc.returncode}):\n{snap.log()}")
+        if os.path.exists(socket):
+            return snap
+        time.sleep(0.05)
+    snap.stop()
+    raise RuntimeError(f"stargz snapshotter did not come up:\n{snap.log()}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,9 +21,9 @@ pytestmark = [pytest.mark.integration, needs_root]
 SLEEPER = "import time\ndef handler(event, context):\n    time.sleep(event.get('sleep', 0))\n    return 'done'\n"
 
 
-def _be_cpu_dir(server: Server) -> Path:
+def _be_cpu_dir(server: Server, controller: str = "cpu") -> Path:
     digest = hashlib.sha256(str(server.data_dir.resolve()).encode()).hexdigest()[:10]
-    return Path("/sys/fs/cgroup/cpu/warmstart") / digest / "be"
+    return Path("/sys/fs/cgroup") / controller / "warmstart-be" / digest
 
 
 def _node(server: Server) -> dict[str, Any]:
@@ -51,14 +52,72 @@ def test_reclaimed_capacity_and_be_suppression(server: Server) -> None:
     assert node["reclaimed"]["stale"] is False
     assert 0 <= node["reclaimed"]["cpu_cores"] <= node["capacity"]["cpus"]
     assert node["be_cpu_limit_cores"] > 0
-    # The limit is enforced as a CFS quota on the be/ subtree, which also has the lowest
-    # weight.
-    quota = int((_be_cpu_dir(server) / "cpu.cfs_quota_us").read_text())
-    assert quota > 0
-    assert int((_be_cpu_dir(server) / "cpu.shares").read_text()) <= 3
+    # By default the idle class alone keeps BE behind LS: the limit is computed and
+    # reported, not written as a quota.  The BE subtree has the lowest weight, and so
+    # does its top (warmstart-be/), which competes with every other task on the host.
+    assert node["be_cpu_policy"] == "idle"
+    assert int((_be_cpu_dir(server) / "cpu.cfs_quota_us").read_text()) == -1
+    for d in (_be_cpu_dir(server), _be_cpu_dir(server).parent):
+        assert int((d / "cpu.shares").read_text()) <= 3
+        if (d / "cpu.idle").exists():
+            assert (d / "cpu.idle").read_text().strip() == "1"
     with server.http() as http:
         metrics = http.get("/metrics").text
     assert "warmstart_reclaimed_cpu_cores" in metrics and "warmstart_be_cpu_limit_cores" in metrics
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="cgroup v1 cpu"
+)
+def test_quota_policy_caps_be_with_a_short_period(server_factory: Any, tmp_path: Path) -> None:
+    config = tmp_path / "qos.json"
+    config.write_text(json.dumps({"be_cpu_policy": "quota", "be_cfs_period_us": 20_000}))
+    server: Server = server_factory("--qos-config", str(config))
+    _wait(lambda: _node(server).get("be_cpu_limit_cores") is not None)
+    d = _be_cpu_dir(server)
+    _wait(lambda: int((d / "cpu.cfs_quota_us").read_text()) > 0)
+    assert int((d / "cpu.cfs_period_us").read_text()) == 20_000
+    limit = _node(server)["be_cpu_limit_cores"]
+    quota = int((d / "cpu.cfs_quota_us").read_text())
+    # The quota is the reported limit (which may have moved by a tick) per 20 ms.
+    assert 1000 <= quota <= 20_000 * _node(server)["capacity"]["cpus"]
+    assert limit > 0
+
+
+CPUS = "import os\ndef handler(event, context):\n    return sorted(os.sched_getaffinity(0))\n"
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpuset/cpuset.cpus").exists() or (os.cpu_count() or 1) < 2,
+    reason="needs a cgroup v1 cpuset hierarchy and two CPUs",
+)
+def test_cpuset_policy_confines_best_effort_instances(server_factory: Any, tmp_path: Path) -> None:
+    """With no CPU to lend (threshold 0), BE keeps its minimum of one core: the highest
+    numbered, where its instances run; LS instances keep every core."""
+    config = tmp_path / "qos.json"
+    config.write_text(
+        json.dumps(
+            {
+                "be_cpu_policy": "cpuset",
+                "be_cpu_suppress_threshold": 0.0,
+                "headroom_exempt_cores": 0.0,
+            }
+        )
+    )
+    server: Server = server_factory("--qos-config", str(config))
+    lam = server.lambda_client()
+    deploy(lam, "cpus", {"handler.py": CPUS})
+    last = (os.cpu_count() or 1) - 1
+    _wait(lambda: _node(server).get("be_cpuset") == str(last))
+    assert (_be_cpu_dir(server, "cpuset") / "cpuset.cpus").read_text().strip() == str(last)
+    with server.http() as http:
+        ls_cpus = http.post("/run/cpus", content=b"{}").json()
+        job_id = http.post("/jobs", json={"function": "cpus", "inputs": [{}]}).json()["JobId"]
+        _wait(lambda: http.get(f"/jobs/{job_id}").json()["status"] == "completed")
+        result = http.get(f"/jobs/{job_id}/results").json()["results"][0]
+    assert result["status"] == "succeeded", result
+    assert json.loads(result["result"]) == [last]
+    assert len(ls_cpus) == os.cpu_count()
 
 
 @pytest.mark.skipif(

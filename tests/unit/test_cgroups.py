@@ -151,6 +151,68 @@ def test_pool_reuses_cgroups_and_reaps_leftovers(tmp_path: Path) -> None:
     assert not d.exists("warmstart/x")
 
 
+class FakeCpusetV1(FakeV1):
+    """The kernel gives a new cpuset directory empty ``cpuset.cpus`` and ``cpuset.mems``."""
+
+    def create(self, rel: str) -> None:
+        parts = Path(rel).parts
+        for depth in range(1, len(parts) + 1):
+            d = self.root.joinpath("cpuset", *parts[:depth])
+            if not d.is_dir():
+                d.mkdir(parents=True)
+                for name in ("cpuset.cpus", "cpuset.mems", "cgroup.procs"):
+                    (d / name).write_text("")
+        super().create(rel)
+
+
+def fake_v1_cpuset(root: Path) -> Path:
+    fake_v1(root)
+    (root / "cpuset").mkdir()
+    (root / "cpuset/cpuset.cpus").write_text("0-3\n")
+    (root / "cpuset/cpuset.mems").write_text("0\n")
+    return root
+
+
+def test_v1_best_effort_cgroups_join_cpuset_with_cpus_and_mems(tmp_path: Path) -> None:
+    root = fake_v1_cpuset(tmp_path)
+    plain = FakeCpusetV1(root)
+    be = plain.with_cpuset()
+    assert plain.cpuset is False and be.cpuset is True and type(be) is FakeCpusetV1
+    assert be.with_cpuset() is be
+    # No process can join a v1 cpuset without CPUs and memory nodes: every level gets
+    # its parent's, top-down, the moment it is created.
+    pool = CgroupPool(be, "warmstart-be/x", initial=1)
+    pool.start()
+    cg = pool.acquire(Limits(128 << 20, 16))
+    for rel in ("warmstart-be", "warmstart-be/x", cg.rel):
+        assert (root / "cpuset" / rel / "cpuset.cpus").read_text() == "0-3"
+        assert (root / "cpuset" / rel / "cpuset.mems").read_text() == "0"
+    assert str(root / "cpuset" / cg.rel / "cgroup.procs") in cg.procs_files
+    # A cpuset the QoS manager narrowed is what a new child inherits.
+    (root / "cpuset/warmstart-be/x/cpuset.cpus").write_text("3\n")
+    assert (root / "cpuset" / pool.grow().rel / "cpuset.cpus").read_text() == "3"
+    # Latency-sensitive cgroups stay out of the cpuset hierarchy.
+    assert not any("cpuset" in f for f in plain.procs_files("warmstart/x/cg0"))
+    pool.close()
+    assert not (root / "cpuset/warmstart-be/x").exists()
+
+
+def test_with_cpuset_without_a_cpuset_controller(tmp_path: Path) -> None:
+    d = FakeV1(fake_v1(tmp_path / "v1"))
+    assert d.with_cpuset() is d
+    v2 = FakeV2(fake_v2(tmp_path / "v2", controllers="cpu io memory pids"))
+    assert v2.with_cpuset() is v2
+
+
+def test_v2_best_effort_subtree_delegates_cpuset(tmp_path: Path) -> None:
+    root = fake_v2(tmp_path)
+    be = FakeV2(root).with_cpuset()
+    assert be.cpuset is True
+    be.prepare_parent("warmstart-be/x")
+    for level in (root, root / "warmstart-be", root / "warmstart-be/x"):
+        assert (level / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory +pids"
+
+
 def test_write_failure_is_a_sandbox_error(tmp_path: Path) -> None:
     d = V1Driver(fake_v1(tmp_path))
     with pytest.raises(SandboxError, match="cannot write"):

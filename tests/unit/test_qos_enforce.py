@@ -208,6 +208,100 @@ def test_v2_cpuset(tmp_path: Path) -> None:
     assert read(tmp_path / BE / "cpuset.cpus") == "1"
 
 
+def test_cpu_lists() -> None:
+    assert enforce.parse_cpus("0-2,5\n") == {0, 1, 2, 5}
+    assert enforce.parse_cpus("3") == {3}
+    assert enforce.parse_cpus("") == set()
+    assert enforce.format_cpus({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    assert enforce.format_cpus({1}) == "1"
+    assert enforce.format_cpus(set()) == ""
+    with pytest.raises(SandboxError, match="not a cpuset list"):
+        enforce.parse_cpus("0-x")
+
+
+def _fake_be_tree(root: Path, cpus: str, children: int = 2) -> tuple[V1Driver, list[str]]:
+    kids = [f"{BE}/cg{i}" for i in range(children)]
+    fake_v1(root, BE)
+    for rel in kids:
+        fake_v1(root, rel)
+    for rel in [BE, *kids]:
+        (root / "cpuset" / rel / "cpuset.cpus").write_text(cpus + "\n")
+        (root / "cpuset" / rel / "cpuset.mems").write_text("0\n")
+    return V1Driver(root), kids
+
+
+def _record_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    writes: list[tuple[str, str]] = []
+    real = enforce._write
+
+    def write(path: Path, value: str) -> None:
+        writes.append((str(path), value))
+        real(path, value)
+
+    monkeypatch.setattr(enforce, "_write", write)
+    return writes
+
+
+def test_v1_be_cpuset_shrinks_children_before_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel refuses (EBUSY) a v1 parent cpuset that would no longer hold a child's.
+    driver, kids = _fake_be_tree(tmp_path, "0-3")
+    writes = _record_writes(monkeypatch)
+    assert enforce.set_be_cpuset(driver, BE, kids, "3") is True
+    parent = str(tmp_path / "cpuset" / BE / "cpuset.cpus")
+    assert [w for w in writes if w[0] == parent] == [(parent, "3")]
+    assert writes[-1][0] == parent  # after every child
+    for rel in [BE, *kids]:
+        assert read(tmp_path / "cpuset" / rel / "cpuset.cpus") == "3"
+    writes.clear()
+    assert enforce.set_be_cpuset(driver, BE, kids, "3") is False  # nothing to do
+    assert writes == []
+
+
+def test_v1_be_cpuset_grows_the_parent_before_its_children(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A child may not hold CPUs its parent lacks (EACCES): the parent goes first.
+    driver, kids = _fake_be_tree(tmp_path, "3")
+    writes = _record_writes(monkeypatch)
+    assert enforce.set_be_cpuset(driver, BE, kids, "2-3") is True
+    parent = str(tmp_path / "cpuset" / BE / "cpuset.cpus")
+    assert writes[0] == (parent, "2-3")
+    assert {w[0] for w in writes[1:]} == {
+        str(tmp_path / "cpuset" / k / "cpuset.cpus") for k in kids
+    }
+
+
+def test_v1_be_cpuset_moving_to_other_cores_passes_through_the_union(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver, kids = _fake_be_tree(tmp_path, "0", children=1)
+    writes = _record_writes(monkeypatch)
+    enforce.set_be_cpuset(driver, BE, kids, "1")
+    parent = str(tmp_path / "cpuset" / BE / "cpuset.cpus")
+    child = str(tmp_path / "cpuset" / kids[0] / "cpuset.cpus")
+    assert writes == [(parent, "0-1"), (child, "1"), (parent, "1")]
+
+
+def test_v1_be_cpuset_skips_children_that_went_away(tmp_path: Path) -> None:
+    driver, kids = _fake_be_tree(tmp_path, "0-1")
+    enforce.set_be_cpuset(driver, BE, [*kids, f"{BE}/gone"], "1")
+    assert read(tmp_path / "cpuset" / BE / "cpuset.cpus") == "1"
+    assert not (tmp_path / "cpuset" / BE / "gone").exists()
+    with pytest.raises(SandboxError, match="at least one CPU"):
+        enforce.set_be_cpuset(driver, BE, kids, "")
+
+
+def test_v2_be_cpuset_is_written_on_the_parent_only(tmp_path: Path) -> None:
+    driver = fake_v2(tmp_path, BE)
+    fake_v2(tmp_path, f"{BE}/cg0")
+    assert enforce.set_be_cpuset(driver, BE, [f"{BE}/cg0"], "1") is True
+    assert read(tmp_path / BE / "cpuset.cpus") == "1"
+    assert read(tmp_path / BE / "cg0" / "cpuset.cpus") == ""  # empty: follows the parent
+    assert enforce.set_be_cpuset(driver, BE, [f"{BE}/cg0"], "1") is False
+
+
 # -- the real cgroupfs -------------------------------------------------------------------
 
 REAL_ROOT = Path("/sys/fs/cgroup")
@@ -258,3 +352,49 @@ def test_real_v1_cgroupfs() -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir(d)
     assert not any(d.exists() for d in dirs)
+
+
+REAL_CPUSET = REAL_ROOT / "cpuset"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid")
+    or os.geteuid() != 0
+    or not (REAL_CPUSET / "cpuset.cpus").exists()
+    or len(enforce.parse_cpus((REAL_CPUSET / "cpuset.cpus").read_text())) < 2,
+    reason="needs root, a cgroup v1 cpuset hierarchy and two CPUs",
+)
+def test_real_v1_be_cpuset_shrinks_and_grows() -> None:
+    """The kernel's subset rules, for real: a child cpuset joined by a process shrinks
+    to one core and grows back without EBUSY or EACCES."""
+    import subprocess
+
+    all_cpus = enforce.parse_cpus((REAL_CPUSET / "cpuset.cpus").read_text())
+    top = f"warmstart-qos-test-{secrets.token_hex(4)}"
+    be = f"{top}/be"
+    kid = f"{be}/cg0"
+    driver = V1Driver(REAL_ROOT, cpuset=True)
+    proc = None
+    try:
+        driver.create(kid)  # fills cpus and mems top-down, so a task may join
+        assert enforce.parse_cpus(read(REAL_CPUSET / kid / "cpuset.cpus")) == all_cpus
+        proc = subprocess.Popen(["sleep", "30"])
+        (REAL_CPUSET / kid / "cgroup.procs").write_text(str(proc.pid))
+        last = max(all_cpus)
+        assert enforce.set_be_cpuset(driver, be, [kid], str(last)) is True
+        assert read(REAL_CPUSET / kid / "cpuset.cpus") == str(last)
+        assert read(REAL_CPUSET / be / "cpuset.cpus") == str(last)
+        affinity = os.sched_getaffinity(proc.pid)
+        assert affinity == {last}
+        everything = enforce.format_cpus(all_cpus)
+        assert enforce.set_be_cpuset(driver, be, [kid], everything) is True
+        assert os.sched_getaffinity(proc.pid) == all_cpus
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        for rel in (kid, be, top):
+            for d in driver.dirs(rel):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    os.rmdir(d)
+    assert not any(d.exists() for d in driver.dirs(top))

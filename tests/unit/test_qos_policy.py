@@ -13,11 +13,13 @@ from warmstart.qos.policy import (
     NodeSample,
     QoSConfig,
     Reclaimed,
+    be_admission,
     be_cfs_quota_us,
     be_cpu_limit,
     be_cpuset_cores,
     be_cpuset_list,
     cpu_satisfaction_evictions,
+    effective_threshold,
     ewma,
     is_stale,
     ls_burst,
@@ -29,6 +31,8 @@ from warmstart.qos.policy import (
 )
 
 GiB = 1 << 30
+# Koordinator's plain percentages, without the small-node scaling of the defaults.
+PLAIN = QoSConfig(headroom_exempt_cores=0.0)
 
 
 def node(**kw: float) -> NodeSample:
@@ -61,6 +65,10 @@ def test_defaults_are_koordinators_scaled_to_small_nodes() -> None:
     assert c.cpuset_grow_step == 0.10
     assert c.be_min_cpu_cores == 1
     assert c.ls_burst_pool_threshold == 0.50
+    # BE relies on the idle class; the limit is enforced only when asked for.
+    assert c.be_cpu_policy == "idle"
+    assert c.be_cfs_period_us == 20_000
+    assert c.headroom_exempt_cores == 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.cpu_reclaim_threshold = 0.9  # type: ignore[misc]
 
@@ -76,6 +84,12 @@ def test_defaults_are_koordinators_scaled_to_small_nodes() -> None:
         {"stale_after_s": 0.0},
         {"be_min_cpu_cores": -1},
         {"reserved_memory_bytes": -1},
+        {"be_cpu_policy": "throttle"},
+        {"be_cfs_period_us": 500},
+        {"be_cfs_period_us": 2_000_000},
+        {"headroom_exempt_cores": -1.0},
+        {"be_cpu_request": -0.1},
+        {"be_memory_request_mb": -1},
     ],
 )
 def test_config_rejects_nonsense(kw: dict[str, float]) -> None:
@@ -126,11 +140,34 @@ def test_smooth_averages_usage_and_keeps_newest_timestamp() -> None:
 
 
 def test_reclaimed_is_threshold_minus_ls_minus_system() -> None:
-    r = reclaimed(node(), now=100.5)
+    r = reclaimed(node(), PLAIN, now=100.5)
     # CPU: 2 * 0.60 - 0.4 - 0.1 = 0.7; memory: 4 GiB * 0.65 - 1 GiB - 0.25 GiB.
     assert r.cpu_cores == pytest.approx(0.7)
     assert r.memory_bytes == int(4 * GiB * 0.65 - GiB - GiB / 4)
     assert not r.stale
+
+
+def test_thresholds_scale_to_small_nodes() -> None:
+    # Koordinator's headroom applies to the cores beyond the first.
+    assert effective_threshold(0.60, 2.0) == pytest.approx(0.80)
+    assert effective_threshold(0.65, 2.0) == pytest.approx(0.825)
+    assert effective_threshold(0.65, 8.0) == pytest.approx(1 - 0.35 * 7 / 8)
+    assert effective_threshold(0.60, 64.0) == pytest.approx(1 - 0.4 * 63 / 64)
+    assert effective_threshold(0.60, 1.0) == 1.0  # nothing beyond the exempt core
+    assert effective_threshold(0.60, 0.5) == 1.0
+    assert effective_threshold(0.60, 0.0) == 0.60  # no capacity: left as it is
+    assert effective_threshold(0.60, 2.0, PLAIN) == pytest.approx(0.60)
+    two = QoSConfig(headroom_exempt_cores=2.0)
+    assert effective_threshold(0.60, 4.0, two) == pytest.approx(0.80)
+    # Larger nodes get closer to the plain value, never past it.
+    values = [effective_threshold(0.60, float(c)) for c in (2, 4, 8, 16, 32, 64, 128)]
+    assert values == sorted(values, reverse=True) and values[-1] > 0.60
+
+
+def test_default_reclaimed_on_a_two_core_node() -> None:
+    # 2 * 0.80 - 0.4 - 0.1: about two thirds of the 1.6 cores LS leaves idle, where
+    # the plain 60% would lend 0.7 (44%) by construction.
+    assert reclaimed(node(), now=100.0).cpu_cores == pytest.approx(1.1)
 
 
 def test_reclaimed_ignores_be_usage() -> None:
@@ -143,11 +180,11 @@ def test_reclaimed_ignores_be_usage() -> None:
 def test_reclaimed_uses_the_reservation_when_it_exceeds_system_usage() -> None:
     c = QoSConfig(reserved_cpu_cores=0.3, reserved_memory_bytes=GiB)
     r = reclaimed(node(), c, now=100.0)
-    assert r.cpu_cores == pytest.approx(2 * 0.6 - 0.4 - 0.3)
+    assert r.cpu_cores == pytest.approx(2 * 0.8 - 0.4 - 0.3)
     assert r.memory_bytes == int(4 * GiB * 0.65 - GiB - GiB)
     # A system using more than the reservation counts as used.
     r = reclaimed(node(node_cpu_used=1.2), c, now=100.0)
-    assert r.cpu_cores == pytest.approx(2 * 0.6 - 0.4 - 0.6)
+    assert r.cpu_cores == pytest.approx(2 * 0.8 - 0.4 - 0.6)
 
 
 def test_reclaimed_never_negative() -> None:
@@ -169,10 +206,38 @@ def test_stale_metrics_withdraw_everything() -> None:
 
 def test_be_cpu_limit() -> None:
     # 2 * 0.65 - 0.4 - 0.1
-    assert be_cpu_limit(node(), now=100.0) == pytest.approx(0.8)
-    assert be_cpu_limit(node(ls_cpu_used=1.5, node_cpu_used=1.8), now=100.0) == 0.0
-    c = QoSConfig(reserved_cpu_cores=0.5)
+    assert be_cpu_limit(node(), PLAIN, now=100.0) == pytest.approx(0.8)
+    assert be_cpu_limit(node(ls_cpu_used=1.5, node_cpu_used=1.8), PLAIN, now=100.0) == 0.0
+    c = QoSConfig(reserved_cpu_cores=0.5, headroom_exempt_cores=0.0)
     assert be_cpu_limit(node(), c, now=100.0) == pytest.approx(0.4)
+    # The default scales the threshold to the 2-core node: 2 * 0.825 - 0.4 - 0.1.
+    assert be_cpu_limit(node(), now=100.0) == pytest.approx(1.15)
+
+
+# -- BE admission -------------------------------------------------------------------------
+
+
+def test_admission_counts_each_instance_s_cpu_request() -> None:
+    r = Reclaimed(1.1, 8 * GiB)
+    # 1.1 reclaimed cores / 0.25 per instance.
+    assert be_admission(r, 0, 0, most=8) == 4
+    assert be_admission(r, 0, 0, QoSConfig(be_cpu_request=0.5), most=8) == 2
+    assert be_admission(r, 0, 0, most=3) == 3  # never above the cap
+    assert be_admission(Reclaimed(0.0, 8 * GiB), 0, 0, most=8) == 0
+    assert be_admission(Reclaimed(0.0, 8 * GiB), 0, 0, most=8, least=1) == 1  # the floor
+    assert be_admission(Reclaimed(1.0, 8 * GiB), 0, 0, most=8) == 4  # 1.0 / 0.25, not 3
+    # A zero request means the CPU does not limit admission.
+    assert be_admission(r, 0, 0, QoSConfig(be_cpu_request=0.0), most=6) == 6
+
+
+def test_admission_within_reclaimed_memory() -> None:
+    # 600 MB reclaimed, two instances running with 512 MB: 88 MB left, not one more.
+    r = Reclaimed(2.0, 600 << 20)
+    assert be_admission(r, 2, 1024, most=8) == 2
+    assert be_admission(Reclaimed(2.0, 1400 << 20), 2, 1024, most=8) == 4  # 376 MB: 2 more
+    assert be_admission(Reclaimed(2.0, 300 << 20), 0, 0, most=8) == 2
+    per = QoSConfig(be_memory_request_mb=0)
+    assert be_admission(Reclaimed(2.0, 0), 0, 0, per, most=8) == 8
 
 
 def test_cpuset_shrinks_at_once() -> None:

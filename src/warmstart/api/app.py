@@ -136,23 +136,24 @@ class NativeAPI:
             name = str(body.get("function", ""))
             inputs = [json.dumps(item).encode() for item in body["inputs"]]
         name, _ = function_name(name)
-        job_id = self.worker.submit_job(name, inputs)
+        job_id = await self.worker.submit_job(name, inputs)
         return JSONResponse({"JobId": job_id, "total": len(inputs)}, status_code=202)
 
     async def list_jobs(self, request: Request) -> Response:
-        return JSONResponse({"jobs": self.worker.store.jobs()})
+        return JSONResponse({"jobs": await self.worker.jobs()})
 
     async def job(self, request: Request) -> Response:
-        job = self.worker.store.job(request.path_params["job_id"])
+        job = await self.worker.job(request.path_params["job_id"])
         if job is None:
             raise NotFound("no such job")
         return JSONResponse(job)
 
     async def job_results(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if self.worker.store.job(job_id) is None:
+        results = await self.worker.job_results(job_id)
+        if results is None:
             raise NotFound("no such job")
-        return JSONResponse({"JobId": job_id, "results": self.worker.store.job_results(job_id)})
+        return JSONResponse({"JobId": job_id, "results": results})
 
     async def event(self, request: Request) -> Response:
         ev = self.worker.store.event(request.path_params["event_id"])

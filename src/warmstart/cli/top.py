@@ -50,7 +50,13 @@ def render(node: dict[str, Any], endpoint: str) -> Panel:
     qos.add_row(
         "reclaimed", f"{_cores(rec.get('cpu_cores'))} cores, {_gib(rec.get('memory_bytes'))}{stale}"
     )
-    qos.add_row("BE CPU limit", f"{_cores(node.get('be_cpu_limit_cores'))} cores")
+    policy = node.get("be_cpu_policy")
+    how = {"idle": " (idle class only)", "quota": " (CFS quota)", "cpuset": " (cpuset)"}
+    cpuset = f" cpus {node['be_cpuset']}" if node.get("be_cpuset") else ""
+    qos.add_row(
+        "BE CPU limit",
+        f"{_cores(node.get('be_cpu_limit_cores'))} cores{how.get(str(policy), '')}{cpuset}",
+    )
     qos.add_row(
         "BE running / slots",
         f"{node.get('best_effort_running', 0)} / {node.get('best_effort_slots', '-')}",

@@ -12,12 +12,13 @@ and the store is written only when something changes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,7 @@ class FunctionStore:
         self.data_dir = data_dir
         self.code_root = data_dir / "code"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(
-            data_dir / "state.db", isolation_level=None, check_same_thread=False
-        )
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = self._connect()
         self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(events)")}
         if "job_id" not in columns:  # a job's items are events that remember their job
@@ -87,6 +84,22 @@ class FunctionStore:
             self.db.execute("ALTER TABLE events ADD COLUMN idx INTEGER")
         self.db.execute("CREATE INDEX IF NOT EXISTS events_job ON events(job_id, idx)")
         bundle.clean_partial(self.code_root)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.data_dir / "state.db", isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def another_handle(self) -> FunctionStore:
+        """The same store over a connection of its own, for use by one other thread (the
+        best-effort dispatcher's): its statements never join a transaction of this
+        handle's, and WAL lets its reads run beside this handle's writes."""
+        other = copy.copy(self)
+        other.db = self._connect()
+        return other
 
     def close(self) -> None:
         self.db.close()
@@ -267,6 +280,25 @@ class FunctionStore:
 
     def retry_event(self, event_id: str, attempts: int) -> None:
         self.db.execute("UPDATE events SET attempts=? WHERE id=?", (attempts, event_id))
+
+    def record_outcomes(
+        self,
+        finished: Sequence[tuple[str, str, bytes, int]],
+        retried: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """Record many events' outcomes in one transaction: ``finished`` as
+        (id, status, result, attempts) (``finish_event``), ``retried`` as (id, attempts)
+        (``retry_event``).  One commit for a batch instead of one per event."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "UPDATE events SET status=?, result=?, attempts=? WHERE id=?",
+                [(status, result, attempts, i) for i, status, result, attempts in finished],
+            )
+            self.db.executemany(
+                "UPDATE events SET attempts=? WHERE id=?",
+                [(attempts, i) for i, attempts in retried],
+            )
 
     def event(self, event_id: str) -> dict[str, Any] | None:
         row = self.db.execute(

@@ -21,7 +21,9 @@ Kernel rules these functions respect:
 * the burst may not exceed the quota (EINVAL), so lowering a quota below the current
   burst lowers the burst first;
 * a v1 cpuset with an empty ``cpuset.mems`` accepts no tasks, so it is filled from the
-  parent.
+  parent;
+* a v1 cpuset must stay a subset of its parent's, so a BE cpuset shrinks its children
+  before the parent and grows the parent before its children (``set_be_cpuset``).
 """
 
 from __future__ import annotations
@@ -191,3 +193,68 @@ def set_cpuset(driver: CgroupDriver, rel: str, cpus: str) -> None:
                 source = parent / "cpuset.mems"
             _write(mems, _read(source))
     _ensure(d / "cpuset.cpus", cpus)
+
+
+def parse_cpus(text: str) -> set[int]:
+    """The CPUs of a cpuset list (``"0-2,5"`` -> {0, 1, 2, 5}); empty text is no CPU."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last or first)
+        except ValueError as exc:
+            raise SandboxError(f"not a cpuset list: {text!r}") from exc
+        cpus.update(range(lo, hi + 1))
+    return cpus
+
+
+def format_cpus(cpus: set[int]) -> str:
+    """A cpuset list for ``cpus`` with ranges joined (``{0, 1, 2, 5}`` -> ``"0-2,5"``)."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+
+
+def set_be_cpuset(driver: CgroupDriver, parent: str, children: list[str], cpus: str) -> bool:
+    """Confine the BE subtree ``parent`` (and, on v1, each of its ``children``) to
+    ``cpus``; returns True when anything was written.
+
+    On v1 every cpuset must be a subset of its parent's, so the parent first grows to
+    the union of the old and new sets, then the children take the new set, then the
+    parent shrinks to it: a shrink takes effect at once without an EBUSY on the way.  On
+    v2 children whose ``cpuset.cpus`` is empty follow their parent, which is all that is
+    written.  A child that disappears meanwhile (its instance was recycled) is skipped.
+    """
+    want = parse_cpus(cpus)
+    if not want:
+        raise SandboxError("a cpuset needs at least one CPU")
+    if driver.version is not CgroupVersion.V1:
+        before = _read(cpuset_dir(driver, parent) / "cpuset.cpus")
+        set_cpuset(driver, parent, cpus)
+        return before != cpus
+    current = parse_cpus(_read(cpuset_dir(driver, parent) / "cpuset.cpus"))
+    changed = False
+    if not want <= current:
+        set_cpuset(driver, parent, format_cpus(current | want))
+        changed = True
+    for child in children:
+        d = cpuset_dir(driver, child)
+        if not d.is_dir():
+            continue
+        try:
+            if parse_cpus(_read(d / "cpuset.cpus")) != want:
+                set_cpuset(driver, child, cpus)
+                changed = True
+        except SandboxError:
+            if d.is_dir():
+                raise
+    if parse_cpus(_read(cpuset_dir(driver, parent) / "cpuset.cpus")) != want:
+        set_cpuset(driver, parent, cpus)
+        changed = True
+    return changed

@@ -20,8 +20,22 @@ The formulas (koordinator-sh/koordinator, see ``shared/REFERENCES.md``, "Colocat
 
       be_limit = capacity * suppress_threshold - LS usage - max(system usage, reserved)
 
-  enforced either as a CFS quota or as a cpuset of whole cores; both shrink at once when
-  LS needs the CPU and grow back by at most ``cpuset_grow_step`` of the node per step.
+  BE always runs in the kernel's idle class (``cpu.idle``) at the lowest weight, so LS
+  takes a CPU back from BE at its next wake-up; this limit is a *ceiling* on top of that,
+  enforced as configured (``be_cpu_policy``): not at all (``idle``, the default: it is
+  still computed, reported and used as BE's grant for CPU-satisfaction eviction), as a
+  CFS quota with a short period (``quota``), or as a cpuset of whole cores (``cpuset``).
+  Quota and cpuset shrink at once when LS needs the CPU and grow back by at most
+  ``cpuset_grow_step`` of the node per step.
+* **Small nodes.** Both CPU thresholds are scaled by ``effective_threshold``: Koordinator's
+  headroom (1 - threshold) applies to every core beyond the first
+  ``headroom_exempt_cores``::
+
+      effective = 1 - (1 - threshold) * (capacity - exempt) / capacity
+
+  2 cores: 60% -> 80%, 65% -> 82.5%; 8 cores: 65% / 69%; 64 cores: 60.6% / 65.5%.
+* **BE admission**: each BE instance counts ``be_cpu_request`` cores and at least
+  ``be_memory_request_mb``; as many run as the reclaimed capacity holds.
 * **LS CPU burst**: an LS cgroup that was throttled while the shared pool is below
   ``ls_burst_pool_threshold`` busy may bank unused quota (``cpu.cfs_burst_us``).
 * **Eviction**: node memory at or above ``memory_evict_upper`` evicts BE instances
@@ -42,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 CPU_PERIOD_US = 100_000
+BE_CPU_POLICIES = ("idle", "quota", "cpuset")
 
 
 @dataclass(frozen=True)
@@ -70,9 +85,41 @@ class QoSConfig:
     """Weight of a new sample when usage rises: LS growth is believed quickly, so BE
     gives capacity back quickly and takes it again only slowly."""
 
+    headroom_exempt_cores: float = 1.0
+    """Cores exempt from the headroom the CPU thresholds keep (``effective_threshold``).
+
+    Koordinator's thresholds keep 35-40% of a node out of BE's reach so that LS can grow
+    between two loop ticks without waiting for BE to be squeezed.  Here BE runs in the
+    kernel's idle class, so a waking LS task takes a CPU from BE at once and the headroom
+    no longer guards LS latency itself; on a 2-core node the unscaled 60% leaves BE about
+    a third of the CPU LS leaves idle (capacity x 0.6 - LS - system) by construction.
+    Exempting the first core gives 80% on 2 cores and converges to Koordinator's values
+    on large nodes (64 cores: 60.6%).  0 restores the plain percentages."""
+
+    # -- BE admission ------------------------------------------------------------------
+    be_cpu_request: float = 0.25
+    """Cores each running BE instance counts against the reclaimed CPU.  A BE instance
+    runs one invocation at a time and uses between nothing (waiting on I/O) and one core;
+    a quarter lets about four run in the ~1 core a 2-core node typically reclaims, and
+    they share whatever CPU LS leaves idle at the lowest priority."""
+    be_memory_request_mb: int = 128
+    """Memory each BE instance counts at least (its MemorySize counts when larger)."""
+
     # -- BE CPU suppress -------------------------------------------------------------
+    be_cpu_policy: str = "idle"
+    """How the BE CPU limit is enforced on top of ``cpu.idle`` and the lowest weight:
+    ``idle`` (not enforced: the kernel's idle class alone keeps BE behind LS, and the
+    limit only serves as BE's grant for CPU-satisfaction eviction), ``quota`` (a CFS
+    quota on the BE subtree with period ``be_cfs_period_us``) or ``cpuset`` (whole cores,
+    the highest-numbered ones).  docs/benchmarks.md has the measurements behind the
+    default."""
+    be_cfs_period_us: int = 20_000
+    """CFS period of the BE quota (``quota`` policy).  Throttled BE is released at period
+    boundaries; a short period spreads the releases thinly instead of letting BE burst
+    for tens of milliseconds after each one (the kernel's default period is 100 ms)."""
     be_cpu_suppress_threshold: float = 0.65
-    """BE CPU limit = capacity * this - LS usage - system usage (65%)."""
+    """BE CPU limit = capacity * this (scaled, ``effective_threshold``) - LS usage -
+    system usage (65%)."""
     be_min_cpu_cores: int = 1
     """The BE cpuset never shrinks below this many whole cores (Koordinator keeps 2 on
     big nodes; 1 on a 2-core node)."""
@@ -138,6 +185,14 @@ class QoSConfig:
             raise ValueError("stale_after_s and be_cpu_evict_window_s must be positive")
         if self.ls_burst_ratio < 0:
             raise ValueError("ls_burst_ratio must not be negative")
+        if self.be_cpu_policy not in BE_CPU_POLICIES:
+            raise ValueError(f"be_cpu_policy must be one of {BE_CPU_POLICIES}")
+        if not 1000 <= self.be_cfs_period_us <= 1_000_000:
+            raise ValueError("be_cfs_period_us must be within [1000, 1000000] (the kernel's)")
+        if self.headroom_exempt_cores < 0:
+            raise ValueError("headroom_exempt_cores must not be negative")
+        if self.be_cpu_request < 0 or self.be_memory_request_mb < 0:
+            raise ValueError("BE requests must not be negative")
 
 
 DEFAULT_CONFIG = QoSConfig()
@@ -267,6 +322,20 @@ def is_stale(sample: NodeSample, config: QoSConfig, now: float) -> bool:
 # -- reclaimed capacity ----------------------------------------------------------------
 
 
+def effective_threshold(
+    threshold: float, capacity: float, config: QoSConfig = DEFAULT_CONFIG
+) -> float:
+    """A CPU threshold scaled to the node's size: the headroom ``1 - threshold`` applies
+    only to the cores beyond ``headroom_exempt_cores`` (see that field for why).
+
+    A node no larger than the exempt cores keeps no headroom at all (1.0).
+    """
+    if capacity <= 0:
+        return threshold
+    exempt = min(capacity, config.headroom_exempt_cores)
+    return 1.0 - (1.0 - threshold) * (capacity - exempt) / capacity
+
+
 def reclaimed(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: float) -> Reclaimed:
     """Capacity BE may be admitted against (Koordinator's usage policy).
 
@@ -275,8 +344,9 @@ def reclaimed(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: fl
     """
     if is_stale(sample, config, now):
         return Reclaimed(0.0, 0, stale=True)
+    threshold = effective_threshold(config.cpu_reclaim_threshold, sample.capacity_cpus, config)
     cpu = (
-        sample.capacity_cpus * config.cpu_reclaim_threshold
+        sample.capacity_cpus * threshold
         - sample.ls_cpu_used
         - max(sample.system_cpu_used, config.reserved_cpu_cores)
     )
@@ -288,11 +358,40 @@ def reclaimed(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: fl
     return Reclaimed(max(0.0, cpu), max(0, int(memory)))
 
 
+# -- BE admission ---------------------------------------------------------------------
+
+
+def be_admission(
+    reclaimed: Reclaimed,
+    running: int,
+    running_memory_mb: int,
+    config: QoSConfig = DEFAULT_CONFIG,
+    *,
+    most: int,
+    least: int = 0,
+) -> int:
+    """How many BE instances may run at once.
+
+    Each counts ``be_cpu_request`` cores against the reclaimed CPU, and its MemorySize
+    (``running_memory_mb`` in total for the ``running`` ones; at least
+    ``be_memory_request_mb`` each for new ones) against the reclaimed memory.  The
+    result is within [``least``, ``most``]: ``least`` keeps BE work from starving for
+    ever on a node LS keeps busy (it still runs at the lowest priority).
+    """
+    request = config.be_cpu_request
+    by_cpu = most if request <= 0 else int(reclaimed.cpu_cores / request + 1e-9)
+    free_mb = max(0, (reclaimed.memory_bytes >> 20) - running_memory_mb)
+    per = config.be_memory_request_mb
+    by_memory = most if per <= 0 else running + free_mb // per
+    return max(least, min(most, by_cpu, by_memory))
+
+
 # -- BE CPU suppress ------------------------------------------------------------------
 
 
 def be_cpu_limit(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: float) -> float:
-    """Cores BE may use now: capacity * suppress threshold - LS - max(system, reserved).
+    """Cores BE may use now: capacity * suppress threshold (scaled to the node,
+    ``effective_threshold``) - LS - max(system, reserved).
 
     Clamped at 0 (and 0 for stale metrics); the enforcement floors
     (``be_min_quota_cores``, ``be_min_cpu_cores``) are applied by ``be_cfs_quota_us`` and
@@ -300,8 +399,9 @@ def be_cpu_limit(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now:
     """
     if is_stale(sample, config, now):
         return 0.0
+    threshold = effective_threshold(config.be_cpu_suppress_threshold, sample.capacity_cpus, config)
     limit = (
-        sample.capacity_cpus * config.be_cpu_suppress_threshold
+        sample.capacity_cpus * threshold
         - sample.ls_cpu_used
         - max(sample.system_cpu_used, config.reserved_cpu_cores)
     )

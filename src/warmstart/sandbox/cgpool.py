@@ -244,13 +244,21 @@ def reap(driver: CgroupDriver, parent: str, rounds: int = 200, *, quiet: bool = 
 
 def set_best_effort(driver: CgroupDriver, rel: str) -> None:
     """The lowest CPU weight for a subtree (Kubernetes' BestEffort share), and SCHED_IDLE
-    for its tasks where the kernel has ``cpu.idle`` (>= 5.15)."""
-    if isinstance(driver, V2Driver):
-        files = [(driver.root / rel / "cpu.weight", "1"), (driver.root / rel / "cpu.idle", "1")]
-    else:
-        cpu = driver.root / "cpu" / rel
-        files = [(cpu / "cpu.shares", "2"), (cpu / "cpu.idle", "1")]
-    for path, value in files:
+    for its tasks where the kernel has ``cpu.idle`` (>= 5.15).
+
+    ``cpu.idle`` ranks a group only against its siblings, which is why the best-effort
+    subtree hangs off the hierarchy's root (``warmstart-be/``) rather than beside the
+    latency-sensitive one: there, every ordinary task on the host (the worker serving
+    requests included) preempts it at wake-up.  An idle group refuses weight writes, so
+    one that is idle already is left as it is.
+    """
+    d = driver.root / rel if isinstance(driver, V2Driver) else driver.root / "cpu" / rel
+    weight = (d / "cpu.weight", "1") if isinstance(driver, V2Driver) else (d / "cpu.shares", "2")
+    idle = d / "cpu.idle"
+    with contextlib.suppress(OSError):
+        if idle.read_text().strip() == "1":
+            return
+    for path, value in (weight, (idle, "1")):
         if path.exists():
             try:
                 path.write_text(value)

@@ -95,8 +95,20 @@ class CgroupDriver:
 
     version: CgroupVersion
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, cpuset: bool = False) -> None:
         self.root = root
+        self.cpuset = cpuset  # cgroups also join the cpuset controller (best-effort ones)
+
+    def with_cpuset(self) -> CgroupDriver:
+        """A driver whose cgroups also join the cpuset controller, so the QoS manager can
+        confine them to some cores; this driver itself when the host has no cpuset
+        controller."""
+        if self.cpuset or not self._has_cpuset():
+            return self
+        return type(self)(self.root, cpuset=True)
+
+    def _has_cpuset(self) -> bool:
+        raise NotImplementedError
 
     # -- layout --------------------------------------------------------------------
     def dirs(self, rel: str) -> list[Path]:
@@ -206,8 +218,13 @@ class CgroupDriver:
 class V1Driver(CgroupDriver):
     version = CgroupVersion.V1
 
+    def _has_cpuset(self) -> bool:
+        return (self.root / "cpuset" / "cpuset.cpus").exists()
+
     def dirs(self, rel: str) -> list[Path]:
         dirs = [self.root / c / rel for c in V1_CONTROLLERS]
+        if self.cpuset:
+            dirs.append(self.root / "cpuset" / rel)
         for c in V1_OPTIONAL:
             d = self.root / c
             if (
@@ -220,6 +237,21 @@ class V1Driver(CgroupDriver):
 
     def _d(self, controller: str, rel: str) -> Path:
         return self.root / controller / rel
+
+    def create(self, rel: str) -> None:
+        super().create(rel)
+        if self.cpuset:
+            self._fill_cpuset(rel)
+
+    def _fill_cpuset(self, rel: str) -> None:
+        """A new v1 cpuset has no CPUs and no memory nodes and accepts no task: each level
+        that lacks them gets its parent's, top-down (a child must stay a subset)."""
+        parts = Path(rel).parts
+        for depth in range(1, len(parts) + 1):
+            d = self.root.joinpath("cpuset", *parts[:depth])
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                if (d / name).exists() and not _read(d / name).strip():
+                    _write(d / name, _read(d.parent / name).strip())
 
     def prepare_parent(self, rel: str) -> None:
         self.create(rel)
@@ -282,12 +314,16 @@ class V1Driver(CgroupDriver):
 class V2Driver(CgroupDriver):
     version = CgroupVersion.V2
 
+    def _has_cpuset(self) -> bool:
+        controllers = self.root / "cgroup.controllers"
+        return controllers.exists() and "cpuset" in _read(controllers).split()
+
     def dirs(self, rel: str) -> list[Path]:
         return [self.root / rel]
 
     def prepare_parent(self, rel: str) -> None:
         self.create(rel)
-        want = set(V2_CONTROLLERS)
+        want = set(V2_CONTROLLERS) | ({"cpuset"} if self.cpuset else set())
         available = set(_read(self.root / "cgroup.controllers").split())
         missing = want - available
         if missing:

@@ -31,6 +31,10 @@ RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py")
 DEV_FILES = ("null", "zero", "full", "random", "urandom")
 TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
+CGROUP_TOP = "warmstart"  # warmstart/<hash>/ls: latency-sensitive instances and zygotes
+# Best-effort instances: warmstart-be/<hash>/, a subtree of its own at the hierarchy's
+# root, where cpu.idle ranks it below every ordinary task on the host.
+BE_CGROUP_TOP = "warmstart-be"
 # In an image's root, warmstart's runtime sits at the top level (the image owns /var).
 IMAGE_RUNTIME_ROOT = "/.warmstart-runtime"
 # Top-level directories of an image that a sandbox gets fresh instead of from the image.
@@ -198,6 +202,7 @@ class SandboxManager:
         self.pool: CgroupPool | None = None
         self.be_pool: CgroupPool | None = None  # best-effort instances (async events, jobs)
         self.driver: cgroups.CgroupDriver | None = None
+        self.be_driver: cgroups.CgroupDriver | None = None  # joins cpuset too, where there is one
         self.reaped = 0
         self.runtime_dir = data_dir / "runtime"
         # Every sandbox mounts its root here, inside its own mount namespace (the host
@@ -227,12 +232,16 @@ class SandboxManager:
 
     @property
     def be_parent(self) -> str:
-        return f"{self.cgroup_parent()}/be"
+        """The best-effort subtree.  Not below ``cgroup_parent()``: ``cpu.idle`` ranks a
+        group only against its siblings, and there be/ would rank low against ls/ alone
+        while the whole subtree competed as an equal with the worker itself and every
+        other task on the host."""
+        return f"{BE_CGROUP_TOP}/{self.cgroup_parent().split('/')[1]}"
 
     def cgroup_parent(self) -> str:
         """Our cgroup subtree: one per data dir, so two workers never reap each other."""
         digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:10]
-        return f"warmstart/{digest}"
+        return f"{CGROUP_TOP}/{digest}"
 
     def _lock_path(self, digest: str) -> Path:
         return self._lock_dir / f"{digest}.lock"
@@ -251,15 +260,20 @@ class SandboxManager:
         os.write(fd, f"{os.getpid()} {self.data_dir.resolve()}\n".encode())
         self._lock_fd = fd
 
-    def _reap_abandoned(self, driver: cgroups.CgroupDriver) -> None:
+    def _reap_abandoned(
+        self, driver: cgroups.CgroupDriver, be_driver: cgroups.CgroupDriver
+    ) -> None:
         """Reap subtrees of workers that are gone for good (their lock is free).
 
         Start-up reaps this data dir's own leftovers; this catches those of data dirs
-        that will never start again (deleted test directories, say).
+        that will never start again (deleted test directories, say), in both the
+        latency-sensitive and the best-effort tops.
         """
-        own = self.cgroup_parent()
-        for sibling in driver.children(own.split("/")[0]):
-            if sibling == own:
+        own = self.cgroup_parent().split("/")[1]
+        subtrees = [(driver, s) for s in driver.children(CGROUP_TOP)]
+        subtrees += [(be_driver, s) for s in be_driver.children(BE_CGROUP_TOP)]
+        for owner, sibling in subtrees:
+            if sibling.split("/")[1] == own:
                 continue
             path = self._lock_path(sibling.split("/")[1])
             try:
@@ -272,9 +286,9 @@ class SandboxManager:
                 os.close(fd)
                 continue  # its worker is alive
             try:
-                killed = reap(driver, sibling)
+                killed = reap(owner, sibling)
                 with contextlib.suppress(SandboxError):
-                    driver.remove(sibling)
+                    owner.remove(sibling)
                 log.info("reaped abandoned cgroups %s (%d process(es))", sibling, killed)
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -288,18 +302,24 @@ class SandboxManager:
             driver = cgroups.detect(self._cgroup_root)
             if driver is None:
                 raise SandboxError(f"no usable cgroup hierarchy at {self._cgroup_root}")
+            be_driver = driver.with_cpuset()
             self._take_ownership()
-            self._reap_abandoned(driver)
-            # Whatever a crashed worker left in our subtree goes first.
+            self._reap_abandoned(driver, be_driver)
+            # Whatever a crashed worker left in our subtrees goes first, the BE parent
+            # itself too: it may still carry that worker's CPU quota or cpuset.
             self.reaped = reap(driver, self.cgroup_parent())
-            self.driver = driver
+            self.reaped += reap(be_driver, self.be_parent)
+            with contextlib.suppress(SandboxError):
+                be_driver.remove(self.be_parent)
+            self.driver, self.be_driver = driver, be_driver
             # Two classes, two subtrees: latency-sensitive instances (and zygotes) under
-            # ls/, best-effort ones under be/ with the lowest CPU weight; the QoS manager
-            # squeezes be/ further when ls/ needs the CPU.
+            # warmstart/<hash>/ls/, best-effort ones under warmstart-be/<hash>/ in the idle
+            # class at the lowest CPU weight (which the QoS manager may cap further).
             self.pool = CgroupPool(driver, self.ls_parent, initial=self._pool_size)
             self.reaped += self.pool.start()
-            self.be_pool = CgroupPool(driver, self.be_parent, initial=0)
-            self.be_pool.start()
+            self.be_pool = CgroupPool(be_driver, self.be_parent, initial=0)
+            self.reaped += self.be_pool.start()
+            set_best_effort(driver, BE_CGROUP_TOP)
             set_best_effort(driver, self.be_pool.parent)
             for d in (self._lock_dir, self._lock_dir / "roots", self.root_mountpoint):
                 d.mkdir(exist_ok=True)
@@ -435,9 +455,10 @@ class SandboxManager:
                 await asyncio.to_thread(reap, driver, self.cgroup_parent(), quiet=True)
                 with contextlib.suppress(SandboxError):
                     driver.remove(self.cgroup_parent())
-                if not driver.children("warmstart"):
-                    with contextlib.suppress(SandboxError):
-                        driver.remove("warmstart")
+                for owner, top in ((driver, CGROUP_TOP), (self.be_driver or driver, BE_CGROUP_TOP)):
+                    if not owner.children(top):
+                        with contextlib.suppress(SandboxError):
+                            owner.remove(top)
             self.pool = None
         if self._lock_fd >= 0:
             # Clean up after ourselves while we still hold the lock.
@@ -619,7 +640,7 @@ class SandboxManager:
 
     def limits_for(self, memory_mb: int, qos: str = "ls") -> cgroups.Limits:
         """An instance's limits.  Best-effort instances get no CPU quota of their own: the
-        QoS manager caps the whole be/ subtree (and cgroup v1 refuses a parent quota
+        QoS manager may cap their whole subtree (and cgroup v1 refuses a parent quota
         below a child's)."""
         quota = None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
         return cgroups.Limits(memory_mb << 20, self.pids_max, None if qos == "be" else quota)

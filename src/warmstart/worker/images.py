@@ -68,7 +68,7 @@ class ImageManager:
     ) -> None:
         if pull_mode not in PULL_MODES:
             raise ValueError(f"pull mode must be one of {PULL_MODES}, not {pull_mode!r}")
-        from warmstart.images.lazymount import LazyMounts
+        from warmstart.images.lazymount import BackgroundFetch, LazyMounts, RegistrySettings
         from warmstart.images.registry import RegistryClient
         from warmstart.images.store import ImageStore
 
@@ -77,9 +77,8 @@ class ImageManager:
         self.pull_mode = pull_mode
         self.client = RegistryClient(insecure=insecure)
         self.store = ImageStore(self.root / "store", self.client, budget_mb << 20)
-        self.lazy = LazyMounts(
-            self.root / "lazy", self.client, background_fetch=background_fetch
-        )
+        self.lazy = LazyMounts(self.root / "lazy", registry=RegistrySettings(insecure=insecure))
+        self.background = BackgroundFetch(enabled=background_fetch)
         self.stats = ImageStats()
         self._mounts: dict[str, Path] = {}  # digest -> mounted root
         self._kinds: dict[str, str] = {}  # digest -> "lazy" | "full"
@@ -96,7 +95,7 @@ class ImageManager:
             if _mounted(entry):
                 _umount(entry)
                 n += 1
-        n += self.lazy.recover()
+        n += len(self.lazy.recover())
         if n:
             log.warning("start-up unmounted %d image root(s) left by a previous worker", n)
         return n
@@ -109,6 +108,10 @@ class ImageManager:
                 else:
                     await asyncio.to_thread(self.store.unmount, path)
         self._mounts.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.lazy.close)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.store.close)
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.client.close)
 
@@ -178,21 +181,21 @@ class ImageManager:
         from warmstart.images.reference import Reference
 
         ref = Reference.parse(image.resolved_uri)
-        target = self.roots / image.digest.replace(":", "-")
-        target.mkdir(parents=True, exist_ok=True)
-        if _mounted(target):
-            await asyncio.to_thread(_umount, target)
         use_lazy = image.lazy and self.pull_mode != "full"
         if self.pull_mode == "lazy" and not image.lazy:
             log.info("image %s has layers that are not eStargz: pulling it in full", image.uri)
         t0 = time.perf_counter()
         if use_lazy:
-            await asyncio.to_thread(self.lazy.mount, ref, target)
+            target = await asyncio.to_thread(self._mount_lazy, ref)
             self.stats.lazy_mounts += 1
             self.stats.mount_seconds += time.perf_counter() - t0
             self._kinds[image.digest] = "lazy"
             log.info("image %s mounted lazily in %.0f ms", image.uri, (time.perf_counter() - t0) * 1e3)
         else:
+            target = self.roots / image.digest.replace(":", "-")
+            target.mkdir(parents=True, exist_ok=True)
+            if _mounted(target):
+                await asyncio.to_thread(_umount, target)
             img = await asyncio.to_thread(self.store.pull, str(ref), self._progress)
             self._images[image.digest] = img
             await asyncio.to_thread(self.store.mount_rootfs, img, target)
@@ -202,6 +205,20 @@ class ImageManager:
             log.info("image %s pulled and mounted in %.2f s", image.uri, time.perf_counter() - t0)
         self._mounts[image.digest] = target
         return target
+
+    def _mount_lazy(self, ref: Any) -> Path:
+        """Mount every layer lazily, straight from the registry (layers are eStargz)."""
+        from warmstart.images.lazymount import LayerSource, MountSpec
+
+        manifest = self.client.resolve(ref)
+        layers = tuple(
+            LayerSource.estargz(
+                str(ref), layer.digest, layer.annotations.get(TOC_ANNOTATION, ""), layer.size
+            )
+            for layer in manifest.layers
+        )
+        path: Path = self.lazy.mount(MountSpec(layers=layers, background=self.background))
+        return path
 
     def _progress(self, layer: str, done: int, size: int) -> None:
         prev = self.stats.in_progress.get(layer, (0, size))[0]
@@ -242,7 +259,8 @@ class ImageManager:
         }
         with contextlib.suppress(Exception):
             lazy = self.lazy.stats()
-            for key in ("bytes_fetched", "requests"):
+            for key in ("bytes_fetched", "requests", "read_errors", "remounts"):
                 if key in lazy:
                     out[f"image_lazy_{key}_total"] = float(lazy[key])
+            out["image_lazy_mounted"] = float(lazy.get("mounted", 0))
         return out

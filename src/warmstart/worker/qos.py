@@ -2,12 +2,14 @@
 capacity latency-sensitive work leaves unused (differentiated SLO, after Koordinator).
 
 Every tick it
-1. samples node, LS (``ls/`` subtree) and BE (``be/`` subtree) CPU and memory;
+1. samples node, LS (``warmstart/<hash>/ls``) and BE (``warmstart-be/<hash>``) CPU and
+   memory;
 2. smooths the sample and computes the *reclaimed* capacity (capacity x threshold -
    smoothed LS usage - system usage; zero when the metrics go stale) -- BE admission in
    the worker never exceeds it;
-3. squeezes the BE subtree's CFS quota at once when LS needs the CPU, and lets it grow back
-   a step at a time (BE also always runs at the lowest weight, with ``cpu.idle``);
+3. computes the BE CPU limit (BE always runs in the idle class at the lowest weight) and,
+   as ``be_cpu_policy`` says, enforces it as a CFS quota or a cpuset of whole cores that
+   shrink at once when LS needs the CPU and grow back a step at a time -- or not at all;
 4. gives throttled LS instances a CFS burst while the node's CPU pool is not busy;
 5. evicts BE instances -- lowest priority, largest first -- when node memory crosses the
    upper threshold, and when BE CPU satisfaction stays low while BE uses its grant; the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,7 +71,8 @@ class QoSManager:
         self.sample: NodeSample | None = None
         self.smoothed: NodeSample | None = None
         self.reclaimed = Reclaimed(0.0, 0, stale=True)
-        self.be_cpu_cores: float | None = None  # the BE quota in force (None: unlimited)
+        self.be_cpu_cores: float | None = None  # BE's CPU grant (the limit, enforced or not)
+        self.be_cpuset: str | None = None  # the BE cpuset in force (``cpuset`` policy)
         self.history: deque[BECPUSample] = deque()
         self.throttling: dict[str, usage.Throttling] = {}
         self.bursts: dict[str, int] = {}
@@ -104,10 +108,30 @@ class QoSManager:
         driver = self.sandboxes.driver
         if driver is None:
             return
-        target = policy.be_cpu_limit(sample, self.config, now=now)
-        current = sample.capacity_cpus if self.be_cpu_cores is None else self.be_cpu_cores
-        self.be_cpu_cores = policy.next_be_cpu(current, target, sample.capacity_cpus, self.config)
-        enforce.set_be_cpu_limit(driver, self.sandboxes.be_parent, self.be_cpu_cores, self.config)
+        config = self.config
+        target = policy.be_cpu_limit(sample, config, now=now)
+        total = sample.capacity_cpus
+        current = total if self.be_cpu_cores is None else self.be_cpu_cores
+        be = self.sandboxes.be_parent
+        if config.be_cpu_policy == "quota":
+            self.be_cpu_cores = policy.next_be_cpu(current, target, total, config)
+            enforce.set_be_cpu_limit(driver, be, self.be_cpu_cores, config, config.be_cfs_period_us)
+        elif config.be_cpu_policy == "cpuset":
+            cores = policy.next_cpuset(
+                math.ceil(current - 1e-9),
+                policy.be_cpuset_cores(target, int(total), config),
+                int(total),
+                config,
+            )
+            cpus = policy.be_cpuset_list(cores, int(total))
+            pool = self.sandboxes.be_pool
+            children = [cg.rel for cg in [*pool.free(), *pool.in_use()]] if pool else []
+            enforce.set_be_cpuset(self.sandboxes.be_driver or driver, be, children, cpus)
+            self.be_cpu_cores, self.be_cpuset = float(cores), cpus
+        else:
+            # The idle class alone keeps BE behind LS; the limit is BE's grant for
+            # CPU-satisfaction eviction and what /node shows.
+            self.be_cpu_cores = target
 
     def _burst_ls(self, sample: NodeSample) -> None:
         driver, pool = self.sandboxes.driver, self.sandboxes.pool
@@ -190,5 +214,7 @@ class QoSManager:
                 "stale": self.reclaimed.stale,
             },
             "be_cpu_limit_cores": self.be_cpu_cores,
+            "be_cpu_policy": self.config.be_cpu_policy,
+            "be_cpuset": self.be_cpuset,
             "evictions": self.evictions,
         }

@@ -56,5 +56,4 @@ class Settings:
     # Colocation (differentiated SLO).
     qos: bool = True  # the QoS loop: reclaimed capacity, BE suppression, LS burst, eviction
     qos_config: QoSConfig = field(default_factory=QoSConfig)
-    be_cpu_request: float = 0.5  # cores each best-effort instance counts against reclaimed CPU
     min_be_concurrency: int = 1  # best-effort instances allowed even with nothing reclaimed

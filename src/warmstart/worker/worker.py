@@ -31,8 +31,10 @@ from warmstart.errors import (
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore, bundle
 from warmstart.functions.models import HANDLER_RE, QOS_TAG, ImageSource
 from warmstart.packages import InstallCache, parse_pins
+from warmstart.qos.policy import be_admission
 from warmstart.sandbox import Isolation, RootLayout, SandboxManager, SandboxSpec
 from warmstart.sandbox.zygotes import memory_of
+from warmstart.worker.bequeue import BEQueue
 from warmstart.worker.forks import ZygoteCache
 from warmstart.worker.images import ImageManager
 from warmstart.worker.instance import Instance, InstanceDied, Reply, State
@@ -108,6 +110,8 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._event_wakeup = asyncio.Event()
+        # Best-effort bookkeeping (job inserts, progress, outcomes) off the event loop.
+        self.be_queue = BEQueue(self.store)
         self._closing = False
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
 
@@ -175,6 +179,7 @@ class Worker:
         for fd in self._log_fds.values():
             os.close(fd)
         self._log_fds.clear()
+        await self.be_queue.close()
         self.store.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -681,52 +686,74 @@ class Worker:
         return event_id
 
     # -- batch jobs ------------------------------------------------------------------------
-    def submit_job(self, name: str, inputs: list[bytes]) -> str:
-        """Queue ``inputs`` for ``name`` durably; they run like Event invocations."""
+    async def submit_job(self, name: str, inputs: list[bytes]) -> str:
+        """Queue ``inputs`` for ``name`` durably; they run like Event invocations.  The
+        insert runs on the best-effort queue's thread: a large job takes tens of
+        milliseconds to write, which the event loop owes to LS requests."""
         self.get(name)
         if not inputs:
             raise InvalidParameter("a job needs at least one input")
         if len(inputs) > MAX_JOB_INPUTS:
             raise InvalidParameter(f"a job takes at most {MAX_JOB_INPUTS} inputs")
-        job_id = self.store.create_job(name, inputs)
+        job_id = await self.be_queue.run(lambda db: db.create_job(name, inputs))
         self._event_wakeup.set()
         return job_id
 
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job's progress (None if there is no such job), counted off the event loop."""
+        return await self.be_queue.run(lambda db: db.job(job_id))
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        return await self.be_queue.run(lambda db: db.jobs())
+
+    async def job_results(self, job_id: str) -> list[dict[str, Any]] | None:
+        """A job's results in input order (None if there is no such job)."""
+
+        def read(db: FunctionStore) -> list[dict[str, Any]] | None:
+            return None if db.job(job_id) is None else db.job_results(job_id)
+
+        return await self.be_queue.run(read)
+
     async def _event_loop(self) -> None:
-        """Run queued Event invocations (durable in SQLite; retried like Lambda does)."""
+        """Run queued Event invocations (durable in SQLite; retried like Lambda does).
+
+        The queue is read only when a slot is free, on the best-effort queue's thread."""
         running: set[asyncio.Task[None]] = set()
         while True:
             self._event_wakeup.clear()
-            taken = {t.get_name() for t in running}
-            for event_id, fn, payload, attempts in self.store.pending_events():
-                if event_id in taken or len(running) >= self._be_slots():
-                    continue
-                task = asyncio.get_running_loop().create_task(
-                    self._run_event(event_id, fn, payload, attempts), name=event_id
-                )
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _t: self._event_wakeup.set())
+            free = self._be_slots() - len(running)
+            if free > 0:
+                taken = {t.get_name() for t in running}
+                for event_id, fn, payload, attempts in await self.be_queue.pending(
+                    free + len(taken)
+                ):
+                    if event_id in taken or len(running) >= self._be_slots():
+                        continue
+                    task = asyncio.get_running_loop().create_task(
+                        self._run_event(event_id, fn, payload, attempts), name=event_id
+                    )
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    task.add_done_callback(lambda _t: self._event_wakeup.set())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event_wakeup.wait(), 1.0)
 
     def _be_slots(self) -> int:
-        """How many best-effort invocations may run: within the reclaimed capacity (each
-        asks for ``be_cpu_request`` cores and its MemorySize), never more than
-        ``be_concurrency``, and at least ``min_be_concurrency`` so async work cannot
-        starve for ever (it stays under the squeezed, lowest-weight be/ subtree)."""
+        """How many best-effort invocations may run: within the reclaimed capacity
+        (``qos.policy.be_admission``), never more than ``be_concurrency``, and at least
+        ``min_be_concurrency`` so async work cannot starve for ever (it stays in the
+        idle-class, lowest-weight BE subtree)."""
         cap = self.settings.be_concurrency
         if self.qos is None or not self.qos.enabled:
             return cap
-        r = self.qos.reclaimed
-        by_cpu = (
-            int(r.cpu_cores / self.settings.be_cpu_request)
-            if self.settings.be_cpu_request > 0
-            else cap
+        return be_admission(
+            self.qos.reclaimed,
+            len(self.running_be),
+            sum(inst.memory_mb for inst in self.running_be),
+            self.qos.config,
+            most=cap,
+            least=self.settings.min_be_concurrency,
         )
-        running_mb = sum(inst.memory_mb for inst in self.running_be)
-        by_memory = len(self.running_be) + max(0, (r.memory_bytes >> 20) - running_mb) // 128
-        return max(self.settings.min_be_concurrency, min(cap, by_cpu, by_memory))
 
     def _be_instances(self) -> list[BEInstance]:
         out = []
@@ -738,7 +765,7 @@ class Worker:
                 memory = cg.memory_usage()
             except PlatformError:
                 memory = 0
-            out.append(BEInstance(inst.id, cg.rel, memory, self.settings.be_cpu_request))
+            out.append(BEInstance(inst.id, cg.rel, memory, self.settings.qos_config.be_cpu_request))
         return out
 
     def _evict_be(self, ids: list[str]) -> None:
@@ -752,7 +779,7 @@ class Worker:
         try:
             result = await self.invoke(fn, payload, qos="be")
         except NotFound:
-            self.store.finish_event(event_id, "dropped", b"function deleted", attempts)
+            self.be_queue.finish(event_id, "dropped", b"function deleted", attempts)
             return
         except Evicted:
             return  # still pending: it runs again when there is room (not an attempt)
@@ -761,15 +788,16 @@ class Worker:
             await asyncio.sleep(1.0)
             return
         except InvalidRequestContent as exc:
-            self.store.finish_event(event_id, "failed", str(exc).encode(), attempts + 1)
+            self.be_queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
             return
+        # Outcomes are written in batches on the queue's thread (``BEQueue``).
         attempts += 1
         if result.function_error is None:
-            self.store.finish_event(event_id, "succeeded", result.payload, attempts)
+            self.be_queue.finish(event_id, "succeeded", result.payload, attempts)
         elif attempts > self.settings.event_retries:
-            self.store.finish_event(event_id, "failed", result.payload, attempts)
+            self.be_queue.finish(event_id, "failed", result.payload, attempts)
         else:
-            self.store.retry_event(event_id, attempts)
+            self.be_queue.retry(event_id, attempts)
 
     # -- statistics ------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, dict[str, float]]:

@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""Container images: time from deploy to the first successful invocation, from an empty
+node, for an image of >= 100 MB compressed with Python, numpy, pandas and scipy in it.
+
+Everything runs against one local registry (Debian's docker-registry on loopback):
+
+* containerd ``ctr image pull`` (pull + unpack into its overlayfs snapshotter): the baseline;
+* warmstart, full pull (``--image-pull full``) of the gzip image;
+* warmstart, lazy: the image converted to eStargz by ``warmstart image convert --profile``;
+* warmstart, lazy: the image converted by ``ctr-remote image convert --estargz --oci``.
+
+Bytes read from the registry are counted by the registry itself (its access log records
+the bytes written for every request), between the start of a scenario and its first
+successful invocation.  Convert time: ``warmstart image convert`` (fetch + rewrite + push)
+against ``ctr-remote image convert --estargz --oci`` (local rewrite only, the image already
+in containerd's store).
+
+Run as root: ``.venv/bin/python bench/image_bench.py [--repeat 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import BenchError, Server, log, machine_info, stop_servers
+from tests import imagetools
+
+WARMSTART = [sys.executable, "-m", "warmstart.cli.main"]
+PACKAGES = ("numpy", "pandas", "scipy")
+HANDLER = """\
+import numpy, pandas, scipy.stats
+
+def handler(event, context):
+    frame = pandas.DataFrame({"x": numpy.arange(10)})
+    return {"sum": int(frame.x.sum()), "p": float(scipy.stats.norm.cdf(0.0))}
+"""
+# The registry's access log (combined format): "GET /v2/<name>/blobs/<digest> HTTP/1.1" 206 N
+WRITTEN = re.compile(r'"GET (\S+) HTTP/[\d.]+" \d{3} (\d+)')
+
+
+# -- the image -------------------------------------------------------------------------------
+def site_layer() -> Path:
+    """numpy, pandas and scipy for the image's Python 3.11 (cached)."""
+    dest = imagetools.CACHE / "bench-site"
+    if (dest / "usr/local/lib/python3.11/dist-packages/pandas").is_dir():
+        return dest
+    tmp = Path(str(dest) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    uv = Path(sys.executable).parent / "uv"
+    subprocess.run(
+        [
+            str(uv) if uv.exists() else "uv",
+            "pip",
+            "install",
+            "--quiet",
+            "--python-version",
+            "3.11",
+            "--python-platform",
+            "x86_64-manylinux_2_28",
+            "--target",
+            str(tmp / "usr/local/lib/python3.11/dist-packages"),
+            *PACKAGES,
+        ],
+        check=True,
+    )
+    tmp.rename(dest)
+    return dest
+
+
+def build(reg: imagetools.Registry, work: Path) -> tuple[str, int]:
+    ref = f"{reg.host}/bench/python-data:gzip"
+    imagetools.build_image(
+        work / "build",
+        [imagetools.base_rootfs(), site_layer(), {"var/task/app.py": HANDLER}],
+        ref=ref,
+        cmd=["app.handler"],
+        workingdir="/var/task",
+        env=["PATH=/usr/local/bin:/usr/bin:/bin"],
+    )
+    manifest = httpx.get(
+        f"{reg.url}/v2/bench/python-data/manifests/gzip",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    ).json()
+    return ref, sum(layer["size"] for layer in manifest["layers"])
+
+
+# -- registry-side byte counting -------------------------------------------------------------
+class Meter:
+    """Bytes the registry wrote for blob requests, read from its access log."""
+
+    def __init__(self, reg: imagetools.Registry) -> None:
+        self.path = reg.log_path
+        self.mark()
+
+    def mark(self) -> None:
+        self.offset = self.path.stat().st_size
+
+    def read(self) -> tuple[int, int]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            text = f.read().decode(errors="replace")
+        total = requests = 0
+        for m in WRITTEN.finditer(text):
+            if "/blobs/" in m.group(1):
+                total += int(m.group(2))
+                requests += 1
+        return total, requests
+
+
+# -- containerd ------------------------------------------------------------------------------
+class Containerd:
+    def __init__(self, work: Path) -> None:
+        self.dir = work
+        self.sock = work / "containerd.sock"
+        work.mkdir(parents=True, exist_ok=True)
+        cfg = work / "config.toml"
+        cfg.write_text(
+            "version = 2\n"
+            f'root = "{work}/root"\n'
+            f'state = "{work}/state"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.sock}"\n'
+        )
+        self.log = open(work / "containerd.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["containerd", "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.ctr("version", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise BenchError("containerd did not start")
+
+    def ctr(self, *args: str, check: bool = True, tool: str = "ctr") -> Any:
+        res = subprocess.run(
+            [tool, "--address", str(self.sock), "--namespace", "bench", *args],
+            capture_output=True,
+            text=True,
+        )
+        if check and res.returncode != 0:
+            raise BenchError(f"{tool} {' '.join(args)}: {res.stderr.strip()}")
+        return res
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        # Snapshots are overlay mounts only while containers run; remove the state.
+        subprocess.run(["umount", "-R", "-l", str(self.dir / "root")], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def containerd_pull(ref: str, work: Path, meter: Meter) -> dict[str, Any]:
+    cd = Containerd(work)
+    try:
+        meter.mark()
+        t0 = time.perf_counter()
+        cd.ctr("image", "pull", "--plain-http", ref)
+        seconds = time.perf_counter() - t0
+        written, requests = meter.read()
+    finally:
+        cd.stop()
+    return {"seconds": seconds, "bytes": written, "requests": requests}
+
+
+def ctr_remote_convert(src: str, dst: str, work: Path) -> float:
+    cd = Containerd(work)
+    try:
+        cd.ctr("image", "pull", "--plain-http", src, tool="ctr-remote")
+        t0 = time.perf_counter()
+        cd.ctr("image", "convert", "--estargz", "--oci", src, dst, tool="ctr-remote")
+        seconds = time.perf_counter() - t0
+        cd.ctr("image", "push", "--plain-http", dst, tool="ctr-remote")
+    finally:
+        cd.stop()
+    return seconds
+
+
+def warmstart_convert(src: str, dst: str, *, profile: bool) -> float:
+    t0 = time.perf_counter()
+    args = [*WARMSTART, "image", "convert", src, dst]
+    if profile:
+        args.append("--profile")
+    res = subprocess.run(args, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BenchError(f"warmstart image convert failed:\n{res.stderr}")
+    return time.perf_counter() - t0
+
+
+# -- warmstart: deploy -> first invocation ---------------------------------------------------
+def first_invocation(
+    work: Path, name: str, ref: str, meter: Meter, args: list[str]
+) -> dict[str, Any]:
+    server = Server(work, name, args)
+    server.start()
+    try:
+        client = httpx.Client(base_url=server.url, timeout=600)
+        meter.mark()
+        t0 = time.perf_counter()
+        r = client.post(
+            "/2015-03-31/functions",
+            json={
+                "FunctionName": "fn",
+                "PackageType": "Image",
+                "Code": {"ImageUri": ref},
+                "Role": "arn:aws:iam::000000000000:role/x",
+                "MemorySize": 1024,
+                "Timeout": 60,
+            },
+        )
+        if r.status_code != 201:
+            raise BenchError(f"{name}: CreateFunction: {r.status_code} {r.text}")
+        deployed = time.perf_counter() - t0
+        r = client.post("/2015-03-31/functions/fn/invocations", content=b"{}")
+        seconds = time.perf_counter() - t0
+        written, requests = meter.read()
+        if r.status_code != 200 or "X-Amz-Function-Error" in r.headers:
+            raise BenchError(f"{name}: first invocation failed: {r.status_code} {r.text}")
+        result = json.loads(r.content)
+        if result.get("sum") != 45:
+            raise BenchError(f"{name}: wrong result {result}")
+        client.close()
+    finally:
+        stop_servers([server], "image_bench")
+    return {"seconds": seconds, "deploy_s": deployed, "bytes": written, "requests": requests}
+
+
+def med(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each scenario (medians)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    opts = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("image_bench needs root (sandboxes, mounts, containerd)")
+    work = opts.workdir or Path(tempfile.mkdtemp(prefix="warmstart-image-bench-"))
+    reg = imagetools.start_registry(work / "registry", log_level="info")
+    try:
+        log("building the image (Debian + python3 + numpy, pandas, scipy)")
+        ref, size = build(reg, work)
+        log(f"image {ref}: {size / 1e6:.1f} MB compressed")
+        meter = Meter(reg)
+        esgz = f"{reg.host}/bench/python-data:estargz"
+        ctr_esgz = f"{reg.host}/bench/python-data:ctr-estargz"
+        conv: dict[str, list[float]] = {
+            "warmstart": [],
+            "ctr-remote": [],
+            "warmstart --profile": [],
+        }
+        for i in range(opts.repeat):
+            log(f"convert round {i + 1}")
+            conv["warmstart"].append(
+                warmstart_convert(ref, f"{reg.host}/bench/python-data:plain-esgz", profile=False)
+            )
+            conv["ctr-remote"].append(ctr_remote_convert(ref, ctr_esgz, work / f"cd-conv-{i}"))
+        conv["warmstart --profile"].append(warmstart_convert(ref, esgz, profile=True))
+        scenarios: dict[str, list[dict[str, Any]]] = {
+            "containerd ctr image pull (pull + unpack)": [],
+            "warmstart full pull (gzip image)": [],
+            "warmstart lazy (eStargz, warmstart convert --profile)": [],
+            "warmstart lazy (eStargz by ctr-remote)": [],
+        }
+        keys = list(scenarios)
+        for i in range(opts.repeat):
+            log(f"pull round {i + 1}")
+            scenarios[keys[0]].append(containerd_pull(ref, work / f"cd-pull-{i}", meter))
+            scenarios[keys[1]].append(
+                first_invocation(work, f"full-{i}", ref, meter, ["--image-pull", "full"])
+            )
+            scenarios[keys[2]].append(first_invocation(work, f"lazy-{i}", esgz, meter, []))
+            scenarios[keys[3]].append(first_invocation(work, f"ctrlazy-{i}", ctr_esgz, meter, []))
+    finally:
+        reg.stop()
+    base = med(scenarios[keys[0]], "seconds")
+    print()
+    print(
+        f"# Image start from an empty node ({opts.repeat} runs, medians), "
+        f"image {size / 1e6:.1f} MB compressed"
+    )
+    print()
+    print(
+        "| scenario | deploy → first invocation | bytes from registry | % of image | containerd / this |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, runs in scenarios.items():
+        secs, nbytes = med(runs, "seconds"), med(runs, "bytes")
+        print(
+            f"| {name} | {secs:.2f} s | {nbytes / 1e6:.1f} MB | {100 * nbytes / size:.1f}% "
+            f"| {base / secs:.1f}x |"
+        )
+    print()
+    print("| convert to eStargz | time (median) | ratio |")
+    print("| --- | ---: | ---: |")
+    cbase = statistics.median(conv["ctr-remote"])
+    for name, times in conv.items():
+        t = statistics.median(times)
+        print(f"| {name} | {t:.2f} s | {cbase / t:.1f}x faster than ctr-remote |")
+    lazy = med(scenarios[keys[2]], "seconds")
+    lazy_bytes = med(scenarios[keys[2]], "bytes")
+    full = med(scenarios[keys[1]], "seconds")
+    wconv = statistics.median(conv["warmstart"])
+    print()
+    for label, ok in (
+        (
+            f"lazy first invocation >= 5x faster than containerd's pull: {base / lazy:.1f}x",
+            base / lazy >= 5,
+        ),
+        (
+            f"lazy reads <= 15% of the image before the first invocation: {100 * lazy_bytes / size:.1f}%",
+            lazy_bytes <= 0.15 * size,
+        ),
+        (f"full pull >= 2x faster than containerd's: {base / full:.1f}x", base / full >= 2),
+        (f"convert >= 4x faster than ctr-remote: {cbase / wconv:.1f}x", cbase / wconv >= 4),
+    ):
+        print(f"- [{'x' if ok else ' '}] {label}")
+    print()
+    print(f"machine: {machine_info()}")
+    if opts.json:
+        opts.json.write_text(
+            json.dumps({"size": size, "scenarios": scenarios, "convert": conv}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

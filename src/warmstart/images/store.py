@@ -1,0 +1,785 @@
+"""The node's content store: unpacked layers by diff-id, images by manifest digest.
+
+Layout under ``root``::
+
+    index.db             SQLite: images, their layers (the reference counts), tags, LRU times
+    layers/<hex>/        one unpacked layer (an overlayfs lower directory), by diff-id
+    blobs/sha256/<hex>   compressed layer blobs, only when ``keep_blobs`` is set
+    empty/               an empty lower directory (overlayfs wants two lowers without upper)
+    tmp/<pid>-<rand>/    work in progress; whatever a dead process left here is removed
+
+A full pull streams each layer: bytes from the registry are hashed (the compressed digest),
+piped into a decompressor (ISA-L for gzip, zstandard for zstd) and unpacked as they arrive,
+so download, decompression and file creation overlap; layers go concurrently. A layer is
+published (renamed into ``layers/``) only after both its compressed digest and its diff-id
+matched, otherwise its directory is deleted. Layers are shared by every image that lists
+them: concurrent pulls needing the same layer download it once (single-flight by diff-id).
+
+An image's layers are referenced by its row in the index; a layer no image references is
+garbage. Images are kept LRU within ``budget_bytes`` of unpacked data; an image is never
+evicted while it is pinned (``acquire``) or mounted. Every method is thread-safe: the
+worker calls in from ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warmstart.images.errors import DigestMismatch, ImageError
+from warmstart.images.reference import Reference, check_digest, digest_hex
+from warmstart.images.registry import (
+    Descriptor,
+    ImageManifest,
+    RawManifest,
+    RegistryClient,
+    manifest_from_raw,
+)
+from warmstart.images.unpack import UnpackResult, decompress_stream, unpack
+
+log = logging.getLogger("warmstart.images.store")
+
+Progress = Callable[[str, int, int], None]
+"""Called with (layer digest, bytes done, layer size); done == size when a layer is ready."""
+
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    diff_id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    compressed_size INTEGER NOT NULL,
+    disk_bytes INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    ref TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    config BLOB NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_layers (
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    diff_id TEXT NOT NULL,
+    PRIMARY KEY (image_id, position)
+);
+CREATE INDEX IF NOT EXISTS image_layers_diff ON image_layers(diff_id);
+CREATE TABLE IF NOT EXISTS tags (
+    ref TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE
+);
+"""
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What a container made from the image runs (the ``config`` object of the image config)."""
+
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    working_dir: str = ""
+    user: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, config_json: dict[str, Any]) -> ImageConfig:
+        cfg = config_json.get("config") or {}
+        if not isinstance(cfg, dict):
+            cfg = {}
+
+        def strings(value: Any) -> list[str]:
+            return [str(v) for v in value] if isinstance(value, list) else []
+
+        labels = cfg.get("Labels") or {}
+        return cls(
+            entrypoint=strings(cfg.get("Entrypoint")),
+            cmd=strings(cfg.get("Cmd")),
+            env=strings(cfg.get("Env")),
+            working_dir=str(cfg.get("WorkingDir") or ""),
+            user=str(cfg.get("User") or ""),
+            labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+        )
+
+    def env_dict(self) -> dict[str, str]:
+        return {k: v for k, _, v in (e.partition("=") for e in self.env)}
+
+
+@dataclass(frozen=True)
+class Image:
+    """A fully pulled image: its manifest, config and unpacked layer directories."""
+
+    id: str  # the manifest digest
+    ref: str  # the reference it was pulled by, with the digest
+    manifest: ImageManifest
+    config: ImageConfig
+    layer_dirs: list[Path]  # bottom → top
+    diff_ids: list[str]
+
+    @property
+    def size(self) -> int:
+        """Compressed size of the layers (what a pull downloads)."""
+        return sum(layer.size for layer in self.manifest.layers)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    bytes_downloaded: int  # compressed layer bytes downloaded by this store instance
+    layers_pulled: int  # layers downloaded and unpacked
+    layers_reused: int  # layers a pull found already present (or being pulled)
+    pulls: int  # pull() calls that succeeded
+    images: int
+    layers: int
+    disk_bytes: int  # unpacked bytes of all layers (tar stream size)
+    budget_bytes: int
+    gc_layers_removed: int
+
+
+@dataclass
+class _Flight:
+    """A layer being pulled: the future its waiters block on, and their progress callbacks."""
+
+    future: Future[None] = field(default_factory=Future)
+    listeners: list[tuple[Progress, str]] = field(default_factory=list)
+    waiters: int = 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _escape_overlay(path: Path) -> str:
+    """A path as an overlayfs ``lowerdir`` element (``\\``, ``:`` and ``,`` escaped)."""
+    return str(path).replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+class ImageStore:
+    """Pulls images into a local content store and mounts them as read-only overlays."""
+
+    def __init__(
+        self,
+        root: Path,
+        client: RegistryClient,
+        budget_bytes: int,
+        *,
+        platform: str = "linux/amd64",
+        concurrency: int = 4,
+        keep_blobs: bool = False,
+        unpack_writers: int = 2,
+    ) -> None:
+        self.root = Path(root)
+        self.client = client
+        self.budget_bytes = budget_bytes
+        self.platform = platform
+        self.keep_blobs = keep_blobs
+        self.unpack_writers = unpack_writers
+        self.layers_dir = self.root / "layers"
+        self.blobs_dir = self.root / "blobs" / "sha256"
+        self.tmp_dir = self.root / "tmp"
+        self.empty_dir = self.root / "empty"
+        for d in (self.layers_dir, self.blobs_dir, self.tmp_dir, self.empty_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            self.root / "index.db", check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._pool = ThreadPoolExecutor(max(1, concurrency), "layer-pull")
+        self._inflight: dict[str, _Flight] = {}
+        self._leases: Counter[str] = Counter()  # diff-id → pulls about to reference it
+        self._pins: Counter[str] = Counter()  # image id → holders (acquire, mounts)
+        self._mounts: dict[str, str] = {}  # mount target → image id
+        self._bytes_downloaded = 0
+        self._layers_pulled = 0
+        self._layers_reused = 0
+        self._pulls = 0
+        self._gc_layers_removed = 0
+        self._recover()
+
+    # -- start-up ----------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Remove what a crashed process left: its temp dirs, layer directories that never
+        made it into the index, and index rows whose directory is gone."""
+        for entry in self.tmp_dir.iterdir():
+            pid_text = entry.name.split("-", 1)[0]
+            pid = int(pid_text) if pid_text.isdigit() else 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                continue  # another live process's work
+            self._rmtree(entry)
+        with self._lock:
+            known = {row[0] for row in self._db.execute("SELECT diff_id FROM layers")}
+            on_disk = {p.name for p in self.layers_dir.iterdir()}
+            for name in on_disk:
+                if f"sha256:{name}" not in known:
+                    log.warning("removing layer directory %s not in the index", name)
+                    self._rmtree(self.layers_dir / name)
+            missing = [d for d in known if digest_hex(d) not in on_disk]
+            for diff_id in missing:
+                log.warning("layer %s is missing on disk; dropping the images using it", diff_id)
+                self._db.execute(
+                    "DELETE FROM images WHERE id IN "
+                    "(SELECT image_id FROM image_layers WHERE diff_id = ?)",
+                    (diff_id,),
+                )
+                self._db.execute("DELETE FROM layers WHERE diff_id = ?", (diff_id,))
+            for part in self.blobs_dir.glob("*.part*"):
+                part.unlink(missing_ok=True)
+
+    def _rmtree(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            log.warning("could not remove %s completely", path)
+
+    def _new_tmp(self) -> Path:
+        path = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._db.close()
+
+    # -- queries -----------------------------------------------------------------------------
+    def layer_dir(self, diff_id: str) -> Path:
+        return self.layers_dir / digest_hex(diff_id)
+
+    def _layer_ready(self, diff_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM layers WHERE diff_id = ?", (diff_id,)).fetchone()
+        return row is not None
+
+    def refcount(self, diff_id: str) -> int:
+        """How many images in the store reference this layer."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(DISTINCT image_id) FROM image_layers WHERE diff_id = ?", (diff_id,)
+            ).fetchone()
+        return int(row[0])
+
+    def _load(self, image_id: str) -> Image | None:
+        row = self._db.execute(
+            "SELECT ref, media_type, manifest, config FROM images WHERE id = ?", (image_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        ref_text, media_type, raw, config_raw = row
+        manifest = manifest_from_raw(
+            Reference.parse(ref_text), RawManifest(bytes(raw), media_type, image_id), config_raw
+        )
+        diff_ids = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT diff_id FROM image_layers WHERE image_id = ? ORDER BY position",
+                (image_id,),
+            )
+        ]
+        return Image(
+            id=image_id,
+            ref=str(manifest.ref),
+            manifest=manifest,
+            config=ImageConfig.from_json(manifest.config_json),
+            layer_dirs=[self.layer_dir(d) for d in diff_ids],
+            diff_ids=diff_ids,
+        )
+
+    def get(self, ref_or_id: str) -> Image | None:
+        """A pulled image by manifest digest or by the reference it was pulled by (no
+        network)."""
+        with self._lock:
+            image_id = self._lookup(ref_or_id)
+            return self._load(image_id) if image_id else None
+
+    def _lookup(self, ref_or_id: str) -> str | None:
+        if ref_or_id.startswith(("sha256:", "sha512:")):
+            check_digest(ref_or_id)
+            row = self._db.execute("SELECT id FROM images WHERE id = ?", (ref_or_id,)).fetchone()
+            if row:
+                return str(row[0])
+        ref = Reference.parse(ref_or_id)
+        row = self._db.execute("SELECT image_id FROM tags WHERE ref = ?", (str(ref),)).fetchone()
+        if row:
+            return str(row[0])
+        if ref.digest:
+            row = self._db.execute("SELECT id FROM images WHERE id = ?", (ref.digest,)).fetchone()
+            if row:
+                return str(row[0])
+        return None
+
+    def list_images(self) -> list[Image]:
+        with self._lock:
+            ids = [r[0] for r in self._db.execute("SELECT id FROM images ORDER BY last_used")]
+            return [img for i in ids if (img := self._load(i)) is not None]
+
+    def disk_bytes(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(disk_bytes), 0) FROM layers").fetchone()
+        return int(row[0])
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            images = self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            layers = self._db.execute("SELECT COUNT(*) FROM layers").fetchone()[0]
+            return StoreStats(
+                bytes_downloaded=self._bytes_downloaded,
+                layers_pulled=self._layers_pulled,
+                layers_reused=self._layers_reused,
+                pulls=self._pulls,
+                images=int(images),
+                layers=int(layers),
+                disk_bytes=self.disk_bytes(),
+                budget_bytes=self.budget_bytes,
+                gc_layers_removed=self._gc_layers_removed,
+            )
+
+    # -- pulling -----------------------------------------------------------------------------
+    def pull(self, ref_text: str, progress: Progress | None = None) -> Image:
+        """Pull ``ref_text`` (every layer downloaded, verified and unpacked) and return it.
+
+        A reference with a digest that is already in the store needs no network at all; a
+        tag is always resolved again (tags move).
+        """
+        ref = Reference.parse(ref_text)
+        if ref.digest:
+            with self._lock:
+                image_id = self._lookup(str(ref))
+                image = self._load(image_id) if image_id else None
+                if image is not None:
+                    self._touch_image(image.id)
+            if image is not None:
+                for desc in image.manifest.layers:
+                    self._emit(progress, desc.digest, desc.size, desc.size)
+                self._pulls += 1
+                return image
+        manifest = self.client.resolve(ref, self.platform)
+        diff_ids = manifest.diff_ids
+        with self._lock:
+            self._leases.update(diff_ids)
+        try:
+            jobs = [
+                self._pool.submit(self._ensure_layer, manifest.ref, desc, diff_id, progress)
+                for desc, diff_id in zip(manifest.layers, diff_ids, strict=True)
+            ]
+            errors: list[BaseException] = []
+            for job in jobs:
+                try:
+                    job.result()
+                except BaseException as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+            with self._lock:
+                image = self._record(ref, manifest, diff_ids)
+                self._pulls += 1
+        finally:
+            with self._lock:
+                self._leases.subtract(diff_ids)
+                self._leases = +self._leases  # unary plus drops the zero counts
+        if self.disk_bytes() > self.budget_bytes:
+            self.gc(keep={image.id})
+        return image
+
+    def _emit(self, progress: Progress | None, digest: str, done: int, size: int) -> None:
+        if progress is None:
+            return
+        try:
+            progress(digest, done, size)
+        except Exception:  # a broken progress display must not fail a pull
+            log.exception("progress callback failed")
+
+    def _record(self, ref: Reference, manifest: ImageManifest, diff_ids: list[str]) -> Image:
+        now = time.time()
+        config_raw = manifest.config_raw or json.dumps(manifest.config_json).encode()
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.execute(
+                "INSERT INTO images (id, ref, media_type, manifest, config, created, last_used) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "last_used = excluded.last_used, ref = excluded.ref",
+                (
+                    manifest.digest,
+                    str(manifest.ref),
+                    manifest.media_type,
+                    manifest.raw,
+                    config_raw,
+                    now,
+                    now,
+                ),
+            )
+            db.execute("DELETE FROM image_layers WHERE image_id = ?", (manifest.digest,))
+            db.executemany(
+                "INSERT INTO image_layers (image_id, position, diff_id) VALUES (?, ?, ?)",
+                [(manifest.digest, i, d) for i, d in enumerate(diff_ids)],
+            )
+            for tag_ref in {str(ref), str(manifest.ref)}:
+                db.execute(
+                    "INSERT INTO tags (ref, image_id) VALUES (?, ?) "
+                    "ON CONFLICT(ref) DO UPDATE SET image_id = excluded.image_id",
+                    (tag_ref, manifest.digest),
+                )
+            db.execute(
+                f"UPDATE layers SET last_used = ? WHERE diff_id IN "
+                f"({','.join('?' * len(diff_ids))})",
+                (now, *diff_ids),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        image = self._load(manifest.digest)
+        assert image is not None
+        return image
+
+    def _touch_image(self, image_id: str) -> None:
+        now = time.time()
+        self._db.execute("UPDATE images SET last_used = ? WHERE id = ?", (now, image_id))
+        self._db.execute(
+            "UPDATE layers SET last_used = ? WHERE diff_id IN "
+            "(SELECT diff_id FROM image_layers WHERE image_id = ?)",
+            (now, image_id),
+        )
+
+    def _ensure_layer(
+        self, ref: Reference, desc: Descriptor, diff_id: str, progress: Progress | None
+    ) -> None:
+        """Make ``diff_id`` present: reuse it, wait for the pull already fetching it, or
+        fetch it ourselves. If the pull we waited for failed, we try once on our own."""
+        waited_failed = False
+        while True:
+            with self._lock:
+                found = self._layer_ready(diff_id)
+                if found:
+                    self._layers_reused += 1
+                else:
+                    existing = self._inflight.get(diff_id)
+                    mine = existing is None
+                    if existing is None:
+                        flight = self._inflight[diff_id] = _Flight()
+                    else:
+                        flight = existing
+                        flight.waiters += 1
+                        if progress is not None:
+                            flight.listeners.append((progress, desc.digest))
+            if found:
+                self._emit(progress, desc.digest, desc.size, desc.size)
+                return
+            if not mine:
+                try:
+                    flight.future.result()
+                except Exception as exc:
+                    if waited_failed:
+                        raise
+                    log.warning("pull of layer %s for another image failed (%s)", diff_id, exc)
+                    waited_failed = True
+                continue  # ready now (or ours to try)
+            try:
+                self._fetch_layer(ref, desc, diff_id, progress, flight)
+            except BaseException as exc:
+                with self._lock:
+                    del self._inflight[diff_id]
+                flight.future.set_exception(exc)
+                raise
+            with self._lock:
+                del self._inflight[diff_id]
+            flight.future.set_result(None)
+            return
+
+    def _fetch_layer(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        diff_id: str,
+        progress: Progress | None,
+        flight: _Flight,
+    ) -> None:
+        """Download, verify and unpack one layer, streaming, then publish it."""
+        tmp = self._new_tmp()
+        try:
+            dest = tmp / "layer"
+            t0 = time.perf_counter()
+            result = self._stream_unpack(ref, desc, dest, tmp, progress, flight)
+            if result.diff_id != diff_id:
+                raise DigestMismatch(
+                    f"layer {desc.digest} unpacks to diff-id {result.diff_id}, "
+                    f"the image config says {diff_id}"
+                )
+            final = self.layer_dir(diff_id)
+            with self._lock:
+                if final.exists():  # a leftover (another process, or an index rebuild)
+                    self._rmtree(final)
+                os.rename(dest, final)
+                if self.keep_blobs and (tmp / "blob").exists():
+                    os.replace(tmp / "blob", self.blobs_dir / digest_hex(desc.digest))
+                now = time.time()
+                self._db.execute(
+                    "INSERT OR REPLACE INTO layers (diff_id, digest, media_type, "
+                    "compressed_size, disk_bytes, created, last_used) VALUES (?,?,?,?,?,?,?)",
+                    (diff_id, desc.digest, desc.media_type, desc.size, result.tar_bytes, now, now),
+                )
+                self._layers_pulled += 1
+            log.info(
+                "layer %s: %d entries, %.1f MB unpacked in %.2f s",
+                desc.digest[:19],
+                result.entries,
+                result.tar_bytes / 1e6,
+                time.perf_counter() - t0,
+            )
+        finally:
+            self._rmtree(tmp)
+
+    def _stream_unpack(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        dest: Path,
+        tmp: Path,
+        progress: Progress | None,
+        flight: _Flight,
+    ) -> UnpackResult:
+        """Pipe the blob, as it arrives, into a decompress-and-unpack thread.
+
+        The registry's bytes are verified against the compressed digest by
+        ``stream_blob``; if they do not match (or the download fails), that error wins over
+        whatever the unpacker made of the bad bytes, and the caller deletes ``dest``.
+        """
+        read_fd, write_fd = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        outcome: dict[str, Any] = {}
+
+        def consume() -> None:
+            raw = os.fdopen(read_fd, "rb", buffering=0)
+            stream = None
+            try:
+                stream = decompress_stream(raw, desc.media_type)
+                outcome["result"] = unpack(stream, dest, writers=self.unpack_writers)
+            except BaseException as exc:
+                outcome["error"] = exc
+            finally:
+                if stream is not None:
+                    with contextlib.suppress(Exception):
+                        stream.close()
+                with contextlib.suppress(Exception):
+                    raw.close()
+
+        worker = threading.Thread(target=consume, name=f"unpack-{desc.digest[7:19]}")
+        worker.start()
+        blob = open(tmp / "blob", "wb") if self.keep_blobs else None  # noqa: SIM115
+        download_error: BaseException | None = None
+        done = 0
+        chunks: Iterator[bytes] = self.client.stream_blob(ref, desc.digest, size=desc.size)
+        try:
+            self._emit(progress, desc.digest, 0, desc.size)
+            for chunk in chunks:
+                if blob is not None:
+                    blob.write(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(write_fd, view) :]
+                done += len(chunk)
+                with self._lock:
+                    self._bytes_downloaded += len(chunk)
+                    listeners = list(flight.listeners)
+                self._emit(progress, desc.digest, min(done, desc.size - 1), desc.size)
+                for fn, digest in listeners:
+                    self._emit(fn, digest, min(done, desc.size - 1), desc.size)
+        except BrokenPipeError:
+            pass  # the unpacker stopped early: its error is reported below
+        except BaseException as exc:
+            download_error = exc
+        finally:
+            with contextlib.suppress(Exception):
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+            os.close(write_fd)
+            worker.join()
+            if blob is not None:
+                blob.close()
+        if download_error is not None:
+            raise download_error
+        if "error" in outcome:
+            raise outcome["error"]
+        result: UnpackResult = outcome["result"]
+        self._emit(progress, desc.digest, desc.size, desc.size)
+        with self._lock:
+            listeners = list(flight.listeners)
+        for fn, digest in listeners:
+            self._emit(fn, digest, desc.size, desc.size)
+        return result
+
+    # -- pins, mounts ------------------------------------------------------------------------
+    def acquire(self, image_id: str) -> None:
+        """Pin an image: it is not garbage-collected until a matching ``release``."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone():
+                self._pins[image_id] += 1
+                self._touch_image(image_id)
+                return
+        raise ImageError(f"image {image_id} is not in the store")
+
+    def release(self, image_id: str) -> None:
+        with self._lock:
+            if self._pins[image_id] > 0:
+                self._pins[image_id] -= 1
+            if self._pins[image_id] <= 0:
+                del self._pins[image_id]
+
+    def mount_rootfs(self, image: Image, target: Path) -> None:
+        """Mount the image's layers at ``target`` as one read-only overlay (top layer wins,
+        whiteouts and opaque directories applied by overlayfs). The image stays pinned
+        until ``unmount``."""
+        from warmstart.sandbox import syscalls
+
+        target = Path(target)
+        dirs = list(image.layer_dirs)
+        for d in dirs:
+            if not d.is_dir():
+                raise ImageError(f"image {image.id}: layer directory {d} is missing; pull again")
+        if len(dirs) < 2:
+            dirs = [self.empty_dir, *dirs]  # overlayfs needs two lower layers without an upper
+        options = "lowerdir=" + ":".join(_escape_overlay(d) for d in reversed(dirs))
+        if len(options) >= os.sysconf("SC_PAGE_SIZE"):
+            raise ImageError(
+                f"image {image.id}: {len(dirs)} layers are too many for one overlay mount "
+                f"under {self.root}"
+            )
+        self.acquire(image.id)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            syscalls.mount(
+                "overlay",
+                str(target),
+                "overlay",
+                syscalls.MS_RDONLY | syscalls.MS_NODEV | syscalls.MS_NOSUID,
+                options,
+            )
+        except BaseException:
+            self.release(image.id)
+            raise
+        with self._lock:
+            self._mounts[str(target.resolve())] = image.id
+
+    def unmount(self, target: Path) -> None:
+        """Unmount a rootfs mounted by ``mount_rootfs`` (lazily if it is still busy)."""
+        from warmstart.sandbox import syscalls
+
+        key = str(Path(target).resolve())
+        try:
+            syscalls.umount(key)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                syscalls.umount(key, syscalls.MNT_DETACH)
+            elif exc.errno != errno.EINVAL:  # EINVAL: not mounted
+                raise
+        with self._lock:
+            image_id = self._mounts.pop(key, None)
+        if image_id is not None:
+            self.release(image_id)
+
+    # -- removal and garbage collection -----------------------------------------------------
+    def remove(self, ref_or_id: str) -> bool:
+        """Forget an image (its layers go when no other image uses them). Refused while
+        the image is pinned or mounted."""
+        with self._lock:
+            image_id = self._lookup(ref_or_id)
+            if image_id is None:
+                return False
+            if self._pins[image_id] > 0:
+                raise ImageError(f"image {image_id} is in use")
+            self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+        self.gc()
+        return True
+
+    def gc(self, budget_bytes: int | None = None, *, keep: set[str] | None = None) -> int:
+        """Delete unreferenced layers, then least recently used images (not pinned, not in
+        ``keep``) and their layers until the store fits ``budget_bytes`` (default: the
+        store's budget). Returns the bytes freed."""
+        budget = self.budget_bytes if budget_bytes is None else budget_bytes
+        keep = keep or set()
+        doomed: list[tuple[int, Path]] = []
+        with self._lock:
+            self._collect_unreferenced(doomed)
+            if self.disk_bytes() > budget:
+                candidates = [
+                    r[0]
+                    for r in self._db.execute("SELECT id FROM images ORDER BY last_used, created")
+                ]
+                for image_id in candidates:
+                    if self.disk_bytes() <= budget:
+                        break
+                    if image_id in keep or self._pins[image_id] > 0:
+                        continue
+                    log.info("evicting image %s (least recently used)", image_id)
+                    self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+                    self._collect_unreferenced(doomed)
+                if self.disk_bytes() > budget:
+                    log.warning(
+                        "image store uses %d bytes, over its budget of %d: the rest is in use",
+                        self.disk_bytes(),
+                        budget,
+                    )
+        freed = 0
+        for size, path in doomed:
+            freed += size
+            self._rmtree(path)
+        return freed
+
+    def _collect_unreferenced(self, doomed: list[tuple[int, Path]]) -> None:
+        """Move unreferenced, unleased layers out of ``layers/`` (under the lock); the slow
+        rmtree happens later, outside it."""
+        rows = self._db.execute(
+            "SELECT diff_id, digest, disk_bytes FROM layers WHERE diff_id NOT IN "
+            "(SELECT diff_id FROM image_layers)"
+        ).fetchall()
+        for diff_id, blob_digest, disk_bytes in rows:
+            if self._leases[diff_id] > 0 or diff_id in self._inflight:
+                continue
+            self._db.execute("DELETE FROM layers WHERE diff_id = ?", (diff_id,))
+            src = self.layer_dir(diff_id)
+            trash = self._new_tmp()
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, trash / "layer")
+            (self.blobs_dir / digest_hex(blob_digest)).unlink(missing_ok=True)
+            self._gc_layers_removed += 1
+            doomed.append((int(disk_bytes), trash))
+
+    def in_progress(self) -> dict[str, int]:
+        """Layers being pulled now: diff-id → how many other pulls are waiting for it."""
+        with self._lock:
+            return {diff_id: f.waiters for diff_id, f in self._inflight.items()}
+
+    def mounted(self) -> list[tuple[str, str]]:
+        """(target, image id) of the rootfs mounts this store made."""
+        with self._lock:
+            return list(self._mounts.items())

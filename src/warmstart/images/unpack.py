@@ -1,0 +1,757 @@
+"""Decompress and unpack image layers safely into overlayfs lower directories.
+
+A layer is a tar archive (plain, gzip or zstd) written by whoever built the image, so it is
+treated as hostile input. The rules, checked entry by entry:
+
+* names are normalised: a leading ``/`` or ``./`` is dropped (the layer root is the only
+  root there is); a name with a ``..`` component is refused (:class:`UnsafeLayer`);
+* nothing is ever written *through* a symbolic link: a name whose parent directory is a
+  symlink in this layer is refused, and a file replacing a symlink replaces the link itself.
+  Symlinks themselves are kept as they are: they are resolved later inside the sandbox's
+  root, never on the host;
+* a hard link must point at an entry unpacked earlier in this same layer;
+* device nodes are skipped, setuid/setgid bits are cleared, and only ``user.*`` extended
+  attributes are applied (``trusted.overlay.*`` from a tar could forge whiteouts or
+  redirects, ``security.capability`` would grant file capabilities);
+* OCI whiteouts become what overlayfs expects in a lower directory: ``.wh.NAME`` a 0/0
+  character device at ``NAME``, ``.wh..wh..opq`` the ``trusted.overlay.opaque=y`` xattr on
+  its directory.
+
+The layer's diff-id (sha256 of the uncompressed tar stream, trailing padding included) is
+computed as the archive is read, so a caller can compare it with the image config.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+import shutil
+import stat
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+
+import zstandard
+from isal import igzip, igzip_threaded, isal_zlib
+
+from warmstart.images.errors import CorruptLayer, UnsafeLayer
+
+log = logging.getLogger("warmstart.images.unpack")
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+_READ = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ISAL_ERROR = cast(type[Exception], isal_zlib.error)
+
+
+def compression_of(media_type: str) -> str | None:
+    """ "gzip", "zstd" or "none" from a layer media type; None when it does not say."""
+    mt = media_type.lower()
+    if mt.endswith(("+gzip", ".tar.gzip", ".gzip")):
+        return "gzip"
+    if mt.endswith(("+zstd", ".zstd")):
+        return "zstd"
+    if mt.endswith((".tar", "+tar", "layer.v1.tar", "diff.tar")):
+        return "none"
+    return None
+
+
+class _ErrorTranslating(io.RawIOBase):
+    """Turns a decompressor's own exceptions into :class:`CorruptLayer` with one message."""
+
+    def __init__(self, inner: IO[bytes], what: str) -> None:
+        self._inner = inner
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._inner.read(len(buffer))
+        except CorruptLayer:
+            raise
+        except (OSError, EOFError, ValueError, zstandard.ZstdError, _ISAL_ERROR) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # a real I/O error (disk, broken pipe) is not corruption
+            raise CorruptLayer(f"{self._what}: {exc or type(exc).__name__}") from exc
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        except Exception:  # closing a reader that already failed must not mask the failure
+            log.debug("closing %s failed", self._what, exc_info=True)
+        super().close()
+
+
+def decompress_stream(raw: BinaryIO, media_type: str = "", *, threaded: bool = True) -> BinaryIO:
+    """A readable stream of the uncompressed tar inside ``raw``.
+
+    The media type decides; when it names no compression (plain tar, or an unknown type)
+    the first bytes are sniffed, so a mislabelled gzip or zstd blob still unpacks.
+    gzip goes through ISA-L (in its own thread when ``threaded``: decompression then
+    overlaps with unpacking), zstd through ``zstandard``. Corrupt or truncated data raises
+    :class:`CorruptLayer` from ``read``.
+    """
+    kind = compression_of(media_type)
+    buffered = (
+        raw
+        if isinstance(raw, io.BufferedReader)
+        else io.BufferedReader(cast(io.RawIOBase, _RawAdapter(raw)), _READ)
+    )
+    if kind in (None, "none"):
+        head = buffered.peek(4)[:4]
+        if head.startswith(_GZIP_MAGIC):
+            kind = "gzip"
+        elif head.startswith(_ZSTD_MAGIC):
+            kind = "zstd"
+        else:
+            kind = "none"
+    inner: IO[bytes]
+    if kind == "gzip":
+        if threaded:
+            inner = cast(IO[bytes], igzip_threaded.open(buffered, "rb", threads=1))  # type: ignore[no-untyped-call]
+        else:
+            inner = cast(IO[bytes], igzip.IGzipFile(fileobj=buffered, mode="rb"))  # type: ignore[no-untyped-call]
+    elif kind == "zstd":
+        inner = cast(IO[bytes], _ZstdReader(buffered))
+    else:
+        return cast(BinaryIO, buffered)
+    return cast(
+        BinaryIO,
+        io.BufferedReader(_ErrorTranslating(inner, f"{kind} layer data is corrupt"), _READ),
+    )
+
+
+class _ZstdReader(io.RawIOBase):
+    """zstd frames, one after another, decompressed; a frame cut short is an error.
+
+    (``zstandard``'s stream reader ends quietly on a truncated frame, which would let a
+    truncated layer pass for a complete one.)
+    """
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False
+        self._pending = b""
+        self._pos = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos >= len(self._pending) and not self._eof:
+            self._pending, self._pos = b"", 0
+            data = self._inner.read(_READ)
+            if not data:
+                self._eof = True
+                if self._in_frame:
+                    raise CorruptLayer("zstd layer data is truncated (a frame is cut short)")
+                break
+            while data:
+                out = self._obj.decompress(data)
+                self._in_frame = True
+                if out:
+                    self._pending += out
+                if self._obj.eof:
+                    data = self._obj.unused_data
+                    self._obj = self._dctx.decompressobj()
+                    self._in_frame = False
+                else:
+                    data = b""
+        n = min(len(buffer), len(self._pending) - self._pos)
+        buffer[:n] = self._pending[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+class _RawAdapter(io.RawIOBase):
+    """Any object with ``read`` as a RawIOBase (so it can be wrapped in a BufferedReader)."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def open_layer(path: Path, media_type: str = "") -> BinaryIO:
+    """The uncompressed tar stream of a layer blob stored at ``path``."""
+    return decompress_stream(open(path, "rb", buffering=0), media_type)
+
+
+# -- reading tar ---------------------------------------------------------------------------
+# The tar reader is ours rather than ``tarfile``'s: profiling a 167 MB, 8,000-entry layer
+# showed ``tarfile``'s stream mode spending more time copying buffers than the kernel spent
+# creating files. This one parses the ustar/PAX/GNU headers image builders write, reads
+# file data as large slices, and hashes the stream (the diff-id) as it goes.
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+
+
+@dataclass
+class TarEntry:
+    """One member of a layer tar, after PAX and GNU long-name headers were applied."""
+
+    name: str
+    type: bytes  # the ustar type flag: b"0" file, b"1" hard link, b"2" symlink, b"5" dir …
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    linkname: str
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _field_str(block: bytes, start: int, length: int) -> str:
+    return _decode(block[start : start + length].split(b"\0", 1)[0])
+
+
+def _field_num(block: bytes, start: int, length: int, what: str) -> int:
+    raw = block[start : start + length]
+    if raw[:1] and raw[0] & 0x80:  # base-256 (GNU) for values too large for octal
+        if raw[0] == 0xFF:
+            return 0  # a negative number: only ever seen for pre-1970 mtimes
+        return int.from_bytes(bytes([raw[0] & 0x7F]) + raw[1:], "big")
+    text = raw.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise CorruptLayer(f"tar header field {what} is not a number: {raw!r}") from None
+
+
+def _parse_pax(data: bytes) -> dict[str, bytes]:
+    """``"%d %s=%s\\n"`` records → {key: raw value}."""
+    out: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:
+            break
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise CorruptLayer("malformed PAX header record") from None
+        record = data[space + 1 : pos + length]
+        if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise CorruptLayer("malformed PAX header record")
+        key, _, value = record[:-1].partition(b"=")
+        out[_decode(key)] = value
+        pos += length
+    return out
+
+
+class TarReader:
+    """Reads tar members from an uncompressed stream, hashing every byte (the diff-id)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._buf = b""
+        self._pos = 0
+        self._hasher = hashlib.sha256()
+        self.size = 0
+        self._global: dict[str, bytes] = {}
+
+    def _fill(self, n: int) -> bool:
+        """Make ``n`` bytes available; False if the stream ends first."""
+        avail = len(self._buf) - self._pos
+        if avail >= n:
+            return True
+        parts = [self._buf[self._pos :]] if avail else []
+        while avail < n:
+            data = self._stream.read(max(_READ, n - avail))
+            if not data:
+                self._buf, self._pos = b"".join(parts), 0
+                return False
+            self._hasher.update(data)
+            self.size += len(data)
+            parts.append(data)
+            avail += len(data)
+        self._buf, self._pos = b"".join(parts) if len(parts) > 1 else parts[0], 0
+        return True
+
+    def read(self, n: int) -> bytes:
+        if not self._fill(n):
+            raise CorruptLayer("layer tar archive is truncated")
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def _more(self) -> None:
+        """At least one unread byte in the buffer, or CorruptLayer (truncated archive)."""
+        if self._pos >= len(self._buf):
+            self._fill(_READ)
+            if self._pos >= len(self._buf):
+                raise CorruptLayer("layer tar archive ends inside a file's data")
+
+    def chunks(self, n: int) -> Iterator[bytes | memoryview]:
+        """The next ``n`` bytes (a member's data) in large pieces, then its padding skipped."""
+        remaining = n
+        while remaining:
+            self._more()
+            take = min(remaining, len(self._buf) - self._pos)
+            yield memoryview(self._buf)[self._pos : self._pos + take]
+            self._pos += take
+            remaining -= take
+        self.skip((-n) % BLOCK)
+
+    def skip(self, n: int) -> None:
+        while n:
+            self._more()
+            take = min(n, len(self._buf) - self._pos)
+            self._pos += take
+            n -= take
+
+    def diff_id(self) -> str:
+        """Read to the end of the stream (padding after the archive counts) → diff-id."""
+        self._pos = len(self._buf)
+        while self._fill(_READ):
+            self._pos = len(self._buf)
+        return "sha256:" + self._hasher.hexdigest()
+
+    def next(self) -> TarEntry | None:
+        """The next member's header (its data follows, to be consumed by the caller)."""
+        pax: dict[str, bytes] = {}
+        long_name: str | None = None
+        long_link: str | None = None
+        while True:
+            if not self._fill(BLOCK):
+                if len(self._buf) - self._pos:
+                    raise CorruptLayer("layer tar archive ends inside a header")
+                return None  # no end-of-archive marker: accepted, as tar itself does
+            block = self.read(BLOCK)
+            if block.count(0) == BLOCK:
+                return None
+            stored = _field_num(block, 148, 8, "chksum")
+            if stored != sum(block) - sum(block[148:156]) + 8 * 32:
+                raise CorruptLayer("not a tar archive (header checksum mismatch)")
+            kind = block[156:157]
+            size = _field_num(block, 124, 12, "size")
+            if kind in (b"x", b"g"):
+                records = _parse_pax(self.read(size))
+                self.skip((-size) % BLOCK)
+                if kind == b"g":
+                    self._global.update(records)
+                else:
+                    pax.update(records)
+                continue
+            if kind in (b"L", b"K"):
+                value = _decode(self.read(size).split(b"\0", 1)[0])
+                self.skip((-size) % BLOCK)
+                if kind == b"L":
+                    long_name = value
+                else:
+                    long_link = value
+                continue
+            merged = {**self._global, **pax}
+            if kind in (b"S", b"M") or any(k.startswith("GNU.sparse.") for k in merged):
+                raise CorruptLayer("sparse or multi-volume tar members are not supported")
+            name = _field_str(block, 0, 100)
+            if block[257:263] == b"ustar\0":  # POSIX: a prefix field extends the name
+                prefix = _field_str(block, 345, 155)
+                if prefix:
+                    name = f"{prefix}/{name}"
+            entry = TarEntry(
+                name=long_name if long_name is not None else name,
+                type=kind,
+                size=size,
+                mode=_field_num(block, 100, 8, "mode") & 0o7777,
+                uid=_field_num(block, 108, 8, "uid"),
+                gid=_field_num(block, 116, 8, "gid"),
+                mtime=float(_field_num(block, 136, 12, "mtime")),
+                linkname=long_link if long_link is not None else _field_str(block, 157, 100),
+                devmajor=_field_num(block, 329, 8, "devmajor"),
+                devminor=_field_num(block, 337, 8, "devminor"),
+            )
+            self._apply_pax(entry, merged)
+            return entry
+
+    @staticmethod
+    def _apply_pax(entry: TarEntry, pax: dict[str, bytes]) -> None:
+        try:
+            for key, value in pax.items():
+                if key == "path":
+                    entry.name = _decode(value)
+                elif key == "linkpath":
+                    entry.linkname = _decode(value)
+                elif key == "size":
+                    entry.size = int(value)
+                elif key == "uid":
+                    entry.uid = int(value)
+                elif key == "gid":
+                    entry.gid = int(value)
+                elif key == "mtime":
+                    entry.mtime = float(value)
+                elif key.startswith("SCHILY.xattr."):
+                    entry.xattrs[key[len("SCHILY.xattr.") :]] = value
+        except ValueError:
+            raise CorruptLayer(f"malformed PAX value in header of {entry.name!r}") from None
+        if entry.size < 0:
+            raise CorruptLayer(f"negative size for {entry.name!r}")
+
+
+# -- writing a layer directory -------------------------------------------------------------
+@dataclass(frozen=True)
+class UnpackResult:
+    diff_id: str  # "sha256:…" of the uncompressed tar stream
+    tar_bytes: int  # length of that stream
+    file_bytes: int  # bytes of regular-file data written (hard links counted once)
+    entries: int  # tar entries applied
+    skipped: int  # entries neutralised (device nodes, unknown types, foreign xattrs)
+
+
+def _normalise(name: str) -> str:
+    """``./a//b/`` → ``a/b``; ``/abs`` → ``abs``; "" for the root; refuse ``..``."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeLayer(f"entry {name!r} has a '..' component")
+    return "/".join(parts)
+
+
+def _ns(mtime: float) -> int:
+    return int(mtime * 1_000_000_000) if mtime > 0 else 0
+
+
+def _safe_mode(mode: int) -> int:
+    """Permission bits without setuid/setgid: a layer never grants privileges."""
+    return mode & 0o1777
+
+
+def _user_xattrs(xattrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    return [(k, v) for k, v in xattrs.items() if k.startswith("user.")]
+
+
+_SMALL_FILE = 256 << 10  # files up to this size are written by the writer threads
+_MAX_PENDING = 256
+
+
+class _Unpacker:
+    """Applies tar members in archive order to ``dest``, which starts empty and is ours.
+
+    ``kinds`` records what this layer has created at each path. Because nothing else
+    writes under ``dest`` while we work, it tells exactly which parents are real
+    directories, so a name is never resolved through a symlink the archive planted.
+
+    Creating thousands of small files is mostly kernel time, so regular files of up to
+    256 KiB are handed to a few writer threads (the GIL is released in the syscalls);
+    any later operation on a path waits for that path's pending write first.
+    """
+
+    def __init__(self, dest: Path, writers: int) -> None:
+        self.dest = str(dest)
+        self.kinds: dict[str, str] = {"": "dir"}  # → "dir" | "file" | "link" | "other" | "wh"
+        self.explicit: set[str] = set()  # paths created by an entry of this layer
+        self.dirs: dict[str, TarEntry] = {}  # metadata applied at the end
+        self.file_bytes = 0
+        self.entries = 0
+        self.skipped = 0
+        self.can_chown = os.geteuid() == 0
+        self.pool = ThreadPoolExecutor(writers, "unpack") if writers > 0 else None
+        self.pending: dict[str, Future[None]] = {}
+        self.order: deque[tuple[str, Future[None]]] = deque()
+
+    def _path(self, rel: str) -> str:
+        return f"{self.dest}/{rel}" if rel else self.dest
+
+    # -- ordering with the writer threads --------------------------------------------------
+    def _wait(self, rel: str) -> None:
+        fut = self.pending.pop(rel, None)
+        if fut is not None:
+            fut.result()
+
+    def _drain(self) -> None:
+        while self.order:
+            rel, fut = self.order.popleft()
+            fut.result()
+            if self.pending.get(rel) is fut:
+                del self.pending[rel]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- paths -----------------------------------------------------------------------------
+    def _parent(self, rel: str, original: str) -> None:
+        """Make sure every parent of ``rel`` is a real directory of this layer."""
+        slash = rel.rfind("/")
+        if slash < 0 or self.kinds.get(rel[:slash]) == "dir":
+            return
+        cur = ""
+        for part in rel[:slash].split("/"):
+            cur = f"{cur}/{part}" if cur else part
+            kind = self.kinds.get(cur)
+            if kind == "dir":
+                continue
+            if kind == "link":
+                raise UnsafeLayer(f"entry {original!r} would be written through symlink {cur!r}")
+            if kind is not None:  # a file or whiteout where a directory is needed: replace
+                self._remove(cur)
+            os.mkdir(self._path(cur), 0o755)
+            self.kinds[cur] = "dir"
+
+    def _remove(self, rel: str) -> None:
+        """Remove what this layer has at ``rel`` (a later entry replaces an earlier one)."""
+        kind = self.kinds.pop(rel, None)
+        if kind is None:
+            return
+        self.explicit.discard(rel)
+        if kind == "dir":
+            self._drain()
+            shutil.rmtree(self._path(rel))
+            prefix = rel + "/"
+            for table in (self.kinds, self.dirs):
+                for key in [k for k in table if k.startswith(prefix)]:
+                    del table[key]
+            self.explicit = {k for k in self.explicit if not k.startswith(prefix)}
+            self.dirs.pop(rel, None)
+        else:
+            self._wait(rel)
+            os.unlink(self._path(rel))
+
+    # -- entries ---------------------------------------------------------------------------
+    def apply(self, reader: TarReader, entry: TarEntry) -> None:
+        rel = _normalise(entry.name)
+        base = rel.rsplit("/", 1)[-1]
+        kind = entry.type
+        if base.startswith(WHITEOUT_PREFIX):
+            reader.skip(entry.size + (-entry.size) % BLOCK)
+            self._whiteout(rel, base, entry.name)
+            return
+        if kind in _REGULAR and rel:
+            self._parent(rel, entry.name)
+            self._file(reader, rel, entry)
+            return
+        reader.skip(entry.size + (-entry.size) % BLOCK)
+        if kind == b"5":
+            if rel:
+                self._parent(rel, entry.name)
+                if self.kinds.get(rel) != "dir":
+                    self._remove(rel)
+                    os.mkdir(self._path(rel), 0o700)
+                    self.kinds[rel] = "dir"
+                self.explicit.add(rel)
+            self.dirs[rel] = entry
+            path = self._path(rel)
+            for name, value in _user_xattrs(entry.xattrs):
+                self._setxattr(path, name, value)
+            self.entries += 1
+            return
+        if not rel:
+            self.skipped += 1
+            return
+        self._parent(rel, entry.name)
+        if kind == b"1":
+            self._hardlink(rel, entry)
+            return
+        path = self._path(rel)
+        if kind == b"2":
+            self._remove(rel)
+            os.symlink(entry.linkname, path)
+            self.kinds[rel] = "link"
+            if self.can_chown:
+                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+            os.utime(path, ns=(_ns(entry.mtime),) * 2, follow_symlinks=False)
+        elif kind == b"6":
+            self._remove(rel)
+            os.mkfifo(path, 0o600)
+            self.kinds[rel] = "other"
+            if self.can_chown:
+                os.chown(path, entry.uid, entry.gid)
+            os.chmod(path, _safe_mode(entry.mode))
+            os.utime(path, ns=(_ns(entry.mtime),) * 2)
+        else:  # character/block devices and unknown types are never created from a layer
+            log.debug("skipping %s (tar type %r)", entry.name, kind)
+            self.skipped += 1
+            return
+        self.explicit.add(rel)
+        self.entries += 1
+
+    def _setxattr(self, path: str, name: str, value: bytes) -> None:
+        try:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        except OSError as exc:
+            log.debug("xattr %s on %s not applied: %s", name, path, exc)
+
+    def _file(self, reader: TarReader, rel: str, entry: TarEntry) -> None:
+        self._remove(rel)
+        self.kinds[rel] = "file"
+        self.explicit.add(rel)
+        self.entries += 1
+        self.file_bytes += entry.size
+        path = self._path(rel)
+        meta = (entry.uid, entry.gid, _safe_mode(entry.mode), _ns(entry.mtime))
+        xattrs = _user_xattrs(entry.xattrs)
+        if self.pool is not None and entry.size <= _SMALL_FILE:
+            data = reader.read(entry.size)
+            reader.skip((-entry.size) % BLOCK)
+            fut = self.pool.submit(self._write, path, [data], meta, xattrs)
+            self.pending[rel] = fut
+            self.order.append((rel, fut))
+            while len(self.order) > _MAX_PENDING:
+                done_rel, done = self.order.popleft()
+                done.result()
+                if self.pending.get(done_rel) is done:
+                    del self.pending[done_rel]
+            return
+        self._write(path, reader.chunks(entry.size), meta, xattrs)
+
+    def _write(
+        self,
+        path: str,
+        data: Iterable[bytes | memoryview],
+        meta: tuple[int, int, int, int],
+        xattrs: list[tuple[str, bytes]],
+    ) -> None:
+        uid, gid, mode, mtime = meta
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            for block in data:
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view) :]
+            if self.can_chown:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+        for name, value in xattrs:
+            self._setxattr(path, name, value)
+
+    def _hardlink(self, rel: str, entry: TarEntry) -> None:
+        target = _normalise(entry.linkname)
+        kind = self.kinds.get(target)
+        if not target or kind not in ("file", "link", "other"):
+            raise UnsafeLayer(
+                f"hard link {entry.name!r} -> {entry.linkname!r}: the target is not a file "
+                "unpacked earlier in this layer"
+            )
+        if target == rel:
+            return
+        self._wait(target)
+        self._remove(rel)
+        os.link(self._path(target), self._path(rel), follow_symlinks=False)
+        self.kinds[rel] = kind
+        self.explicit.add(rel)
+        self.entries += 1
+
+    def _whiteout(self, rel: str, base: str, original: str) -> None:
+        slash = rel.rfind("/")
+        parent = rel[:slash] if slash >= 0 else ""
+        self._parent(rel, original)
+        if base == OPAQUE_MARKER:
+            os.setxattr(self._path(parent), OPAQUE_XATTR, b"y")
+            self.entries += 1
+            return
+        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            self.skipped += 1  # other AUFS metadata (.wh..wh.plnk …): meaningless here
+            return
+        hidden = base[len(WHITEOUT_PREFIX) :]
+        target = f"{parent}/{hidden}" if parent else hidden
+        if target in self.explicit:
+            return  # a whiteout never hides an entry of its own layer (OCI image spec)
+        self._remove(target)
+        os.mknod(self._path(target), stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        self.kinds[target] = "wh"
+        self.entries += 1
+
+    def finish(self) -> None:
+        """Wait for the writers, then give directories their owners, modes and times
+        (last: a read-only mode must not stop children being created, and creating
+        children changes a directory's mtime)."""
+        self._drain()
+        for rel in sorted(self.dirs, key=len, reverse=True):
+            if self.kinds.get(rel) != "dir":
+                continue
+            entry = self.dirs[rel]
+            path = self._path(rel)
+            if self.can_chown:
+                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+            os.chmod(path, entry.mode & 0o7777 & ~stat.S_ISUID)
+            mtime = _ns(entry.mtime)
+            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+
+def unpack(stream: BinaryIO, dest: Path, *, writers: int = 2) -> UnpackResult:
+    """Unpack the uncompressed tar ``stream`` into the empty directory ``dest``.
+
+    Raises :class:`UnsafeLayer` for an entry that breaks the rules in the module docstring
+    and :class:`CorruptLayer` for data that is not a (complete) tar archive; ``dest`` is
+    then partial and the caller removes it.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise ValueError(f"unpack target {dest} is not empty")
+    reader = TarReader(stream)
+    unpacker = _Unpacker(dest, writers)
+    name = ""
+    try:
+        while (entry := reader.next()) is not None:
+            name = entry.name
+            unpacker.apply(reader, entry)
+        unpacker.finish()
+        diff_id = reader.diff_id()
+    except OSError as exc:
+        if exc.errno in _ENTRY_ERRNOS:
+            raise CorruptLayer(f"cannot unpack {name!r}: {exc.strerror}") from exc
+        raise
+    finally:
+        unpacker.close()
+    return UnpackResult(
+        diff_id=diff_id,
+        tar_bytes=reader.size,
+        file_bytes=unpacker.file_bytes,
+        entries=unpacker.entries,
+        skipped=unpacker.skipped,
+    )
+
+
+# errors that say "this entry cannot exist here", not "the disk failed"
+_ENTRY_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EINVAL}
+)
+
+
+def unpack_layer(stream: BinaryIO, dest: Path) -> str:
+    """Unpack an uncompressed tar stream into ``dest``; returns the layer's diff-id."""
+    return unpack(stream, dest).diff_id

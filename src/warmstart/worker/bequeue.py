@@ -1,0 +1,124 @@
+"""The best-effort queue's SQLite traffic, kept off the event loop.
+
+One asyncio loop serves every latency-sensitive request, so anything else it does is
+latency added to whichever request is waiting behind it.  Best-effort bookkeeping is
+plentiful (a job of ten thousand items is ten thousand outcomes, and inserting it took
+~60 ms in one go here) and never urgent, so it runs on a thread of its own, over an
+SQLite connection of its own (WAL: its writes do not block the loop's reads), and the
+outcomes of finished invocations are written in batches, one transaction per
+``flush_after_s``.
+
+An outcome waiting for its batch is not yet in SQLite, where the event still reads as
+pending: ``pending()`` leaves such events out, so nothing runs twice while the worker
+lives.  A worker killed before a batch is written runs those events again after its
+restart, which the queue's at-least-once contract allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from warmstart.functions import FunctionStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PendingRow = tuple[str, str, bytes, int]  # id, function, payload, attempts
+
+
+class BEQueue:
+    def __init__(self, store: FunctionStore, *, flush_after_s: float = 0.05) -> None:
+        self._store = store
+        self._handle: FunctionStore | None = None  # opened, used and closed on the thread
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warmstart-be-db")
+        self.flush_after = flush_after_s
+        self._finished: list[tuple[str, str, bytes, int]] = []
+        self._retried: list[tuple[str, int]] = []
+        self._unwritten: set[str] = set()  # events whose outcome waits for its batch
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- on the thread ---------------------------------------------------------------------
+    def _db(self) -> FunctionStore:
+        if self._handle is None:
+            self._handle = self._store.another_handle()
+        return self._handle
+
+    async def run(self, fn: Callable[[FunctionStore], T]) -> T:
+        """Run ``fn(store)`` on the queue's thread, with its own connection."""
+        if self._closed:
+            raise RuntimeError("the best-effort queue is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._db()))
+
+    # -- the dispatcher's side ---------------------------------------------------------------
+    async def pending(self, limit: int) -> list[PendingRow]:
+        """Up to ``limit`` pending events, oldest first, without those whose outcome is
+        recorded but not written yet."""
+        if limit <= 0:
+            return []
+        before = set(self._unwritten)
+        rows = await self.run(lambda db: db.pending_events(limit + len(before)))
+        # An outcome recorded while the query ran is excluded too (``_unwritten`` now);
+        # one written meanwhile was read either way, so the snapshot excludes it.
+        skip = before | self._unwritten
+        return [row for row in rows if row[0] not in skip][:limit]
+
+    def finish(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
+        """Record a final outcome (``FunctionStore.finish_event``), written with the next
+        batch."""
+        self._finished.append((event_id, status, result, attempts))
+        self._recorded(event_id)
+
+    def retry(self, event_id: str, attempts: int) -> None:
+        """Record a failed attempt that will be retried (``FunctionStore.retry_event``);
+        the event is offered again once the batch is written."""
+        self._retried.append((event_id, attempts))
+        self._recorded(event_id)
+
+    def _recorded(self, event_id: str) -> None:
+        self._unwritten.add(event_id)
+        if self._flusher is None and not self._closed:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_after)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write every recorded outcome now, in one transaction."""
+        self._flusher = None
+        finished, retried = self._finished, self._retried
+        if not finished and not retried:
+            return
+        self._finished, self._retried = [], []
+        try:
+            await self.run(lambda db: db.record_outcomes(finished, retried))
+        except (sqlite3.Error, RuntimeError) as exc:
+            # Still pending in SQLite: the events run again (at least once).
+            log.error(
+                "cannot record %d best-effort outcome(s): %s", len(finished) + len(retried), exc
+            )
+        finally:
+            self._unwritten.difference_update(i for i, *_ in finished)
+            self._unwritten.difference_update(i for i, _ in retried)
+
+    async def close(self) -> None:
+        """Write what is recorded, then close the connection and stop the thread."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush()
+        self._closed = True
+        handle, self._handle = self._handle, None
+        loop = asyncio.get_running_loop()
+        if handle is not None:
+            await loop.run_in_executor(self._executor, handle.close)
+        await loop.run_in_executor(None, self._executor.shutdown)

@@ -1,0 +1,199 @@
+"""Functions packaged as container images (PackageType=Image), end to end through boto3.
+
+The images come from the real registry (Debian's docker-registry on loopback), built with
+umoci and pushed with skopeo; their root is a Debian bookworm with its own python3.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests import imagetools
+from tests.conftest import Server, needs_root
+
+pytestmark = [pytest.mark.integration, needs_root]
+
+
+def create_image_function(lam: Any, name: str, uri: str, **kwargs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = lam.create_function(
+        FunctionName=name,
+        PackageType="Image",
+        Code={"ImageUri": uri},
+        Role="arn:aws:iam::000000000000:role/test",
+        Timeout=60,
+        **kwargs,
+    )
+    return out
+
+
+def invoke(lam: Any, name: str, event: Any = None) -> tuple[dict[str, Any], Any]:
+    resp = lam.invoke(FunctionName=name, Payload=json.dumps(event or {}).encode())
+    body = json.loads(resp["Payload"].read())
+    return resp, body
+
+
+def mounts_under(path: Path) -> list[str]:
+    target = str(path.resolve())
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(target)
+    ]
+
+
+@pytest.mark.parametrize("pull", ["full", "auto"])
+def test_image_function_runs_with_the_images_own_python(
+    server_factory: Any, python_image: str, pull: str
+) -> None:
+    server: Server = server_factory("--image-pull", pull)
+    lam = server.lambda_client()
+    conf = create_image_function(lam, "img", python_image)
+    assert conf["PackageType"] == "Image"
+    assert "Runtime" not in conf and "Handler" not in conf
+    resp, body = invoke(lam, "img", {"k": 1})
+    assert "FunctionError" not in resp, body
+    # The image's interpreter, not the host's.
+    assert body == {"python": "/usr/bin/python3", "event": {"k": 1}}
+    got = lam.get_function(FunctionName="img")
+    assert got["Code"]["RepositoryType"] == "ECR"
+    assert got["Code"]["ImageUri"] == python_image
+    assert got["Code"]["ResolvedImageUri"].split("@")[1].startswith("sha256:")
+    # A warm call reuses the instance.
+    resp, body = invoke(lam, "img", {"k": 2})
+    assert body["event"] == {"k": 2}
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert "warmstart_image_pulls_total 1.0" in metrics
+    lam.delete_function(FunctionName="img")
+    deadline = time.monotonic() + 10
+    while mounts_under(server.data_dir / "images" / "roots") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mounts_under(server.data_dir / "images" / "roots") == []
+
+
+def test_image_config_command_overrides_the_cmd(
+    server: Server, lam: Any, registry: Any, tmp_path: Path
+) -> None:
+    ref = imagetools.build_image(
+        tmp_path,
+        [
+            imagetools.base_rootfs(),
+            {
+                "srv/fn/other.py": "import os\n"
+                "def run(event, context):\n"
+                "    return {'cwd': os.getcwd(), 'ctx': context.function_name}\n",
+            },
+        ],
+        ref=f"{registry.host}/override:1",
+        cmd=["missing.handler"],
+        workingdir="/srv/fn",
+    )
+    create_image_function(
+        lam, "ovr", ref, ImageConfig={"Command": ["other.run"], "WorkingDirectory": "/srv/fn"}
+    )
+    resp, body = invoke(lam, "ovr")
+    assert "FunctionError" not in resp, body
+    assert body == {"cwd": "/srv/fn", "ctx": "ovr"}
+    conf = lam.get_function_configuration(FunctionName="ovr")
+    assert conf["ImageConfigResponse"]["ImageConfig"]["Command"] == ["other.run"]
+
+
+def test_bad_image_references_are_clear_400s(server: Server, lam: Any, registry: Any) -> None:
+    cases = [
+        "not a reference!",
+        f"{registry.host}/does-not-exist:1",
+        "127.0.0.1:9/dead-registry:1",  # nothing listens on port 9
+    ]
+    for uri in cases:
+        with pytest.raises(ClientError) as err:
+            create_image_function(lam, "bad", uri)
+        assert err.value.response["Error"]["Code"] == "InvalidParameterValueException", uri
+        assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert lam.list_functions()["Functions"] == []
+
+
+def test_image_without_a_handler_cmd_or_python(
+    server: Server, lam: Any, registry: Any, tmp_path: Path
+) -> None:
+    # No CMD naming a handler: refused at deploy.
+    ref = imagetools.build_image(
+        tmp_path / "a", [{"var/task/app.py": "x = 1\n"}], ref=f"{registry.host}/nocmd:1"
+    )
+    with pytest.raises(ClientError) as err:
+        create_image_function(lam, "nocmd", ref)
+    assert "CMD" in err.value.response["Error"]["Message"]
+    # A handler but no Python in the image: the invocation fails with a clear error.
+    ref = imagetools.build_image(
+        tmp_path / "b",
+        [{"var/task/app.py": "def handler(e, c):\n    return 1\n"}],
+        ref=f"{registry.host}/nopython:1",
+        cmd=["app.handler"],
+    )
+    create_image_function(lam, "nopy", ref)
+    with pytest.raises(ClientError) as err:
+        invoke(lam, "nopy")
+    assert "python3" in err.value.response["Error"]["Message"]
+    # The node is fine.
+    assert server.http().get("/healthz").json()["status"] == "ok"
+
+
+def test_update_function_code_to_a_new_image(
+    server: Server, lam: Any, registry: Any, python_image: str, tmp_path: Path
+) -> None:
+    create_image_function(lam, "upd", python_image)
+    _, body = invoke(lam, "upd")
+    assert body["python"] == "/usr/bin/python3"
+    ref = imagetools.build_image(
+        tmp_path,
+        [imagetools.base_rootfs(), {"var/task/app.py": "def handler(e, c):\n    return 'v2'\n"}],
+        ref=f"{registry.host}/python:v2",
+        cmd=["app.handler"],
+    )
+    lam.update_function_code(FunctionName="upd", ImageUri=ref)
+    _, body = invoke(lam, "upd")
+    assert body == "v2"
+
+
+def test_lazy_image_function_and_recovery_after_a_crash(
+    server_factory: Any, registry: Any, python_image: str, tmp_path: Path
+) -> None:
+    """An eStargz image starts from a lazy mount; a SIGKILLed worker's mounts are
+    recovered by the next one, which serves the function again."""
+    lazy_ref = f"{registry.host}/python:lazy"
+    res = subprocess.run(
+        [".venv/bin/warmstart", "image", "convert", python_image, lazy_ref],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    data_dir = tmp_path / "data"
+    first: Server = server_factory(data_dir=data_dir)
+    lam = first.lambda_client()
+    create_image_function(lam, "lazy", lazy_ref)
+    resp, body = invoke(lam, "lazy", {"n": 1})
+    assert "FunctionError" not in resp, body
+    assert body["python"] == "/usr/bin/python3"
+    with first.http() as http:
+        metrics = http.get("/metrics").text
+    assert "warmstart_image_lazy_mounts_total 1.0" in metrics
+    assert mounts_under(data_dir), "the lazy root should be mounted"
+
+    first.stop(signal.SIGKILL)
+    second: Server = server_factory(data_dir=data_dir)
+    lam = second.lambda_client()
+    resp, body = invoke(lam, "lazy", {"n": 2})
+    assert "FunctionError" not in resp, body
+    assert body["event"] == {"n": 2}
+    second.stop()
+    deadline = time.monotonic() + 10
+    while mounts_under(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mounts_under(data_dir) == []

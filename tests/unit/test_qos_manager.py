@@ -1,0 +1,103 @@
+"""The QoS manager's BE CPU policies against a fake v1 cgroupfs (the sandboxes are a seam)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from tests.unit.test_qos_enforce import fake_v1, read
+from warmstart.qos.policy import NodeSample, QoSConfig
+from warmstart.sandbox import SandboxManager
+from warmstart.sandbox.cgroups import V1Driver
+from warmstart.worker.qos import QoSManager
+
+BE = "warmstart-be/abc"
+LS = "warmstart/abc/ls"
+
+
+class FakeCgroup:
+    def __init__(self, rel: str) -> None:
+        self.rel = rel
+
+
+class FakePool:
+    def __init__(self, free: list[str], in_use: list[str]) -> None:
+        self._free = [FakeCgroup(r) for r in free]
+        self._in_use = [FakeCgroup(r) for r in in_use]
+
+    def free(self) -> list[FakeCgroup]:
+        return self._free
+
+    def in_use(self) -> list[FakeCgroup]:
+        return self._in_use
+
+
+class FakeSandboxes:
+    """What the QoS manager reads of a SandboxManager."""
+
+    def __init__(self, root: Path) -> None:
+        self.children = [f"{BE}/cg0", f"{BE}/cg1"]
+        for rel in [LS, BE, *self.children]:
+            fake_v1(root, rel)
+        for rel in [BE, *self.children]:
+            (root / "cpuset" / rel / "cpuset.cpus").write_text("0-1\n")
+            (root / "cpuset" / rel / "cpuset.mems").write_text("0\n")
+        self.driver = V1Driver(root)
+        self.be_driver = V1Driver(root, cpuset=True)
+        self.ls_parent, self.be_parent = LS, BE
+        self.be_pool = FakePool(self.children[:1], self.children[1:])
+        self.pool = None
+
+
+def manager(tmp_path: Path, **config: Any) -> tuple[QoSManager, FakeSandboxes]:
+    sandboxes = FakeSandboxes(tmp_path)
+    qos = QoSManager(
+        cast(SandboxManager, sandboxes),
+        lambda: [],
+        lambda ids: None,
+        config=QoSConfig(**config),
+    )
+    return qos, sandboxes
+
+
+def sample(ls: float, node: float | None = None) -> NodeSample:
+    """A 2-core node at t=100 with LS using ``ls`` cores and the system 0.1."""
+    return NodeSample(100.0, 2.0, 4 << 30, ls + 0.1 if node is None else node, 1 << 30, ls, 0)
+
+
+def test_idle_policy_computes_the_limit_and_writes_nothing(tmp_path: Path) -> None:
+    qos, _ = manager(tmp_path)
+    qos._suppress_be(sample(0.4), now=100.0)
+    # 2 * 0.825 - 0.4 - 0.1: BE's grant, reported, not enforced.
+    assert qos.be_cpu_cores == pytest.approx(1.15)
+    assert read(tmp_path / "cpu" / BE / "cpu.cfs_quota_us") == "-1"
+    assert read(tmp_path / "cpuset" / BE / "cpuset.cpus") == "0-1"
+    assert qos.status()["be_cpu_policy"] == "idle"
+
+
+def test_quota_policy_uses_the_short_period(tmp_path: Path) -> None:
+    qos, _ = manager(tmp_path, be_cpu_policy="quota")
+    qos._suppress_be(sample(0.4), now=100.0)
+    d = tmp_path / "cpu" / BE
+    assert read(d / "cpu.cfs_period_us") == "20000"
+    assert read(d / "cpu.cfs_quota_us") == str(round(1.15 * 20_000))
+    # LS surges: the quota shrinks at once ...
+    qos._suppress_be(sample(1.4), now=101.0)
+    assert read(d / "cpu.cfs_quota_us") == str(round(0.15 * 20_000))
+    # ... and grows back by a tenth of the node (0.2 cores) per tick.
+    qos._suppress_be(sample(0.4), now=102.0)
+    assert read(d / "cpu.cfs_quota_us") == str(round(0.35 * 20_000))
+
+
+def test_cpuset_policy_confines_the_subtree_and_its_cgroups(tmp_path: Path) -> None:
+    qos, sandboxes = manager(tmp_path, be_cpu_policy="cpuset")
+    qos._suppress_be(sample(1.0), now=100.0)  # 1.65 - 1.0 - 0.1 = 0.55: one core
+    for rel in [BE, *sandboxes.children]:
+        assert read(tmp_path / "cpuset" / rel / "cpuset.cpus") == "1"
+    assert qos.be_cpuset == "1" and qos.be_cpu_cores == 1.0
+    qos._suppress_be(sample(0.2), now=101.0)  # 1.35 cores: two, one step up
+    for rel in [BE, *sandboxes.children]:
+        assert read(tmp_path / "cpuset" / rel / "cpuset.cpus") == "0-1"
+    assert qos.status()["be_cpuset"] == "0-1"
