@@ -197,3 +197,50 @@ def test_lazy_image_function_and_recovery_after_a_crash(
     while mounts_under(data_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert mounts_under(data_dir) == []
+
+
+def test_image_zygote_preloads_what_the_handler_imported(
+    server_factory: Any, registry: Any, tmp_path: Path
+) -> None:
+    """After a fresh start of an image function, a zygote starts inside the image's root
+    with the packages the handler imported from the image's site-packages; the next
+    function of that image forks from it."""
+    site = "usr/local/lib/python3.11/dist-packages"
+    ref = imagetools.build_image(
+        tmp_path,
+        [
+            imagetools.base_rootfs(),
+            {
+                f"{site}/imgpkg/__init__.py": "import os\n"
+                "IN_ZYGOTE = 'AWS_LAMBDA_FUNCTION_NAME' not in os.environ\n",
+                "var/task/app.py": "import os, imgpkg\n"
+                "def handler(event, context):\n"
+                "    return {'in_zygote': imgpkg.IN_ZYGOTE, 'cwd': os.getcwd()}\n",
+            },
+        ],
+        ref=f"{registry.host}/zygote-image:1",
+        cmd=["app.handler"],
+        workingdir="/var/task",
+    )
+    server: Server = server_factory("--zygote-after", "1")
+    lam = server.lambda_client()
+    create_image_function(lam, "z1", ref)
+    create_image_function(lam, "z2", ref)
+    with server.http() as http:
+        r = http.post("/run/z1", content=b"{}")
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Warmstart-Start"] == "cold"
+        assert r.json() == {"in_zygote": False, "cwd": "/var/task"}
+        deadline = time.monotonic() + 60
+        while True:
+            zs = [z for z in http.get("/zygotes").json()["zygotes"] if z.get("image")]
+            if zs and zs[0]["alive"]:
+                break
+            assert time.monotonic() < deadline, http.get("/zygotes").json()
+            time.sleep(0.2)
+        assert zs[0]["imported"] == ["imgpkg"]
+        r = http.post("/run/z2", content=b"{}")
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Warmstart-Start"] == "fork"
+        # imgpkg was imported by the zygote (no function environment), before the fork.
+        assert r.json() == {"in_zygote": True, "cwd": "/var/task"}

@@ -111,6 +111,19 @@ def _error(
     }
 
 
+def _imported_packages() -> bytes:
+    """With WARMSTART_REPORT_MODULES set: the top-level packages the handler's import
+    pulled in from site-packages (what a zygote for this function should preload)."""
+    if not os.environ.get("WARMSTART_REPORT_MODULES"):
+        return b""
+    names = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None) or ""
+        if "." not in name and "-packages/" in path:
+            names.add(name)
+    return json.dumps(sorted(names)).encode()
+
+
 def load_handler(spec: str) -> tuple[Any, dict[str, Any] | None]:
     """Import ``module.function``; return (callable, None) or (None, Lambda init error)."""
     module_name, _, func_name = spec.rpartition(".")
@@ -121,8 +134,9 @@ def load_handler(spec: str) -> tuple[Any, dict[str, Any] | None]:
             "stackTrace": [],
         }
     module_name = module_name.replace("/", ".")
-    if TASK_ROOT not in sys.path:
-        sys.path.insert(0, TASK_ROOT)
+    task_root = os.environ.get("LAMBDA_TASK_ROOT", TASK_ROOT)
+    if task_root not in sys.path:
+        sys.path.insert(0, task_root)
         # The function's packages from the install cache come right after its own code.
         extra = [p for p in os.environ.get("WARMSTART_PATH", "").split(":") if p]
         sys.path[1:1] = extra
@@ -212,7 +226,7 @@ class Runtime:
             self.send({"type": "init_error"}, json.dumps(init_error).encode())
             return
         _request_filter.maybe_install()
-        self.send({"type": "ready"})
+        self.send({"type": "ready"}, _imported_packages())
         while True:
             req = self.recv()
             if req is None:

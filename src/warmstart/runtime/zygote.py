@@ -285,7 +285,7 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
         sc.drop_to(setup["uid"], setup["gid"])
         os.environ.clear()
         os.environ.update(setup["env"])
-        os.chdir("/var/task")
+        os.chdir(setup.get("cwd", "/var/task"))
     except BaseException as exc:
         err = {
             "errorType": "Runtime.SandboxError",

@@ -35,7 +35,7 @@ from warmstart.sandbox.cgroups import Limits
 
 if TYPE_CHECKING:
     from warmstart.sandbox.cgpool import Cgroup
-    from warmstart.sandbox.manager import Sandbox, SandboxManager, SandboxSpec
+    from warmstart.sandbox.manager import RootLayout, Sandbox, SandboxManager, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -155,22 +155,41 @@ class Zygotes:
         return mounts, layout
 
     async def start(
-        self, packages: tuple[tuple[str, str], ...], preload: list[str], timeout: float = 300.0
+        self,
+        packages: tuple[tuple[str, str], ...],
+        preload: list[str],
+        timeout: float = 300.0,
+        *,
+        image: RootLayout | None = None,
+        image_env: dict[str, str] | None = None,
     ) -> Zygote:
+        """Start a zygote that imports ``preload``: in the host layout with ``packages``
+        bound under /var/packages, or inside an image's root (``image``: its layout, with
+        its own Python and site-packages; ``image_env``: the image's environment)."""
         m = self.m
         if m.pool is None:
             raise SandboxError("zygotes need linux isolation")
         self._seq += 1
-        mounts, layout = self._layout(packages)
+        if image is None:
+            mounts, layout = self._layout(packages)
+            python, flags, runtime_root = m.python, ["-E", "-s", "-S"], "/var/runtime"
+            owned = [["/var/packages", self.uid]]
+            symlinks = m._symlinks
+        else:
+            mounts = list(image.mounts)
+            symlinks = list(image.symlinks)
+            layout = {"binds": [dst for _, dst, _ in mounts], "symlinks": symlinks}
+            python, flags, runtime_root = image.python, list(image.python_flags), image.runtime_root
+            owned = []  # the image owns /var: an image zygote grows no child zygotes
         cgroup = m.pool.acquire(Limits(self.memory_mb << 20, m.pids_max, None))
         await m._unpark(cgroup)
-        code = "import sys; sys.path.insert(0, '/var/runtime'); import zygote; zygote.main()"
+        code = f"import sys; sys.path.insert(0, {runtime_root!r}); import zygote; zygote.main()"
         spec = {
             "root": str(m.root_mountpoint),
             "mounts": mounts,
-            "symlinks": m._symlinks,
+            "symlinks": symlinks,
             "dirs": ["/.c"],
-            "owned_dirs": [["/var/packages", self.uid]],
+            "owned_dirs": owned,
             "tmp_bytes": 16 << 20,
             "cgroup_procs": cgroup.procs_files,
             "hostname": "warmstart-zygote",
@@ -178,9 +197,10 @@ class Zygotes:
             "gid": m.gid,
             "zygote_uid": self.uid,
             "zygote_gid": self.gid,
-            "argv": [m.python, "-E", "-s", "-S", "-c", code],
+            "argv": [python, *flags, "-c", code],
             "env": {
-                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                **(image_env or {}),
+                "PATH": (image_env or {}).get("PATH") or "/usr/local/bin:/usr/bin:/bin",
                 "LANG": "C.UTF-8",
                 "HOME": "/tmp",
                 "LAMBDA_TASK_ROOT": "/var/task",
@@ -400,7 +420,7 @@ class Zygotes:
         try:
             spare.cgroup.set_limits(m.limits_for(spec.memory_mb, spec.qos))
             have = {dst for _, dst in zygote.packages}
-            mounts = [(str(spec.code_dir), TASK_ROOT)]
+            mounts = [] if spec.code_dir is None else [(str(spec.code_dir), TASK_ROOT)]
             mounts += [(src, dst) for src, dst in spec.extra_ro_mounts if dst not in have]
             trees = [sc.clone_tree_readonly(src) for src, _ in mounts]
             setup = {
@@ -410,6 +430,7 @@ class Zygotes:
                 "tmp_bytes": m.tmp_bytes,
                 "uid": m.uid,
                 "gid": m.gid,
+                "cwd": spec.workdir,
             }
             spare.sock.sendmsg(
                 [encode(json.dumps(setup).encode())],

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from warmstart.errors import PlatformError, SandboxError
-from warmstart.sandbox import Sandbox, SandboxManager, SandboxSpec
+from warmstart.sandbox import RootLayout, Sandbox, SandboxManager, SandboxSpec
 from warmstart.sandbox.zygotes import Zygote, Zygotes, top_level_modules
 from warmstart.zygote.tree import Node, PackageSet, ZygoteTree
 
@@ -57,6 +57,10 @@ class ZygoteCache:
         self.forks = 0
         self.failures = 0
         self.created = 0
+        # Image functions: one zygote per image, inside the image's root, preloading what
+        # the image's first cold starts imported from its site-packages.
+        self.images: dict[str, Zygote] = {}
+        self._image_starting: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -65,6 +69,9 @@ class ZygoteCache:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for zygote in list(self.images.values()):
+            await self.launcher.stop(zygote)
+        self.images.clear()
         for node in self.tree.nodes():
             if isinstance(node.handle, Zygote):
                 await self.launcher.stop(node.handle)
@@ -151,6 +158,68 @@ class ZygoteCache:
         self.forks += 1
         self.live[zygote] = self.live.get(zygote, 0) + 1
         return sandbox, zygote
+
+    # -- image zygotes ---------------------------------------------------------------------
+    def image_zygote(self, key: str) -> Zygote | None:
+        zygote = self.images.get(key)
+        if zygote is not None and not zygote.alive:
+            del self.images[key]
+            self.live.pop(zygote, None)
+            self._background(self.launcher.stop(zygote))
+            return None
+        return zygote
+
+    def grow_image(
+        self, key: str, layout: RootLayout, env: dict[str, str], preload: list[str]
+    ) -> None:
+        """Start, in the background, a zygote inside an image's root (once per image)."""
+        if key in self.images or key in self._image_starting:
+            return
+        self._image_starting.add(key)
+
+        async def launch() -> None:
+            t0 = time.perf_counter()
+            try:
+                zygote = await self.launcher.start((), preload, image=layout, image_env=env)
+            except (SandboxError, OSError, TimeoutError) as exc:
+                log.warning("cannot start a zygote for image %s: %s", key, exc)
+                return
+            finally:
+                self._image_starting.discard(key)
+            self.images[key] = zygote
+            self.live[zygote] = 0
+            self.created += 1
+            log.info(
+                "image zygote %s for %s ready in %.0f ms with %s",
+                zygote.id,
+                key,
+                (time.perf_counter() - t0) * 1000,
+                ", ".join(zygote.imported) or "the runtime only",
+            )
+
+        self._background(launch())
+
+    async def fork_image(self, key: str, spec: SandboxSpec) -> tuple[Sandbox, Zygote] | None:
+        zygote = self.image_zygote(key)
+        if zygote is None:
+            return None
+        try:
+            self._thaw(zygote)
+            sandbox = await self.launcher.fork(zygote, spec)
+        except (SandboxError, PlatformError) as exc:
+            self.failures += 1
+            log.warning("fork from image zygote %s failed (%s); starting without it", zygote.id, exc)
+            self.image_zygote(key)  # drops it if it died
+            return None
+        self.forks += 1
+        self.live[zygote] = self.live.get(zygote, 0) + 1
+        return sandbox, zygote
+
+    async def drop_image(self, key: str) -> None:
+        zygote = self.images.pop(key, None)
+        if zygote is not None:
+            self.live.pop(zygote, None)
+            await self.launcher.stop(zygote)
 
     def _thaw(self, zygote: Zygote) -> None:
         if zygote in self.frozen and zygote.cgroup is not None:
@@ -258,4 +327,22 @@ class ZygoteCache:
                     }
                 )
             out.append(entry)
+        for key, zygote in self.images.items():
+            use = zygote.memory()
+            out.append(
+                {
+                    "image": key,
+                    "packages": [],
+                    "id": zygote.id,
+                    "pid": zygote.pid,
+                    "alive": zygote.alive,
+                    "frozen": zygote in self.frozen,
+                    "instances": self.live.get(zygote, 0),
+                    "imported": list(zygote.imported),
+                    "skipped": zygote.skipped,
+                    "memory": None
+                    if use is None
+                    else {"rss": use.rss, "pss": use.pss, "uss": use.uss},
+                }
+            )
         return out

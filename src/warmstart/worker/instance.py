@@ -47,6 +47,7 @@ class Instance:
         self.last_used = time.monotonic()
         self.freeze_handle: asyncio.TimerHandle | None = None
         self.start_kind = "cold"  # or "fork": forked from a zygote
+        self.ready_payload = b""  # what the runtime said with "ready" (imported packages)
         self.evicted = False  # killed by the QoS manager: its work goes back to the queue
         self.zygote: Zygote | None = None
         self._reader: asyncio.StreamReader | None = None

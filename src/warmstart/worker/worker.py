@@ -98,6 +98,8 @@ class Worker:
         self.zygotes: ZygoteCache | None = None
         self.images: ImageManager | None = None  # made on first use (container images)
         self._layouts: dict[str, RootLayout] = {}  # image digest -> sandbox root layout
+        self._image_colds: dict[str, int] = {}  # image digest -> fresh starts so far
+        self._image_preload: dict[str, list[str]] = {}  # what the image's handler imported
         self.qos: QoSManager | None = None
         self.running_be: dict[Instance, FunctionPool] = {}
         self.functions: dict[str, FunctionRecord] = {}
@@ -288,6 +290,9 @@ class Worker:
         )
         if not used:
             self._layouts.pop(image.digest, None)
+            self._image_colds.pop(image.digest, None)
+            if self.zygotes is not None:
+                await self.zygotes.drop_image(image.digest)
         await self.images.release(image, still_used=used)
 
     async def _image_layout(self, image: ImageSource) -> RootLayout:
@@ -472,11 +477,19 @@ class Worker:
         """A fresh sandbox whose root is the function's image (mounted on first use)."""
         image = rec.image
         assert image is not None
+        zc = self.zygotes if rec.config.network == "none" else None
+        forked = None
         try:
             layout = await self._image_layout(image)
+            workdir = image.working_directory or "/var/task"
             env = image.env_dict()
             env.update(self._env(rec))
             env["PATH"] = image.env_dict().get("PATH") or env["PATH"]
+            # Set here too: a forked child gets no spawner to add them.
+            env["LAMBDA_TASK_ROOT"] = workdir
+            env["LAMBDA_RUNTIME_DIR"] = layout.runtime_root
+            if zc is not None and image.digest not in self._image_preload:
+                env["WARMSTART_REPORT_MODULES"] = "1"
             spec = SandboxSpec(
                 code_dir=None,
                 env=env,
@@ -484,14 +497,36 @@ class Worker:
                 network=rec.config.network,
                 qos=qos,
                 layout=layout,
-                workdir=image.working_directory or "/var/task",
+                workdir=workdir,
             )
-            sandbox = await self.sandboxes.create(spec)
+            if zc is not None:
+                forked = await zc.fork_image(image.digest, spec)
+            sandbox = forked[0] if forked else await self.sandboxes.create(spec)
         except BaseException:
             self.reserved_mb -= rec.config.memory_mb
             raise
         inst = Instance(sandbox, rec.name, rec.revision, rec.config.memory_mb)
-        return await self._await_ready(inst, t0)
+        if forked:
+            inst.start_kind = "fork"
+            inst.zygote = forked[1]
+        ready = await self._await_ready(inst, t0)
+        if zc is not None and not forked:
+            self._image_cold_start(image, layout, ready.ready_payload)
+        return ready
+
+    def _image_cold_start(self, image: ImageSource, layout: RootLayout, report: bytes) -> None:
+        """Count a fresh start of an image; after ``zygote_after`` of them, start a zygote
+        inside the image's root that preloads what the handler imported."""
+        if report and image.digest not in self._image_preload:
+            with contextlib.suppress(ValueError):
+                names = json.loads(report)
+                if isinstance(names, list):
+                    self._image_preload[image.digest] = [str(n) for n in names]
+        n = self._image_colds.get(image.digest, 0) + 1
+        self._image_colds[image.digest] = n
+        if self.zygotes is not None and n >= self.settings.zygote_after:
+            preload = self._image_preload.get(image.digest, [])
+            self.zygotes.grow_image(image.digest, layout, image.env_dict(), preload)
 
     async def _await_ready(self, inst: Instance, t0: float) -> Instance:
         try:
@@ -518,6 +553,7 @@ class Worker:
             )
         self.metrics.sandbox_create.observe(time.perf_counter() - t0)
         inst.state = State.BUSY
+        inst.ready_payload = reply.payload
         return inst
 
     def _destroy_instance(self, inst: Instance) -> None:
