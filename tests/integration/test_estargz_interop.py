@@ -13,6 +13,7 @@ without Go those checks skip, the ``ctr-remote`` ones still run.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -185,8 +186,6 @@ def test_reference_library_verifies_warmstart_blobs(
     toc = read_toc(lambda s, e: bytes(blob[s:e]), len(blob))
     victim = toc.chunks("usr/bin/python3.11")[0]
     forged = io.BytesIO()
-    import gzip
-
     with gzip.GzipFile(fileobj=forged, mode="wb", mtime=0) as gz:
         gz.write(b"\0" * victim.chunk_size)
     member = forged.getvalue()

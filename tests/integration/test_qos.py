@@ -51,7 +51,8 @@ def test_reclaimed_capacity_and_be_suppression(server: Server) -> None:
         assert node["usage"][key] >= 0
     assert node["reclaimed"]["stale"] is False
     assert 0 <= node["reclaimed"]["cpu_cores"] <= node["capacity"]["cpus"]
-    assert node["be_cpu_limit_cores"] > 0
+    # Zero when the host is busy with other work: nothing idle to lend.
+    assert 0 <= node["be_cpu_limit_cores"] <= node["capacity"]["cpus"]
     # By default the idle class alone keeps BE behind LS: the limit is computed and
     # reported, not written as a quota.  The BE subtree has the lowest weight, and so
     # does its top (warmstart-be/), which competes with every other task on the host.
@@ -77,11 +78,10 @@ def test_quota_policy_caps_be_with_a_short_period(server_factory: Any, tmp_path:
     d = _be_cpu_dir(server)
     _wait(lambda: int((d / "cpu.cfs_quota_us").read_text()) > 0)
     assert int((d / "cpu.cfs_period_us").read_text()) == 20_000
-    limit = _node(server)["be_cpu_limit_cores"]
     quota = int((d / "cpu.cfs_quota_us").read_text())
-    # The quota is the reported limit (which may have moved by a tick) per 20 ms.
-    assert 1000 <= quota <= 20_000 * _node(server)["capacity"]["cpus"]
-    assert limit > 0
+    # The limit per 20 ms, never below the floor that keeps suppressed BE moving.
+    assert 0.1 * 20_000 <= quota <= 20_000 * _node(server)["capacity"]["cpus"]
+    assert _node(server)["be_cpu_limit_cores"] >= 0.1
 
 
 CPUS = "import os\ndef handler(event, context):\n    return sorted(os.sched_getaffinity(0))\n"

@@ -570,3 +570,35 @@ def test_reference_style_toc_defaults_and_offsets() -> None:
 def test_errors_are_image_errors() -> None:
     assert issubclass(ChunkDigestError, EStargzError)
     assert issubclass(EStargzError, ImageError)
+
+
+def test_hostile_tar_names_land_inside_the_layer_in_the_toc() -> None:
+    raw = make_tar(
+        [
+            (info("../../etc/evil"), b"x"),
+            (info("/abs/file"), b"y"),
+            (info("a/../../b"), b"z"),
+            (info("l", tarfile.LNKTYPE, linkname="../../etc/passwd"), None),
+        ]
+    )
+    blob, _ = convert(raw)
+    toc = read_toc(reader(blob), len(blob))
+    got = {(e.name, e.link_name) for e in toc.entries if e.name not in estargz.LANDMARK_NAMES}
+    assert got == {("etc/evil", ""), ("abs/file", ""), ("b", ""), ("l", "etc/passwd")}
+    assert file_bytes(blob, toc, "etc/evil") == b"x"
+
+
+def test_large_toc_is_read_in_two_requests() -> None:
+    """A TOC bigger than the tail fetched first costs one more request, for the rest only."""
+    members = [(info(f"dir/file-{i:05d}-{'x' * 80}"), b"%d" % i) for i in range(6000)]
+    blob, layer = convert(make_tar(members))
+    calls: list[tuple[int, int]] = []
+
+    def read_range(start: int, end: int) -> bytes:
+        calls.append((start, end))
+        return blob[start:end]
+
+    toc = read_toc(read_range, len(blob), layer.toc_digest)
+    assert len(toc.entries) == 6001
+    assert len(calls) == 2 and calls[1][1] == calls[0][0]
+    assert file_bytes(blob, toc, "dir/file-05999-" + "x" * 80) == b"5999"

@@ -89,8 +89,11 @@ def build_estargz(
     """An eStargz blob of ``members`` and its TOC digest. With ``prioritized=n`` the
     first n members come before a ``.prefetch.landmark``."""
     if prioritized is not None:
-        members = [*members[:prioritized], Member(".prefetch.landmark", data=b"\x0f"),
-                   *members[prioritized:]]
+        members = [
+            *members[:prioritized],
+            Member(".prefetch.landmark", data=b"\x0f"),
+            *members[prioritized:],
+        ]
     out = bytearray()
     buf = bytearray()
     entries: list[dict[str, Any]] = []
@@ -220,8 +223,14 @@ def mounted(
     mnt = tmp_path / name
     mnt.mkdir()
     daemon = Daemon(
-        layers, mnt, cache, Stats(), background=background, read_ahead=read_ahead,
-        stats_path=tmp_path / f"{name}.stats.json", stats_interval=0.05,
+        layers,
+        mnt,
+        cache,
+        Stats(),
+        background=background,
+        read_ahead=read_ahead,
+        stats_path=tmp_path / f"{name}.stats.json",
+        stats_interval=0.05,
     )
     ready = threading.Event()
     failure: list[BaseException] = []
@@ -334,7 +343,12 @@ def test_merged_tree_applies_whiteouts_opaque_dirs_and_attributes(
         assert not (mnt / "local-gone.txt").exists()  # 0/0 char device in the unpacked layer
         assert os.listdir(mnt / "local-opq") == ["mine.txt"]  # trusted.overlay.opaque=y
         assert sorted(os.listdir(mnt / "usr/lib")) == [
-            "big.bin", "caps", "empty", "local-link.txt", "local.txt", "python3",
+            "big.bin",
+            "caps",
+            "empty",
+            "local-link.txt",
+            "local.txt",
+            "python3",
         ]
         assert (mnt / "usr/lib/local.txt").read_bytes() == b"from the unpacked layer\n"
         assert (mnt / "usr/lib/python3/mod.py").read_bytes() == b"print('hi')\n"
@@ -474,9 +488,10 @@ def test_concurrent_reads_of_one_chunk_fetch_it_once(tmp_path: Path, cache: Chun
 
     trio.run(scenario)
     assert len(source.calls) == 1
-    assert cache.read(cache_key(chunk), 0, chunk.chunk_size) == _big(300_000)[
-        chunk.chunk_offset : chunk.chunk_offset + chunk.chunk_size
-    ]
+    assert (
+        cache.read(cache_key(chunk), 0, chunk.chunk_size)
+        == _big(300_000)[chunk.chunk_offset : chunk.chunk_offset + chunk.chunk_size]
+    )
 
 
 def test_prioritized_files_prefetched_in_one_request_before_ready(
@@ -537,8 +552,9 @@ def test_background_waits_while_a_foreground_read_is_fetching(
     layer, source = blob_layer(tmp_path, "base", BASE, cache, chunk_size=64 << 10)
     gate = threading.Event()
     source.gate = gate
-    fetcher = Fetcher(cache, Stats(), read_ahead=0,
-                      background=BackgroundFetch(enabled=True, batch_bytes=1))
+    fetcher = Fetcher(
+        cache, Stats(), read_ahead=0, background=BackgroundFetch(enabled=True, batch_bytes=1)
+    )
     chunk = layer.toc.chunks("usr/lib/big.bin")[0]
 
     async def scenario() -> None:
@@ -580,8 +596,9 @@ def test_corrupt_chunk_answers_eio_and_is_never_cached(
         assert not cache.has(cache_key(victim), victim.chunk_size)
         assert daemon.stats.read_errors >= 1 and daemon.stats.verify_errors >= 1
         assert (mnt / "etc/config").read_bytes() == b"base config\n"  # others unaffected
-    assert any("usr/lib/big.bin" in r.getMessage() and "EIO" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "usr/lib/big.bin" in r.getMessage() and "EIO" in r.getMessage() for r in caplog.records
+    )
     assert any(expect in r.getMessage() for r in caplog.records)
 
 
@@ -658,8 +675,11 @@ def test_background_keeps_to_its_bandwidth(tmp_path: Path, cache: ChunkCache) ->
     layer, source = blob_layer(tmp_path, "base", BASE, cache, chunk_size=64 << 10)
     bandwidth = 100_000
     batch = 32 << 10
-    fetcher = Fetcher(cache, Stats(), background=BackgroundFetch(
-        enabled=True, bandwidth=bandwidth, batch_bytes=batch))
+    fetcher = Fetcher(
+        cache,
+        Stats(),
+        background=BackgroundFetch(enabled=True, bandwidth=bandwidth, batch_bytes=batch),
+    )
     elapsed: list[float] = []
 
     async def scenario() -> None:
@@ -685,8 +705,12 @@ def test_daemon_spec_round_trips_and_bad_specs_are_refused(tmp_path: Path) -> No
         LayerSource.estargz("127.0.0.1:5000/app:1", "sha256:" + "a" * 64, "sha256:" + "b" * 64),
         LayerSource.directory(tmp_path),
     )
-    spec = DaemonSpec(str(tmp_path / "m"), str(tmp_path / "c"), layers,
-                      background=BackgroundFetch(enabled=False, bandwidth=5))
+    spec = DaemonSpec(
+        str(tmp_path / "m"),
+        str(tmp_path / "c"),
+        layers,
+        background=BackgroundFetch(enabled=False, bandwidth=5),
+    )
     assert DaemonSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
     # The mount identity depends on the layers only.
     assert MountSpec(layers).key() == MountSpec(layers, background=BackgroundFetch(False)).key()
@@ -714,7 +738,10 @@ def test_daemon_reports_a_bad_spec_on_its_ready_pipe(spec_text: str) -> None:
     r, w = os.pipe()
     proc = subprocess.run(
         [sys.executable, "-m", "warmstart.images.lazyfs", "--spec", "-", "--ready-fd", str(w)],
-        input=spec_text.encode(), pass_fds=(w,), capture_output=True, timeout=60,
+        input=spec_text.encode(),
+        pass_fds=(w,),
+        capture_output=True,
+        timeout=60,
     )
     os.close(w)
     with os.fdopen(r, "rb") as f:

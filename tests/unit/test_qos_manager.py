@@ -70,8 +70,9 @@ def sample(ls: float, node: float | None = None) -> NodeSample:
 def test_idle_policy_computes_the_limit_and_writes_nothing(tmp_path: Path) -> None:
     qos, _ = manager(tmp_path)
     qos._suppress_be(sample(0.4), now=100.0)
-    # 2 * 0.825 - 0.4 - 0.1: BE's grant, reported, not enforced.
-    assert qos.be_cpu_cores == pytest.approx(1.15)
+    # BE's grant is what LS and the system leave idle (2 - 0.4 - 0.1): reported, not
+    # enforced.
+    assert qos.be_cpu_cores == pytest.approx(1.5)
     assert read(tmp_path / "cpu" / BE / "cpu.cfs_quota_us") == "-1"
     assert read(tmp_path / "cpuset" / BE / "cpuset.cpus") == "0-1"
     assert qos.status()["be_cpu_policy"] == "idle"

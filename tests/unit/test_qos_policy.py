@@ -15,6 +15,7 @@ from warmstart.qos.policy import (
     Reclaimed,
     be_admission,
     be_cfs_quota_us,
+    be_cpu_idle,
     be_cpu_limit,
     be_cpuset_cores,
     be_cpuset_list,
@@ -212,6 +213,15 @@ def test_be_cpu_limit() -> None:
     assert be_cpu_limit(node(), c, now=100.0) == pytest.approx(0.4)
     # The default scales the threshold to the 2-core node: 2 * 0.825 - 0.4 - 0.1.
     assert be_cpu_limit(node(), now=100.0) == pytest.approx(1.15)
+
+
+def test_be_cpu_idle_is_what_ls_and_the_system_leave() -> None:
+    assert be_cpu_idle(node(), now=100.0) == pytest.approx(1.5)  # 2 - 0.4 - 0.1
+    c = QoSConfig(reserved_cpu_cores=0.5)
+    assert be_cpu_idle(node(), c, now=100.0) == pytest.approx(1.1)
+    busy = node(ls_cpu_used=1.9, be_cpu_used=0.0, node_cpu_used=2.2)  # system 0.3
+    assert be_cpu_idle(busy, now=100.0) == 0.0
+    assert be_cpu_idle(node(), now=106.0) == 0.0  # stale
 
 
 # -- BE admission -------------------------------------------------------------------------

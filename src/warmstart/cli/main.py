@@ -514,11 +514,13 @@ def _ls(args: argparse.Namespace) -> int:
 
     with _client(args) as c:
         fns = _check(c.get(f"{API}/", params={"MaxItems": 10000})).json()["Functions"]
-    table = Table("name", "handler", "memory (MB)", "timeout (s)", "code (bytes)", "last modified")
+    table = Table(
+        "name", "handler / image", "memory (MB)", "timeout (s)", "code (bytes)", "last modified"
+    )
     for f in fns:
         table.add_row(
             f["FunctionName"],
-            f["Handler"],
+            f.get("Handler") or f"image ({f.get('ImageConfigResponse', {}).get('ImageConfig', {}).get('Command', ['CMD'])[0]})",
             str(f["MemorySize"]),
             str(f["Timeout"]),
             str(f["CodeSize"]),

@@ -128,7 +128,9 @@ class TOCEntry:
     ``name`` has no leading ``./`` or ``/`` and no trailing ``/``; the root directory, if
     listed, is ``""``. For data entries (non-empty ``reg`` and ``chunk``) ``end_offset``
     and ``chunk_size`` are resolved, so ``blob[offset:end_offset]`` is everything needed
-    to produce ``chunk_size`` bytes of the file at ``chunk_offset``.
+    to produce ``chunk_size`` bytes of the file at ``chunk_offset``. A ``chunk`` entry's
+    ``size`` is its file's size. ``mode`` defaults to 0o755 for directories and 0o644
+    otherwise when the TOC omits it (as the reference writer does for zero values).
     """
 
     name: str
@@ -402,9 +404,11 @@ def read_toc(
     if toc_offset >= tail_start:
         member = tail[toc_offset - tail_start : toc_end - tail_start]
     else:
-        member = read_range(toc_offset, toc_end)
-        if len(member) != toc_end - toc_offset:
+        # Only the part of the TOC not already in the tail.
+        head = read_range(toc_offset, tail_start)
+        if len(head) != tail_start - toc_offset:
             raise EStargzError("short read of the TOC")
+        member = head + tail[: toc_end - tail_start]
     data, complete = _gunzip_member(member, MAX_TOC_SIZE, "TOC")
     if not complete:
         raise EStargzError("TOC gzip member is truncated")

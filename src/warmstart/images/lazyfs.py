@@ -434,7 +434,7 @@ class TOCLayer:
             gid=e.gid,
             size=e.size
             if kind == stat.S_IFREG
-            else (len(e.link_name.encode()) if kind == stat.S_IFLNK else 0),
+            else (len(os.fsencode(e.link_name)) if kind == stat.S_IFLNK else 0),
             mtime_ns=int(e.mtime * 1_000_000_000),
             rdev=os.makedev(e.dev_major, e.dev_minor)
             if kind in (stat.S_IFCHR, stat.S_IFBLK)
@@ -859,8 +859,12 @@ class Fetcher:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "fetched %d bytes in %d range(s), %d chunk(s) in %.1f ms (network %.1f ms): %s",
-                nbytes, len(ranges), len(entries), 1000 * (time.monotonic() - started),
-                1000 * (fetched - started), ", ".join(sorted({e.name for e in entries})[:8]),
+                nbytes,
+                len(ranges),
+                len(entries),
+                1000 * (time.monotonic() - started),
+                1000 * (fetched - started),
+                ", ".join(sorted({e.name for e in entries})[:8]),
             )
         return results
 
@@ -908,17 +912,11 @@ class Fetcher:
         """Fetch everything not cached yet, batch by batch, yielding to foreground reads
         and keeping within the configured concurrency and bandwidth."""
         bg = self.background_settings
-        total = cached = 0
-        seen: set[str] = set()
+        unique: dict[str, TOCEntry] = {}
         for layer in layers:
             for e in layer.data:
-                key = cache_key(e)
-                if key in seen:
-                    continue
-                seen.add(key)
-                total += e.end_offset - e.offset
-                if self.cache.has(key, e.chunk_size):
-                    cached += e.end_offset - e.offset
+                unique.setdefault(cache_key(e), e)
+        total, cached = self._cached_bytes(unique)
         with self.stats.lock:
             self.stats.background_enabled = True
             self.stats.background_total_bytes = total
@@ -978,9 +976,21 @@ class Fetcher:
                     sent += nbytes
                     await slots.acquire()
                     nursery.start_soon(batch_task, layer, batch)
+        # Foreground reads fetched some chunks meanwhile: count what is really cached.
+        _, cached = self._cached_bytes(unique)
         with self.stats.lock:
             self.stats.background_done = True
-        log.info("background fetch done")
+            self.stats.background_cached_bytes = cached
+        log.info("background fetch done: %d of %d bytes cached", cached, total)
+
+    def _cached_bytes(self, unique: dict[str, TOCEntry]) -> tuple[int, int]:
+        """(compressed bytes of all these chunks, of those in the cache)."""
+        total = cached = 0
+        for key, e in unique.items():
+            total += e.end_offset - e.offset
+            if self.cache.has(key, e.chunk_size):
+                cached += e.end_offset - e.offset
+        return total, cached
 
 
 # -- the filesystem -----------------------------------------------------------------------
@@ -988,6 +998,7 @@ def _handler(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn unexpected exceptions into EIO with a log line: an exception escaping a
     pyfuse3 handler would end the whole mount."""
 
+    @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
@@ -999,7 +1010,6 @@ def _handler(fn: Callable[..., Any]) -> Callable[..., Any]:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    wrapper.__name__ = fn.__name__
     return wrapper
 
 

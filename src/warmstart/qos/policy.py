@@ -397,9 +397,23 @@ def be_cpu_limit(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now:
     (``be_min_quota_cores``, ``be_min_cpu_cores``) are applied by ``be_cfs_quota_us`` and
     ``be_cpuset_cores``.
     """
+    threshold = effective_threshold(config.be_cpu_suppress_threshold, sample.capacity_cpus, config)
+    return _left_to_be(sample, threshold, config, now)
+
+
+def be_cpu_idle(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: float) -> float:
+    """Cores the idle class leaves BE now: capacity - LS - max(system, reserved).
+
+    BE's grant under the ``idle`` policy, where no limit is enforced: CPU-satisfaction
+    eviction then fires only when BE is starved of CPU nobody else wants, never merely
+    for using more than a threshold would allow.  0 for stale metrics.
+    """
+    return _left_to_be(sample, 1.0, config, now)
+
+
+def _left_to_be(sample: NodeSample, threshold: float, config: QoSConfig, now: float) -> float:
     if is_stale(sample, config, now):
         return 0.0
-    threshold = effective_threshold(config.be_cpu_suppress_threshold, sample.capacity_cpus, config)
     limit = (
         sample.capacity_cpus * threshold
         - sample.ls_cpu_used

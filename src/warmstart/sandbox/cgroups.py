@@ -219,7 +219,8 @@ class V1Driver(CgroupDriver):
     version = CgroupVersion.V1
 
     def _has_cpuset(self) -> bool:
-        return (self.root / "cpuset" / "cpuset.cpus").exists()
+        cpuset = self.root / "cpuset"
+        return (cpuset / "cpuset.cpus").exists() and os.access(cpuset, os.W_OK)
 
     def dirs(self, rel: str) -> list[Path]:
         dirs = [self.root / c / rel for c in V1_CONTROLLERS]

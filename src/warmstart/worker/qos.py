@@ -129,9 +129,9 @@ class QoSManager:
             enforce.set_be_cpuset(self.sandboxes.be_driver or driver, be, children, cpus)
             self.be_cpu_cores, self.be_cpuset = float(cores), cpus
         else:
-            # The idle class alone keeps BE behind LS; the limit is BE's grant for
-            # CPU-satisfaction eviction and what /node shows.
-            self.be_cpu_cores = target
+            # The idle class alone keeps BE behind LS: BE's grant (for CPU-satisfaction
+            # eviction, and what /node shows) is whatever LS and the system leave idle.
+            self.be_cpu_cores = policy.be_cpu_idle(sample, config, now=now)
 
     def _burst_ls(self, sample: NodeSample) -> None:
         driver, pool = self.sandboxes.driver, self.sandboxes.pool
