@@ -171,7 +171,7 @@ def profile_image(client: Any, src: Any, handler: str | None, event: str) -> lis
             if python is None:
                 raise SystemExit("warmstart: the image has no python3 on its PATH")
             workdir = cfg.get("WorkingDir") or "/var/task"
-            with record_opens(root) as opened:
+            with record_opens(root, whole_filesystem=True) as opened:
                 subprocess.run(
                     [
                         "unshare",

@@ -711,8 +711,13 @@ class Fetcher:
         self._foreground = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._last_foreground = -1e9  # trio time of the last foreground fetch's end
 
     # -- the foreground --
+    def touch(self) -> None:
+        """A file was opened or read: the background fetch waits for a quiet spell."""
+        self._last_foreground = trio.current_time()
+
     async def ensure(self, layer: TOCLayer, chunks: Sequence[TOCEntry]) -> None:
         """Make sure every chunk is in the cache; raise :class:`FetchError` if one of them
         cannot be fetched or does not verify."""
@@ -746,6 +751,7 @@ class Fetcher:
                     raise FetchError(flight.error)
         finally:
             self._foreground -= 1
+            self._last_foreground = trio.current_time()
             if self._foreground == 0:
                 self._idle.set()
 
@@ -781,10 +787,13 @@ class Fetcher:
     ) -> dict[str, str | None]:
         """Fetch, verify and cache ``entries`` (one call to the source, contiguous ranges
         merged); returns each chunk's error, None for success."""
-        flights = {}
+        flights: dict[str, _Flight] = {}
         for e in entries:
             key = cache_key(e)
-            flights[key] = self._flights[key] = _Flight()
+            # Identical chunks (same digest) can appear at several offsets, and another
+            # fetch may already carry this one: register each key once, never overwrite.
+            if key not in flights and key not in self._flights:
+                flights[key] = self._flights[key] = _Flight()
         results: dict[str, str | None] = {}
         failure = "fetch cancelled"
         try:
@@ -798,7 +807,8 @@ class Fetcher:
         finally:
             for key, flight in flights.items():
                 flight.error = results.get(key, failure)
-                del self._flights[key]
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
                 flight.done.set()
         return results
 
@@ -952,8 +962,16 @@ class Fetcher:
                             failures,
                         )
                         return
-                    while self._foreground:
-                        await self._idle.wait()
+                    # A starting function reads in bursts: wait for a spell without
+                    # opens and reads, not just for the current fetch, so the background
+                    # never competes with a start for the registry or the CPU.
+                    while True:
+                        while self._foreground:
+                            await self._idle.wait()
+                        quiet = trio.current_time() - self._last_foreground
+                        if quiet >= bg.quiet:
+                            break
+                        await trio.sleep(bg.quiet - quiet)
                     batch: list[TOCEntry] = []
                     nbytes = 0
                     while i < len(layer.data) and nbytes < bg.batch_bytes:
@@ -1104,6 +1122,7 @@ class LazyFS(pyfuse3.Operations):
         node = self.tree.get(inode)
         if node.entry.kind != stat.S_IFREG:
             raise pyfuse3.FUSEError(errno.EACCES)
+        self.fetcher.touch()
         handle = _Handle(node)
         if node.entry.local:
             handle.fd = os.open(node.entry.local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1123,6 +1142,7 @@ class LazyFS(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         node = handle.node
+        self.fetcher.touch()
         if handle.fd >= 0:
             return os.pread(handle.fd, size, off)
         end = min(off + size, node.entry.size)
@@ -1398,6 +1418,14 @@ class Daemon:
                 log.info("signal %d: unmounting", signum)
                 self._stop_in_loop()
 
+    async def _background(self, layers: Sequence[TOCLayer]) -> None:
+        """The background fetch, contained: whatever goes wrong in it is logged and ends
+        it, never the filesystem (reads then fetch on demand)."""
+        try:
+            await self.fetcher.background(layers)
+        except Exception:
+            log.exception("background fetch failed; the rest is fetched on read")
+
     async def run(
         self, on_ready: Callable[[dict[str, Any]], None], *, handle_signals: bool = False
     ) -> None:
@@ -1434,7 +1462,7 @@ class Daemon:
                 on_ready(self.stats.snapshot())
                 nursery.start_soon(self._stats_loop)
                 if self.background.enabled and self.fs.toc_layers:
-                    nursery.start_soon(self.fetcher.background, self.fs.toc_layers)
+                    nursery.start_soon(self._background, self.fs.toc_layers)
         finally:
             self.write_stats()
             with contextlib.suppress(Exception):

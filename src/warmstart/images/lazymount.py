@@ -119,6 +119,7 @@ class BackgroundFetch:
     bandwidth: int = 0
     batch_bytes: int = 1 << 20
     delay: float = 0.0  # seconds after "ready" before the first batch
+    quiet: float = 1.0  # seconds without a foreground fetch before each batch
 
     @classmethod
     def from_json(cls, raw: Any) -> BackgroundFetch:
@@ -131,10 +132,17 @@ class BackgroundFetch:
                 bandwidth=int(raw.get("bandwidth", 0)),
                 batch_bytes=int(raw.get("batch_bytes", 1 << 20)),
                 delay=float(raw.get("delay", 0.0)),
+                quiet=float(raw.get("quiet", 1.0)),
             )
         except (TypeError, ValueError) as exc:
             raise ImageError(f"bad background spec {raw!r}: {exc}") from exc
-        if bg.concurrency < 1 or bg.bandwidth < 0 or bg.batch_bytes < 1 or bg.delay < 0:
+        if (
+            bg.concurrency < 1
+            or bg.bandwidth < 0
+            or bg.batch_bytes < 1
+            or bg.delay < 0
+            or bg.quiet < 0
+        ):
             raise ImageError(f"bad background spec {raw!r}")
         return bg
 
