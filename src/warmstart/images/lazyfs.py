@@ -688,6 +688,11 @@ class _Flight:
         self.error: str | None = None
 
 
+@functools.cache
+def _verify_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="verify")
+
+
 class Fetcher:
     """Gets chunks into the cache: on demand, ahead of time, and in the background.
 
@@ -839,32 +844,41 @@ class Fetcher:
         fetched = time.monotonic()
         self.stats.add(requests=1, bytes_fetched=nbytes)
         results: dict[str, str | None] = {}
+        members: list[tuple[TOCEntry, bytes]] = []
         span_i = 0
-        cached = 0
-        bad = 0
         for e in entries:
             while ranges[span_i][1] < e.end_offset:
                 span_i += 1
             start = ranges[span_i][0]
-            member = blobs[span_i][e.offset - start : e.end_offset - start]
+            members.append((e, blobs[span_i][e.offset - start : e.end_offset - start]))
+
+        def store(item: tuple[TOCEntry, bytes]) -> tuple[str, str | None, bool, bool]:
+            """Verify one chunk and cache it: (key, error or None, newly cached, bad)."""
+            e, member = item
             key = cache_key(e)
             try:
                 data = read_chunk(member, e)
             except EStargzError as exc:
-                bad += 1
                 reason = f"chunk at offset {e.offset} of {layer.source.name} is bad: {exc}"
                 log.error("%s", reason)
-                results[key] = reason
-                continue
+                return key, reason, False, True
             try:
-                if self.cache.put(key, data):
-                    cached += 1
+                return key, None, self.cache.put(key, data), False
             except OSError as exc:
                 reason = f"cannot store a chunk in the cache {self.cache.root}: {exc}"
                 log.error("%s", reason)
-                results[key] = reason
-                continue
-            results[key] = None
+                return key, reason, False, False
+
+        # Decompressing, hashing and writing release the GIL: a large batch (the
+        # prioritized files at mount) uses every core.
+        if len(members) > 8:
+            done = list(_verify_pool().map(store, members))
+        else:
+            done = [store(item) for item in members]
+        cached = sum(1 for _, _, new, _ in done if new)
+        bad = sum(1 for *_, is_bad in done if is_bad)
+        for key, err, _, _ in done:
+            results[key] = err
         self.stats.add(chunks_fetched=len(entries) - bad, chunks_cached=cached, verify_errors=bad)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

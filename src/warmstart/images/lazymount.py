@@ -347,6 +347,9 @@ class LazyMounts:
             d.mkdir(parents=True, exist_ok=True)
         self._mounts: dict[str, _Mount] = {}
         self._lock = threading.Lock()
+        self._spare: tuple[subprocess.Popen[bytes], int, Path] | None = None
+        self._closed = False
+        self.spare_delay = 2.0
         self._key_locks: dict[str, threading.Lock] = {}
         self._remounts: dict[str, int] = {}
 
@@ -408,8 +411,46 @@ class LazyMounts:
             parent_pid=os.getpid(),
         )
         payload = json.dumps(daemon_spec.to_json()).encode()
-        ready_r, ready_w = os.pipe()
         started = time.monotonic()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is None:
+            # A spare has imported its libraries already: it only waits for a spec.
+            proc, ready_r, spare_log = spare
+            if not log_path.exists():
+                with contextlib.suppress(OSError):
+                    spare_log.rename(log_path)
+            if not log_path.exists():
+                log_path = spare_log
+            self._schedule_spare()
+        else:
+            if spare is not None:
+                os.close(spare[1])
+            proc, ready_r = self._popen(log_path)
+        try:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(payload)
+                proc.stdin.close()
+            message = _read_ready(ready_r, self.ready_timeout)
+        finally:
+            os.close(ready_r)
+        if message is None or not message.get("ready"):
+            reason = (message or {}).get("error") or "the daemon exited before it was ready"
+            if message is None and proc.poll() is None:
+                reason = f"not ready after {self.ready_timeout:.0f} s"
+            self._stop_process(proc)
+            if is_mounted(path):
+                detach(path)
+            raise ImageError(f"lazy mount of {path} failed: {reason}\n{_tail(log_path)}".rstrip())
+        ready_seconds = time.monotonic() - started
+        log.info("lazy mount %s ready in %.3f s (daemon pid %d)", path, ready_seconds, proc.pid)
+        return _Mount(key, spec, path, proc, stats_path, log_path, ready_seconds)
+
+    def _popen(self, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a daemon (it imports its libraries, then reads its spec from stdin);
+        returns it and the read end of its ready pipe."""
+        ready_r, ready_w = os.pipe()
         try:
             with open(log_path, "ab") as log_file:
                 proc = subprocess.Popen(
@@ -434,28 +475,30 @@ class LazyMounts:
                 )
         except BaseException:
             os.close(ready_r)
-            os.close(ready_w)
             raise
-        os.close(ready_w)
-        try:
-            assert proc.stdin is not None
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(payload)
-                proc.stdin.close()
-            message = _read_ready(ready_r, self.ready_timeout)
         finally:
-            os.close(ready_r)
-        if message is None or not message.get("ready"):
-            reason = (message or {}).get("error") or "the daemon exited before it was ready"
-            if message is None and proc.poll() is None:
-                reason = f"not ready after {self.ready_timeout:.0f} s"
-            self._stop_process(proc)
-            if is_mounted(path):
-                detach(path)
-            raise ImageError(f"lazy mount of {path} failed: {reason}\n{_tail(log_path)}".rstrip())
-        ready_seconds = time.monotonic() - started
-        log.info("lazy mount %s ready in %.3f s (daemon pid %d)", path, ready_seconds, proc.pid)
-        return _Mount(key, spec, path, proc, stats_path, log_path, ready_seconds)
+            os.close(ready_w)
+        return proc, ready_r
+
+    def prestart(self) -> None:
+        """Keep one spare daemon that has already imported pyfuse3 and trio, so a mount
+        does not wait for a Python start (about a quarter of a second)."""
+        with self._lock:
+            if self._closed or (self._spare is not None and self._spare[0].poll() is None):
+                return
+        log_path = self.run_dir / f"spare-{os.getpid()}-{time.monotonic_ns()}.log"
+        proc, ready_r = self._popen(log_path)
+        with self._lock:
+            old, self._spare = self._spare, (proc, ready_r, log_path)
+        if old is not None:
+            os.close(old[1])
+            self._stop_process(old[0])
+
+    def _schedule_spare(self) -> None:
+        """A new spare, a little later: not while the mount just made serves a start."""
+        timer = threading.Timer(self.spare_delay, self.prestart)
+        timer.daemon = True
+        timer.start()
 
     def unmount(self, path: Path) -> None:
         """Stop the daemon of ``path`` and make sure nothing stays mounted there."""
@@ -483,9 +526,16 @@ class LazyMounts:
                 proc.stdin.close()
 
     def close(self) -> None:
-        """Unmount everything this object mounted."""
+        """Unmount everything this object mounted, and stop the spare daemon."""
         with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
             paths = [m.path for m in self._mounts.values()]
+        if spare is not None:
+            os.close(spare[1])
+            self._stop_process(spare[0])
+            with contextlib.suppress(OSError):
+                spare[2].unlink()
         for p in paths:
             self.unmount(p)
 

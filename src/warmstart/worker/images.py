@@ -79,6 +79,7 @@ class ImageManager:
         self.store = ImageStore(self.root / "store", self.client, budget_mb << 20)
         self.lazy = LazyMounts(self.root / "lazy", registry=RegistrySettings(insecure=insecure))
         self.background = BackgroundFetch(enabled=background_fetch)
+        self.lazy.prestart()  # a lazy mount then skips the daemon's Python start
         self.stats = ImageStats()
         self._mounts: dict[str, Path] = {}  # digest -> mounted root
         self._kinds: dict[str, str] = {}  # digest -> "lazy" | "full"

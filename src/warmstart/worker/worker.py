@@ -139,9 +139,8 @@ class Worker:
             )
         for rec in self.store.load_all():
             self.functions[rec.name] = rec
-        if (self.settings.data_dir / "images" / "roots").exists() or any(
-            rec.package_type == "Image" for rec in self.functions.values()
-        ):
+        if self.sandboxes.isolation is Isolation.LINUX:
+            # Ready for image functions (and recovering what a crash left mounted).
             self._image_manager().recover()
         log.info(
             "worker ready: %d function(s), isolation=%s",
