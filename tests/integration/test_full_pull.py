@@ -21,7 +21,7 @@ import pytest
 import zstandard
 
 from tests.conftest import needs_root
-from warmstart.images.errors import DigestMismatch
+from warmstart.images.errors import DigestMismatch, ImageError
 from warmstart.images.reference import Reference
 from warmstart.images.registry import OCI_CONFIG, OCI_MANIFEST, RegistryClient
 from warmstart.images.store import Image, ImageStore
@@ -290,3 +290,35 @@ def test_a_corrupt_blob_in_the_registry_fails_the_pull_cleanly(
     finally:
         stored.write_bytes(good)
     assert store.pull(str(ref)).layer_dirs[0].is_dir()
+
+
+def test_another_process_never_collects_a_mounted_image(
+    store: ImageStore, client: RegistryClient, registry: Any, tmp_path: Path
+) -> None:
+    """A second store on the same root (as the CLI beside the worker) knows nothing of the
+    first one's pins; the mount table still protects what is mounted."""
+    base = gzip.compress(_tar([("base/lib", b"shared" * 1000)]), mtime=0)
+    refs = []
+    for name in ("mounted", "idle"):
+        ref = Reference.parse(f"{registry.host}/two-{name}-{uuid.uuid4().hex[:6]}:1")
+        own = gzip.compress(_tar([(f"{name}/file", name.encode())]))
+        refs.append(_push_image(client, ref, [(base, GZ), (own, GZ)]))
+    mounted_image = store.pull(refs[0])
+    idle = store.pull(refs[1])
+    other = ImageStore(store.root, client, 10 << 30)
+    try:
+        with Mount(store, mounted_image, tmp_path / "root") as root:
+            with pytest.raises(ImageError, match="in use"):
+                other.remove(mounted_image.id)
+            other.gc(budget_bytes=0)
+            assert other.get(mounted_image.id) is not None
+            assert other.get(idle.id) is None  # not mounted: evicted
+            assert all(d.is_dir() for d in mounted_image.layer_dirs)
+            assert not idle.layer_dirs[1].exists()
+            assert (root / "mounted/file").read_text() == "mounted"
+            assert (root / "base/lib").read_bytes() == b"shared" * 1000
+        other.gc(budget_bytes=0)
+        assert other.get(mounted_image.id) is None
+        assert list((store.root / "layers").iterdir()) == []
+    finally:
+        other.close()

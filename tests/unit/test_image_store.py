@@ -373,14 +373,21 @@ def test_start_up_removes_crash_leftovers(tmp_path: Path, fake: FakeRegistry) ->
     image_b = store.pull(ref_b)
     store.close()
     root = tmp_path / "store"
-    dead = root / "tmp" / "999999999-deadbeef"  # no such pid
+    dead = root / "tmp" / "999999999.1-deadbeef"  # no such pid
     (dead / "layer").mkdir(parents=True)
+    reused = root / "tmp" / f"{os.getpid()}.1-cafe"  # our pid, but an older process's
+    reused.mkdir()
+    stat_fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    live = root / "tmp" / f"{os.getpid()}.{stat_fields[19]}-beef"  # this process: in use
+    live.mkdir()
     (root / "layers" / ("f" * 64)).mkdir()  # unpacked but never indexed
     import shutil
 
     shutil.rmtree(image_b.layer_dirs[0])  # indexed but gone
     store = make_store(tmp_path, fake)
     assert not dead.exists()
+    assert not reused.exists()
+    assert live.exists()
     assert not (root / "layers" / ("f" * 64)).exists()
     assert store.get(ref_b) is None
     assert store.get(ref_a) is not None
@@ -397,3 +404,14 @@ def test_mount_needs_its_layers(tmp_path: Path, fake: FakeRegistry) -> None:
     with pytest.raises(ImageError, match="missing"):
         store.mount_rootfs(image, tmp_path / "root")
     assert store.remove(image.id)  # not left pinned by the failed mount
+
+
+def test_kept_blobs_are_stored_and_collected(tmp_path: Path, fake: FakeRegistry) -> None:
+    layer = fake.layer({"f": b"x" * 1000})
+    ref = fake.image("fn:1", [layer])
+    store = ImageStore(tmp_path / "store", fake, 1 << 40, keep_blobs=True)  # type: ignore[arg-type]
+    store.pull(ref)
+    blob = tmp_path / "store/blobs/sha256" / layer[0].digest[7:]
+    assert blob.read_bytes() == fake.blobs[layer[0].digest]
+    store.remove(ref)
+    assert not blob.exists()

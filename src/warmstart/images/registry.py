@@ -356,21 +356,36 @@ class RegistryClient:
         self._credentials = load_docker_config(docker_config or _default_docker_config())
         for host, pair in (credentials or {}).items():
             self._credentials[_normalise_host(host)] = pair
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            follow_redirects=False,
-            verify=verify_tls,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            headers={"User-Agent": "warmstart/0.1"},
-        )
+        self._timeout = timeout
+        self._verify_tls = verify_tls
+        self._clients: dict[str, httpx.Client] = {}
         self._auth: dict[str, _HostAuth] = {}
         self._lock = threading.Lock()
         self._token_locks: dict[tuple[str, str], threading.Lock] = {}
         self.bytes_downloaded = 0
         self.requests = 0
 
+    def _client(self, url: str) -> httpx.Client:
+        """One connection pool per scheme, made on first use: loading the CA bundle for
+        HTTPS costs ~0.1 s, which a node pulling only from a loopback registry never pays."""
+        scheme = "https" if url.startswith("https:") else "http"
+        with self._lock:
+            client = self._clients.get(scheme)
+            if client is None:
+                client = self._clients[scheme] = httpx.Client(
+                    timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
+                    follow_redirects=False,
+                    verify=self._verify_tls if scheme == "https" else False,
+                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                    headers={"User-Agent": "warmstart/0.1"},
+                )
+            return client
+
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -489,10 +504,11 @@ class RegistryClient:
         origin = urlsplit(url).netloc.lower()
         headers = dict(headers)
         for _ in range(_MAX_REDIRECTS + 1):
-            request = self._http.build_request(
+            http = self._client(url)
+            request = http.build_request(
                 method, url, headers=headers, content=content() if content else None
             )
-            resp = self._http.send(request, stream=True)
+            resp = http.send(request, stream=True)
             with self._lock:
                 self.requests += 1
             if resp.status_code not in _REDIRECT_STATUS or "location" not in resp.headers:
@@ -690,7 +706,9 @@ class RegistryClient:
         failures = 0
         what = f"blob {ref.name}@{digest}"
         while True:
-            headers = {"Range": f"bytes={done}-"} if done else {}
+            headers = {"Accept-Encoding": "identity"}
+            if done:
+                headers["Range"] = f"bytes={done}-"
             resp = self._request("GET", ref, f"blobs/{digest}", headers=headers, ok=(200, 206))
             progressed = False
             try:
@@ -701,7 +719,7 @@ class RegistryClient:
                     span = _parse_content_range(resp.headers.get("content-range"))
                     if span is None or span[0] != done:
                         raise RegistryError(f"{what}: bad Content-Range on resume")
-                for chunk in resp.iter_bytes(_CHUNK):
+                for chunk in resp.iter_raw(_CHUNK):  # the bytes as stored: never decoded
                     if skip:
                         cut = min(skip, len(chunk))
                         chunk, skip = chunk[cut:], skip - cut
@@ -815,7 +833,7 @@ class RegistryClient:
                 "GET",
                 ref,
                 f"blobs/{digest}",
-                headers={"Range": _range_header(batch)},
+                headers={"Range": _range_header(batch), "Accept-Encoding": "identity"},
                 ok=(200, 206, 400, 416),
             )
             if resp.status_code != 206:
@@ -869,7 +887,7 @@ class RegistryClient:
                 "GET",
                 ref,
                 f"blobs/{digest}",
-                headers={"Range": _range_header([rng])},
+                headers={"Range": _range_header([rng]), "Accept-Encoding": "identity"},
                 ok=(200, 206, 416),
             )
             if resp.status_code == 416:
@@ -884,7 +902,7 @@ class RegistryClient:
                 else:  # 200: the whole blob; read only as far as needed
                     skip = start
                 buf = bytearray()
-                for chunk in resp.iter_bytes(_CHUNK):
+                for chunk in resp.iter_raw(_CHUNK):
                     if skip:
                         cut = min(skip, len(chunk))
                         chunk, skip = chunk[cut:], skip - cut

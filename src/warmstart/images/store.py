@@ -6,11 +6,13 @@ Layout under ``root``::
     layers/<hex>/        one unpacked layer (an overlayfs lower directory), by diff-id
     blobs/sha256/<hex>   compressed layer blobs, only when ``keep_blobs`` is set
     empty/               an empty lower directory (overlayfs wants two lowers without upper)
-    tmp/<pid>-<rand>/    work in progress; whatever a dead process left here is removed
+    tmp/<pid>.<start>-<rand>/  work in progress; what a dead process left here is removed
+    lock                 taken by every process that publishes, recovers or collects
 
 A full pull streams each layer: bytes from the registry are hashed (the compressed digest),
-piped into a decompressor (ISA-L for gzip, zstandard for zstd) and unpacked as they arrive,
-so download, decompression and file creation overlap; layers go concurrently. A layer is
+piped into a decompressor (ISA-L's igzip in a child process for gzip, zstandard for zstd)
+and unpacked as they arrive, so download, decompression and file creation overlap; layers
+go concurrently. A layer is
 published (renamed into ``layers/``) only after both its compressed digest and its diff-id
 matched, otherwise its directory is deleted. Layers are shared by every image that lists
 them: concurrent pulls needing the same layer download it once (single-flight by diff-id).
@@ -165,14 +167,14 @@ class _Flight:
     waiters: int = 0
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_tag(pid: int) -> str | None:
+    """``pid.starttime``: names a process uniquely even after its pid is reused."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return f"{pid}.{fields[19]}"
 
 
 def _escape_overlay(path: Path) -> str:
@@ -192,14 +194,12 @@ class ImageStore:
         platform: str = "linux/amd64",
         concurrency: int = 4,
         keep_blobs: bool = False,
-        unpack_writers: int = 2,
     ) -> None:
         self.root = Path(root)
         self.client = client
         self.budget_bytes = budget_bytes
         self.platform = platform
         self.keep_blobs = keep_blobs
-        self.unpack_writers = unpack_writers
         self.layers_dir = self.root / "layers"
         self.blobs_dir = self.root / "blobs" / "sha256"
         self.tmp_dir = self.root / "tmp"
@@ -207,6 +207,11 @@ class ImageStore:
         for d in (self.layers_dir, self.blobs_dir, self.tmp_dir, self.empty_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # Another process may open the same store (the CLI beside the worker): publishing
+        # layers, recovery and garbage collection also take this file lock.
+        self._lockfile = open(self.root / "lock", "a+")  # noqa: SIM115
+        self._lock_depth = 0
+        self._tag = _process_tag(os.getpid()) or str(os.getpid())
         self._db = sqlite3.connect(
             self.root / "index.db", check_same_thread=False, isolation_level=None, timeout=30
         )
@@ -226,17 +231,55 @@ class ImageStore:
         self._gc_layers_removed = 0
         self._recover()
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This thread alone in this process, and this process alone on the store."""
+        with self._lock:
+            if self._lock_depth == 0:
+                fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_EX)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    fcntl.flock(self._lockfile.fileno(), fcntl.LOCK_UN)
+
+    def _mounted_stacks(self) -> list[frozenset[str]]:
+        """The layers (hex names) of every overlay mount of our layer directories, whoever
+        made it: this store's pins do not cover mounts made by another process."""
+        prefix = f"{self.layers_dir}/"
+        stacks: list[frozenset[str]] = []
+        with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+            for line in f:
+                if " - overlay " not in line:
+                    continue
+                for option in line.rsplit(" ", 1)[-1].split(","):
+                    if option.startswith("lowerdir="):
+                        lowers = option[len("lowerdir=") :].split(":")
+                        stack = frozenset(
+                            p[len(prefix) :].split("/", 1)[0]
+                            for p in lowers
+                            if p.startswith(prefix)
+                        )
+                        if stack:
+                            stacks.append(stack)
+        return stacks
+
+    def _image_layers(self, image_id: str) -> frozenset[str]:
+        return frozenset(digest_hex(d) for d in self._diff_ids(image_id))
+
     # -- start-up ----------------------------------------------------------------------------
     def _recover(self) -> None:
         """Remove what a crashed process left: its temp dirs, layer directories that never
         made it into the index, and index rows whose directory is gone."""
         for entry in self.tmp_dir.iterdir():
-            pid_text = entry.name.split("-", 1)[0]
-            pid = int(pid_text) if pid_text.isdigit() else 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                continue  # another live process's work
+            tag = entry.name.split("-", 1)[0]
+            pid_text = tag.split(".", 1)[0]
+            if pid_text.isdigit() and _process_tag(int(pid_text)) == tag:
+                continue  # the work of a live process (maybe this one)
             self._rmtree(entry)
-        with self._lock:
+        with self._exclusive():
             known = {row[0] for row in self._db.execute("SELECT diff_id FROM layers")}
             on_disk = {p.name for p in self.layers_dir.iterdir()}
             for name in on_disk:
@@ -261,7 +304,7 @@ class ImageStore:
             log.warning("could not remove %s completely", path)
 
     def _new_tmp(self) -> Path:
-        path = self.tmp_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        path = self.tmp_dir / f"{self._tag}-{uuid.uuid4().hex[:12]}"
         path.mkdir(mode=0o700)
         return path
 
@@ -269,6 +312,7 @@ class ImageStore:
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._db.close()
+            self._lockfile.close()
 
     # -- queries -----------------------------------------------------------------------------
     def layer_dir(self, diff_id: str) -> Path:
@@ -296,13 +340,7 @@ class ImageStore:
         manifest = manifest_from_raw(
             Reference.parse(ref_text), RawManifest(bytes(raw), media_type, image_id), config_raw
         )
-        diff_ids = [
-            r[0]
-            for r in self._db.execute(
-                "SELECT diff_id FROM image_layers WHERE image_id = ? ORDER BY position",
-                (image_id,),
-            )
-        ]
+        diff_ids = self._diff_ids(image_id)
         return Image(
             id=image_id,
             ref=str(manifest.ref),
@@ -311,6 +349,15 @@ class ImageStore:
             layer_dirs=[self.layer_dir(d) for d in diff_ids],
             diff_ids=diff_ids,
         )
+
+    def _diff_ids(self, image_id: str) -> list[str]:
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT diff_id FROM image_layers WHERE image_id = ? ORDER BY position",
+                (image_id,),
+            )
+        ]
 
     def get(self, ref_or_id: str) -> Image | None:
         """A pulled image by manifest digest or by the reference it was pulled by (no
@@ -375,10 +422,10 @@ class ImageStore:
                 image = self._load(image_id) if image_id else None
                 if image is not None:
                     self._touch_image(image.id)
+                    self._pulls += 1
             if image is not None:
                 for desc in image.manifest.layers:
                     self._emit(progress, desc.digest, desc.size, desc.size)
-                self._pulls += 1
                 return image
         manifest = self.client.resolve(ref, self.platform)
         diff_ids = manifest.diff_ids
@@ -397,7 +444,7 @@ class ImageStore:
                     errors.append(exc)
             if errors:
                 raise errors[0]
-            with self._lock:
+            with self._exclusive():
                 image = self._record(ref, manifest, diff_ids)
                 self._pulls += 1
         finally:
@@ -420,7 +467,7 @@ class ImageStore:
         now = time.time()
         config_raw = manifest.config_raw or json.dumps(manifest.config_json).encode()
         db = self._db
-        db.execute("BEGIN")
+        db.execute("BEGIN IMMEDIATE")
         try:
             db.execute(
                 "INSERT INTO images (id, ref, media_type, manifest, config, created, last_used) "
@@ -534,8 +581,11 @@ class ImageStore:
                     f"the image config says {diff_id}"
                 )
             final = self.layer_dir(diff_id)
-            with self._lock:
-                if final.exists():  # a leftover (another process, or an index rebuild)
+            with self._exclusive():
+                if self._layer_ready(diff_id):
+                    log.info("layer %s was published meanwhile by another process", diff_id)
+                    return
+                if final.exists():  # a leftover that never made it into the index
                     self._rmtree(final)
                 os.rename(dest, final)
                 if self.keep_blobs and (tmp / "blob").exists():
@@ -581,8 +631,8 @@ class ImageStore:
             raw = os.fdopen(read_fd, "rb", buffering=0)
             stream = None
             try:
-                stream = decompress_stream(raw, desc.media_type)
-                outcome["result"] = unpack(stream, dest, writers=self.unpack_writers)
+                stream = decompress_stream(raw, desc.media_type, process=True)
+                outcome["result"] = unpack(stream, dest)
             except BaseException as exc:
                 outcome["error"] = exc
             finally:
@@ -711,12 +761,14 @@ class ImageStore:
     def remove(self, ref_or_id: str) -> bool:
         """Forget an image (its layers go when no other image uses them). Refused while
         the image is pinned or mounted."""
-        with self._lock:
+        with self._exclusive():
             image_id = self._lookup(ref_or_id)
             if image_id is None:
                 return False
             if self._pins[image_id] > 0:
                 raise ImageError(f"image {image_id} is in use")
+            if self._image_layers(image_id) in self._mounted_stacks():
+                raise ImageError(f"image {image_id} is in use (mounted)")
             self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
         self.gc()
         return True
@@ -728,8 +780,10 @@ class ImageStore:
         budget = self.budget_bytes if budget_bytes is None else budget_bytes
         keep = keep or set()
         doomed: list[tuple[int, Path]] = []
-        with self._lock:
-            self._collect_unreferenced(doomed)
+        with self._exclusive():
+            stacks = self._mounted_stacks()
+            mounted = set().union(*stacks)
+            self._collect_unreferenced(doomed, mounted)
             if self.disk_bytes() > budget:
                 candidates = [
                     r[0]
@@ -740,9 +794,11 @@ class ImageStore:
                         break
                     if image_id in keep or self._pins[image_id] > 0:
                         continue
+                    if self._image_layers(image_id) in stacks:
+                        continue  # mounted, maybe by another process
                     log.info("evicting image %s (least recently used)", image_id)
                     self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
-                    self._collect_unreferenced(doomed)
+                    self._collect_unreferenced(doomed, mounted)
                 if self.disk_bytes() > budget:
                     log.warning(
                         "image store uses %d bytes, over its budget of %d: the rest is in use",
@@ -755,15 +811,17 @@ class ImageStore:
             self._rmtree(path)
         return freed
 
-    def _collect_unreferenced(self, doomed: list[tuple[int, Path]]) -> None:
-        """Move unreferenced, unleased layers out of ``layers/`` (under the lock); the slow
-        rmtree happens later, outside it."""
+    def _collect_unreferenced(self, doomed: list[tuple[int, Path]], mounted: set[str]) -> None:
+        """Move unreferenced, unleased, unmounted layers out of ``layers/`` (under the
+        lock); the slow rmtree happens later, outside it."""
         rows = self._db.execute(
             "SELECT diff_id, digest, disk_bytes FROM layers WHERE diff_id NOT IN "
             "(SELECT diff_id FROM image_layers)"
         ).fetchall()
         for diff_id, blob_digest, disk_bytes in rows:
             if self._leases[diff_id] > 0 or diff_id in self._inflight:
+                continue
+            if digest_hex(diff_id) in mounted:
                 continue
             self._db.execute("DELETE FROM layers WHERE diff_id = ?", (diff_id,))
             src = self.layer_dir(diff_id)

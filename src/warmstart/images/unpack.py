@@ -23,22 +23,27 @@ computed as the archive is read, so a caller can compare it with the image confi
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import logging
 import os
+import queue
 import shutil
 import stat
-from collections import deque
+import struct
+import subprocess
+import sys
+import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import zstandard
-from isal import igzip, igzip_threaded, isal_zlib
+from isal import igzip_threaded, isal_zlib
 
 from warmstart.images.errors import CorruptLayer, UnsafeLayer
 
@@ -51,6 +56,7 @@ _READ = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _ISAL_ERROR = cast(type[Exception], isal_zlib.error)
+_F_SETPIPE_SZ = 1031
 
 
 def compression_of(media_type: str) -> str | None:
@@ -96,16 +102,22 @@ class _ErrorTranslating(io.RawIOBase):
         super().close()
 
 
-def decompress_stream(raw: BinaryIO, media_type: str = "", *, threaded: bool = True) -> BinaryIO:
+def decompress_stream(raw: BinaryIO, media_type: str = "", *, process: bool = False) -> BinaryIO:
     """A readable stream of the uncompressed tar inside ``raw``.
 
     The media type decides; when it names no compression (plain tar, or an unknown type)
-    the first bytes are sniffed, so a mislabelled gzip or zstd blob still unpacks.
-    gzip goes through ISA-L (in its own thread when ``threaded``: decompression then
-    overlaps with unpacking), zstd through ``zstandard``. Corrupt or truncated data raises
+    the first bytes are sniffed, so a mislabelled gzip or zstd blob still unpacks. gzip goes
+    through ISA-L, zstd through ``zstandard``. Corrupt or truncated data raises
     :class:`CorruptLayer` from ``read``.
+
+    ISA-L's inflate holds the GIL, so in-process it cannot overlap with the Python work of
+    unpacking. With ``process`` (and ``raw`` a real file or pipe), a gzip layer is inflated
+    by a child process (ISA-L's command line, running on another core), the way container
+    runtimes hand gzip to pigz.
     """
     kind = compression_of(media_type)
+    if process and kind == "gzip" and _has_fileno(raw):
+        return cast(BinaryIO, io.BufferedReader(_GunzipProcess(raw), _READ))
     buffered = (
         raw
         if isinstance(raw, io.BufferedReader)
@@ -121,10 +133,8 @@ def decompress_stream(raw: BinaryIO, media_type: str = "", *, threaded: bool = T
             kind = "none"
     inner: IO[bytes]
     if kind == "gzip":
-        if threaded:
-            inner = cast(IO[bytes], igzip_threaded.open(buffered, "rb", threads=1))  # type: ignore[no-untyped-call]
-        else:
-            inner = cast(IO[bytes], igzip.IGzipFile(fileobj=buffered, mode="rb"))  # type: ignore[no-untyped-call]
+        # a reader thread: hashing and pipe reads (GIL-free) overlap with inflating
+        inner = cast(IO[bytes], igzip_threaded.open(buffered, "rb", threads=1))  # type: ignore[no-untyped-call]
     elif kind == "zstd":
         inner = cast(IO[bytes], _ZstdReader(buffered))
     else:
@@ -133,6 +143,70 @@ def decompress_stream(raw: BinaryIO, media_type: str = "", *, threaded: bool = T
         BinaryIO,
         io.BufferedReader(_ErrorTranslating(inner, f"{kind} layer data is corrupt"), _READ),
     )
+
+
+def _has_fileno(raw: BinaryIO) -> bool:
+    try:
+        raw.fileno()
+    except (OSError, AttributeError, ValueError):
+        return False
+    return True
+
+
+GUNZIP_BINARY = "igzip"
+"""ISA-L's own command line (Debian package ``isal``): used when installed, since it starts
+in a millisecond; otherwise the same library's Python command line (``isal`` on PyPI)."""
+
+
+def gunzip_command() -> list[str]:
+    binary = shutil.which(GUNZIP_BINARY)
+    if binary:
+        return [binary, "-d", "-c"]
+    return [sys.executable, "-m", "isal.igzip", "-d", "-c"]
+
+
+class _GunzipProcess(io.RawIOBase):
+    """The output of ISA-L's ``igzip -d -c`` fed from ``raw``'s file descriptor.
+
+    A non-zero exit (bad header, CRC mismatch, truncation) becomes :class:`CorruptLayer`
+    with the child's own last line of explanation.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._proc = subprocess.Popen(
+            gunzip_command(),
+            stdin=raw.fileno(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert self._proc.stdout is not None
+        self._fd = self._proc.stdout.fileno()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._fd, _F_SETPIPE_SZ, _READ)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = os.readv(self._fd, [buffer])
+        if n == 0:
+            assert self._proc.stderr is not None
+            rc = self._proc.wait()
+            if rc != 0:
+                lines = self._proc.stderr.read().decode(errors="replace").strip().splitlines()
+                reason = lines[-1] if lines else f"exit status {rc}"
+                raise CorruptLayer(f"gzip layer data is corrupt: {reason}")
+        return n
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for pipe in (self._proc.stdout, self._proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        super().close()
 
 
 class _ZstdReader(io.RawIOBase):
@@ -219,7 +293,7 @@ BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
 
 
-@dataclass
+@dataclass(slots=True)
 class TarEntry:
     """One member of a layer tar, after PAX and GNU long-name headers were applied."""
 
@@ -240,12 +314,17 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _field_str(block: bytes, start: int, length: int) -> str:
-    return _decode(block[start : start + length].split(b"\0", 1)[0])
+# name mode uid gid size mtime chksum type linkname magic version uname gname devmajor
+# devminor prefix (ustar header layout)
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+_ZERO_BLOCK = bytes(512)
 
 
-def _field_num(block: bytes, start: int, length: int, what: str) -> int:
-    raw = block[start : start + length]
+def _str(raw: bytes) -> str:
+    return _decode(raw.split(b"\0", 1)[0])
+
+
+def _num(raw: bytes, what: str) -> int:
     if raw[:1] and raw[0] & 0x80:  # base-256 (GNU) for values too large for octal
         if raw[0] == 0xFF:
             return 0  # a negative number: only ever seen for pre-1970 mtimes
@@ -278,6 +357,33 @@ def _parse_pax(data: bytes) -> dict[str, bytes]:
     return out
 
 
+class _BackgroundHash:
+    """sha256 in a thread of its own: ``hashlib`` releases the GIL while it hashes, so the
+    diff-id of a layer costs the unpacking thread nothing but a queue put per block."""
+
+    def __init__(self) -> None:
+        self._hasher = hashlib.sha256()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="diff-id", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._queue.get()) is not None:
+            self._hasher.update(block)
+
+    def update(self, block: bytes) -> None:
+        self._queue.put(block)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 class TarReader:
     """Reads tar members from an uncompressed stream, hashing every byte (the diff-id)."""
 
@@ -285,9 +391,12 @@ class TarReader:
         self._stream = stream
         self._buf = b""
         self._pos = 0
-        self._hasher = hashlib.sha256()
+        self._hasher = _BackgroundHash()
         self.size = 0
         self._global: dict[str, bytes] = {}
+
+    def close(self) -> None:
+        self._hasher.close()
 
     def _fill(self, n: int) -> bool:
         """Make ``n`` bytes available; False if the stream ends first."""
@@ -357,13 +466,13 @@ class TarReader:
                     raise CorruptLayer("layer tar archive ends inside a header")
                 return None  # no end-of-archive marker: accepted, as tar itself does
             block = self.read(BLOCK)
-            if block.count(0) == BLOCK:
+            if block == _ZERO_BLOCK:
                 return None
-            stored = _field_num(block, 148, 8, "chksum")
-            if stored != sum(block) - sum(block[148:156]) + 8 * 32:
+            fields = _HEADER.unpack(block)
+            if _num(fields[6], "chksum") != sum(block) - sum(fields[6]) + 8 * 32:
                 raise CorruptLayer("not a tar archive (header checksum mismatch)")
-            kind = block[156:157]
-            size = _field_num(block, 124, 12, "size")
+            kind = fields[7]
+            size = _num(fields[4], "size")
             if kind in (b"x", b"g"):
                 records = _parse_pax(self.read(size))
                 self.skip((-size) % BLOCK)
@@ -383,22 +492,22 @@ class TarReader:
             merged = {**self._global, **pax}
             if kind in (b"S", b"M") or any(k.startswith("GNU.sparse.") for k in merged):
                 raise CorruptLayer("sparse or multi-volume tar members are not supported")
-            name = _field_str(block, 0, 100)
-            if block[257:263] == b"ustar\0":  # POSIX: a prefix field extends the name
-                prefix = _field_str(block, 345, 155)
+            name = _str(fields[0])
+            if fields[9] == b"ustar\0":  # POSIX: a prefix field extends the name
+                prefix = _str(fields[15])
                 if prefix:
                     name = f"{prefix}/{name}"
             entry = TarEntry(
                 name=long_name if long_name is not None else name,
                 type=kind,
                 size=size,
-                mode=_field_num(block, 100, 8, "mode") & 0o7777,
-                uid=_field_num(block, 108, 8, "uid"),
-                gid=_field_num(block, 116, 8, "gid"),
-                mtime=float(_field_num(block, 136, 12, "mtime")),
-                linkname=long_link if long_link is not None else _field_str(block, 157, 100),
-                devmajor=_field_num(block, 329, 8, "devmajor"),
-                devminor=_field_num(block, 337, 8, "devminor"),
+                mode=_num(fields[1], "mode") & 0o7777,
+                uid=_num(fields[2], "uid"),
+                gid=_num(fields[3], "gid"),
+                mtime=float(_num(fields[5], "mtime")),
+                linkname=long_link if long_link is not None else _str(fields[8]),
+                devmajor=_num(fields[13], "devmajor") if kind in (b"3", b"4") else 0,
+                devminor=_num(fields[14], "devminor") if kind in (b"3", b"4") else 0,
             )
             self._apply_pax(entry, merged)
             return entry
@@ -445,6 +554,19 @@ def _normalise(name: str) -> str:
     return "/".join(parts)
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, for every
+    thread, for a moment)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777  # unknown: always chmod
+
+
 def _ns(mtime: float) -> int:
     return int(mtime * 1_000_000_000) if mtime > 0 else 0
 
@@ -458,23 +580,16 @@ def _user_xattrs(xattrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
     return [(k, v) for k, v in xattrs.items() if k.startswith("user.")]
 
 
-_SMALL_FILE = 256 << 10  # files up to this size are written by the writer threads
-_MAX_PENDING = 256
-
-
 class _Unpacker:
     """Applies tar members in archive order to ``dest``, which starts empty and is ours.
 
     ``kinds`` records what this layer has created at each path. Because nothing else
     writes under ``dest`` while we work, it tells exactly which parents are real
     directories, so a name is never resolved through a symlink the archive planted.
-
-    Creating thousands of small files is mostly kernel time, so regular files of up to
-    256 KiB are handed to a few writer threads (the GIL is released in the syscalls);
-    any later operation on a path waits for that path's pending write first.
+    (Handing small files to writer threads was measured: with the GIL it only cost time.)
     """
 
-    def __init__(self, dest: Path, writers: int) -> None:
+    def __init__(self, dest: Path) -> None:
         self.dest = str(dest)
         self.kinds: dict[str, str] = {"": "dir"}  # → "dir" | "file" | "link" | "other" | "wh"
         self.explicit: set[str] = set()  # paths created by an entry of this layer
@@ -483,29 +598,11 @@ class _Unpacker:
         self.entries = 0
         self.skipped = 0
         self.can_chown = os.geteuid() == 0
-        self.pool = ThreadPoolExecutor(writers, "unpack") if writers > 0 else None
-        self.pending: dict[str, Future[None]] = {}
-        self.order: deque[tuple[str, Future[None]]] = deque()
+        self.ids = (os.geteuid(), os.getegid())
+        self.umask = _umask()
 
     def _path(self, rel: str) -> str:
         return f"{self.dest}/{rel}" if rel else self.dest
-
-    # -- ordering with the writer threads --------------------------------------------------
-    def _wait(self, rel: str) -> None:
-        fut = self.pending.pop(rel, None)
-        if fut is not None:
-            fut.result()
-
-    def _drain(self) -> None:
-        while self.order:
-            rel, fut = self.order.popleft()
-            fut.result()
-            if self.pending.get(rel) is fut:
-                del self.pending[rel]
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- paths -----------------------------------------------------------------------------
     def _parent(self, rel: str, original: str) -> None:
@@ -533,7 +630,6 @@ class _Unpacker:
             return
         self.explicit.discard(rel)
         if kind == "dir":
-            self._drain()
             shutil.rmtree(self._path(rel))
             prefix = rel + "/"
             for table in (self.kinds, self.dirs):
@@ -542,7 +638,6 @@ class _Unpacker:
             self.explicit = {k for k in self.explicit if not k.startswith(prefix)}
             self.dirs.pop(rel, None)
         else:
-            self._wait(rel)
             os.unlink(self._path(rel))
 
     # -- entries ---------------------------------------------------------------------------
@@ -617,20 +712,7 @@ class _Unpacker:
         self.file_bytes += entry.size
         path = self._path(rel)
         meta = (entry.uid, entry.gid, _safe_mode(entry.mode), _ns(entry.mtime))
-        xattrs = _user_xattrs(entry.xattrs)
-        if self.pool is not None and entry.size <= _SMALL_FILE:
-            data = reader.read(entry.size)
-            reader.skip((-entry.size) % BLOCK)
-            fut = self.pool.submit(self._write, path, [data], meta, xattrs)
-            self.pending[rel] = fut
-            self.order.append((rel, fut))
-            while len(self.order) > _MAX_PENDING:
-                done_rel, done = self.order.popleft()
-                done.result()
-                if self.pending.get(done_rel) is done:
-                    del self.pending[done_rel]
-            return
-        self._write(path, reader.chunks(entry.size), meta, xattrs)
+        self._write(path, reader.chunks(entry.size), meta, _user_xattrs(entry.xattrs))
 
     def _write(
         self,
@@ -640,17 +722,20 @@ class _Unpacker:
         xattrs: list[tuple[str, bytes]],
     ) -> None:
         uid, gid, mode, mtime = meta
+        # created with its final mode; the calls skipped when they would change nothing
+        # are a good part of the syscalls per file (thousands of files per layer)
         fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode
         )
         try:
             for block in data:
                 view = memoryview(block)
                 while view:
                     view = view[os.write(fd, view) :]
-            if self.can_chown:
+            if self.can_chown and (uid, gid) != self.ids:
                 os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)
+            if mode & self.umask:
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         finally:
             os.close(fd)
@@ -667,7 +752,6 @@ class _Unpacker:
             )
         if target == rel:
             return
-        self._wait(target)
         self._remove(rel)
         os.link(self._path(target), self._path(rel), follow_symlinks=False)
         self.kinds[rel] = kind
@@ -695,10 +779,8 @@ class _Unpacker:
         self.entries += 1
 
     def finish(self) -> None:
-        """Wait for the writers, then give directories their owners, modes and times
-        (last: a read-only mode must not stop children being created, and creating
-        children changes a directory's mtime)."""
-        self._drain()
+        """Give directories their owners, modes and times, last: a read-only mode must not
+        stop children being created, and creating children changes a directory's mtime."""
         for rel in sorted(self.dirs, key=len, reverse=True):
             if self.kinds.get(rel) != "dir":
                 continue
@@ -711,7 +793,7 @@ class _Unpacker:
             os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
 
 
-def unpack(stream: BinaryIO, dest: Path, *, writers: int = 2) -> UnpackResult:
+def unpack(stream: BinaryIO, dest: Path) -> UnpackResult:
     """Unpack the uncompressed tar ``stream`` into the empty directory ``dest``.
 
     Raises :class:`UnsafeLayer` for an entry that breaks the rules in the module docstring
@@ -723,7 +805,7 @@ def unpack(stream: BinaryIO, dest: Path, *, writers: int = 2) -> UnpackResult:
     if any(dest.iterdir()):
         raise ValueError(f"unpack target {dest} is not empty")
     reader = TarReader(stream)
-    unpacker = _Unpacker(dest, writers)
+    unpacker = _Unpacker(dest)
     name = ""
     try:
         while (entry := reader.next()) is not None:
@@ -736,7 +818,7 @@ def unpack(stream: BinaryIO, dest: Path, *, writers: int = 2) -> UnpackResult:
             raise CorruptLayer(f"cannot unpack {name!r}: {exc.strerror}") from exc
         raise
     finally:
-        unpacker.close()
+        reader.close()
     return UnpackResult(
         diff_id=diff_id,
         tar_bytes=reader.size,
