@@ -253,6 +253,7 @@ class ImageManager:
             "image_pulls_total": float(self.stats.pulls),
             "image_lazy_mounts_total": float(self.stats.lazy_mounts),
             "image_pull_seconds_total": float(self.stats.pull_seconds),
+            "image_mount_seconds_total": float(self.stats.mount_seconds),
             "image_mount_failures_total": float(self.stats.failures),
             "image_pull_layers_total": float(self.stats.layers_done),
             "image_pull_bytes_total": float(self.stats.bytes_done),
