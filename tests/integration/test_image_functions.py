@@ -244,3 +244,57 @@ def test_image_zygote_preloads_what_the_handler_imported(
         assert r.headers["X-Warmstart-Start"] == "fork"
         # imgpkg was imported by the zygote (no function environment), before the fork.
         assert r.json() == {"in_zygote": True, "cwd": "/var/task"}
+
+
+def test_cli_deploy_image_and_pull_with_progress(
+    server: Server, registry: Any, python_image: str, tmp_path: Path
+) -> None:
+    cli = [".venv/bin/warmstart"]
+    res = subprocess.run(
+        [*cli, "deploy", "--image", python_image, "--name", "clifn", "--endpoint", server.url],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "created clifn from image" in res.stdout
+    res = subprocess.run(
+        [*cli, "invoke", "clifn", '{"a": 1}', "--endpoint", server.url],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["event"] == {"a": 1}
+    res = subprocess.run([*cli, "ls", "--endpoint", server.url], capture_output=True, text=True)
+    assert res.returncode == 0 and "clifn" in res.stdout and "image" in res.stdout
+    # A source and --image together is a usage error.
+    res = subprocess.run(
+        [
+            *cli,
+            "deploy",
+            "somewhere",
+            "--image",
+            python_image,
+            "--name",
+            "x",
+            "--endpoint",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and "not both" in res.stderr
+    # Preheat a node's store; a missing image is one clear line.
+    res = subprocess.run(
+        [*cli, "image", "pull", python_image, "--data-dir", str(tmp_path / "node")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "pulled" in res.stdout and "2 layer(s)" in res.stdout
+    res = subprocess.run(
+        [*cli, "image", "pull", f"{registry.host}/missing:1", "--data-dir", str(tmp_path / "n")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert res.stderr.startswith("warmstart: NotFound") and "Traceback" not in res.stderr

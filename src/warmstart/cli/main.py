@@ -198,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--command",
+        dest="image_cmd",  # not "command": that names the subcommand
         default=None,
         metavar="MODULE.FUNCTION",
         help="with --image: the handler, overriding the image's CMD (ImageConfig.Command)",
@@ -382,7 +383,7 @@ def _deploy_image(args: argparse.Namespace) -> int:
         env[key] = value
     with _client(args) as c:
         exists = c.get(f"{API}/{args.name}").status_code == 200
-        image_config = {"Command": [args.command]} if args.command else {}
+        image_config = {"Command": [args.image_cmd]} if args.image_cmd else {}
         conf: dict[str, Any] = {}
         if args.memory is not None:
             conf["MemorySize"] = args.memory
@@ -425,7 +426,7 @@ def _deploy(args: argparse.Namespace) -> int:
         if args.source is not None:
             raise CLIError("give either a source directory/zip or --image, not both")
         return _deploy_image(args)
-    if args.command is not None:
+    if args.image_cmd is not None:
         raise CLIError("--command is for --image deployments (use --handler for code)")
     src: Path | None = args.source
     if src is None:
