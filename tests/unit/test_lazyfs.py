@@ -20,6 +20,7 @@ import stat
 import struct
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,7 +495,7 @@ def test_concurrent_reads_of_one_chunk_fetch_it_once(tmp_path: Path, cache: Chun
     )
 
 
-def test_prioritized_files_prefetched_in_one_request_before_ready(
+def test_prioritized_files_stream_in_one_request_and_reads_wait_for_it(
     tmp_path: Path, cache: ChunkCache
 ) -> None:
     members = [
@@ -507,15 +508,22 @@ def test_prioritized_files_prefetched_in_one_request_before_ready(
     layer, source = blob_layer(tmp_path, "app", members, cache, prioritized=3)
     assert layer.toc.prefetch_end is not None
     with mounted(tmp_path, [layer], cache, read_ahead=0) as (mnt, daemon):
+        # Prioritized files are claimed at mount: reading them waits for the prefetch
+        # (one request up to the landmark) instead of fetching them on their own.
+        assert (mnt / "app/main.py").read_bytes() == b"import lib\n"
+        assert (mnt / "app/lib.py").read_bytes() == _big(50_000, seed=7)
         assert len(source.calls) == 1
         [(start, end)] = source.calls[0]
         assert end == layer.toc.prefetch_end and start == layer.data[0].offset
-        assert daemon.stats.prefetch_done and daemon.stats.prefetch_chunks == 2
-        stats = json.loads((tmp_path / "mnt.stats.json").read_text())
-        assert stats["ready"] and stats["prefetch"]["done"]
-        assert (mnt / "app/main.py").read_bytes() == b"import lib\n"
-        assert (mnt / "app/lib.py").read_bytes() == _big(50_000, seed=7)
-        assert len(source.calls) == 1  # served from the cache
+        deadline = time.monotonic() + 10
+        while not daemon.stats.prefetch_done:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert daemon.stats.prefetch_chunks == 2
+        deadline = time.monotonic() + 10
+        while not json.loads((tmp_path / "mnt.stats.json").read_text())["prefetch"]["done"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         assert (mnt / "app/cold.bin").read_bytes() == _big(200_000, seed=8)
         assert len(source.calls) == 2
 

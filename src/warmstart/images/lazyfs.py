@@ -717,6 +717,7 @@ class Fetcher:
         self._idle = trio.Event()
         self._idle.set()
         self._last_foreground = -1e9  # trio time of the last foreground fetch's end
+        self.prefetched = trio.Event()  # the prioritized files are in (or failed)
 
     # -- the foreground --
     def touch(self) -> None:
@@ -782,16 +783,8 @@ class Fetcher:
             chosen[key] = e
         return sorted(chosen.values(), key=lambda c: c.offset)
 
-    async def _fetch(
-        self,
-        layer: TOCLayer,
-        entries: list[TOCEntry],
-        *,
-        limiter: trio.CapacityLimiter | None = None,
-        abandon: bool = False,
-    ) -> dict[str, str | None]:
-        """Fetch, verify and cache ``entries`` (one call to the source, contiguous ranges
-        merged); returns each chunk's error, None for success."""
+    def _register(self, entries: list[TOCEntry]) -> dict[str, _Flight]:
+        """Flights for the chunks of ``entries`` that no other fetch carries yet."""
         flights: dict[str, _Flight] = {}
         for e in entries:
             key = cache_key(e)
@@ -799,25 +792,66 @@ class Fetcher:
             # fetch may already carry this one: register each key once, never overwrite.
             if key not in flights and key not in self._flights:
                 flights[key] = self._flights[key] = _Flight()
+        return flights
+
+    def _land(self, flights: dict[str, _Flight], key: str, error: str | None) -> None:
+        """One chunk of a fetch is verified and cached (or failed): wake its readers."""
+        flight = flights.get(key)
+        if flight is None or flight.done.is_set():
+            return
+        flight.error = error
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.done.set()
+
+    async def _fetch(
+        self,
+        layer: TOCLayer,
+        entries: list[TOCEntry],
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+        abandon: bool = False,
+        flights: dict[str, _Flight] | None = None,
+        stream: bool = False,
+    ) -> dict[str, str | None]:
+        """Fetch, verify and cache ``entries`` (one call to the source, contiguous ranges
+        merged); returns each chunk's error, None for success.  With ``stream``, readers
+        waiting for a chunk wake as soon as that chunk is cached, not when all are."""
+        if flights is None:
+            flights = self._register(entries)
+        notify = None
+        if stream:
+            token = trio.lowlevel.current_trio_token()
+            registered = flights
+
+            def notify(key: str, error: str | None) -> None:
+                trio.from_thread.run_sync(
+                    self._land, registered, key, error, trio_token=token
+                )
+
         results: dict[str, str | None] = {}
         failure = "fetch cancelled"
         try:
             results = await trio.to_thread.run_sync(
-                self._fetch_sync, layer, entries, limiter=limiter, abandon_on_cancel=abandon
+                functools.partial(self._fetch_sync, layer, entries, notify),
+                limiter=limiter,
+                abandon_on_cancel=abandon,
             )
         except Exception as exc:
             failure = f"fetch from {layer.source.name} failed: {type(exc).__name__}: {exc}"
             log.exception("%s", failure)
             results = {key: failure for key in flights}
         finally:
-            for key, flight in flights.items():
-                flight.error = results.get(key, failure)
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
-                flight.done.set()
+            for key in list(flights):
+                self._land(flights, key, results.get(key, failure))
         return results
 
-    def _fetch_sync(self, layer: TOCLayer, entries: list[TOCEntry]) -> dict[str, str | None]:
+    def _fetch_sync(
+        self,
+        layer: TOCLayer,
+        entries: list[TOCEntry],
+        notify: Callable[[str, str | None], None] | None = None,
+    ) -> dict[str, str | None]:
         spans: list[list[int]] = []
         for e in entries:
             if spans and spans[-1][1] == e.offset:
@@ -863,11 +897,14 @@ class Fetcher:
                 log.error("%s", reason)
                 return key, reason, False, True
             try:
-                return key, None, self.cache.put(key, data), False
+                new = self.cache.put(key, data)
             except OSError as exc:
                 reason = f"cannot store a chunk in the cache {self.cache.root}: {exc}"
                 log.error("%s", reason)
                 return key, reason, False, False
+            if notify is not None:
+                notify(key, None)
+            return key, None, new, False
 
         # Decompressing, hashing and writing release the GIL: a large batch (the
         # prioritized files at mount) uses every core.
@@ -893,14 +930,16 @@ class Fetcher:
         return results
 
     # -- ahead of time --
-    async def prefetch(self, layers: Sequence[TOCLayer]) -> None:
-        """Fetch every layer's prioritized files, one request per layer, concurrently."""
-        started = time.monotonic()
-
-        async def one(layer: TOCLayer) -> None:
+    def plan_prefetch(
+        self, layers: Sequence[TOCLayer]
+    ) -> list[tuple[TOCLayer, list[TOCEntry], dict[str, _Flight]]]:
+        """Claim every layer's prioritized chunks that are not cached yet: from now on a
+        read of one of them waits for the prefetch instead of fetching it alone."""
+        plan = []
+        for layer in layers:
             end = layer.toc.prefetch_end
             if not end:
-                return
+                continue
             todo: dict[str, TOCEntry] = {}
             for e in layer.data:
                 if e.offset >= end:
@@ -908,10 +947,26 @@ class Fetcher:
                 key = cache_key(e)
                 if key not in todo and not self.cache.has(key, e.chunk_size):
                     todo[key] = e
-            if not todo:
-                return
-            entries = list(todo.values())
-            errors = await self._fetch(layer, entries)
+            if todo:
+                entries = list(todo.values())
+                plan.append((layer, entries, self._register(entries)))
+        return plan
+
+    async def prefetch(
+        self,
+        layers: Sequence[TOCLayer],
+        plan: list[tuple[TOCLayer, list[TOCEntry], dict[str, _Flight]]] | None = None,
+    ) -> None:
+        """Fetch every layer's prioritized files, one request per layer, concurrently,
+        waking each reader as soon as its chunk is in (files come in first-use order)."""
+        started = time.monotonic()
+        if plan is None:
+            plan = self.plan_prefetch(layers)
+
+        async def one(
+            layer: TOCLayer, entries: list[TOCEntry], flights: dict[str, _Flight]
+        ) -> None:
+            errors = await self._fetch(layer, entries, flights=flights, stream=True)
             failed = [err for err in errors.values() if err]
             if failed:
                 log.warning(
@@ -926,11 +981,12 @@ class Fetcher:
             )
 
         async with trio.open_nursery() as nursery:
-            for layer in layers:
-                nursery.start_soon(one, layer)
+            for layer, entries, flights in plan:
+                nursery.start_soon(one, layer, entries, flights)
         with self.stats.lock:
             self.stats.prefetch_done = True
             self.stats.prefetch_seconds = time.monotonic() - started
+        self.prefetched.set()
 
     async def background(self, layers: Sequence[TOCLayer]) -> None:
         """Fetch everything not cached yet, batch by batch, yielding to foreground reads
@@ -1436,6 +1492,7 @@ class Daemon:
         """The background fetch, contained: whatever goes wrong in it is logged and ends
         it, never the filesystem (reads then fetch on demand)."""
         try:
+            await self.fetcher.prefetched.wait()
             await self.fetcher.background(layers)
         except Exception:
             log.exception("background fetch failed; the rest is fetched on read")
@@ -1446,7 +1503,9 @@ class Daemon:
         """Prefetch, mount, call ``on_ready`` once the mount answers, serve until stopped
         or unmounted."""
         self._token = trio.lowlevel.current_trio_token()
-        await self.fetcher.prefetch(self.fs.toc_layers)
+        # The prioritized files are claimed now and stream in after the mount is up: a
+        # start begins with its first files while the rest of them still arrive.
+        plan = self.fetcher.plan_prefetch(self.fs.toc_layers)
         if self._stopping:
             return
         pyfuse3.init(self.fs, str(self.mountpoint), mount_options(self.allow_other))
@@ -1462,16 +1521,17 @@ class Daemon:
                 nursery.start_soon(serve)
                 if handle_signals:
                     nursery.start_soon(self._signals)
+                nursery.start_soon(self.fetcher.prefetch, self.fs.toc_layers, plan)
                 # A stat through the mount proves the kernel reaches our handlers.
                 await trio.to_thread.run_sync(os.stat, self.mountpoint, abandon_on_cancel=True)
                 self.stats.ready_seconds = time.monotonic() - self.stats.started
                 self.write_stats()
                 log.info(
-                    "mounted %s: ready in %.3f s (TOCs %.3f s, prefetch %d bytes)",
+                    "mounted %s: ready in %.3f s (TOCs %.3f s, prefetching %d chunks)",
                     self.mountpoint,
                     self.stats.ready_seconds,
                     self.stats.toc_seconds,
-                    self.stats.prefetch_bytes,
+                    sum(len(entries) for _, entries, _ in plan),
                 )
                 on_ready(self.stats.snapshot())
                 nursery.start_soon(self._stats_loop)
