@@ -8,14 +8,15 @@ loopback port), all driven the same way:
 2. **LS + BE, no differentiation** -- server ``--no-qos`` and the BE function deployed
    with the tag ``warmstart:qos=ls``: the batch items run as LS instances (normal CPU
    weight, LS limits).
-3. **LS + BE, --no-qos** -- BE runs in the BE subtree with the lowest CPU weight
-   (``cpu.shares=2``, ``cpu.idle=1``) but no QoS loop squeezes it.
+3. **LS + BE, --no-qos** -- BE runs in its own subtree at the lowest CPU weight
+   (``cpu.shares=2``) but no QoS loop admits or caps it (up to ``--be-concurrency``).
 4. **LS + BE, QoS on** -- the default server: the QoS loop computes reclaimed capacity,
    admits BE within it and enforces the BE CPU limit as its ``be_cpu_policy`` says.
 
-Optional scenarios (``--scenarios``) compare BE CPU policies: ``qos-quota`` (the limit as a
-CFS quota with a 20 ms period), ``qos-quota100`` (the same with the kernel's 100 ms period)
-and ``qos-cpuset`` (whole cores), each a server with QoS on and that ``--qos-config``.
+Optional scenarios (``--scenarios``) compare BE scheduling choices, each a server with QoS
+on and a ``--qos-config``: ``qos-idle`` (BE also in the kernel's idle class, ``cpu.idle``),
+``qos-quota`` (the limit as a CFS quota with a 20 ms period), ``qos-quota100`` (the same
+with the kernel's 100 ms period) and ``qos-cpuset`` (whole cores).
 
 The LS load: ``lsburn`` (a handler that busy-loops on ``time.perf_counter`` for ~2 ms and
 returns how many loop iterations it managed) invoked (``POST /run/lsburn``) at a FIXED
@@ -171,6 +172,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "be_tags": {},
         "qos_config": {"be_cpu_policy": "cpuset"},
     },
+}
+SCENARIOS["qos-idle"] = {
+    "label": "LS + BE, QoS on, BE also in the idle class (cpu.idle)",
+    "args": [],
+    "be": True,
+    "be_tags": {},
+    "qos_config": {"be_sched_idle": True},
 }
 DEFAULT_SCENARIOS = ("alone", "nodiff", "noqos", "qos")
 
@@ -717,6 +725,12 @@ def run_scenario(
 
     _ls_run, ls_wait, ls_slices = delay_delta(a.ls_sched, b.ls_sched)
     _sv_run, sv_wait, _sv_slices = delay_delta(a.server_sched, b.server_sched)
+    # The server's main thread (tid = pid) runs the event loop that serves every request.
+    main = server.proc.pid if server.proc else 0
+    _m_run, main_wait, _m_slices = delay_delta(
+        {k: v for k, v in a.server_sched.items() if k == main},
+        {k: v for k, v in b.server_sched.items() if k == main},
+    )
 
     def cores(x0: int | None, x1: int | None) -> float | None:
         return None if x0 is None or x1 is None else (x1 - x0) / 1e9 / elapsed
@@ -767,6 +781,7 @@ def run_scenario(
             "ls_timeslices": ls_slices,
             "server_runqueue_wait_s": sv_wait,
             "server_runqueue_wait_per_request_ms": sv_wait * 1000 / max(1, len(win)),
+            "server_loop_runqueue_wait_per_request_ms": main_wait * 1000 / max(1, len(win)),
             "other_processes_cores": other_cores,
             "other_warmstart_cores": sum(
                 b.other_ws[k] - a.other_ws[k] for k in b.other_ws if k in a.other_ws
@@ -1146,7 +1161,9 @@ def report(res: dict[str, Any]) -> str:
         line += (
             f"; run-queue wait per LS request: LS instances "
             f"{r['cpu']['ls_runqueue_wait_per_request_ms'] * 1000:.0f} us, server process "
-            f"{r['cpu']['server_runqueue_wait_per_request_ms'] * 1000:.0f} us (schedstat)"
+            f"{r['cpu']['server_runqueue_wait_per_request_ms'] * 1000:.0f} us (its event-loop "
+            f"thread {r['cpu'].get('server_loop_runqueue_wait_per_request_ms', 0) * 1000:.0f} us)"
+            " (schedstat)"
         )
         oc = r["cpu"].get("other_processes_cores")
         if oc is not None and oc > 0.05:

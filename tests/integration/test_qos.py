@@ -53,15 +53,15 @@ def test_reclaimed_capacity_and_be_suppression(server: Server) -> None:
     assert 0 <= node["reclaimed"]["cpu_cores"] <= node["capacity"]["cpus"]
     # Zero when the host is busy with other work: nothing idle to lend.
     assert 0 <= node["be_cpu_limit_cores"] <= node["capacity"]["cpus"]
-    # By default the idle class alone keeps BE behind LS: the limit is computed and
+    # By default BE's lowest weight alone keeps it behind LS: the limit is computed and
     # reported, not written as a quota.  The BE subtree has the lowest weight, and so
     # does its top (warmstart-be/), which competes with every other task on the host.
-    assert node["be_cpu_policy"] == "idle"
+    assert node["be_cpu_policy"] == "none"
     assert int((_be_cpu_dir(server) / "cpu.cfs_quota_us").read_text()) == -1
     for d in (_be_cpu_dir(server), _be_cpu_dir(server).parent):
-        assert int((d / "cpu.shares").read_text()) <= 3
+        assert int((d / "cpu.shares").read_text()) == 2
         if (d / "cpu.idle").exists():
-            assert (d / "cpu.idle").read_text().strip() == "1"
+            assert (d / "cpu.idle").read_text().strip() == "0"
     with server.http() as http:
         metrics = http.get("/metrics").text
     assert "warmstart_reclaimed_cpu_cores" in metrics and "warmstart_be_cpu_limit_cores" in metrics
@@ -121,6 +121,25 @@ def test_cpuset_policy_confines_best_effort_instances(server_factory: Any, tmp_p
 
 
 @pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/cpu/cpu.idle").exists(), reason="needs cgroup v1 cpu.idle"
+)
+def test_best_effort_in_the_idle_class_when_asked(server_factory: Any, tmp_path: Path) -> None:
+    config = tmp_path / "qos.json"
+    config.write_text(json.dumps({"be_sched_idle": True}))
+    server: Server = server_factory("--qos-config", str(config))
+    for d in (_be_cpu_dir(server), _be_cpu_dir(server).parent):
+        assert (d / "cpu.idle").read_text().strip() == "1"
+        # 2 written; an idle group reads back the kernel's idle weight.
+        assert int((d / "cpu.shares").read_text()) <= 3
+    server.stop()
+    # A worker that does not want it puts the shared top back into the ordinary class.
+    plain: Server = server_factory(data_dir=tmp_path / "plain")
+    for d in (_be_cpu_dir(plain), _be_cpu_dir(plain).parent):
+        assert (d / "cpu.idle").read_text().strip() == "0"
+        assert int((d / "cpu.shares").read_text()) == 2
+
+
+@pytest.mark.skipif(
     not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="cgroup v1 cpu"
 )
 def test_without_qos_nothing_is_squeezed(server_factory: Any) -> None:
@@ -171,3 +190,28 @@ def test_top_shows_the_node(server: Server) -> None:
     assert out.returncode == 0, out.stderr
     for word in ("reclaimed", "best-effort", "latency-sensitive", "queue depth", "evictions"):
         assert word in out.stdout
+
+
+def test_a_crashed_workers_best_effort_subtree_is_reaped(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """warmstart-be/<hash> outlives a SIGKILLed worker; the next worker on the host reaps it
+    (its lock is free), and a clean stop leaves no cgroup behind in either top."""
+    import signal
+
+    from tests.conftest import cgroup_dirs
+
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first: Server = server_factory(data_dir=first_dir)
+    deploy(first.lambda_client(), "slow", {"handler.py": SLEEPER}, Timeout=60)
+    with first.http() as http:
+        http.post("/jobs", json={"function": "slow", "inputs": [{"sleep": 30}]})
+    _wait(lambda: _node(first)["best_effort_running"] >= 1)
+    assert any("/warmstart-be/" in d for d in cgroup_dirs(first_dir))
+    first.stop(signal.SIGKILL)
+    assert any("/warmstart-be/" in d for d in cgroup_dirs(first_dir))
+    second: Server = server_factory(data_dir=second_dir)
+    assert cgroup_dirs(first_dir) == []
+    assert any("/warmstart-be/" in d for d in cgroup_dirs(second_dir))
+    second.stop()
+    assert cgroup_dirs(second_dir) == []

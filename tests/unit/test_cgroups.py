@@ -217,3 +217,30 @@ def test_write_failure_is_a_sandbox_error(tmp_path: Path) -> None:
     d = V1Driver(fake_v1(tmp_path))
     with pytest.raises(SandboxError, match="cannot write"):
         d.set_limits("does/not/exist", Limits(1, 1))
+
+
+def test_best_effort_subtree_weight_and_idle_class(tmp_path: Path) -> None:
+    from warmstart.sandbox.cgpool import set_best_effort
+
+    d = FakeV1(fake_v1(tmp_path))
+    cpu = tmp_path / "cpu" / "warmstart-be"
+    cpu.mkdir()
+    (cpu / "cpu.shares").write_text("1024")
+    (cpu / "cpu.idle").write_text("0")
+    set_best_effort(d, "warmstart-be", idle=True)
+    assert (cpu / "cpu.shares").read_text() == "2"
+    assert (cpu / "cpu.idle").read_text() == "1"
+    # An idle group refuses weight writes: a second call writes nothing.
+    (cpu / "cpu.shares").write_text("3")
+    set_best_effort(d, "warmstart-be", idle=True)
+    assert (cpu / "cpu.shares").read_text() == "3"
+    # Without the idle class (the default): made ordinary first, then the lowest weight.
+    set_best_effort(d, "warmstart-be")
+    assert (cpu / "cpu.idle").read_text() == "0"
+    assert (cpu / "cpu.shares").read_text() == "2"
+    # A kernel without cpu.idle: the weight alone.
+    (cpu / "cpu.idle").unlink()
+    (cpu / "cpu.shares").write_text("1024")
+    set_best_effort(d, "warmstart-be", idle=True)
+    assert (cpu / "cpu.shares").read_text() == "2"
+    assert not (cpu / "cpu.idle").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, cast
 
@@ -10,7 +11,7 @@ import pytest
 from tests.unit.test_qos_enforce import fake_v1, read
 from warmstart.qos.policy import NodeSample, QoSConfig
 from warmstart.sandbox import SandboxManager
-from warmstart.sandbox.cgroups import V1Driver
+from warmstart.sandbox.cgroups import Limits, V1Driver
 from warmstart.worker.qos import QoSManager
 
 BE = "warmstart-be/abc"
@@ -48,7 +49,10 @@ class FakeSandboxes:
         self.be_driver = V1Driver(root, cpuset=True)
         self.ls_parent, self.be_parent = LS, BE
         self.be_pool = FakePool(self.children[:1], self.children[1:])
-        self.pool = None
+        self.pool = FakePool([], [])
+
+    def limits_for(self, memory_mb: int, qos: str = "ls") -> Limits:
+        return Limits(memory_mb << 20, 64, None)  # no CPU quota: no LS burst to manage
 
 
 def manager(tmp_path: Path, **config: Any) -> tuple[QoSManager, FakeSandboxes]:
@@ -67,7 +71,7 @@ def sample(ls: float, node: float | None = None) -> NodeSample:
     return NodeSample(100.0, 2.0, 4 << 30, ls + 0.1 if node is None else node, 1 << 30, ls, 0)
 
 
-def test_idle_policy_computes_the_limit_and_writes_nothing(tmp_path: Path) -> None:
+def test_no_enforcement_computes_the_grant_and_writes_nothing(tmp_path: Path) -> None:
     qos, _ = manager(tmp_path)
     qos._suppress_be(sample(0.4), now=100.0)
     # BE's grant is what LS and the system leave idle (2 - 0.4 - 0.1): reported, not
@@ -75,11 +79,11 @@ def test_idle_policy_computes_the_limit_and_writes_nothing(tmp_path: Path) -> No
     assert qos.be_cpu_cores == pytest.approx(1.5)
     assert read(tmp_path / "cpu" / BE / "cpu.cfs_quota_us") == "-1"
     assert read(tmp_path / "cpuset" / BE / "cpuset.cpus") == "0-1"
-    assert qos.status()["be_cpu_policy"] == "idle"
+    assert qos.status()["be_cpu_policy"] == "none"
 
 
-def test_quota_policy_uses_the_short_period(tmp_path: Path) -> None:
-    qos, _ = manager(tmp_path, be_cpu_policy="quota")
+def test_quota_policy_uses_the_configured_period(tmp_path: Path) -> None:
+    qos, _ = manager(tmp_path, be_cpu_policy="quota", be_cfs_period_us=20_000)
     qos._suppress_be(sample(0.4), now=100.0)
     d = tmp_path / "cpu" / BE
     assert read(d / "cpu.cfs_period_us") == "20000"
@@ -94,11 +98,66 @@ def test_quota_policy_uses_the_short_period(tmp_path: Path) -> None:
 
 def test_cpuset_policy_confines_the_subtree_and_its_cgroups(tmp_path: Path) -> None:
     qos, sandboxes = manager(tmp_path, be_cpu_policy="cpuset")
-    qos._suppress_be(sample(1.0), now=100.0)  # 1.65 - 1.0 - 0.1 = 0.55: one core
+    pooled = qos.inputs().be_cgroups  # the pool's free and busy cgroups, from the loop
+    assert sorted(pooled) == sandboxes.children
+    qos._suppress_be(sample(1.0), now=100.0, be_cgroups=pooled)  # 1.65 - 1.1: one core
     for rel in [BE, *sandboxes.children]:
         assert read(tmp_path / "cpuset" / rel / "cpuset.cpus") == "1"
     assert qos.be_cpuset == "1" and qos.be_cpu_cores == 1.0
-    qos._suppress_be(sample(0.2), now=101.0)  # 1.35 cores: two, one step up
+    qos._suppress_be(sample(0.2), now=101.0, be_cgroups=pooled)  # 1.35: two, one step up
     for rel in [BE, *sandboxes.children]:
         assert read(tmp_path / "cpuset" / rel / "cpuset.cpus") == "0-1"
     assert qos.status()["be_cpuset"] == "0-1"
+
+
+def test_the_tick_runs_off_the_loop_and_evictions_happen_on_it(tmp_path: Path) -> None:
+    """Memory pressure (a threshold every node exceeds) evicts the running BE instance:
+    the tick decides on the manager's thread, the worker's callback runs on the loop."""
+    import asyncio
+    import threading
+
+    from tests.unit.test_qos_usage import meminfo, proc_stat
+    from warmstart.qos import usage
+    from warmstart.worker.qos import BEInstance
+
+    sandboxes = FakeSandboxes(tmp_path)
+    mem = tmp_path / "memory" / f"{BE}/cg1"
+    mem.mkdir(parents=True)
+    (mem / "memory.usage_in_bytes").write_text(str(300 << 20))
+    ticks: list[str] = []
+    evicted: list[tuple[list[str], str]] = []
+    qos = QoSManager(
+        cast(SandboxManager, sandboxes),
+        lambda: [BEInstance("be-1", f"{BE}/cg1", 0.25)],
+        lambda ids: evicted.append((ids, threading.current_thread().name)),
+        config=QoSConfig(memory_evict_upper=0.001, memory_evict_lower=0.0),
+        interval_s=0.01,
+    )
+    stat = proc_stat(tmp_path / "stat", busy=100, idle=100)
+    info = meminfo(tmp_path / "meminfo", 4 << 20, 2 << 20)
+    clock = iter(float(t) for t in range(100, 10_000))
+    qos.sampler = usage.Sampler(
+        sandboxes.driver, [LS], [BE], proc_stat=stat, meminfo=info, clock=lambda: next(clock)
+    )
+    real_tick = qos.tick
+
+    def tick(inputs: Any = None) -> list[str]:
+        ticks.append(threading.current_thread().name)
+        return real_tick(inputs)
+
+    qos.tick = tick  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(qos.run())
+        for _ in range(500):
+            if evicted:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert evicted and evicted[0] == (["be-1"], threading.main_thread().name)
+    assert ticks and all(name.startswith("warmstart-qos") for name in ticks)
+    assert qos.evictions >= 1

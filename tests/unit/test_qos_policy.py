@@ -67,8 +67,8 @@ def test_defaults_are_koordinators_scaled_to_small_nodes() -> None:
     assert c.be_min_cpu_cores == 1
     assert c.ls_burst_pool_threshold == 0.50
     # BE relies on the idle class; the limit is enforced only when asked for.
-    assert c.be_cpu_policy == "idle"
-    assert c.be_cfs_period_us == 20_000
+    assert c.be_cpu_policy == "none" and c.be_sched_idle is False
+    assert c.be_cfs_period_us == 100_000
     assert c.headroom_exempt_cores == 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.cpu_reclaim_threshold = 0.9  # type: ignore[misc]

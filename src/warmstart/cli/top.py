@@ -51,7 +51,7 @@ def render(node: dict[str, Any], endpoint: str) -> Panel:
         "reclaimed", f"{_cores(rec.get('cpu_cores'))} cores, {_gib(rec.get('memory_bytes'))}{stale}"
     )
     policy = node.get("be_cpu_policy")
-    how = {"idle": " (idle class only)", "quota": " (CFS quota)", "cpuset": " (cpuset)"}
+    how = {"none": " (not enforced)", "quota": " (CFS quota)", "cpuset": " (cpuset)"}
     cpuset = f" cpus {node['be_cpuset']}" if node.get("be_cpuset") else ""
     qos.add_row(
         "BE CPU limit",

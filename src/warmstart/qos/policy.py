@@ -20,11 +20,12 @@ The formulas (koordinator-sh/koordinator, see ``shared/REFERENCES.md``, "Colocat
 
       be_limit = capacity * suppress_threshold - LS usage - max(system usage, reserved)
 
-  BE always runs in the kernel's idle class (``cpu.idle``) at the lowest weight, so LS
-  takes a CPU back from BE at its next wake-up; this limit is a *ceiling* on top of that,
-  enforced as configured (``be_cpu_policy``): not at all (``idle``, the default: it is
-  still computed, reported and used as BE's grant for CPU-satisfaction eviction), as a
-  CFS quota with a short period (``quota``), or as a cpuset of whole cores (``cpuset``).
+  BE always runs at the lowest weight (and, with ``be_sched_idle``, in the kernel's idle
+  class) at the root of the hierarchy, so LS takes a CPU back from BE at its next
+  wake-up; this limit is a *ceiling* on top of that, enforced as configured
+  (``be_cpu_policy``): not at all (``none``, the default: BE's grant is then what LS and
+  the system leave idle, ``be_cpu_idle``), as a CFS quota (``quota``), or as a cpuset of
+  whole cores (``cpuset``).
   Quota and cpuset shrink at once when LS needs the CPU and grow back by at most
   ``cpuset_grow_step`` of the node per step.
 * **Small nodes.** Both CPU thresholds are scaled by ``effective_threshold``: Koordinator's
@@ -56,7 +57,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 CPU_PERIOD_US = 100_000
-BE_CPU_POLICIES = ("idle", "quota", "cpuset")
+BE_CPU_POLICIES = ("none", "quota", "cpuset")
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,11 @@ class QoSConfig:
     """Cores exempt from the headroom the CPU thresholds keep (``effective_threshold``).
 
     Koordinator's thresholds keep 35-40% of a node out of BE's reach so that LS can grow
-    between two loop ticks without waiting for BE to be squeezed.  Here BE runs in the
-    kernel's idle class, so a waking LS task takes a CPU from BE at once and the headroom
-    no longer guards LS latency itself; on a 2-core node the unscaled 60% leaves BE about
-    a third of the CPU LS leaves idle (capacity x 0.6 - LS - system) by construction.
+    between two loop ticks without waiting for BE to be squeezed.  Here BE runs at the
+    lowest weight at the root of the hierarchy, so a waking LS task takes a CPU from BE
+    without waiting for the loop, and the headroom no longer guards LS latency itself; on
+    a 2-core node the unscaled 60% leaves BE about a third of the CPU LS leaves idle
+    (capacity x 0.6 - LS - system) by construction.
     Exempting the first core gives 80% on 2 cores and converges to Koordinator's values
     on large nodes (64 cores: 60.6%).  0 restores the plain percentages."""
 
@@ -106,17 +108,27 @@ class QoSConfig:
     """Memory each BE instance counts at least (its MemorySize counts when larger)."""
 
     # -- BE CPU suppress -------------------------------------------------------------
-    be_cpu_policy: str = "idle"
-    """How the BE CPU limit is enforced on top of ``cpu.idle`` and the lowest weight:
-    ``idle`` (not enforced: the kernel's idle class alone keeps BE behind LS, and the
-    limit only serves as BE's grant for CPU-satisfaction eviction), ``quota`` (a CFS
-    quota on the BE subtree with period ``be_cfs_period_us``) or ``cpuset`` (whole cores,
-    the highest-numbered ones).  docs/benchmarks.md has the measurements behind the
-    default."""
-    be_cfs_period_us: int = 20_000
-    """CFS period of the BE quota (``quota`` policy).  Throttled BE is released at period
-    boundaries; a short period spreads the releases thinly instead of letting BE burst
-    for tens of milliseconds after each one (the kernel's default period is 100 ms)."""
+    be_sched_idle: bool = False
+    """Also put the BE subtree in the kernel's idle class (``cpu.idle=1``, mainline >=
+    5.15), on top of the lowest weight.  Off by default, by measurement: the scheduler
+    counts a CPU running only idle-class tasks as idle when it places a waking task, so
+    with BE everywhere the worker's wake-ups went to the other CPU instead of staying on
+    the one that woke it, and on this VM that cost it ~0.9 ms of run-queue wait per LS
+    request (0.15 ms with the weight alone) and LS 1.29x its p99 alone (0.97x with the
+    weight alone; docs/benchmarks.md).  The lowest weight at the hierarchy's root already
+    lets EEVDF hand the CPU to a waking LS task.  On bare metal, where a cross-CPU wake-up
+    is a cheap IPI, the idle class's strict priority may be worth turning on."""
+    be_cpu_policy: str = "none"
+    """How the BE CPU limit is enforced on top of BE's scheduling class: ``none`` (not
+    enforced: the lowest weight keeps BE behind LS, and the limit only serves as BE's
+    grant for CPU-satisfaction eviction), ``quota`` (a CFS quota on the BE subtree with
+    period ``be_cfs_period_us``) or ``cpuset`` (whole cores, the highest-numbered ones).
+    Both ceilings cost LS tail latency and BE throughput in the measurements behind the
+    default (docs/benchmarks.md)."""
+    be_cfs_period_us: int = CPU_PERIOD_US
+    """CFS period of the BE quota (``quota`` policy).  The kernel's 100 ms: a 20 ms period
+    releases throttled BE five times as often, and measured here it cost LS more at the
+    tail than 100 ms did (docs/benchmarks.md, Colocation)."""
     be_cpu_suppress_threshold: float = 0.65
     """BE CPU limit = capacity * this (scaled, ``effective_threshold``) - LS usage -
     system usage (65%)."""
@@ -402,9 +414,9 @@ def be_cpu_limit(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now:
 
 
 def be_cpu_idle(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: float) -> float:
-    """Cores the idle class leaves BE now: capacity - LS - max(system, reserved).
+    """Cores LS and the system leave idle now: capacity - LS - max(system, reserved).
 
-    BE's grant under the ``idle`` policy, where no limit is enforced: CPU-satisfaction
+    BE's grant under the ``none`` policy, where no limit is enforced: CPU-satisfaction
     eviction then fires only when BE is starved of CPU nobody else wants, never merely
     for using more than a threshold would allow.  0 for stale metrics.
     """

@@ -242,23 +242,29 @@ def reap(driver: CgroupDriver, parent: str, rounds: int = 200, *, quiet: bool = 
     return killed
 
 
-def set_best_effort(driver: CgroupDriver, rel: str) -> None:
-    """The lowest CPU weight for a subtree (Kubernetes' BestEffort share), and SCHED_IDLE
-    for its tasks where the kernel has ``cpu.idle`` (>= 5.15).
+def set_best_effort(driver: CgroupDriver, rel: str, *, idle: bool = False) -> None:
+    """The lowest CPU weight for a subtree (Kubernetes' BestEffort share), and with
+    ``idle`` SCHED_IDLE for its tasks where the kernel has ``cpu.idle`` (>= 5.15).
 
-    ``cpu.idle`` ranks a group only against its siblings, which is why the best-effort
-    subtree hangs off the hierarchy's root (``warmstart-be/``) rather than beside the
-    latency-sensitive one: there, every ordinary task on the host (the worker serving
-    requests included) preempts it at wake-up.  An idle group refuses weight writes, so
-    one that is idle already is left as it is.
+    A weight (like ``cpu.idle``) ranks a group only against its siblings, which is why the
+    best-effort subtree hangs off the hierarchy's root (``warmstart-be/``) rather than
+    beside the latency-sensitive one: there it ranks below every ordinary task on the
+    host, the worker serving requests included.  An idle group refuses weight writes, so
+    one that is idle already is left as it is (or, without ``idle``, made ordinary
+    first).
     """
     d = driver.root / rel if isinstance(driver, V2Driver) else driver.root / "cpu" / rel
     weight = (d / "cpu.weight", "1") if isinstance(driver, V2Driver) else (d / "cpu.shares", "2")
-    idle = d / "cpu.idle"
+    idle_file = d / "cpu.idle"
+    current = ""
     with contextlib.suppress(OSError):
-        if idle.read_text().strip() == "1":
-            return
-    for path, value in (weight, (idle, "1")):
+        current = idle_file.read_text().strip()
+    if idle and current == "1":
+        return
+    steps = [(idle_file, "0"), weight] if current == "1" else [weight]
+    if idle:
+        steps.append((idle_file, "1"))
+    for path, value in steps:
         if path.exists():
             try:
                 path.write_text(value)

@@ -33,7 +33,8 @@ TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
 CGROUP_TOP = "warmstart"  # warmstart/<hash>/ls: latency-sensitive instances and zygotes
 # Best-effort instances: warmstart-be/<hash>/, a subtree of its own at the hierarchy's
-# root, where cpu.idle ranks it below every ordinary task on the host.
+# root, where its lowest weight (and cpu.idle, if asked for) ranks it below every
+# ordinary task on the host.
 BE_CGROUP_TOP = "warmstart-be"
 # In an image's root, warmstart's runtime sits at the top level (the image owns /var).
 IMAGE_RUNTIME_ROOT = "/.warmstart-runtime"
@@ -189,8 +190,11 @@ class SandboxManager:
         cpu_quota: float | None = None,
         pool_size: int = 8,
         lock_dir: Path = Path("/run/warmstart"),
+        be_sched_idle: bool = False,
     ) -> None:
         self.data_dir = data_dir
+        # The best-effort subtree also in the kernel's idle class (QoSConfig.be_sched_idle).
+        self.be_sched_idle = be_sched_idle
         self.uid, self.gid = uid, gid
         self.pids_max = pids_max
         self.tmp_bytes = tmp_mb << 20
@@ -232,10 +236,10 @@ class SandboxManager:
 
     @property
     def be_parent(self) -> str:
-        """The best-effort subtree.  Not below ``cgroup_parent()``: ``cpu.idle`` ranks a
-        group only against its siblings, and there be/ would rank low against ls/ alone
-        while the whole subtree competed as an equal with the worker itself and every
-        other task on the host."""
+        """The best-effort subtree.  Not below ``cgroup_parent()``: a weight (and
+        ``cpu.idle``) ranks a group only against its siblings, and there be/ would rank
+        low against ls/ alone while the whole subtree competed as an equal with the worker
+        itself and every other task on the host."""
         return f"{BE_CGROUP_TOP}/{self.cgroup_parent().split('/')[1]}"
 
     def cgroup_parent(self) -> str:
@@ -313,14 +317,14 @@ class SandboxManager:
                 be_driver.remove(self.be_parent)
             self.driver, self.be_driver = driver, be_driver
             # Two classes, two subtrees: latency-sensitive instances (and zygotes) under
-            # warmstart/<hash>/ls/, best-effort ones under warmstart-be/<hash>/ in the idle
-            # class at the lowest CPU weight (which the QoS manager may cap further).
+            # warmstart/<hash>/ls/, best-effort ones under warmstart-be/<hash>/ at the
+            # lowest CPU weight (which the QoS manager may cap further).
             self.pool = CgroupPool(driver, self.ls_parent, initial=self._pool_size)
             self.reaped += self.pool.start()
             self.be_pool = CgroupPool(be_driver, self.be_parent, initial=0)
             self.reaped += self.be_pool.start()
-            set_best_effort(driver, BE_CGROUP_TOP)
-            set_best_effort(driver, self.be_pool.parent)
+            set_best_effort(driver, BE_CGROUP_TOP, idle=self.be_sched_idle)
+            set_best_effort(driver, self.be_pool.parent, idle=self.be_sched_idle)
             for d in (self._lock_dir, self._lock_dir / "roots", self.root_mountpoint):
                 d.mkdir(exist_ok=True)
                 d.chmod(0o755)

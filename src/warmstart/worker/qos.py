@@ -7,8 +7,8 @@ Every tick it
 2. smooths the sample and computes the *reclaimed* capacity (capacity x threshold -
    smoothed LS usage - system usage; zero when the metrics go stale) -- BE admission in
    the worker never exceeds it;
-3. computes the BE CPU limit (BE always runs in the idle class at the lowest weight) and,
-   as ``be_cpu_policy`` says, enforces it as a CFS quota or a cpuset of whole cores that
+3. computes the BE CPU limit (BE always runs at the lowest weight) and, as
+   ``be_cpu_policy`` says, enforces it as a CFS quota or a cpuset of whole cores that
    shrink at once when LS needs the CPU and grow back a step at a time -- or not at all;
 4. gives throttled LS instances a CFS burst while the node's CPU pool is not busy;
 5. evicts BE instances -- lowest priority, largest first -- when node memory crosses the
@@ -17,6 +17,12 @@ Every tick it
 
 The policy itself is pure (``warmstart.qos.policy``); this module only wires it to the
 sandboxes and the worker.
+
+The tick's reads and writes (a dozen or more cgroupfs and /proc files) run on a thread of
+the manager's own, never on the event loop: each costs ~0.2 ms on a busy node and
+occasionally several, and the loop serves every latency-sensitive request, so a stall of
+a few milliseconds once a second lands right in LS's p99.  The loop only hands the tick a
+snapshot of its state (``TickInputs``) and applies the evictions the tick decides.
 """
 
 from __future__ import annotations
@@ -27,26 +33,38 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from warmstart.errors import SandboxError
 from warmstart.qos import enforce, policy, usage
 from warmstart.qos.policy import BECPUSample, BEUsage, NodeSample, QoSConfig, Reclaimed
 from warmstart.sandbox import SandboxManager
+from warmstart.sandbox.cgroups import CgroupDriver
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BEInstance:
-    """What the manager needs to know of a running best-effort instance."""
+    """What the manager needs to know of a running best-effort instance (its memory is
+    read from ``cgroup_rel`` by the tick, off the event loop)."""
 
     id: str
     cgroup_rel: str
-    memory_bytes: int
     cpu_request: float
     priority: int = 0
+
+
+@dataclass(frozen=True)
+class TickInputs:
+    """The event loop's state a tick needs, copied on the loop so the tick's thread never
+    walks structures the loop is changing."""
+
+    ls_cgroups: list[str] = field(default_factory=list)  # live LS cgroups (for burst)
+    be_cgroups: list[str] = field(default_factory=list)  # every pooled BE cgroup (cpuset)
+    be_running: list[BEInstance] = field(default_factory=list)
 
 
 class QoSManager:
@@ -78,18 +96,42 @@ class QoSManager:
         self.bursts: dict[str, int] = {}
         self.evictions = 0
         self.ticks = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warmstart-qos")
 
     async def run(self) -> None:
-        self.sampler.sample()  # the first reading only sets the baseline
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.tick()  # a handful of small cgroupfs reads and writes: on the loop
-            except SandboxError as exc:
-                log.warning("qos: %s", exc)
+        loop = asyncio.get_running_loop()
+        try:
+            # The first reading only sets the baseline.
+            await loop.run_in_executor(self._executor, self.sampler.sample)
+            while True:
+                await asyncio.sleep(self.interval)
+                inputs = self.inputs()
+                try:
+                    victims = await loop.run_in_executor(self._executor, self.tick, inputs)
+                except SandboxError as exc:
+                    log.warning("qos: %s", exc)
+                    continue
+                if victims:
+                    self.evictions += len(victims)
+                    log.warning("qos: evicting best-effort instance(s) %s", ", ".join(victims))
+                    self.evict(victims)
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # -- one tick ------------------------------------------------------------------------
-    def tick(self) -> None:
+    def inputs(self) -> TickInputs:
+        """Copy what the tick needs of the loop's state (on the loop; no I/O)."""
+        pool, be_pool = self.sandboxes.pool, self.sandboxes.be_pool
+        return TickInputs(
+            [cg.rel for cg in pool.in_use()] if pool is not None else [],
+            [cg.rel for cg in [*be_pool.free(), *be_pool.in_use()]] if be_pool else [],
+            self.be_instances(),
+        )
+
+    # -- one tick (on the manager's thread) ------------------------------------------------
+    def tick(self, inputs: TickInputs | None = None) -> list[str]:
+        """Sample, decide and enforce; returns the BE instances to evict (the caller
+        evicts them on the event loop)."""
+        inputs = inputs if inputs is not None else TickInputs()
         now = time.monotonic()
         sample = self.sampler.sample()
         self.ticks += 1
@@ -99,12 +141,14 @@ class QoSManager:
         if self.smoothed is not None:
             self.reclaimed = policy.reclaimed(self.smoothed, self.config, now=now)
         if not self.enabled or sample is None:
-            return
-        self._suppress_be(sample, now)
-        self._burst_ls(sample)
-        self._evict(sample, now)
+            return []
+        self._suppress_be(sample, now, inputs.be_cgroups)
+        self._burst_ls(sample, inputs.ls_cgroups)
+        return self._evict(sample, now, inputs.be_running)
 
-    def _suppress_be(self, sample: NodeSample, now: float) -> None:
+    def _suppress_be(
+        self, sample: NodeSample, now: float, be_cgroups: list[str] | None = None
+    ) -> None:
         driver = self.sandboxes.driver
         if driver is None:
             return
@@ -124,23 +168,23 @@ class QoSManager:
                 config,
             )
             cpus = policy.be_cpuset_list(cores, int(total))
-            pool = self.sandboxes.be_pool
-            children = [cg.rel for cg in [*pool.free(), *pool.in_use()]] if pool else []
+            children = be_cgroups or []
             enforce.set_be_cpuset(self.sandboxes.be_driver or driver, be, children, cpus)
             self.be_cpu_cores, self.be_cpuset = float(cores), cpus
         else:
-            # The idle class alone keeps BE behind LS: BE's grant (for CPU-satisfaction
-            # eviction, and what /node shows) is whatever LS and the system leave idle.
+            # Nothing enforced: BE's scheduling class keeps it behind LS, and its grant (for
+            # CPU-satisfaction eviction, and what /node shows) is what LS and the system
+            # leave idle.
             self.be_cpu_cores = policy.be_cpu_idle(sample, config, now=now)
 
-    def _burst_ls(self, sample: NodeSample) -> None:
-        driver, pool = self.sandboxes.driver, self.sandboxes.pool
-        if driver is None or pool is None:
+    def _burst_ls(self, sample: NodeSample, ls_cgroups: list[str]) -> None:
+        driver = self.sandboxes.driver
+        if driver is None:
             return
         quota = self.sandboxes.limits_for(128).cpu_quota_us
         if not quota:
             return
-        live = {cg.rel for cg in pool.in_use()}
+        live = set(ls_cgroups)
         for rel in list(self.throttling):
             if rel not in live:
                 self.throttling.pop(rel, None)
@@ -163,12 +207,15 @@ class QoSManager:
                 except SandboxError as exc:
                     log.debug("qos: burst on %s: %s", rel, exc)
 
-    def _evict(self, sample: NodeSample, now: float) -> None:
-        running = self.be_instances()
+    def _evict(self, sample: NodeSample, now: float, running: list[BEInstance]) -> list[str]:
         if not running:
             self.history.clear()
-            return
-        be = [BEUsage(i.id, i.priority, i.memory_bytes, 0.0, i.cpu_request) for i in running]
+            return []
+        driver = self.sandboxes.be_driver or self.sandboxes.driver
+        be = [
+            BEUsage(i.id, i.priority, self._memory(driver, i.cgroup_rel), 0.0, i.cpu_request)
+            for i in running
+        ]
         victims = policy.memory_evictions(
             sample.node_memory_used, sample.capacity_memory_bytes, be, self.config
         )
@@ -182,10 +229,17 @@ class QoSManager:
             victims = policy.cpu_satisfaction_evictions(list(self.history), be, self.config)
             if victims:
                 self.history.clear()
-        if victims:
-            self.evictions += len(victims)
-            log.warning("qos: evicting best-effort instance(s) %s", ", ".join(victims))
-            self.evict(victims)
+        return victims
+
+    @staticmethod
+    def _memory(driver: CgroupDriver | None, rel: str) -> int:
+        """A BE instance's memory; 0 when its cgroup went away meanwhile."""
+        if driver is None:
+            return 0
+        try:
+            return driver.memory_usage(rel)
+        except SandboxError:
+            return 0
 
     # -- reporting -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -83,6 +83,7 @@ class Worker:
             tmp_mb=settings.tmp_mb,
             cpu_quota=settings.cpu_quota,
             pool_size=settings.cgroup_pool,
+            be_sched_idle=settings.qos_config.be_sched_idle,
         )
         self.packages = InstallCache(
             self.data_dir / "packages",
@@ -777,7 +778,7 @@ class Worker:
         """How many best-effort invocations may run: within the reclaimed capacity
         (``qos.policy.be_admission``), never more than ``be_concurrency``, and at least
         ``min_be_concurrency`` so async work cannot starve for ever (it stays in the
-        idle-class, lowest-weight BE subtree)."""
+        lowest-weight BE subtree)."""
         cap = self.settings.be_concurrency
         if self.qos is None or not self.qos.enabled:
             return cap
@@ -791,17 +792,13 @@ class Worker:
         )
 
     def _be_instances(self) -> list[BEInstance]:
-        out = []
-        for inst in self.running_be:
-            cg = inst.sandbox.cgroup
-            if cg is None:
-                continue
-            try:
-                memory = cg.memory_usage()
-            except PlatformError:
-                memory = 0
-            out.append(BEInstance(inst.id, cg.rel, memory, self.settings.qos_config.be_cpu_request))
-        return out
+        """Running BE instances for the QoS tick (which reads their memory off the loop)."""
+        request = self.settings.qos_config.be_cpu_request
+        return [
+            BEInstance(inst.id, inst.sandbox.cgroup.rel, request)
+            for inst in self.running_be
+            if inst.sandbox.cgroup is not None
+        ]
 
     def _evict_be(self, ids: list[str]) -> None:
         for inst, pool in list(self.running_be.items()):
@@ -835,9 +832,7 @@ class Worker:
             self.be_queue.retry(event_id, attempts)
 
     # -- statistics ------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, dict[str, float]]:
-        zc = self.zygotes
-        q = self.qos
+    def _instance_states(self) -> dict[str, float]:
         states = {s.value: 0.0 for s in State if s is not State.DEAD}
         for pool in self._all_pools():
             st = pool.statistics()
@@ -845,8 +840,13 @@ class Worker:
             states["starting"] += st.starting
         for inst in self.cache.instances():
             states[inst.state.value] += 1
+        return states
+
+    def _snapshot(self) -> dict[str, dict[str, float]]:
+        zc = self.zygotes
+        q = self.qos
         return {
-            "instances": states,
+            "instances": self._instance_states(),
             "memory": {
                 "idle_instances": float(self.cache.memory),
                 "reserved": float(self.reserved_mb << 20),
@@ -869,12 +869,14 @@ class Worker:
         }
 
     def node_status(self) -> dict[str, Any]:
-        snap = self._snapshot()
+        """GET /node (``warmstart top`` polls it every second): only what is in memory
+        plus one indexed COUNT -- not ``_snapshot``, whose zygote PSS reads walk whole
+        address spaces on the event loop."""
         status: dict[str, Any] = self.qos.status() if self.qos is not None else {"qos": False}
         status.update(
             {
                 "isolation": self.sandboxes.isolation.value,
-                "instances": snap["instances"],
+                "instances": self._instance_states(),
                 "best_effort_running": len(self.running_be),
                 "best_effort_slots": self._be_slots(),
                 "queue_depth": self.store.pending_count(),
