@@ -374,23 +374,29 @@ def _check(resp: Any) -> Any:
     return resp
 
 
-def _deploy_image(args: argparse.Namespace) -> int:
+def _config_args(args: argparse.Namespace) -> dict[str, Any]:
+    """MemorySize, Timeout and Environment from deploy's flags (only those given)."""
+    conf: dict[str, Any] = {}
     env: dict[str, str] = {}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
             raise CLIError(f"--env takes KEY=VALUE, not {item!r}")
         env[key] = value
+    if args.memory is not None:
+        conf["MemorySize"] = args.memory
+    if args.timeout is not None:
+        conf["Timeout"] = args.timeout
+    if env:
+        conf["Environment"] = {"Variables": env}
+    return conf
+
+
+def _deploy_image(args: argparse.Namespace) -> int:
+    conf = _config_args(args)
     with _client(args) as c:
         exists = c.get(f"{API}/{args.name}").status_code == 200
         image_config = {"Command": [args.image_cmd]} if args.image_cmd else {}
-        conf: dict[str, Any] = {}
-        if args.memory is not None:
-            conf["MemorySize"] = args.memory
-        if args.timeout is not None:
-            conf["Timeout"] = args.timeout
-        if env:
-            conf["Environment"] = {"Variables": env}
         if exists:
             if image_config:
                 conf["ImageConfig"] = image_config
@@ -441,24 +447,13 @@ def _deploy(args: argparse.Namespace) -> int:
         handler = args.handler or "handler.handler"
     else:
         raise CLIError(f"{src}: no such file or directory")
-    env: dict[str, str] = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CLIError(f"--env takes KEY=VALUE, not {item!r}")
-        env[key] = value
+    conf = _config_args(args)
     zip_b64 = base64.b64encode(data).decode()
     with _client(args) as c:
         exists = c.get(f"{API}/{args.name}").status_code == 200
         if exists:
             _check(c.put(f"{API}/{args.name}/code", json={"ZipFile": zip_b64}))
-            conf: dict[str, Any] = {"Handler": handler}
-            if args.memory is not None:
-                conf["MemorySize"] = args.memory
-            if args.timeout is not None:
-                conf["Timeout"] = args.timeout
-            if env:
-                conf["Environment"] = {"Variables": env}
+            conf["Handler"] = handler
             out = _check(c.put(f"{API}/{args.name}/configuration", json=conf)).json()
             verb = "updated"
         else:
@@ -468,13 +463,8 @@ def _deploy(args: argparse.Namespace) -> int:
                 "Handler": handler,
                 "Code": {"ZipFile": zip_b64},
                 "Role": "arn:aws:iam::000000000000:role/x",
+                **conf,
             }
-            if args.memory is not None:
-                body["MemorySize"] = args.memory
-            if args.timeout is not None:
-                body["Timeout"] = args.timeout
-            if env:
-                body["Environment"] = {"Variables": env}
             if args.network:
                 body["Tags"] = {"warmstart:network": args.network}
             out = _check(c.post(API, json=body)).json()

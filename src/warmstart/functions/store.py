@@ -133,12 +133,15 @@ class FunctionStore:
         rec = FunctionRecord(
             name, config, sha, len(code), 1, str(uuid.uuid4()), now_iso(), packages=packages
         )
+        return self._insert(rec)
+
+    def _insert(self, rec: FunctionRecord) -> FunctionRecord:
         try:
             self.db.execute(
-                "INSERT INTO functions(name, record) VALUES (?, ?)", (name, _to_json(rec))
+                "INSERT INTO functions(name, record) VALUES (?, ?)", (rec.name, _to_json(rec))
             )
         except sqlite3.IntegrityError as exc:
-            raise Conflict(f"Function already exist: {name}") from exc
+            raise Conflict(f"Function already exist: {rec.name}") from exc
         return rec
 
     def create_image(self, name: str, config: FunctionConfig, image: ImageSource) -> FunctionRecord:
@@ -155,13 +158,7 @@ class FunctionStore:
             package_type="Image",
             image=image,
         )
-        try:
-            self.db.execute(
-                "INSERT INTO functions(name, record) VALUES (?, ?)", (name, _to_json(rec))
-            )
-        except sqlite3.IntegrityError as exc:
-            raise Conflict(f"Function already exist: {name}") from exc
-        return rec
+        return self._insert(rec)
 
     def save(self, rec: FunctionRecord) -> None:
         cur = self.db.execute(

@@ -311,38 +311,21 @@ class ZygoteCache:
                 "forks": node.forks,
             }
             if isinstance(zygote, Zygote):
-                use = zygote.memory()
-                entry.update(
-                    {
-                        "id": zygote.id,
-                        "pid": zygote.pid,
-                        "alive": zygote.alive,
-                        "frozen": zygote in self.frozen,
-                        "instances": self.live.get(zygote, 0),
-                        "imported": list(zygote.imported),
-                        "skipped": zygote.skipped,
-                        "memory": None
-                        if use is None
-                        else {"rss": use.rss, "pss": use.pss, "uss": use.uss},
-                    }
-                )
+                entry.update(self._entry(zygote))
             out.append(entry)
         for key, zygote in self.images.items():
-            use = zygote.memory()
-            out.append(
-                {
-                    "image": key,
-                    "packages": [],
-                    "id": zygote.id,
-                    "pid": zygote.pid,
-                    "alive": zygote.alive,
-                    "frozen": zygote in self.frozen,
-                    "instances": self.live.get(zygote, 0),
-                    "imported": list(zygote.imported),
-                    "skipped": zygote.skipped,
-                    "memory": None
-                    if use is None
-                    else {"rss": use.rss, "pss": use.pss, "uss": use.uss},
-                }
-            )
+            out.append({"image": key, "packages": [], **self._entry(zygote)})
         return out
+
+    def _entry(self, zygote: Zygote) -> dict[str, Any]:
+        use = zygote.memory()
+        return {
+            "id": zygote.id,
+            "pid": zygote.pid,
+            "alive": zygote.alive,
+            "frozen": zygote in self.frozen,
+            "instances": self.live.get(zygote, 0),
+            "imported": list(zygote.imported),
+            "skipped": zygote.skipped,
+            "memory": None if use is None else {"rss": use.rss, "pss": use.pss, "uss": use.uss},
+        }
