@@ -539,6 +539,34 @@ class LazyMounts:
         for p in paths:
             self.unmount(p)
 
+    def trim_cache(self, budget_bytes: int) -> int:
+        """Remove the oldest cached chunks until the cache fits ``budget_bytes``; returns
+        the bytes freed. Call it only while no daemon of ours runs (at start, after
+        :meth:`recover`): a chunk removed under a live reader would have to be fetched
+        again."""
+        with self._lock:
+            if any(m.proc.poll() is None for m in self._mounts.values()):
+                raise ImageError("the chunk cache is trimmed only while nothing is mounted")
+        chunks: list[tuple[float, int, Path]] = []
+        for path in (self.cache_dir / "sha256").glob("*/*"):
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                chunks.append((st.st_mtime, st.st_size, path))
+        for leftover in (self.cache_dir / "tmp").glob("*"):  # a crashed daemon's writes
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        total = sum(size for _, size, _ in chunks)
+        freed = 0
+        for _, size, path in sorted(chunks):
+            if total - freed <= budget_bytes:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+                freed += size
+        if freed:
+            log.info("lazy chunk cache: removed %d bytes (budget %d)", freed, budget_bytes)
+        return freed
+
     def recover(self) -> list[Path]:
         """Detach FUSE mounts under our root that no live daemon of ours serves: what a
         crashed worker left behind. Call once at start, before any :meth:`mount`.

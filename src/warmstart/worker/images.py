@@ -76,7 +76,8 @@ class ImageManager:
         self.roots = self.root / "roots"
         self.pull_mode = pull_mode
         self.client = RegistryClient(insecure=insecure)
-        self.store = ImageStore(self.root / "store", self.client, budget_mb << 20)
+        self.budget_bytes = budget_mb << 20  # the store's, and the lazy chunk cache's
+        self.store = ImageStore(self.root / "store", self.client, self.budget_bytes)
         self.lazy = LazyMounts(self.root / "lazy", registry=RegistrySettings(insecure=insecure))
         self.background = BackgroundFetch(enabled=background_fetch)
         self.lazy.prestart()  # a lazy mount then skips the daemon's Python start
@@ -97,6 +98,7 @@ class ImageManager:
                 _umount(entry)
                 n += 1
         n += len(self.lazy.recover())
+        self.lazy.trim_cache(self.budget_bytes)
         if n:
             log.warning("start-up unmounted %d image root(s) left by a previous worker", n)
         return n
