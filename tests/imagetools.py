@@ -230,6 +230,22 @@ def tar_layer(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -
 
 
 # -- containerd and ctr-remote (the reference eStargz implementation) ------------------------
+def _stop_and_unmount(proc: subprocess.Popen[bytes], root: Path) -> None:
+    """Stop a daemon, then lazily unmount whatever it left mounted under ``root``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    top = str(root.resolve())
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f]
+    for target in sorted((m for m in mounts if m.startswith(top + "/")), reverse=True):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
 @dataclass
 class Containerd:
     """A private containerd (own root, state and socket) for ``ctr``/``ctr-remote``."""
@@ -255,18 +271,7 @@ class Containerd:
 
     def stop(self) -> None:
         """Stop containerd and remove the mounts its snapshotter left under its root."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        root = str(self.root.resolve())
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split()[4] for line in f]
-        for target in sorted((m for m in mounts if m.startswith(root + "/")), reverse=True):
-            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+        _stop_and_unmount(self.proc, self.root)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
@@ -384,18 +389,7 @@ class StargzSnapshotter:
         ]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        root = str(self.root.resolve())
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split()[4] for line in f]
-        for target in sorted((m for m in mounts if m.startswith(root + "/")), reverse=True):
-            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+        _stop_and_unmount(self.proc, self.root)
         shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)
 
 
