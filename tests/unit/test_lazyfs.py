@@ -758,10 +758,3 @@ def test_daemon_reports_a_bad_spec_on_its_ready_pipe(spec_text: str) -> None:
     assert line["ready"] is False and line["error"]
     assert b"cannot mount" in proc.stderr
 
-
-def test_mountinfo_unescaping() -> None:
-    from warmstart.images.lazymount import _unescape_mountinfo
-
-    assert _unescape_mountinfo(r"/a\040b\134c") == "/a b\\c"
-    assert _unescape_mountinfo("/plain") == "/plain"
-    assert _unescape_mountinfo("/trailing\\04") == "/trailing\\04"

@@ -20,8 +20,6 @@ pyfuse3 or trio to describe a mount.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from warmstart.images.errors import ImageError
+from warmstart.runtime import syscalls
 
 log = logging.getLogger(__name__)
 
@@ -239,35 +238,9 @@ class DaemonSpec:
 
 
 # -- mount table helpers ---------------------------------------------------------------------
-MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _unescape_mountinfo(field_text: str) -> str:
-    """/proc/self/mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
-    out, i = [], 0
-    while i < len(field_text):
-        octal = field_text[i + 1 : i + 4]
-        if field_text[i] == "\\" and len(octal) == 3 and octal.isdigit():
-            out.append(chr(int(octal, 8)))
-            i += 4
-        else:
-            out.append(field_text[i])
-            i += 1
-    return "".join(out)
-
-
 def fuse_mounts() -> list[tuple[str, str]]:
     """(mount point, fs type) of every FUSE mount in this mount namespace."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts, fstype = left.split(), right.split(" ", 1)[0]
-            if len(parts) >= 5 and fstype.startswith("fuse"):
-                found.append((_unescape_mountinfo(parts[4]), fstype))
-    return found
+    return [(m.mount_point, m.fstype) for m in syscalls.mounts() if m.fstype.startswith("fuse")]
 
 
 def is_mounted(path: Path) -> bool:
@@ -280,17 +253,19 @@ def is_mounted(path: Path) -> bool:
 def detach(path: Path) -> None:
     """Lazily unmount ``path``: gone from the tree at once, torn down when the last user
     lets go. ``umount2(MNT_DETACH)`` as root, ``fusermount3 -u -z`` otherwise."""
-    if _libc.umount2(os.fsencode(str(path)), MNT_DETACH) == 0:
+    try:
+        syscalls.umount(str(path), syscalls.MNT_DETACH)
         return
-    err = ctypes.get_errno()
-    if err == errno.EINVAL:  # not a mount point (any more)
-        return
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # not a mount point (any more)
+            return
+        cause = exc
     res = subprocess.run(
         ["fusermount3", "-u", "-z", str(path)], capture_output=True, text=True, check=False
     )
     if res.returncode != 0 and is_mounted(path):
         raise ImageError(
-            f"cannot unmount {path}: {os.strerror(err)}; fusermount3: {res.stderr.strip()}"
+            f"cannot unmount {path}: {cause.strerror}; fusermount3: {res.stderr.strip()}"
         )
 
 

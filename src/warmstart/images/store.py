@@ -26,7 +26,6 @@ worker calls in from ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -53,6 +52,7 @@ from warmstart.images.registry import (
     manifest_from_raw,
 )
 from warmstart.images.unpack import UnpackResult, decompress_stream, unpack
+from warmstart.runtime import syscalls
 
 log = logging.getLogger("warmstart.images.store")
 
@@ -250,20 +250,21 @@ class ImageStore:
         made it: this store's pins do not cover mounts made by another process."""
         prefix = f"{self.layers_dir}/"
         stacks: list[frozenset[str]] = []
-        with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-            for line in f:
-                if " - overlay " not in line:
-                    continue
-                for option in line.rsplit(" ", 1)[-1].split(","):
-                    if option.startswith("lowerdir="):
-                        lowers = option[len("lowerdir=") :].split(":")
-                        stack = frozenset(
-                            p[len(prefix) :].split("/", 1)[0]
-                            for p in lowers
-                            if p.startswith(prefix)
-                        )
-                        if stack:
-                            stacks.append(stack)
+        try:
+            table = syscalls.mounts()
+        except OSError:
+            return stacks
+        for entry in table:
+            if entry.fstype != "overlay":
+                continue
+            for option in entry.super_options.split(","):
+                if option.startswith("lowerdir="):
+                    lowers = option[len("lowerdir=") :].split(":")
+                    stack = frozenset(
+                        p[len(prefix) :].split("/", 1)[0] for p in lowers if p.startswith(prefix)
+                    )
+                    if stack:
+                        stacks.append(stack)
         return stacks
 
     def _image_layers(self, image_id: str) -> frozenset[str]:
@@ -709,8 +710,6 @@ class ImageStore:
         """Mount the image's layers at ``target`` as one read-only overlay (top layer wins,
         whiteouts and opaque directories applied by overlayfs). The image stays pinned
         until ``unmount``."""
-        from warmstart.sandbox import syscalls
-
         target = Path(target)
         dirs = list(image.layer_dirs)
         for d in dirs:
@@ -742,16 +741,8 @@ class ImageStore:
 
     def unmount(self, target: Path) -> None:
         """Unmount a rootfs mounted by ``mount_rootfs`` (lazily if it is still busy)."""
-        from warmstart.sandbox import syscalls
-
         key = str(Path(target).resolve())
-        try:
-            syscalls.umount(key)
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                syscalls.umount(key, syscalls.MNT_DETACH)
-            elif exc.errno != errno.EINVAL:  # EINVAL: not mounted
-                raise
+        syscalls.unmount(key)
         with self._lock:
             image_id = self._mounts.pop(key, None)
         if image_id is not None:

@@ -28,7 +28,6 @@ malicious package imported here could reach every instance forked from it.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import gc
 import json
@@ -43,8 +42,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from warmstart.runtime import bootstrap
+    from warmstart.runtime import syscalls as sc
     from warmstart.runtime.protocol import HEADER, encode
-    from warmstart.sandbox import syscalls as sc
 else:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bootstrap  # children run it without importing anything
@@ -57,16 +56,12 @@ _ctl_fd = CTL_FD  # this zygote's control socket (a child zygote's is elsewhere)
 
 
 def _recv_ctl(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    fds = array.array("i")
-    msg, anc, flags, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    msg, fds, flags, _ = socket.recv_fds(sock, 1 << 16, 16, socket.MSG_CMSG_CLOEXEC)
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
         return {"op": "invalid"}, []
-    return (json.loads(msg) if msg else None), list(fds)
+    return (json.loads(msg) if msg else None), fds
 
 
 def _probe(module: str) -> str:
@@ -206,13 +201,7 @@ def _child_zygote(
 
 
 def _recv_setup(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    fds = array.array("i")
-    head, anc, flags, _ = sock.recvmsg(
-        HEADER.size, socket.CMSG_SPACE(64 * 4), socket.MSG_CMSG_CLOEXEC
-    )
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    head, fds, flags, _ = socket.recv_fds(sock, HEADER.size, 64, socket.MSG_CMSG_CLOEXEC)
     if flags & socket.MSG_CTRUNC or len(head) == 0:
         raise OSError("no setup message from the worker")
     while len(head) < HEADER.size:
@@ -228,7 +217,7 @@ def _recv_setup(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
         if not more:
             raise OSError("the worker hung up")
         body += more
-    return json.loads(body[:meta_len]), list(fds)
+    return json.loads(body[:meta_len]), fds
 
 
 def _child(fd: int, layout: dict[str, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import enum
@@ -27,7 +26,9 @@ from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap, set_best_effort
 
 log = logging.getLogger(__name__)
 
-RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py")
+# The runtime as it is copied into the sandbox: the zygote builds its children's roots
+# with the same syscall wrappers the spawner uses (``syscalls`` is a standard-library leaf).
+RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py", "syscalls.py")
 DEV_FILES = ("null", "zero", "full", "random", "urandom")
 TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
@@ -364,11 +365,7 @@ class SandboxManager:
         """Copy the runtime next to the data dir and byte-compile it (its bind is read-only)."""
         src = Path(__file__).resolve().parent.parent / "runtime"
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
-        # The zygote builds children's roots with the same syscall wrappers as the spawner.
-        sources = [src / name for name in RUNTIME_FILES] + [
-            Path(__file__).resolve().parent / "syscalls.py"
-        ]
-        for path in sources:
+        for path in (src / name for name in RUNTIME_FILES):
             shutil.copyfile(path, self.runtime_dir / path.name)
             py_compile.compile(str(self.runtime_dir / path.name), doraise=True)
         for p in [self.runtime_dir, *self.runtime_dir.rglob("*")]:
@@ -744,13 +741,8 @@ class SandboxManager:
                 raise SandboxError("no spawner")
             loop = asyncio.get_running_loop()
             raw = json.dumps(msg).encode()
-            anc = (
-                []
-                if fd is None
-                else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-            )
             try:
-                self._sock.sendmsg([raw], anc)
+                socket.send_fds(self._sock, [raw], [] if fd is None else [fd])
                 data = await asyncio.wait_for(loop.sock_recv(self._sock, 65536), timeout=30)
             except (OSError, TimeoutError) as exc:
                 self._kill_spawner()

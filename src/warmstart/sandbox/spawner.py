@@ -28,7 +28,6 @@ This module imports only the standard library, so the fork is cheap.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import json
@@ -39,20 +38,18 @@ import socket
 import sys
 from typing import Any
 
-from warmstart.sandbox import syscalls as sc
+from warmstart.runtime import syscalls as sc
 
 MAX_REQUEST = 1 << 20
 
 
 def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    fds = array.array("i")
-    msg, anc, _flags, _addr = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * fds.itemsize))
+    msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 4)
     if not msg:
+        for fd in fds:
+            os.close(fd)
         return None
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-    return json.loads(msg), list(fds)
+    return json.loads(msg), fds
 
 
 def _make_root(spec: dict[str, Any]) -> None:
@@ -358,16 +355,7 @@ class Spawner:
             if parked is not None:
                 pid, psock = parked
                 try:
-                    psock.sendmsg(
-                        [json.dumps(spec).encode()],
-                        [
-                            (
-                                socket.SOL_SOCKET,
-                                socket.SCM_RIGHTS,
-                                array.array("i", [inst_fd, err_w]),
-                            )
-                        ],
-                    )
+                    socket.send_fds(psock, [json.dumps(spec).encode()], [inst_fd, err_w])
                 except OSError:
                     pid = -1  # it died (its cgroup was killed): fork a fresh one
                 finally:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from warmstart.errors import SandboxError
+from warmstart.runtime import syscalls as sc
 from warmstart.runtime.protocol import encode
-from warmstart.sandbox import syscalls as sc
 from warmstart.sandbox.cgroups import Limits
 
 if TYPE_CHECKING:
@@ -266,15 +266,8 @@ class Zygotes:
             msg = {"op": "zygote", "mounts": [dst for _, dst in extra], "preload": preload}
             try:
                 async with parent.lock:
-                    parent.ctl.sendmsg(
-                        [json.dumps(msg).encode()],
-                        [
-                            (
-                                socket.SOL_SOCKET,
-                                socket.SCM_RIGHTS,
-                                array.array("i", [theirs.fileno(), *trees]),
-                            )
-                        ],
+                    socket.send_fds(
+                        parent.ctl, [json.dumps(msg).encode()], [theirs.fileno(), *trees]
                     )
             except OSError as exc:
                 parent.alive = False
@@ -355,16 +348,7 @@ class Zygotes:
         try:
             try:
                 async with zygote.lock:
-                    zygote.ctl.sendmsg(
-                        [b'{"op": "fork"}'],
-                        [
-                            (
-                                socket.SOL_SOCKET,
-                                socket.SCM_RIGHTS,
-                                array.array("i", [theirs.fileno()]),
-                            )
-                        ],
-                    )
+                    socket.send_fds(zygote.ctl, [b'{"op": "fork"}'], [theirs.fileno()])
             except OSError as exc:
                 zygote.alive = False
                 raise SandboxError(f"zygote {zygote.id} is gone: {exc}") from exc
@@ -432,10 +416,7 @@ class Zygotes:
                 "gid": m.gid,
                 "cwd": spec.workdir,
             }
-            spare.sock.sendmsg(
-                [encode(json.dumps(setup).encode())],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", trees))],
-            )
+            socket.send_fds(spare.sock, [encode(json.dumps(setup).encode())], trees)
         except BaseException as exc:
             spare.sock.close()
             await m._recycle(spare.cgroup, repark=False)

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from warmstart.errors import InvalidParameter, PlatformError, WarmstartError
 from warmstart.functions.models import ImageSource
+from warmstart.runtime import syscalls
 
 log = logging.getLogger("warmstart.images")
 
@@ -42,16 +42,6 @@ class ImageStats:
     layers_done: int = 0
     bytes_done: int = 0
     in_progress: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer → done, size
-
-
-def _mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 class ImageManager:
@@ -94,8 +84,8 @@ class ImageManager:
         self.roots.mkdir(parents=True, exist_ok=True)
         n = 0
         for entry in self.roots.iterdir():
-            if _mounted(entry):
-                _umount(entry)
+            if syscalls.is_mount_point(str(entry)):
+                syscalls.unmount(str(entry))
                 n += 1
         n += len(self.lazy.recover())
         self.lazy.trim_cache(self.budget_bytes)
@@ -197,8 +187,8 @@ class ImageManager:
         else:
             target = self.roots / image.digest.replace(":", "-")
             target.mkdir(parents=True, exist_ok=True)
-            if _mounted(target):
-                await asyncio.to_thread(_umount, target)
+            if syscalls.is_mount_point(str(target)):
+                await asyncio.to_thread(syscalls.unmount, str(target))
             img = await asyncio.to_thread(self.store.pull, str(ref), self._progress)
             self._images[image.digest] = img
             await asyncio.to_thread(self.store.mount_rootfs, img, target)

@@ -1,13 +1,17 @@
-"""Thin ctypes wrappers for the Linux calls Python 3.11's ``os`` lacks.
+"""Thin ctypes wrappers for the Linux calls Python 3.11's ``os`` lacks, and the mount table.
 
-Only the spawner (a small, single-threaded process) calls these, between fork and exec.
-Every failure raises OSError with the errno and the call that failed, never asserts.
+A leaf: standard library only.  It belongs to the runtime because the zygote, inside a
+sandbox, builds its children's roots with it (it is copied there with the rest of the
+runtime); on the host the spawner uses it between fork and exec, and the image side uses
+``mounts``/``unmount`` for its overlay and FUSE roots.  Every failure raises OSError with
+the errno and the call that failed, never asserts.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 import socket
@@ -83,6 +87,84 @@ def bind_mount(source: str, target: str, *, readonly: bool) -> None:
 
 def umount(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), flags), f"umount {target}")
+
+
+def unmount(target: str) -> bool:
+    """Unmount ``target``; detach it lazily if it is busy (gone from the tree at once,
+    torn down when its last user lets go).  False when it was not a mount point."""
+    try:
+        umount(target)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # not a mount point (any more)
+            return False
+        if exc.errno != errno.EBUSY:
+            raise
+        umount(target, MNT_DETACH)
+    return True
+
+
+# -- the mount table -----------------------------------------------------------------------
+class MountEntry:
+    """One line of /proc/self/mountinfo (paths unescaped)."""
+
+    __slots__ = ("fstype", "mount_point", "source", "super_options")
+
+    def __init__(self, mount_point: str, fstype: str, source: str, super_options: str) -> None:
+        self.mount_point = mount_point
+        self.fstype = fstype
+        self.source = source
+        self.super_options = super_options  # per-superblock options (overlay: lowerdir=...)
+
+    def __repr__(self) -> str:
+        return f"MountEntry({self.mount_point!r}, {self.fstype!r})"
+
+
+def unescape_mountinfo(text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as ``\\ooo`` (octal)."""
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        octal = text[i + 1 : i + 4]
+        if text[i] == "\\" and len(octal) == 3 and all(c in "01234567" for c in octal):
+            out.append(chr(int(octal, 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """The entries of a mountinfo text: ``id parent major:minor root mount-point options
+    [optional fields...] - fstype source super-options``."""
+    entries = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(" "), right.split(" ")
+        if not sep or len(fields) < 6 or len(tail) < 3:
+            continue
+        entries.append(
+            MountEntry(
+                unescape_mountinfo(fields[4]),
+                tail[0],
+                unescape_mountinfo(tail[1]),
+                unescape_mountinfo(tail[2]),
+            )
+        )
+    return entries
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """Every mount in this process's mount namespace, in mount order."""
+    with open(mountinfo) as f:
+        return parse_mountinfo(f.read())
+
+
+def is_mount_point(path: str) -> bool:
+    """Whether ``path`` is a mount point.  Reads the table rather than stat()ing the path,
+    so a FUSE mount whose daemon died (stat fails with ENOTCONN) still counts."""
+    return any(m.mount_point == path for m in mounts())
 
 
 def unshare(flags: int) -> None:
