@@ -5,7 +5,7 @@ interpreter in a sandbox and against ``runc run``, all measured in the same run 
 What it does (needs root on Linux, like the sandboxes themselves):
 
 1. Sandbox creations per second, with the library in this process (no HTTP): a
-   ``SandboxManager`` and ``Zygotes`` on a private data dir, a zygote with no packages,
+   ``SandboxManager`` and ``ZygoteLauncher`` on a private data dir, a zygote with no packages,
    then create -> read the runtime's ``ready`` frame -> destroy (in the background, as the
    worker does; the clock stops when the last sandbox is gone), in a loop, for a few
    seconds with 1 and with 4 asyncio tasks; the same with fresh sandboxes
@@ -202,7 +202,7 @@ def wait_for_pandas_zygote(server: Server, timeout: float) -> dict[str, Any]:
 # -- memory ----------------------------------------------------------------------------------
 def smaps_rollup(pid: int) -> dict[str, int] | None:
     """RSS, PSS and USS in bytes (the same reading the server reports in /zygotes)."""
-    from warmstart.sandbox.zygotes import memory_of
+    from warmstart.sandbox.memory import memory_of
 
     use = memory_of(pid)
     return None if use is None else {"rss": use.rss, "pss": use.pss, "uss": use.uss}
@@ -393,8 +393,9 @@ async def _churn(
 
 
 async def library_rates(workdir: Path, duration: float, concurrencies: list[int]) -> dict[str, Any]:
+    from warmstart.lifecycle import Supervisor
     from warmstart.sandbox import Isolation, SandboxManager, SandboxSpec
-    from warmstart.sandbox.zygotes import Zygotes
+    from warmstart.zygote.launcher import ZygoteLauncher
 
     code = workdir / "lib-code"
     code.mkdir()
@@ -405,11 +406,13 @@ async def library_rates(workdir: Path, duration: float, concurrencies: list[int]
         code, env={"_HANDLER": "handler.handler", "LAMBDA_TASK_ROOT": "/var/task"}, memory_mb=128
     )
     m = SandboxManager(workdir / "data-lib", isolation=Isolation.LINUX)
-    zs = Zygotes(m)
+    tasks = Supervisor("bench zygotes")
+    zs = ZygoteLauncher(m, tasks)
     zygote = None
     out: dict[str, Any] = {"zygote": {}, "fresh": {}}
     try:
         await m.start()
+        await tasks.start()
         t0 = time.perf_counter()
         zygote = await zs.start((), [])
         out["zygote_start_ms"] = (time.perf_counter() - t0) * 1000
@@ -431,6 +434,7 @@ async def library_rates(workdir: Path, duration: float, concurrencies: list[int]
                 if r["failed"]:
                     log(f"WARNING: failures: {r['failures']}")
     finally:
+        await tasks.close()
         if zygote is not None:
             await zs.stop(zygote)
         await m.close()

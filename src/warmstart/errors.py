@@ -4,6 +4,7 @@
     ├── NotFound              a function (or other resource) does not exist
     ├── InvalidParameter      the caller sent something we cannot accept
     ├── Conflict              the resource exists already / is being changed
+    ├── PreconditionFailed    the caller's RevisionId is not the current one
     ├── TooManyRequests       concurrency and queue limits are exhausted
     ├── InvalidRequestContent the invocation payload is not JSON
     └── PlatformError         something on our side failed (sandbox, cgroup, spawner)
@@ -29,6 +30,10 @@ class InvalidParameter(WarmstartError):
 
 
 class Conflict(WarmstartError):
+    pass
+
+
+class PreconditionFailed(WarmstartError):
     pass
 
 

@@ -77,6 +77,7 @@ class Supervisor:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._loops_stopped = False
         self.restarts = 0
         self.failures = 0
 
@@ -108,16 +109,22 @@ class Supervisor:
             if not opened.done():
                 opened.cancel()
 
-    async def close(self) -> None:
-        """Stop the loops, drain one-shot work, cancel what hangs, leave the group."""
-        if self._host is None or self._stop is None or self._closing:
-            return
-        self._closing = True
+    async def stop_loops(self) -> None:
+        """Cancel the loops and wait for them to end; no new loop starts after this.
+        One-shot work goes on (and may still be spawned) until ``close``."""
+        self._loops_stopped = True
         loops = list(self._loops.values())
         for task in loops:
             task.cancel()
         if loops:
             await asyncio.wait(loops)
+
+    async def close(self) -> None:
+        """Stop the loops, drain one-shot work, cancel what hangs, leave the group."""
+        if self._host is None or self._stop is None or self._closing:
+            return
+        self._closing = True
+        await self.stop_loops()
         # Draining: tasks spawned meanwhile (cleanups of what the loops left) count too.
         deadline = time.monotonic() + self.drain_timeout
         while self._tasks:
@@ -164,7 +171,7 @@ class Supervisor:
 
     def loop(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         """Run ``factory()`` for the component's life, restarting it when it raises."""
-        if self._closing or self._group is None:
+        if self._closing or self._loops_stopped or self._group is None:
             raise SupervisorClosed(f"supervisor {self.name} is not running (loop {name})")
         if name in self._loops:
             raise ValueError(f"{self.name}: a loop named {name!r} runs already")

@@ -12,6 +12,7 @@ import pytest
 from warmstart.errors import SandboxError
 from warmstart.qos import enforce
 from warmstart.qos.policy import QoSConfig
+from warmstart.sandbox.cgpool import set_best_effort
 from warmstart.sandbox.cgroups import CgroupDriver, V1Driver, V2Driver
 
 BE = "warmstart/abc/be"
@@ -54,12 +55,12 @@ def read(path: Path) -> str:
     return path.read_text().strip()
 
 
-# -- BE parent ---------------------------------------------------------------------------
+# -- BE parent (made best-effort by the sandbox manager) ---------------------------------------------------------------------------
 
 
 def test_v1_be_parent_gets_lowest_shares_and_idle(tmp_path: Path) -> None:
     driver = fake_v1(tmp_path, BE)
-    assert enforce.set_be_parent(driver, BE) is True
+    assert set_best_effort(driver, BE, idle=True) is True
     d = tmp_path / "cpu" / BE
     assert read(d / "cpu.shares") == "2"
     assert read(d / "cpu.idle") == "1"
@@ -67,7 +68,7 @@ def test_v1_be_parent_gets_lowest_shares_and_idle(tmp_path: Path) -> None:
 
 def test_v2_be_parent_gets_lowest_weight_and_idle(tmp_path: Path) -> None:
     driver = fake_v2(tmp_path, BE)
-    assert enforce.set_be_parent(driver, BE) is True
+    assert set_best_effort(driver, BE, idle=True) is True
     assert read(tmp_path / BE / "cpu.weight") == "1"
     assert read(tmp_path / BE / "cpu.idle") == "1"
 
@@ -75,7 +76,7 @@ def test_v2_be_parent_gets_lowest_weight_and_idle(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fake", [fake_v1, fake_v2])
 def test_be_parent_without_cpu_idle(tmp_path: Path, fake: type) -> None:
     driver: CgroupDriver = fake(tmp_path, BE, idle=False)
-    assert enforce.set_be_parent(driver, BE) is False
+    assert set_best_effort(driver, BE, idle=True) is False
     d = enforce.cpu_dir(driver, BE)
     assert not (d / "cpu.idle").exists()  # never created on a kernel without it
     assert read(d / ("cpu.shares" if isinstance(driver, V1Driver) else "cpu.weight")) in {
@@ -91,7 +92,7 @@ def test_idle_be_parent_weight_is_left_alone(tmp_path: Path) -> None:
     (d / "cpu.idle").write_text("1\n")
     (d / "cpu.shares").write_text("3\n")  # what the kernel shows for an idle group
     mtime = (d / "cpu.shares").stat().st_mtime_ns
-    assert enforce.set_be_parent(driver, BE) is True
+    assert set_best_effort(driver, BE, idle=True) is True
     assert read(d / "cpu.shares") == "3"
     assert (d / "cpu.shares").stat().st_mtime_ns == mtime
 
@@ -99,7 +100,7 @@ def test_idle_be_parent_weight_is_left_alone(tmp_path: Path) -> None:
 def test_missing_cgroup_raises_sandbox_error(tmp_path: Path) -> None:
     (tmp_path / "cpu").mkdir()
     with pytest.raises(SandboxError, match="does not exist"):
-        enforce.set_be_parent(V1Driver(tmp_path), "nope")
+        set_best_effort(V1Driver(tmp_path), "nope")
     with pytest.raises(SandboxError):
         enforce.set_cpu_quota(V2Driver(tmp_path), "nope", 10_000)
 
@@ -322,14 +323,14 @@ def test_real_v1_cgroupfs() -> None:
         (REAL_CPU / ls).mkdir()
         has_idle = (REAL_CPU / be / "cpu.idle").exists()
 
-        assert enforce.set_be_parent(driver, be) is has_idle
+        assert set_best_effort(driver, be, idle=True) is has_idle
         shares = int(read(REAL_CPU / be / "cpu.shares"))
         if has_idle:
             assert read(REAL_CPU / be / "cpu.idle") == "1"
             # An idle group reports the kernel's idle weight (3), not what we wrote.
             assert shares <= 3
             # The kernel refuses weight changes now; a second call must not try.
-            assert enforce.set_be_parent(driver, be) is True
+            assert set_best_effort(driver, be, idle=True) is True
         else:
             assert shares == 2
 

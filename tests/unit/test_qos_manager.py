@@ -9,10 +9,10 @@ from typing import Any, cast
 import pytest
 
 from tests.unit.test_qos_enforce import fake_v1, read
+from warmstart.qos.manager import QoSManager
 from warmstart.qos.policy import NodeSample, QoSConfig
 from warmstart.sandbox import SandboxManager
 from warmstart.sandbox.cgroups import Limits, V1Driver
-from warmstart.worker.qos import QoSManager
 
 BE = "warmstart-be/abc"
 LS = "warmstart/abc/ls"
@@ -118,7 +118,7 @@ def test_the_tick_runs_off_the_loop_and_evictions_happen_on_it(tmp_path: Path) -
 
     from tests.unit.test_qos_usage import meminfo, proc_stat
     from warmstart.qos import usage
-    from warmstart.worker.qos import BEInstance
+    from warmstart.qos.manager import BEInstance
 
     sandboxes = FakeSandboxes(tmp_path)
     mem = tmp_path / "memory" / f"{BE}/cg1"

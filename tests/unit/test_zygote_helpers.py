@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from warmstart.sandbox.zygotes import memory_of, top_level_modules
+from warmstart.sandbox.memory import memory_of
+from warmstart.zygote.launcher import top_level_modules
 
 
 def test_top_level_modules(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -60,52 +59,33 @@ class NativeAPI:
         )
 
     async def healthz(self, request: Request) -> Response:
-        w = self.worker
-        return JSONResponse(
-            {
-                "status": "ok",
-                "version": __version__,
-                "isolation": w.sandboxes.isolation.value,
-                "functions": len(w.functions),
-                "idle_instances": len(w.cache),
-                "zygotes": w.zygotes is not None,
-            }
-        )
+        return JSONResponse({**self.worker.health(), "version": __version__})
 
     async def metrics(self, request: Request) -> Response:
         return Response(
-            generate_latest(self.worker.metrics.registry), media_type=CONTENT_TYPE_LATEST
+            generate_latest(self.worker.metrics_registry), media_type=CONTENT_TYPE_LATEST
         )
 
     async def logs(self, request: Request) -> Response:
         name, _ = function_name(request.path_params["name"])
-        self.worker.get(name)
         try:
             tail = int(request.query_params.get("tail", "65536"))
         except ValueError:
             raise InvalidParameter("tail must be a number of bytes") from None
-        path = self.worker.log_path(name)
-        if not path.exists():
-            return PlainTextResponse("")
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - tail))
-            return PlainTextResponse(f.read().decode(errors="replace"))
+        if tail < 0:
+            raise InvalidParameter("tail must be a number of bytes")
+        text = self.worker.read_log(name, tail)
+        return PlainTextResponse(text.decode(errors="replace"))
 
     async def instances(self, request: Request) -> Response:
-        return JSONResponse({"instances": self.worker.instances()})
+        return JSONResponse({"instances": await self.worker.instances()})
 
     async def node(self, request: Request) -> Response:
         """The node's status: capacity, LS/BE/system usage, reclaimed capacity, queues."""
-        return JSONResponse(self.worker.node_status())
+        return JSONResponse(await self.worker.node_status())
 
     async def zygotes(self, request: Request) -> Response:
-        zc = self.worker.zygotes
-        if zc is None:
-            return JSONResponse({"enabled": False, "zygotes": []})
-        return JSONResponse(
-            {"enabled": True, "forks": zc.forks, "failures": zc.failures, "zygotes": zc.describe()}
-        )
+        return JSONResponse(self.worker.zygotes())
 
     async def submit_job(self, request: Request) -> Response:
         """POST /jobs: {"function": F, "inputs": [...]}, or JSON lines with ?function=F."""
@@ -156,7 +136,7 @@ class NativeAPI:
         return JSONResponse({"JobId": job_id, "results": results})
 
     async def event(self, request: Request) -> Response:
-        ev = self.worker.store.event(request.path_params["event_id"])
+        ev = await self.worker.event(request.path_params["event_id"])
         if ev is None:
             raise NotFound("no such event")
         return JSONResponse(ev)

@@ -16,14 +16,18 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from warmstart.errors import InvalidParameter, InvalidRequestContent, NotFound, WarmstartError
+from warmstart.errors import (
+    Conflict,
+    InvalidParameter,
+    InvalidRequestContent,
+    NotFound,
+    PreconditionFailed,
+    TooManyRequests,
+    WarmstartError,
+)
 from warmstart.functions import FunctionConfig, FunctionRecord
 from warmstart.functions.models import NETWORK_TAG
 from warmstart.worker import InvokeResult, Worker
-
-
-class PreconditionFailed(WarmstartError):
-    pass
 
 
 def lambda_error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -31,27 +35,25 @@ def lambda_error(status: int, code: str, message: str, **extra: Any) -> JSONResp
     return JSONResponse(body, status_code=status, headers={"x-amzn-ErrorType": code})
 
 
-def error_response(exc: WarmstartError) -> JSONResponse:
-    from warmstart.errors import Conflict, PlatformError, TooManyRequests
+# The error tree, translated to Lambda's status codes and error types (first match wins:
+# subclasses before their bases).
+_LAMBDA_ERRORS: tuple[tuple[type[WarmstartError], int, str], ...] = (
+    (NotFound, 404, "ResourceNotFoundException"),
+    (InvalidParameter, 400, "InvalidParameterValueException"),
+    (InvalidRequestContent, 400, "InvalidRequestContentException"),
+    (Conflict, 409, "ResourceConflictException"),
+    (PreconditionFailed, 412, "PreconditionFailedException"),
+    (TooManyRequests, 429, "TooManyRequestsException"),
+)
 
-    if isinstance(exc, NotFound):
-        return lambda_error(404, "ResourceNotFoundException", str(exc))
-    if isinstance(exc, InvalidParameter):
-        return lambda_error(400, "InvalidParameterValueException", str(exc))
-    if isinstance(exc, InvalidRequestContent):
-        return lambda_error(400, "InvalidRequestContentException", str(exc))
-    if isinstance(exc, Conflict):
-        return lambda_error(409, "ResourceConflictException", str(exc))
-    if isinstance(exc, PreconditionFailed):
-        return lambda_error(412, "PreconditionFailedException", str(exc))
-    if isinstance(exc, TooManyRequests):
-        return lambda_error(429, "TooManyRequestsException", str(exc), Reason=exc.reason)
-    if isinstance(exc, PlatformError):
-        return JSONResponse(
-            {"Type": "Service", "message": str(exc)},
-            status_code=500,
-            headers={"x-amzn-ErrorType": "ServiceException"},
-        )
+
+def error_response(exc: WarmstartError) -> JSONResponse:
+    """A ``WarmstartError`` in Lambda's shape; anything not the caller's fault (a
+    ``PlatformError`` and whatever else) is a 500 ``ServiceException``."""
+    for kind, status, code in _LAMBDA_ERRORS:
+        if isinstance(exc, kind):
+            extra = {"Reason": exc.reason} if isinstance(exc, TooManyRequests) else {}
+            return lambda_error(status, code, str(exc), **extra)
     return JSONResponse(
         {"Type": "Service", "message": str(exc)},
         status_code=500,
@@ -255,7 +257,7 @@ class LambdaAPI:
         return JSONResponse(configuration(self.worker, rec), status_code=201)
 
     async def list_functions(self, request: Request) -> Response:
-        names = sorted(self.worker.functions)
+        functions = self.worker.functions()
         marker = request.query_params.get("Marker")
         try:
             max_items = int(request.query_params.get("MaxItems", "50"))
@@ -263,11 +265,9 @@ class LambdaAPI:
             raise InvalidParameter("MaxItems must be an integer") from None
         max_items = max(1, min(max_items, 10000))
         start = int(marker) if marker and marker.isdigit() else 0
-        page = names[start : start + max_items]
-        out: dict[str, Any] = {
-            "Functions": [configuration(self.worker, self.worker.functions[n]) for n in page]
-        }
-        if start + max_items < len(names):
+        page = functions[start : start + max_items]
+        out: dict[str, Any] = {"Functions": [configuration(self.worker, rec) for rec in page]}
+        if start + max_items < len(functions):
             out["NextMarker"] = str(start + max_items)
         return JSONResponse(out)
 
@@ -294,7 +294,7 @@ class LambdaAPI:
         if rec.image is not None:
             raise InvalidParameter(f"{rec.name} is an image function: its code is {rec.image.uri}")
         return FileResponse(
-            self.worker.store.code_zip(rec),
+            self.worker.code_zip(rec),
             media_type="application/zip",
             filename=f"{rec.name}.zip",
         )
@@ -394,7 +394,7 @@ class LambdaAPI:
             self.worker.get(name)
             return Response(status_code=204, headers={"X-Amz-Executed-Version": "$LATEST"})
         if kind == "Event":
-            self.worker.invoke_async(name, payload)
+            await self.worker.invoke_async(name, payload)
             return Response(status_code=202)
         if kind != "RequestResponse":
             raise InvalidParameter(f"Unknown InvocationType {kind!r}")
@@ -421,7 +421,7 @@ def result_headers(result: InvokeResult) -> dict[str, str]:
     headers = {
         "X-Amz-Executed-Version": result.version,
         "x-amzn-RequestId": result.request_id,
-        "X-Warmstart-Start": result.start,
+        "X-Warmstart-Start": result.start.value,
         "X-Warmstart-Duration-Ms": f"{result.duration_ms:.3f}",
     }
     if result.function_error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -346,9 +347,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _deploy_demo(worker: Any) -> None:
     from warmstart.cli.demo import hello_zip
+    from warmstart.errors import Conflict
     from warmstart.functions import FunctionConfig
 
-    if "hello" not in worker.functions:
+    with contextlib.suppress(Conflict):  # deployed by an earlier run: keep it
         await worker.create_function("hello", FunctionConfig(handler="hello.handler"), hello_zip())
 
 

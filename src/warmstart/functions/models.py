@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from warmstart.errors import InvalidParameter
+from warmstart.kinds import QoSClass
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 HANDLER_RE = re.compile(r"^[^\s]+\.[^\s.]+$")
@@ -78,13 +79,22 @@ class FunctionConfig:
                 raise InvalidParameter(
                     "Environment variables must be string keys and string values"
                 )
-        if self.tags.get(QOS_TAG, "ls") not in ("ls", "be"):
-            raise InvalidParameter(f"{QOS_TAG} must be 'ls' or 'be'")
+        if QOS_TAG in self.tags:
+            try:
+                QoSClass.parse(self.tags[QOS_TAG])
+            except ValueError:
+                raise InvalidParameter(f"{QOS_TAG} must be 'ls' or 'be'") from None
         if self.network not in ("none", "host"):
             raise InvalidParameter(f"{NETWORK_TAG} must be 'none' or 'host', not {self.network!r}")
 
     def updated(self, **changes: Any) -> FunctionConfig:
         return replace(self, **changes)
+
+    @property
+    def qos_class(self) -> QoSClass | None:
+        """The class the ``warmstart:qos`` tag pins every invocation to, if any."""
+        tag = self.tags.get(QOS_TAG)
+        return None if tag is None else QoSClass.parse(tag)
 
 
 @dataclass(frozen=True)

@@ -269,23 +269,14 @@ class FunctionStore:
         ).fetchall()
         return [(r[0], r[1], bytes(r[2]), int(r[3])) for r in rows]
 
-    def finish_event(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
-        self.db.execute(
-            "UPDATE events SET status=?, result=?, attempts=? WHERE id=?",
-            (status, result, attempts, event_id),
-        )
-
-    def retry_event(self, event_id: str, attempts: int) -> None:
-        self.db.execute("UPDATE events SET attempts=? WHERE id=?", (attempts, event_id))
-
     def record_outcomes(
         self,
         finished: Sequence[tuple[str, str, bytes, int]],
         retried: Sequence[tuple[str, int]] = (),
     ) -> None:
-        """Record many events' outcomes in one transaction: ``finished`` as
-        (id, status, result, attempts) (``finish_event``), ``retried`` as (id, attempts)
-        (``retry_event``).  One commit for a batch instead of one per event."""
+        """Record events' outcomes in one transaction: ``finished`` as (id, status, result,
+        attempts) -- final --, ``retried`` as (id, attempts) -- a failed attempt, pending
+        again.  One commit for a batch instead of one per event."""
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(

@@ -52,10 +52,6 @@ def new_hasher(digest: str) -> hashlib._Hash:
     return hashlib.new(check_digest(digest).split(":", 1)[0])
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def _is_host(component: str) -> bool:
     # distribution's rule: the first component is a host when it has a "." or ":" in it,
     # or is exactly "localhost"; otherwise it is part of a Docker Hub repository path.

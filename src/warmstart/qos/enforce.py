@@ -8,16 +8,15 @@ costs one read per file.  Failures raise ``SandboxError``.
 File map::
 
                      v1 (<root>/cpu/<rel>)              v2 (<root>/<rel>)
-    BE weight        cpu.shares = 2                     cpu.weight = 1
-    BE idle class    cpu.idle = 1 (if present)          cpu.idle = 1 (if present)
     CFS quota        cpu.cfs_period_us, cpu.cfs_quota_us  cpu.max = "QUOTA PERIOD"
     CPU burst        cpu.cfs_burst_us                   cpu.max.burst
     cpuset           <root>/cpuset/<rel>/cpuset.cpus    cpuset.cpus
 
+The best-effort weight and idle class are set once, when the sandbox manager creates
+the BE subtree (``sandbox.cgpool.set_best_effort``).
+
 Kernel rules these functions respect:
 
-* a group with ``cpu.idle=1`` rejects writes to its weight (EINVAL), so the weight is
-  written first and left alone once the group is idle;
 * the burst may not exceed the quota (EINVAL), so lowering a quota below the current
   burst lowers the burst first;
 * a v1 cpuset with an empty ``cpuset.mems`` accepts no tasks, so it is filled from the
@@ -33,9 +32,6 @@ from pathlib import Path
 from warmstart.errors import SandboxError
 from warmstart.qos.policy import CPU_PERIOD_US, DEFAULT_CONFIG, QoSConfig, be_cfs_quota_us
 from warmstart.sandbox.cgroups import CgroupDriver, CgroupVersion
-
-BE_CPU_SHARES = 2  # Kubernetes' BestEffort shares, the v1 minimum that still means "share"
-BE_CPU_WEIGHT = 1  # the v2 minimum
 
 
 def cpu_dir(driver: CgroupDriver, rel: str) -> Path:
@@ -86,30 +82,6 @@ def _int(path: Path) -> int:
         return int(text.split()[0]) if text else 0
     except ValueError as exc:
         raise SandboxError(f"unexpected content in {path}: {text[:40]!r}") from exc
-
-
-# -- BE scheduling class --------------------------------------------------------------
-
-
-def set_be_parent(driver: CgroupDriver, rel: str) -> bool:
-    """Give the BE parent cgroup the lowest CPU weight and, where the kernel has it
-    (mainline >= 5.15), the SCHED_IDLE-like ``cpu.idle`` class.
-
-    Returns True when ``cpu.idle`` is in effect, False when the kernel lacks it (the
-    weight alone then keeps BE behind LS).
-    """
-    d = cpu_dir(driver, rel)
-    idle = d / "cpu.idle"
-    has_idle = idle.exists()
-    if has_idle and _read(idle) == "1":
-        return True  # already idle: the weight is fixed and cannot be written
-    if driver.version is CgroupVersion.V1:
-        _ensure(d / "cpu.shares", str(BE_CPU_SHARES))
-    else:
-        _ensure(d / "cpu.weight", str(BE_CPU_WEIGHT))
-    if has_idle:
-        _ensure(idle, "1")
-    return has_idle
 
 
 # -- CFS quota and burst -------------------------------------------------------------

@@ -95,7 +95,7 @@ class Cgroup:
 
 
 @dataclass(frozen=True)
-class PoolStatistics:
+class CgroupPoolStatistics:
     free: int
     in_use: int
     created: int
@@ -211,8 +211,8 @@ class CgroupPool:
             self.driver.remove(cg.rel)
         return False
 
-    def statistics(self) -> PoolStatistics:
-        return PoolStatistics(free=len(self._free), in_use=len(self._in_use), created=self._next)
+    def statistics(self) -> CgroupPoolStatistics:
+        return CgroupPoolStatistics(free=len(self._free), in_use=len(self._in_use), created=self._next)
 
 
 def reap(driver: CgroupDriver, parent: str, rounds: int = 200, *, quiet: bool = False) -> int:
@@ -242,9 +242,16 @@ def reap(driver: CgroupDriver, parent: str, rounds: int = 200, *, quiet: bool = 
     return killed
 
 
-def set_best_effort(driver: CgroupDriver, rel: str, *, idle: bool = False) -> None:
-    """The lowest CPU weight for a subtree (Kubernetes' BestEffort share), and with
-    ``idle`` SCHED_IDLE for its tasks where the kernel has ``cpu.idle`` (>= 5.15).
+# The lowest CPU weight that still means "share": Kubernetes' BestEffort shares on v1,
+# the minimum weight on v2.
+BE_CPU_SHARES = 2
+BE_CPU_WEIGHT = 1
+
+
+def set_best_effort(driver: CgroupDriver, rel: str, *, idle: bool = False) -> bool:
+    """Make ``rel`` best-effort: the lowest CPU weight, and with ``idle`` the kernel's
+    idle class (``cpu.idle``, mainline >= 5.15) where the kernel has it.  Returns whether
+    the idle class is in effect.  The one place warmstart makes a cgroup best-effort.
 
     A weight (like ``cpu.idle``) ranks a group only against its siblings, which is why the
     best-effort subtree hangs off the hierarchy's root (``warmstart-be/``) rather than
@@ -253,20 +260,25 @@ def set_best_effort(driver: CgroupDriver, rel: str, *, idle: bool = False) -> No
     one that is idle already is left as it is (or, without ``idle``, made ordinary
     first).
     """
-    d = driver.root / rel if isinstance(driver, V2Driver) else driver.root / "cpu" / rel
-    weight = (d / "cpu.weight", "1") if isinstance(driver, V2Driver) else (d / "cpu.shares", "2")
+    v2 = isinstance(driver, V2Driver)
+    d = driver.root / rel if v2 else driver.root / "cpu" / rel
+    if not d.is_dir():
+        raise SandboxError(f"cgroup {rel} does not exist (at {d})")
+    weight = (d / "cpu.weight", str(BE_CPU_WEIGHT)) if v2 else (d / "cpu.shares", str(BE_CPU_SHARES))
     idle_file = d / "cpu.idle"
+    has_idle = idle_file.exists()
     current = ""
     with contextlib.suppress(OSError):
         current = idle_file.read_text().strip()
     if idle and current == "1":
-        return
+        return True
     steps = [(idle_file, "0"), weight] if current == "1" else [weight]
-    if idle:
+    if idle and has_idle:
         steps.append((idle_file, "1"))
     for path, value in steps:
         if path.exists():
             try:
                 path.write_text(value)
             except OSError as exc:
-                log.warning("cannot set %s: %s", path, exc)
+                raise SandboxError(f"cannot write {value} to {path}: {exc}") from exc
+    return idle and has_idle

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import os
 import signal
 from dataclasses import dataclass
@@ -207,9 +206,6 @@ class CgroupDriver:
     def oom_kills(self, rel: str) -> int:
         raise NotImplementedError
 
-    def reset_peak(self, rel: str) -> None:
-        raise NotImplementedError
-
     def prepare_parent(self, rel: str) -> None:
         """Create the parent of our subtree and make controllers usable below it."""
         self.create(rel)
@@ -295,18 +291,11 @@ class V1Driver(CgroupDriver):
     def freeze_file(self, rel: str) -> tuple[Path, bytes, bytes]:
         return self._d("freezer", rel) / "freezer.state", b"FROZEN", b"THAWED"
 
-    def is_frozen(self, rel: str) -> bool:
-        return _read(self._d("freezer", rel) / "freezer.state").strip() == "FROZEN"
-
     def memory_usage(self, rel: str) -> int:
         return _read_int(self._d("memory", rel) / "memory.usage_in_bytes")
 
     def memory_peak(self, rel: str) -> int:
         return _read_int(self._d("memory", rel) / "memory.max_usage_in_bytes")
-
-    def reset_peak(self, rel: str) -> None:
-        with contextlib.suppress(SandboxError):
-            _write(self._d("memory", rel) / "memory.max_usage_in_bytes", "0")
 
     def oom_kills(self, rel: str) -> int:
         return _keyed(self._d("memory", rel) / "memory.oom_control", "oom_kill")
@@ -353,9 +342,6 @@ class V2Driver(CgroupDriver):
     def freeze_file(self, rel: str) -> tuple[Path, bytes, bytes]:
         return self.root / rel / "cgroup.freeze", b"1", b"0"
 
-    def is_frozen(self, rel: str) -> bool:
-        return _keyed(self.root / rel / "cgroup.events", "frozen") == 1
-
     def kill(self, rel: str) -> None:
         kill_file = self.root / rel / "cgroup.kill"
         if kill_file.exists():
@@ -369,10 +355,6 @@ class V2Driver(CgroupDriver):
     def memory_peak(self, rel: str) -> int:
         peak = self.root / rel / "memory.peak"
         return _read_int(peak) if peak.exists() else self.memory_usage(rel)
-
-    def reset_peak(self, rel: str) -> None:
-        # memory.peak is reset per open file on >= 6.12; recycled cgroups start over anyway.
-        return None
 
     def oom_kills(self, rel: str) -> int:
         return _keyed(self.root / rel / "memory.events", "oom_kill")
@@ -391,7 +373,3 @@ def detect(root: Path = Path("/sys/fs/cgroup")) -> CgroupDriver | None:
         return None
     return driver
 
-
-def is_busy(exc: BaseException) -> bool:
-    cause = exc.__cause__
-    return isinstance(cause, OSError) and cause.errno == errno.EBUSY

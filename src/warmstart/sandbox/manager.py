@@ -16,11 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from warmstart.errors import SandboxError
+from warmstart.kinds import QoSClass
+from warmstart.lifecycle import Supervisor
 from warmstart.sandbox import cgroups
 from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap, set_best_effort
 
@@ -71,7 +73,7 @@ class SandboxSpec:
     memory_mb: int
     network: str = "none"  # "none" (loopback only) or "host"
     extra_ro_mounts: tuple[tuple[str, str], ...] = ()
-    qos: str = "ls"  # "ls" (latency-sensitive) or "be" (best-effort: its own cgroup subtree)
+    qos_class: QoSClass = QoSClass.LS  # BE: a cgroup in the best-effort subtree
     layout: RootLayout | None = None  # None: the host layout
     workdir: str = TASK_ROOT  # the handler's directory (LAMBDA_TASK_ROOT)
 
@@ -91,7 +93,6 @@ class Sandbox:
     sock: socket.socket
     cgroup: Cgroup | None
     forked: bool = False  # forked from a zygote (vs. a fresh interpreter)
-    _stopped: bool = field(default=False, repr=False)
 
     def freeze(self) -> None:
         if self.cgroup is not None:
@@ -99,7 +100,6 @@ class Sandbox:
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGSTOP)
-        self._stopped = True
 
     def thaw(self) -> None:
         if self.cgroup is not None:
@@ -107,7 +107,6 @@ class Sandbox:
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGCONT)
-        self._stopped = False
 
     def memory_usage(self) -> int:
         if self.cgroup is not None:
@@ -225,7 +224,8 @@ class SandboxManager:
         self._refilling = False
         self._lock_dir = lock_dir
         self._lock_fd = -1
-        self._background: set[asyncio.Task[None]] = set()
+        # Cgroup refills and parks run in the background, owned here.
+        self.tasks = Supervisor("sandboxes")
         self._parked: set[Cgroup] = set()  # free cgroups with a parent parked in them
         self._base_mounts: list[tuple[str, str, str]] = []
         self._symlinks: list[tuple[str, str]] = []
@@ -301,6 +301,7 @@ class SandboxManager:
                 os.close(fd)
 
     async def start(self) -> None:
+        await self.tasks.start()
         self.isolation = self._choose_isolation()
         self._install_runtime()
         if self.isolation is Isolation.LINUX:
@@ -435,10 +436,14 @@ class SandboxManager:
         parent.setblocking(False)
         self._sock = parent
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     async def close(self) -> None:
-        self._closing = True
-        for task in list(self._background):
-            task.cancel()
+        """Stop the background work, the spawner and the cgroup pools; release the lock."""
+        self._closing = True  # requests to the spawner fail from here on
+        await self.tasks.close()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -507,12 +512,11 @@ class SandboxManager:
         }
 
     async def create(self, spec: SandboxSpec) -> Sandbox:
-        self._seq += 1
-        sandbox_id = f"sb{self._seq}"
+        sandbox_id = self.new_sandbox_id()
         cgroup = None
         if self.pool is not None:
-            cgroup = self.pool_for(spec.qos).acquire(
-                self.limits_for(spec.memory_mb, spec.qos), self._parked
+            cgroup = self.pool_for(spec.qos_class).acquire(
+                self.limits_for(spec.memory_mb, spec.qos_class), self._parked
             )
             self._parked.discard(cgroup)  # its parked parent becomes this sandbox's C1
             self._maybe_refill()
@@ -639,12 +643,13 @@ class SandboxManager:
             raise SandboxError(f"{script[4]} timed out after {timeout:.0f}s") from None
         return _command_result(out, marker)
 
-    def limits_for(self, memory_mb: int, qos: str = "ls") -> cgroups.Limits:
+    def limits_for(self, memory_mb: int, qos_class: QoSClass = QoSClass.LS) -> cgroups.Limits:
         """An instance's limits.  Best-effort instances get no CPU quota of their own: the
         QoS manager may cap their whole subtree (and cgroup v1 refuses a parent quota
         below a child's)."""
         quota = None if self.cpu_quota is None else int(self.cpu_quota * cgroups.CPU_PERIOD_US)
-        return cgroups.Limits(memory_mb << 20, self.pids_max, None if qos == "be" else quota)
+        be = qos_class is QoSClass.BE
+        return cgroups.Limits(memory_mb << 20, self.pids_max, None if be else quota)
 
     async def _unpark(self, cgroup: Cgroup) -> None:
         """Send away the parked parent of a cgroup that a zygote's child will use."""
@@ -654,23 +659,41 @@ class SandboxManager:
         with contextlib.suppress(SandboxError):
             await self._request({"cmd": "unpark", "key": cgroup.rel})
 
-    def pool_for(self, qos: str) -> CgroupPool:
-        pool = self.be_pool if qos == "be" else self.pool
+    def pool_for(self, qos_class: QoSClass) -> CgroupPool:
+        pool = self.be_pool if qos_class is QoSClass.BE else self.pool
         if pool is None:
             raise SandboxError("no cgroup pool")
         return pool
 
-    def acquire_unparked(self, limits: cgroups.Limits, qos: str = "ls") -> Cgroup:
+    def acquire_unparked(
+        self, limits: cgroups.Limits, qos_class: QoSClass = QoSClass.LS
+    ) -> Cgroup:
         """A pooled cgroup for a process the caller moves in itself (a zygote's child)."""
-        cg = self.pool_for(qos).acquire(limits, self._parked, inside=False)
+        cg = self.pool_for(qos_class).acquire(limits, self._parked, inside=False)
         if cg in self._parked:
-            self._background_task(self._unpark(cg))
+            self.tasks.spawn(self._unpark(cg), f"unpark {cg.rel}")
         return cg
 
-    def _background_task(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def acquire_cgroup(
+        self, limits: cgroups.Limits, qos_class: QoSClass = QoSClass.LS
+    ) -> Cgroup:
+        """A pooled cgroup, empty, for a process the caller starts itself (a zygote)."""
+        cg = self.pool_for(qos_class).acquire(limits, self._parked, inside=False)
+        await self._unpark(cg)
+        return cg
+
+    async def release_cgroup(self, cgroup: Cgroup, *, repark: bool = True) -> None:
+        """Kill what runs in ``cgroup`` and return it to its pool (with a parked parent
+        ready for a fresh sandbox, unless ``repark`` is False)."""
+        await self._recycle(cgroup, repark=repark)
+
+    async def spawn_zygote(self, spec: dict[str, Any], sock_fd: int) -> dict[str, Any]:
+        """Ask the spawner to start a zygote (``Spawner.zygote``) talking on ``sock_fd``."""
+        return await self._request({"cmd": "zygote", "spec": spec}, sock_fd)
+
+    def new_sandbox_id(self) -> str:
+        self._seq += 1
+        return f"sb{self._seq}"
 
     async def _park(self, cgroup: Cgroup) -> None:
         """Have the spawner pre-join a parent process to this pooled cgroup."""
@@ -705,9 +728,7 @@ class SandboxManager:
         if sum(1 for cg in self.pool.free() if cg in self._parked) >= self._pool_size // 2:
             return
         self._refilling = True
-        task = asyncio.get_running_loop().create_task(self._refill())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.tasks.spawn(self._refill(), "refill the cgroup pool")
 
     async def _refill(self) -> None:
         try:
@@ -734,9 +755,7 @@ class SandboxManager:
                 self._start_spawner()
                 # The parked parents died with the old spawner: park new ones.
                 if self.pool is not None and msg.get("cmd") != "park":
-                    task = asyncio.get_running_loop().create_task(self._repark())
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
+                    self.tasks.spawn(self._repark(), "repark after a spawner restart")
             if self._sock is None:
                 raise SandboxError("no spawner")
             loop = asyncio.get_running_loop()

@@ -71,14 +71,14 @@ class BEQueue:
         return [row for row in rows if row[0] not in skip][:limit]
 
     def finish(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
-        """Record a final outcome (``FunctionStore.finish_event``), written with the next
-        batch."""
+        """Record a final outcome, written with the next batch
+        (``FunctionStore.record_outcomes``)."""
         self._finished.append((event_id, status, result, attempts))
         self._recorded(event_id)
 
     def retry(self, event_id: str, attempts: int) -> None:
-        """Record a failed attempt that will be retried (``FunctionStore.retry_event``);
-        the event is offered again once the batch is written."""
+        """Record a failed attempt that will be retried; the event is offered again once
+        the batch is written."""
         self._retried.append((event_id, attempts))
         self._recorded(event_id)
 

@@ -1,260 +1,163 @@
-"""Image functions on this node: resolve, pull or lazily mount, and hand out root layouts.
+"""Image functions on this node: their roots, their sandbox specs and their zygotes.
 
-The worker asks two things of an image: at deploy, *what is it* (``inspect``: the manifest
-digest, size and config, resolved in the registry without pulling), and at an instance's
-start, *where is its root* (``rootfs``).  The first ``rootfs`` of a digest either mounts the
-image lazily (every layer eStargz, pull mode ``auto`` or ``lazy``: the function starts
-while the rest streams in) or pulls it in full into the content store and mounts a
-read-only overlay of its layers; later calls return the same mount at once.  Mounts live
-under ``<data>/images/roots`` and are taken down at close; a crash's leftovers are
-unmounted at start.
+The worker's image side.  ``ImageManager`` (``warmstart.images.manager``) knows images --
+resolve, pull or mount lazily, release; this class knows what a *function* made of an
+image needs on top:
+
+- ``inspect``: the image a deploy names, checked for a handler;
+- ``premount``: mounting right after CreateFunction, so the first invocation finds the
+  root ready (in the background, under the worker's supervisor);
+- ``spec``: the sandbox of one instance: the image's root layout (mounted on first use
+  and kept per digest), its environment under the function's, its working directory;
+- zygotes inside images: an image's first fresh starts report what the handler imported
+  from site-packages; after ``zygote_after`` of them, a zygote inside the image's root
+  preloads those modules and later instances of any function of the image fork from it;
+- ``release``: when no function uses an image any more, its zygote stops and it is
+  unmounted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from warmstart.errors import InvalidParameter, PlatformError, WarmstartError
-from warmstart.functions.models import ImageSource
-from warmstart.runtime import syscalls
+from warmstart.errors import InvalidParameter
+from warmstart.functions.models import HANDLER_RE, FunctionRecord, ImageSource
+from warmstart.images.manager import ImageManager
+from warmstart.kinds import QoSClass
+from warmstart.lifecycle import Supervisor
+from warmstart.sandbox import Isolation, RootLayout, SandboxManager, SandboxSpec
+from warmstart.worker.settings import Settings
+from warmstart.zygote.cache import ZygoteCache
 
-log = logging.getLogger("warmstart.images")
-
-TOC_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
-PULL_MODES = ("auto", "lazy", "full")
-
-
-@dataclass
-class ImageStats:
-    pulls: int = 0  # full pulls finished
-    lazy_mounts: int = 0
-    pull_seconds: float = 0.0
-    mount_seconds: float = 0.0
-    failures: int = 0
-    layers_done: int = 0
-    bytes_done: int = 0
-    in_progress: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer → done, size
+log = logging.getLogger(__name__)
 
 
-class ImageManager:
-    """The node's images: one registry client, one content store, lazy mounts."""
+class ImageFunctions:
+    def __init__(self, settings: Settings, sandboxes: SandboxManager, tasks: Supervisor) -> None:
+        self.settings = settings
+        self.sandboxes = sandboxes
+        self.tasks = tasks
+        self.zygotes: ZygoteCache | None = None  # set by the worker once zygotes run
+        self._manager: ImageManager | None = None  # made on first use
+        self._layouts: dict[str, RootLayout] = {}  # image digest -> sandbox root layout
+        self._fresh_starts: dict[str, int] = {}  # image digest -> fresh starts so far
+        self._preload: dict[str, list[str]] = {}  # what the image's handler imported
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        pull_mode: str = "auto",
-        budget_mb: int = 20480,
-        insecure: tuple[str, ...] = (),
-        background_fetch: bool = True,
-    ) -> None:
-        if pull_mode not in PULL_MODES:
-            raise ValueError(f"pull mode must be one of {PULL_MODES}, not {pull_mode!r}")
-        from warmstart.images.lazymount import BackgroundFetch, LazyMounts, RegistrySettings
-        from warmstart.images.registry import RegistryClient
-        from warmstart.images.store import ImageStore
+    @property
+    def manager(self) -> ImageManager:
+        if self._manager is None:
+            s = self.settings
+            self._manager = ImageManager(
+                s.data_dir,
+                pull_mode=s.image_pull,
+                budget_mb=s.image_budget_mb,
+                insecure=s.insecure_registries,
+                background_fetch=s.image_background_fetch,
+            )
+        return self._manager
 
-        self.root = data_dir / "images"
-        self.roots = self.root / "roots"
-        self.pull_mode = pull_mode
-        self.client = RegistryClient(insecure=insecure)
-        self.budget_bytes = budget_mb << 20  # the store's, and the lazy chunk cache's
-        self.store = ImageStore(self.root / "store", self.client, self.budget_bytes)
-        self.lazy = LazyMounts(self.root / "lazy", registry=RegistrySettings(insecure=insecure))
-        self.background = BackgroundFetch(enabled=background_fetch)
-        self.lazy.prestart()  # a lazy mount then skips the daemon's Python start
-        self.stats = ImageStats()
-        self._mounts: dict[str, Path] = {}  # digest -> mounted root
-        self._kinds: dict[str, str] = {}  # digest -> "lazy" | "full"
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._images: dict[str, Any] = {}  # digest -> store Image (full pulls)
-        self.on_progress: Callable[[str, int, int], None] | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
     def recover(self) -> int:
-        """Unmount whatever a crashed worker left mounted under our roots."""
-        self.roots.mkdir(parents=True, exist_ok=True)
-        n = 0
-        for entry in self.roots.iterdir():
-            if syscalls.is_mount_point(str(entry)):
-                syscalls.unmount(str(entry))
-                n += 1
-        n += len(self.lazy.recover())
-        self.lazy.trim_cache(self.budget_bytes)
-        if n:
-            log.warning("start-up unmounted %d image root(s) left by a previous worker", n)
-        return n
+        """At start: unmount what a crashed worker left mounted (linux isolation only)."""
+        return self.manager.recover()
 
     async def close(self) -> None:
-        for digest, path in list(self._mounts.items()):
-            with contextlib.suppress(Exception):
-                if self._kinds.get(digest) == "lazy":
-                    await asyncio.to_thread(self.lazy.unmount, path)
-                else:
-                    await asyncio.to_thread(self.store.unmount, path)
-        self._mounts.clear()
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.lazy.close)
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.store.close)
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.client.close)
+        if self._manager is not None:
+            await self._manager.close()
+
+    def snapshot(self) -> dict[str, float]:
+        return self._manager.snapshot() if self._manager is not None else {}
 
     # -- deploy ----------------------------------------------------------------------------
     async def inspect(self, uri: str, overrides: dict[str, Any]) -> ImageSource:
-        """Resolve ``uri`` in its registry; what a function made from it will run."""
-        from warmstart.images.errors import ImageError
-        from warmstart.images.reference import Reference
-
-        try:
-            ref = Reference.parse(uri)
-        except (ValueError, ImageError) as exc:
+        """Resolve an image for a function; its CMD (or ImageConfig.Command) names the handler."""
+        if self.sandboxes.isolation is not Isolation.LINUX:
             raise InvalidParameter(
-                f"Code.ImageUri {uri!r} is not a valid image reference: {exc}"
-            ) from exc
-        try:
-            manifest = await asyncio.to_thread(self.client.resolve, ref)
-        except ImageError as exc:
-            raise InvalidParameter(
-                f"Source image {uri} is not usable: {type(exc).__name__}: {exc}"
-            ) from exc
-        cfg = manifest.config_json.get("config") or {}
-        command = tuple(overrides.get("Command") or cfg.get("Cmd") or ())
-        entrypoint = tuple(overrides.get("EntryPoint") or cfg.get("Entrypoint") or ())
-        workdir = overrides.get("WorkingDirectory") or cfg.get("WorkingDir") or "/var/task"
-        lazy = bool(manifest.layers) and all(
-            TOC_ANNOTATION in layer.annotations for layer in manifest.layers
-        )
-        return ImageSource(
-            uri=uri,
-            digest=manifest.digest,
-            size=sum(layer.size for layer in manifest.layers),
-            command=command,
-            entrypoint=entrypoint,
-            working_directory=str(workdir),
-            env=tuple(cfg.get("Env") or ()),
-            overrides=dict(overrides),
-            lazy=lazy,
-        )
-
-    # -- instance start --------------------------------------------------------------------
-    async def rootfs(self, image: ImageSource) -> Path:
-        """The mounted root of ``image``, mounting (lazily or after a full pull) if needed."""
-        path = self._mounts.get(image.digest)
-        if path is not None and self._healthy(image.digest, path):
-            return path
-        lock = self._locks.setdefault(image.digest, asyncio.Lock())
-        async with lock:
-            path = self._mounts.get(image.digest)
-            if path is not None and self._healthy(image.digest, path):
-                return path
-            try:
-                return await self._mount(image)
-            except WarmstartError:
-                self.stats.failures += 1
-                raise
-            except OSError as exc:
-                self.stats.failures += 1
-                raise PlatformError(f"cannot mount image {image.uri}: {exc}") from exc
-
-    def _healthy(self, digest: str, path: Path) -> bool:
-        if self._kinds.get(digest) == "lazy":
-            return bool(self.lazy.alive(path))
-        return True
-
-    async def _mount(self, image: ImageSource) -> Path:
-        from warmstart.images.reference import Reference
-
-        ref = Reference.parse(image.resolved_uri)
-        use_lazy = image.lazy and self.pull_mode != "full"
-        if self.pull_mode == "lazy" and not image.lazy:
-            log.info("image %s has layers that are not eStargz: pulling it in full", image.uri)
-        t0 = time.perf_counter()
-        if use_lazy:
-            target = await asyncio.to_thread(self._mount_lazy, ref)
-            self.stats.lazy_mounts += 1
-            self.stats.mount_seconds += time.perf_counter() - t0
-            self._kinds[image.digest] = "lazy"
-            log.info("image %s mounted lazily in %.0f ms", image.uri, (time.perf_counter() - t0) * 1e3)
-        else:
-            target = self.roots / image.digest.replace(":", "-")
-            target.mkdir(parents=True, exist_ok=True)
-            if syscalls.is_mount_point(str(target)):
-                await asyncio.to_thread(syscalls.unmount, str(target))
-            img = await asyncio.to_thread(self.store.pull, str(ref), self._progress)
-            self._images[image.digest] = img
-            await asyncio.to_thread(self.store.mount_rootfs, img, target)
-            self.stats.pulls += 1
-            self.stats.pull_seconds += time.perf_counter() - t0
-            self._kinds[image.digest] = "full"
-            log.info("image %s pulled and mounted in %.2f s", image.uri, time.perf_counter() - t0)
-        self._mounts[image.digest] = target
-        return target
-
-    def _mount_lazy(self, ref: Any) -> Path:
-        """Mount every layer lazily, straight from the registry (layers are eStargz)."""
-        from warmstart.images.lazymount import LayerSource, MountSpec
-
-        manifest = self.client.resolve(ref)
-        layers = tuple(
-            LayerSource.estargz(
-                str(ref), layer.digest, layer.annotations.get(TOC_ANNOTATION, ""), layer.size
+                "PackageType=Image needs linux isolation (run warmstart serve as root on Linux)"
             )
-            for layer in manifest.layers
-        )
-        path: Path = self.lazy.mount(MountSpec(layers=layers, background=self.background))
-        return path
+        image = await self.manager.inspect(uri, overrides)
+        if not image.command or not HANDLER_RE.match(image.command[0]):
+            raise InvalidParameter(
+                f"Image {uri}: the handler comes from ImageConfig.Command or the image's CMD, "
+                f"which must be ['module.function'] (got {list(image.command)})"
+            )
+        return image
 
-    def _progress(self, layer: str, done: int, size: int) -> None:
-        prev = self.stats.in_progress.get(layer, (0, size))[0]
-        self.stats.bytes_done += max(0, done - prev)
-        if done >= size:
-            self.stats.in_progress.pop(layer, None)
-            self.stats.layers_done += 1
-        else:
-            self.stats.in_progress[layer] = (done, size)
-        if self.on_progress is not None:
-            self.on_progress(layer, done, size)
+    def premount(self, image: ImageSource) -> None:
+        """Mount a new function's image now, so its first invocation finds it ready."""
+        self.tasks.spawn(self._premount(image), f"premount {image.uri}")
+
+    async def _premount(self, image: ImageSource) -> None:
+        try:
+            await self.layout(image)
+        except Exception as exc:  # the first invocation mounts again and reports it
+            log.warning("image %s: cannot mount it yet: %s", image.uri, exc)
 
     async def release(self, image: ImageSource, *, still_used: bool) -> None:
-        """A function using ``image`` went away; unmount the image if nothing else uses it."""
-        if still_used:
+        """A function stopped using ``image``; if no other does, forget and unmount it."""
+        if self._manager is None:
             return
-        path = self._mounts.pop(image.digest, None)
-        if path is None:
-            return
-        kind = self._kinds.pop(image.digest, "full")
-        with contextlib.suppress(Exception):
-            if kind == "lazy":
-                await asyncio.to_thread(self.lazy.unmount, path)
-            else:
-                await asyncio.to_thread(self.store.unmount, path)
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
+        if not still_used:
+            self._layouts.pop(image.digest, None)
+            self._fresh_starts.pop(image.digest, None)
+            if self.zygotes is not None:
+                await self.zygotes.drop_image(image.digest)
+        await self._manager.release(image, still_used=still_used)
 
-    def snapshot(self) -> dict[str, float]:
-        out = {
-            "image_pulls_total": float(self.stats.pulls),
-            "image_lazy_mounts_total": float(self.stats.lazy_mounts),
-            "image_pull_seconds_total": float(self.stats.pull_seconds),
-            "image_mount_seconds_total": float(self.stats.mount_seconds),
-            "image_mount_failures_total": float(self.stats.failures),
-            "image_pull_layers_total": float(self.stats.layers_done),
-            "image_pull_bytes_total": float(self.stats.bytes_done),
-            "image_pull_layers_in_progress": float(len(self.stats.in_progress)),
-        }
-        with contextlib.suppress(Exception):
-            lazy = self.lazy.stats()
-            for key in ("bytes_fetched", "requests", "read_errors", "remounts"):
-                if key in lazy:
-                    out[f"image_lazy_{key}_total"] = float(lazy[key])
-            out["image_lazy_mounted"] = float(lazy.get("mounted", 0))
-        return out
+    # -- instances -------------------------------------------------------------------------
+    async def layout(self, image: ImageSource) -> RootLayout:
+        """The sandbox root layout of an image (mounting it on first use)."""
+        rootfs = await self.manager.rootfs(image)
+        layout = self._layouts.get(image.digest)
+        if layout is None or not rootfs.exists():
+            path_env = image.env_dict().get("PATH", "")
+            layout = await asyncio.to_thread(self.sandboxes.image_layout, rootfs, path_env)
+            self._layouts[image.digest] = layout
+        return layout
+
+    async def spec(
+        self, rec: FunctionRecord, env: dict[str, str], qos_class: QoSClass
+    ) -> SandboxSpec:
+        """The sandbox of one instance of an image function: the image's root, its
+        environment under the function's (``env``), its working directory."""
+        image = rec.image
+        if image is None:
+            raise ValueError(f"{rec.name} is not an image function")
+        layout = await self.layout(image)
+        workdir = image.working_directory or "/var/task"
+        merged = image.env_dict()
+        merged.update(env)
+        merged["PATH"] = image.env_dict().get("PATH") or env["PATH"]
+        # Set here too: a forked child gets no spawner to add them.
+        merged["LAMBDA_TASK_ROOT"] = workdir
+        merged["LAMBDA_RUNTIME_DIR"] = layout.runtime_root
+        if self.zygotes is not None and image.digest not in self._preload:
+            merged["WARMSTART_REPORT_MODULES"] = "1"
+        return SandboxSpec(
+            code_dir=None,
+            env=merged,
+            memory_mb=rec.config.memory_mb,
+            network=rec.config.network,
+            qos_class=qos_class,
+            layout=layout,
+            workdir=workdir,
+        )
+
+    def fresh_start(self, image: ImageSource, report: bytes) -> None:
+        """Count a fresh (not forked) start of ``image``, with what its handler imported
+        (``report``: a JSON list, sent with the runtime's ready); after ``zygote_after``
+        of them, start a zygote inside the image's root that preloads those modules."""
+        if report and image.digest not in self._preload:
+            with contextlib.suppress(ValueError):
+                names = json.loads(report)
+                if isinstance(names, list):
+                    self._preload[image.digest] = [str(n) for n in names]
+        n = self._fresh_starts.get(image.digest, 0) + 1
+        self._fresh_starts[image.digest] = n
+        layout = self._layouts.get(image.digest)
+        if self.zygotes is not None and layout is not None and n >= self.settings.zygote_after:
+            preload = self._preload.get(image.digest, [])
+            self.zygotes.grow_image(image.digest, layout, image.env_dict(), preload)

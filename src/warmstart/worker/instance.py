@@ -9,11 +9,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from warmstart.kinds import StartKind
 from warmstart.runtime.protocol import HEADER, check_sizes, encode
 
 if TYPE_CHECKING:
     from warmstart.sandbox import Sandbox
-    from warmstart.sandbox.zygotes import Zygote
+    from warmstart.zygote.launcher import Zygote
 
 
 class State(enum.Enum):
@@ -46,7 +47,7 @@ class Instance:
         self.invocations = 0
         self.last_used = time.monotonic()
         self.freeze_handle: asyncio.TimerHandle | None = None
-        self.start_kind = "cold"  # or "fork": forked from a zygote
+        self.start_kind = StartKind.COLD  # or FORK: forked from a zygote
         self.ready_payload = b""  # what the runtime said with "ready" (imported packages)
         self.evicted = False  # killed by the QoS manager: its work goes back to the queue
         self.zygote: Zygote | None = None

@@ -1,11 +1,19 @@
-"""Prometheus metrics for one worker (its own registry: no module-level state)."""
+"""Prometheus metrics for one worker (its own registry: no module-level state).
+
+Per-invocation counters and histograms are updated on the invocation path.  The node's
+state is read when /metrics is scraped, from a snapshot the worker builds out of what it
+holds in memory (no /proc or cgroupfs reads on the event loop: memory figures that need
+them -- zygotes' PSS -- are the last reading of a background measurement).  A snapshot
+value whose name ends in ``_total`` only grows and is exposed as a counter; the others
+are gauges.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
@@ -32,7 +40,12 @@ class _NodeCollector(Collector):
     def __init__(self, snapshot: Callable[[], dict[str, dict[str, float]]]) -> None:
         self.snapshot = snapshot
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> list[Metric]:
+        # Without this the registry would collect at registration time, before the worker
+        # that owns the snapshot is built; the node's metric names are unique anyway.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
         inst = GaugeMetricFamily("warmstart_instances", "Instances by state", labels=["state"])
         for state, n in snap["instances"].items():
@@ -42,9 +55,12 @@ class _NodeCollector(Collector):
         for kind, n in snap["memory"].items():
             mem.add_metric([kind], n)
         yield mem
-        other = snap["other"]
-        for name, value in other.items():
-            yield GaugeMetricFamily(f"warmstart_{name}", name.replace("_", " "), value=value)
+        for name, value in snap["other"].items():
+            if name.endswith("_total"):
+                base = name.removesuffix("_total")
+                yield CounterMetricFamily(f"warmstart_{base}", base.replace("_", " "), value=value)
+            else:
+                yield GaugeMetricFamily(f"warmstart_{name}", name.replace("_", " "), value=value)
 
 
 class Metrics:
@@ -58,7 +74,7 @@ class Metrics:
         )
         self.starts = Counter(
             "warmstart_starts",
-            "Instance starts by function and kind (warm, cold)",
+            "Instance starts by function and kind (warm, cold, fork)",
             ["function", "kind"],
             registry=self.registry,
         )

@@ -32,7 +32,7 @@ Destroyer = Callable[[Instance], None]
 
 
 @dataclass(frozen=True)
-class PoolStatistics:
+class FunctionPoolStatistics:
     idle: int
     busy: int
     starting: int
@@ -154,8 +154,14 @@ class FunctionPool:
         for inst in list(self.idle):
             self.discard(inst)
 
-    def statistics(self) -> PoolStatistics:
-        return PoolStatistics(
+    def set_limit(self, limit: int) -> None:
+        """A new concurrency limit (reserved concurrency changed); a higher one lets
+        waiters start instances at once, a lower one takes effect as instances go."""
+        self.limit = limit
+        self._pass_slot()
+
+    def statistics(self) -> FunctionPoolStatistics:
+        return FunctionPoolStatistics(
             len(self.idle),
             self.live - len(self.idle) - self.starting,
             self.starting,

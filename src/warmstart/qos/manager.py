@@ -16,7 +16,9 @@ Every tick it
    evicted work is requeued, never lost.
 
 The policy itself is pure (``warmstart.qos.policy``); this module only wires it to the
-sandboxes and the worker.
+sandboxes and, through two callbacks, to the worker's best-effort dispatcher (which
+instances run; evict these).  ``run`` is a loop for the worker's supervisor: a tick that
+raises is logged and the loop restarted; ``close`` stops the tick's thread.
 
 The tick's reads and writes (a dozen or more cgroupfs and /proc files) run on a thread of
 the manager's own, never on the event loop: each costs ~0.2 ms on a busy node and
@@ -100,23 +102,24 @@ class QoSManager:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            # The first reading only sets the baseline.
-            await loop.run_in_executor(self._executor, self.sampler.sample)
-            while True:
-                await asyncio.sleep(self.interval)
-                inputs = self.inputs()
-                try:
-                    victims = await loop.run_in_executor(self._executor, self.tick, inputs)
-                except SandboxError as exc:
-                    log.warning("qos: %s", exc)
-                    continue
-                if victims:
-                    self.evictions += len(victims)
-                    log.warning("qos: evicting best-effort instance(s) %s", ", ".join(victims))
-                    self.evict(victims)
-        finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        # The first reading only sets the baseline.
+        await loop.run_in_executor(self._executor, self.sampler.sample)
+        while True:
+            await asyncio.sleep(self.interval)
+            inputs = self.inputs()
+            try:
+                victims = await loop.run_in_executor(self._executor, self.tick, inputs)
+            except SandboxError as exc:
+                log.warning("qos: %s", exc)
+                continue
+            if victims:
+                self.evictions += len(victims)
+                log.warning("qos: evicting best-effort instance(s) %s", ", ".join(victims))
+                self.evict(victims)
+
+    def close(self) -> None:
+        """Stop the tick's thread (after the loop stopped)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def inputs(self) -> TickInputs:
         """Copy what the tick needs of the loop's state (on the loop; no I/O)."""

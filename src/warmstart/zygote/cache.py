@@ -12,11 +12,15 @@ Zygotes idle for ``freeze_after_s`` are frozen (thawed before the next fork); wh
 zygotes' proportional memory (PSS) exceeds the budget, or one has been idle past its
 TTL, the least recently used leaves without live instances are stopped (stopping a
 zygote ends its pid namespace, so one with live children stays until they are gone).
+PSS is read by ``measure`` on a thread (a read walks a zygote's whole address space);
+``enforce``, the metrics and ``describe`` use the last reading and never touch /proc.
+
+Zygote starts, restarts and spare forks run in the background under the cache's own
+``Supervisor``; ``close`` drains them before it stops the zygotes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -24,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from warmstart.errors import PlatformError, SandboxError
+from warmstart.lifecycle import Supervisor
 from warmstart.sandbox import RootLayout, Sandbox, SandboxManager, SandboxSpec
-from warmstart.sandbox.zygotes import Zygote, Zygotes, top_level_modules
+from warmstart.sandbox.memory import MemoryUse
+from warmstart.zygote.launcher import Zygote, ZygoteLauncher, top_level_modules
 from warmstart.zygote.tree import Node, PackageSet, ZygoteTree
 
 log = logging.getLogger(__name__)
@@ -45,14 +51,15 @@ class ZygoteCache:
     ) -> None:
         self.sandboxes = sandboxes
         self.package_dir = package_dir
-        self.launcher = Zygotes(sandboxes, uid=uid, gid=uid)
+        self.tasks = Supervisor("zygotes")
+        self.launcher = ZygoteLauncher(sandboxes, self.tasks, uid=uid, gid=uid)
         self.tree = ZygoteTree(grow_after=grow_after)
         self.budget = budget_mb << 20
         self.freeze_after = freeze_after_s
         self.ttl = ttl_s
         self._growing: set[PackageSet] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self.live: dict[Zygote, int] = {}  # zygote -> instances forked from it still alive
+        self._memory: dict[Zygote, MemoryUse] = {}  # the last ``measure``
         self.frozen: set[Zygote] = set()
         self.forks = 0
         self.failures = 0
@@ -64,11 +71,11 @@ class ZygoteCache:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        await self.tasks.start()
         self.tree.root.handle = await self._launch(frozenset())
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        await self.tasks.close()
         for zygote in list(self.images.values()):
             await self.launcher.stop(zygote)
         self.images.clear()
@@ -77,10 +84,8 @@ class ZygoteCache:
                 await self.launcher.stop(node.handle)
                 node.handle = None
 
-    def _background(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _background(self, coro: Any, what: str) -> None:
+        self.tasks.spawn(coro, what)
 
     def _packages(self, pins: PackageSet) -> tuple[tuple[str, str], ...]:
         dirs: list[Path] = [self.package_dir(p) for p in sorted(pins)]
@@ -136,7 +141,7 @@ class ZygoteCache:
         grow = self.tree.record(pins)
         if grow is not None and grow not in self._growing:
             self._growing.add(grow)
-            self._background(self._grow(grow))
+            self._background(self._grow(grow), f"grow {sorted(grow)}")
         node = self._ready_node(pins)
         if node is None:
             self._restart_root()
@@ -165,7 +170,7 @@ class ZygoteCache:
         if zygote is not None and not zygote.alive:
             del self.images[key]
             self.live.pop(zygote, None)
-            self._background(self.launcher.stop(zygote))
+            self._background(self.launcher.stop(zygote), f"stop {zygote.id}")
             return None
         return zygote
 
@@ -197,7 +202,7 @@ class ZygoteCache:
                 ", ".join(zygote.imported) or "the runtime only",
             )
 
-        self._background(launch())
+        self._background(launch(), f"image zygote for {key}")
 
     async def fork_image(self, key: str, spec: SandboxSpec) -> tuple[Sandbox, Zygote] | None:
         zygote = self.image_zygote(key)
@@ -259,15 +264,23 @@ class ZygoteCache:
             finally:
                 self._growing.discard(frozenset())
 
-        self._background(restart())
+        self._background(restart(), "restart the root zygote")
 
     # -- housekeeping ------------------------------------------------------------------------
+    def measure(self) -> None:
+        """Read every live zygote's memory (on a thread: each read walks an address space).
+        Reads the dict's keys once; the result replaces the last reading as a whole."""
+        zygotes = list(self.live)
+        readings = {z: use for z in zygotes if (use := z.memory()) is not None}
+        self._memory = readings
+
     def memory(self) -> int:
-        total = 0
-        for zygote in self.live:
-            use = zygote.memory()
-            total += use.pss if use else 0
-        return total
+        """The zygotes' PSS, as of the last ``measure``."""
+        return sum(use.pss for z, use in self._memory.items() if z in self.live)
+
+    def _pss(self, zygote: Zygote) -> int:
+        use = self._memory.get(zygote)
+        return use.pss if use else 0
 
     def enforce(self) -> None:
         """Freeze idle zygotes; stop LRU leaves over the budget or past their TTL."""
@@ -277,7 +290,7 @@ class ZygoteCache:
             if not isinstance(zygote, Zygote):
                 continue
             if not zygote.alive:
-                self._background(self._drop(node))
+                self._background(self._drop(node), f"drop {zygote.id}")
                 continue
             idle = now - node.last_used
             if (
@@ -296,10 +309,9 @@ class ZygoteCache:
                 continue
             if over <= 0 and now - node.last_used < self.ttl:
                 continue
-            use = zygote.memory()
-            over -= use.pss if use else 0
+            over -= self._pss(zygote)
             log.info("evicting zygote %s (%s)", zygote.id, ", ".join(sorted(node.packages)))
-            self._background(self._drop(node))
+            self._background(self._drop(node), f"evict {zygote.id}")
 
     def describe(self) -> list[dict[str, Any]]:
         out = []
@@ -318,7 +330,7 @@ class ZygoteCache:
         return out
 
     def _entry(self, zygote: Zygote) -> dict[str, Any]:
-        use = zygote.memory()
+        use = self._memory.get(zygote)
         return {
             "id": zygote.id,
             "pid": zygote.pid,

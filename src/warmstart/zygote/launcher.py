@@ -29,13 +29,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from warmstart.errors import SandboxError
+from warmstart.kinds import QoSClass
+from warmstart.lifecycle import Supervisor
 from warmstart.runtime import syscalls as sc
 from warmstart.runtime.protocol import encode
+from warmstart.sandbox import Sandbox
 from warmstart.sandbox.cgroups import Limits
+from warmstart.sandbox.manager import TASK_ROOT
+from warmstart.sandbox.memory import MemoryUse, memory_of
 
 if TYPE_CHECKING:
     from warmstart.sandbox.cgpool import Cgroup
-    from warmstart.sandbox.manager import RootLayout, Sandbox, SandboxManager, SandboxSpec
+    from warmstart.sandbox.manager import RootLayout, SandboxManager, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +55,6 @@ class Spare:
     pid: int
     sock: socket.socket
     cgroup: Cgroup
-
-
-@dataclass(frozen=True)
-class MemoryUse:
-    rss: int
-    pss: int
-    uss: int
-
-
-def memory_of(pid: int) -> MemoryUse | None:
-    """RSS, PSS and USS in bytes from /proc/<pid>/smaps_rollup."""
-    fields: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                    fields[parts[0][:-1]] = int(parts[1]) * 1024
-    except OSError:
-        return None
-    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-    return MemoryUse(fields.get("Rss", 0), fields.get("Pss", 0), uss)
 
 
 @dataclass(eq=False)
@@ -129,12 +112,15 @@ def _creds_pid(anc: list[Any]) -> int:
     return 0
 
 
-class Zygotes:
-    """Starts and forks zygotes on behalf of a SandboxManager."""
+class ZygoteLauncher:
+    """Starts and forks zygotes on behalf of a SandboxManager (through its public surface:
+    pooled cgroups, the spawner's ``zygote`` request, sandbox ids).  Spare children are
+    forked in the background under ``tasks``, the zygote cache's supervisor."""
 
     def __init__(
         self,
         manager: SandboxManager,
+        tasks: Supervisor,
         *,
         uid: int = 200000,
         gid: int = 200000,
@@ -142,6 +128,7 @@ class Zygotes:
         spares: int = 2,
     ) -> None:
         self.m = manager
+        self.tasks = tasks
         self.spares = spares  # forked children kept waiting per zygote
         self.uid, self.gid = uid, gid
         self.memory_mb = memory_mb
@@ -150,8 +137,9 @@ class Zygotes:
     def _layout(
         self, packages: tuple[tuple[str, str], ...]
     ) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
-        mounts = [*self.m._base_mounts, *((src, dst, "ro") for src, dst in packages)]
-        layout = {"binds": [dst for _, dst, _ in mounts], "symlinks": self.m._symlinks}
+        host = self.m.host_layout
+        mounts = [*host.mounts, *((src, dst, "ro") for src, dst in packages)]
+        layout = {"binds": [dst for _, dst, _ in mounts], "symlinks": list(host.symlinks)}
         return mounts, layout
 
     async def start(
@@ -174,15 +162,14 @@ class Zygotes:
             mounts, layout = self._layout(packages)
             python, flags, runtime_root = m.python, ["-E", "-s", "-S"], "/var/runtime"
             owned = [["/var/packages", self.uid]]
-            symlinks = m._symlinks
+            symlinks = list(m.host_layout.symlinks)
         else:
             mounts = list(image.mounts)
             symlinks = list(image.symlinks)
             layout = {"binds": [dst for _, dst, _ in mounts], "symlinks": symlinks}
             python, flags, runtime_root = image.python, list(image.python_flags), image.runtime_root
             owned = []  # the image owns /var: an image zygote grows no child zygotes
-        cgroup = m.pool.acquire(Limits(self.memory_mb << 20, m.pids_max, None))
-        await m._unpark(cgroup)
+        cgroup = await m.acquire_cgroup(Limits(self.memory_mb << 20, m.pids_max, None))
         code = f"import sys; sys.path.insert(0, {runtime_root!r}); import zygote; zygote.main()"
         spec = {
             "root": str(m.root_mountpoint),
@@ -212,7 +199,7 @@ class Zygotes:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
-            reply = await m._request({"cmd": "zygote", "spec": spec}, theirs.fileno())
+            reply = await m.spawn_zygote(spec, theirs.fileno())
             theirs.close()
             if "error" in reply:
                 raise SandboxError(f"cannot start a zygote: {reply['error']}")
@@ -224,7 +211,7 @@ class Zygotes:
         except BaseException:
             theirs.close()
             ours.close()
-            await m._recycle(cgroup)
+            await m.release_cgroup(cgroup)
             raise
         zygote = Zygote(
             f"zy{self._seq}",
@@ -238,7 +225,7 @@ class Zygotes:
         loop = asyncio.get_running_loop()
         loop.add_reader(ours.fileno(), self._on_ctl, zygote)
         if self.spares:
-            self.m._background_task(self.refill(zygote))
+            self.tasks.spawn(self.refill(zygote), f"spares of {zygote.id}")
         if zygote.skipped:
             log.info("zygote %s left out: %s", zygote.id, zygote.skipped)
         return zygote
@@ -290,7 +277,7 @@ class Zygotes:
                 raise SandboxError(f"the child zygote failed: {hello.get('error')}")
         except BaseException:
             ours.close()
-            await m._recycle(cgroup, repark=False)
+            await m.release_cgroup(cgroup, repark=False)
             raise
         zygote = Zygote(
             f"zy{self._seq}",
@@ -303,7 +290,7 @@ class Zygotes:
         )
         asyncio.get_running_loop().add_reader(ours.fileno(), self._on_ctl, zygote)
         if self.spares:
-            self.m._background_task(self.refill(zygote))
+            self.tasks.spawn(self.refill(zygote), f"spares of {zygote.id}")
         return zygote
 
     def _on_ctl(self, zygote: Zygote) -> None:
@@ -323,15 +310,17 @@ class Zygotes:
         zygote.alive = False
         for spare in zygote.spares:
             spare.sock.close()  # the child reads EOF instead of a setup and exits
-            await self.m._recycle(spare.cgroup, repark=False)
+            await self.m.release_cgroup(spare.cgroup, repark=False)
         zygote.spares.clear()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(zygote.ctl.fileno())
         zygote.ctl.close()
         if zygote.cgroup is not None:
-            await self.m._recycle(zygote.cgroup)
+            await self.m.release_cgroup(zygote.cgroup)
 
-    async def _spare(self, zygote: Zygote, timeout: float = 10.0, qos: str = "ls") -> Spare:
+    async def _spare(
+        self, zygote: Zygote, timeout: float = 10.0, qos_class: QoSClass = QoSClass.LS
+    ) -> Spare:
         """Fork a child and move it into a pooled cgroup; it then waits for its setup.
 
         Moving a task into a v1 cgroup can wait 10-20 ms for an RCU grace period when it
@@ -341,7 +330,7 @@ class Zygotes:
         m = self.m
         if not zygote.alive:
             raise SandboxError(f"zygote {zygote.id} is gone")
-        cgroup = m.acquire_unparked(m.limits_for(SPARE_MEMORY_MB, qos), qos)
+        cgroup = m.acquire_unparked(m.limits_for(SPARE_MEMORY_MB, qos_class), qos_class)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ours.setblocking(False)
@@ -364,7 +353,7 @@ class Zygotes:
             await asyncio.to_thread(cgroup.driver.add, cgroup.rel, pid)
         except BaseException as exc:
             ours.close()
-            await m._recycle(cgroup, repark=False)
+            await m.release_cgroup(cgroup, repark=False)
             if isinstance(exc, (OSError, TimeoutError)):
                 raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
             raise
@@ -376,7 +365,7 @@ class Zygotes:
             return
         zygote.filling = True
         try:
-            while zygote.alive and len(zygote.spares) < self.spares and not self.m._closing:
+            while zygote.alive and len(zygote.spares) < self.spares and not self.m.closing:
                 zygote.spares.append(await self._spare(zygote))
         except SandboxError as exc:
             log.warning("cannot fork a spare from zygote %s: %s", zygote.id, exc)
@@ -385,24 +374,23 @@ class Zygotes:
 
     async def fork(self, zygote: Zygote, spec: SandboxSpec) -> Sandbox:
         """A sandbox for ``spec``: a spare child of ``zygote`` (or a new one), set up."""
-        from warmstart.sandbox.manager import TASK_ROOT, Sandbox
-
         m = self.m
         spare = None
-        while zygote.spares and spec.qos == "ls":  # spares sit in latency-sensitive cgroups
+        # Spares sit in latency-sensitive cgroups.
+        while zygote.spares and spec.qos_class is QoSClass.LS:
             candidate = zygote.spares.pop(0)
             if _still_waiting(candidate.sock):
                 spare = candidate
                 break
             candidate.sock.close()
-            await m._recycle(candidate.cgroup, repark=False)
+            await m.release_cgroup(candidate.cgroup, repark=False)
         if self.spares:
-            m._background_task(self.refill(zygote))
+            self.tasks.spawn(self.refill(zygote), f"spares of {zygote.id}")
         if spare is None:
-            spare = await self._spare(zygote, qos=spec.qos)
+            spare = await self._spare(zygote, qos_class=spec.qos_class)
         trees: list[int] = []
         try:
-            spare.cgroup.set_limits(m.limits_for(spec.memory_mb, spec.qos))
+            spare.cgroup.set_limits(m.limits_for(spec.memory_mb, spec.qos_class))
             have = {dst for _, dst in zygote.packages}
             mounts = [] if spec.code_dir is None else [(str(spec.code_dir), TASK_ROOT)]
             mounts += [(src, dst) for src, dst in spec.extra_ro_mounts if dst not in have]
@@ -419,15 +407,14 @@ class Zygotes:
             socket.send_fds(spare.sock, [encode(json.dumps(setup).encode())], trees)
         except BaseException as exc:
             spare.sock.close()
-            await m._recycle(spare.cgroup, repark=False)
+            await m.release_cgroup(spare.cgroup, repark=False)
             if isinstance(exc, OSError):
                 raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
             raise
         finally:
             for fd in trees:
                 os.close(fd)
-        m._seq += 1
-        return Sandbox(f"sb{m._seq}", spare.pid, spare.sock, spare.cgroup, forked=True)
+        return Sandbox(m.new_sandbox_id(), spare.pid, spare.sock, spare.cgroup, forked=True)
 
 
 def _still_waiting(sock: socket.socket) -> bool:

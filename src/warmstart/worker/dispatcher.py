@@ -1,0 +1,196 @@
+"""Best-effort work: Event invocations and batch jobs, durable in SQLite, run when there is room.
+
+An Event invocation (or a job's item) is written to SQLite before the caller gets its
+202, so a crash loses nothing.  The dispatcher's loop reads pending work only when a
+best-effort slot is free -- within the capacity the QoS manager says latency-sensitive
+work leaves unused (``qos.policy.be_admission``), never more than ``be_concurrency``, at
+least ``min_be_concurrency`` -- and runs each in its own task under the worker's
+supervisor, in the best-effort class.  A function error is retried up to
+``event_retries`` times, as Lambda does; an invocation whose instance the QoS manager
+evicted goes back to pending without counting as an attempt.  Every SQLite access runs on
+the best-effort queue's thread (``BEQueue``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from warmstart.errors import (
+    InvalidParameter,
+    InvalidRequestContent,
+    NotFound,
+    PlatformError,
+    TooManyRequests,
+)
+from warmstart.functions import FunctionStore
+from warmstart.kinds import QoSClass
+from warmstart.lifecycle import Supervisor
+from warmstart.qos.manager import BEInstance, QoSManager
+from warmstart.qos.policy import be_admission
+from warmstart.worker.bequeue import BEQueue
+from warmstart.worker.invoker import Evicted, Invoker
+from warmstart.worker.registry import FunctionRegistry
+from warmstart.worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_JOB_INPUTS = 100_000
+DEFER_S = 1.0  # how long an event waits after the node refused it (429, platform error)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: FunctionRegistry,
+        invoker: Invoker,
+        queue: BEQueue,
+        tasks: Supervisor,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.invoker = invoker
+        self.queue = queue
+        self.tasks = tasks
+        self.qos: QoSManager | None = None  # set by the worker when the QoS loop runs
+        self._wakeup = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}  # event id -> its task
+
+    # -- submitting ------------------------------------------------------------------------
+    async def enqueue(self, name: str, payload: bytes) -> str:
+        """Queue an Event invocation durably (written when this returns); returns its id."""
+        self.registry.get(name)
+        event_id = await self.queue.run(lambda db: db.enqueue_event(name, payload))
+        self._wakeup.set()
+        return event_id
+
+    async def submit_job(self, name: str, inputs: list[bytes]) -> str:
+        """Queue ``inputs`` for ``name`` durably; they run like Event invocations.  The
+        insert runs on the queue's thread: a large job takes tens of milliseconds to
+        write, which the event loop owes to LS requests."""
+        self.registry.get(name)
+        if not inputs:
+            raise InvalidParameter("a job needs at least one input")
+        if len(inputs) > MAX_JOB_INPUTS:
+            raise InvalidParameter(f"a job takes at most {MAX_JOB_INPUTS} inputs")
+        job_id = await self.queue.run(lambda db: db.create_job(name, inputs))
+        self._wakeup.set()
+        return job_id
+
+    # -- reading ---------------------------------------------------------------------------
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job's progress (None if there is no such job)."""
+        return await self.queue.run(lambda db: db.job(job_id))
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        return await self.queue.run(lambda db: db.jobs())
+
+    async def job_results(self, job_id: str) -> list[dict[str, Any]] | None:
+        """A job's results in input order (None if there is no such job)."""
+
+        def read(db: FunctionStore) -> list[dict[str, Any]] | None:
+            return None if db.job(job_id) is None else db.job_results(job_id)
+
+        return await self.queue.run(read)
+
+    async def event(self, event_id: str) -> dict[str, Any] | None:
+        return await self.queue.run(lambda db: db.event(event_id))
+
+    async def queue_depth(self) -> int:
+        return await self.queue.run(lambda db: db.pending_count())
+
+    # -- running ---------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def run(self) -> None:
+        """The loop: take pending work while best-effort slots are free.  Runs under the
+        worker's supervisor; the tasks it starts outlive a crash of the loop itself, and
+        a restarted loop sees them in ``_running``."""
+        while True:
+            self._wakeup.clear()
+            free = self.slots() - len(self._running)
+            if free > 0:
+                for event_id, fn, payload, attempts in await self.queue.pending(
+                    free + len(self._running)
+                ):
+                    if event_id in self._running or len(self._running) >= self.slots():
+                        continue
+                    work = self._run_event(event_id, fn, payload, attempts)
+                    task = self.tasks.spawn(work, f"event {event_id}")
+                    self._running[event_id] = task
+                    task.add_done_callback(self._done)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), 1.0)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        for event_id, running in list(self._running.items()):
+            if running is task:
+                del self._running[event_id]
+        self._wakeup.set()
+
+    def slots(self) -> int:
+        """How many best-effort invocations may run now."""
+        cap = self.settings.be_concurrency
+        qos = self.qos
+        if qos is None or not qos.enabled:
+            return cap
+        return be_admission(
+            qos.reclaimed,
+            len(self.invoker.running_be),
+            self.invoker.be_memory_mb(),
+            qos.config,
+            most=cap,
+            least=self.settings.min_be_concurrency,
+        )
+
+    async def _run_event(self, event_id: str, fn: str, payload: bytes, attempts: int) -> None:
+        try:
+            result = await self.invoker.invoke(fn, payload, qos_class=QoSClass.BE)
+        except NotFound:
+            self.queue.finish(event_id, "dropped", b"function deleted", attempts)
+            return
+        except Evicted:
+            return  # still pending: it runs again when there is room (not an attempt)
+        except (TooManyRequests, PlatformError) as exc:
+            log.warning("event %s for %s deferred: %s", event_id, fn, exc)
+            await asyncio.sleep(DEFER_S)
+            return
+        except InvalidRequestContent as exc:
+            self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
+            return
+        # Outcomes are written in batches on the queue's thread (``BEQueue``).
+        attempts += 1
+        if result.function_error is None:
+            self.queue.finish(event_id, "succeeded", result.payload, attempts)
+        elif attempts > self.settings.event_retries:
+            self.queue.finish(event_id, "failed", result.payload, attempts)
+        else:
+            self.queue.retry(event_id, attempts)
+
+    # -- for the QoS manager ---------------------------------------------------------------
+    def be_instances(self) -> list[BEInstance]:
+        """Running BE instances for the QoS tick (which reads their memory off the loop)."""
+        request = self.settings.qos_config.be_cpu_request
+        return [
+            BEInstance(inst.id, inst.sandbox.cgroup.rel, request)
+            for inst in self.invoker.running_be
+            if inst.sandbox.cgroup is not None
+        ]
+
+    def evict(self, ids: list[str]) -> None:
+        self.invoker.evict_be(ids)
+
+    def cancel_running(self) -> None:
+        """Shutdown: stop the invocations in flight.  Their events have no outcome in
+        SQLite, so they stay pending and run again after the restart (at least once)."""
+        for task in list(self._running.values()):
+            task.cancel()
+
+    async def close(self) -> None:
+        """Write the outcomes still waiting for their batch; close the queue's thread."""
+        await self.queue.close()

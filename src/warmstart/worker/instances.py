@@ -1,0 +1,197 @@
+"""Making and unmaking instances: the cold path of an invocation.
+
+``InstanceFactory.start`` is what a pool calls when it has no idle instance: it reserves
+the function's MemorySize against the node's memory budget (evicting idle instances to
+fit, frozen first), builds the sandbox's spec -- the host layout with the function's code
+and packages, or an image's root (``ImageFunctions``) -- forks the instance from the best
+zygote when there is one (``ZygoteCache``), else starts a fresh interpreter in a fresh
+sandbox, and waits for the runtime's ``ready``: by then the handler module is imported.
+An import that fails is ``InitFailed`` with Lambda's error type.  ``destroy`` returns the
+memory reservation and has the sandbox torn down in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from warmstart.errors import TooManyRequests
+from warmstart.functions import FunctionRecord
+from warmstart.kinds import QoSClass, StartKind
+from warmstart.lifecycle import Supervisor
+from warmstart.sandbox import Isolation, Sandbox, SandboxManager, SandboxSpec
+from warmstart.worker.images import ImageFunctions
+from warmstart.worker.instance import Instance, InstanceDied, State
+from warmstart.worker.metrics import Metrics
+from warmstart.worker.pool import HandlerCache
+from warmstart.worker.registry import FunctionRegistry
+from warmstart.worker.settings import Settings
+from warmstart.zygote.cache import ZygoteCache
+from warmstart.zygote.launcher import Zygote
+
+
+class InitFailed(Exception):
+    """The runtime could not get ready: the handler's import failed, or the runtime died
+    first.  Reported to the caller as the invocation's function error (status 200)."""
+
+    def __init__(self, error_type: str, message: str, logs: bytes, payload: bytes = b"") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.logs = logs
+        self.payload = payload
+
+    def error_payload(self) -> bytes:
+        if self.payload:
+            return self.payload
+        return json.dumps({"errorMessage": self.message, "errorType": self.error_type}).encode()
+
+
+class InstanceFactory:
+    def __init__(
+        self,
+        settings: Settings,
+        sandboxes: SandboxManager,
+        registry: FunctionRegistry,
+        images: ImageFunctions,
+        cache: HandlerCache,
+        metrics: Metrics,
+        tasks: Supervisor,
+    ) -> None:
+        self.settings = settings
+        self.sandboxes = sandboxes
+        self.registry = registry
+        self.images = images
+        self.cache = cache
+        self.metrics = metrics
+        self.tasks = tasks
+        self.zygotes: ZygoteCache | None = None  # set by the worker once zygotes run
+        self.reserved_mb = 0  # the MemorySize of every live instance
+
+    def env(self, rec: FunctionRecord) -> dict[str, str]:
+        """The instance's environment: Lambda's reserved variables, then the function's."""
+        s = self.settings
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "TZ": ":UTC",
+            "HOME": "/tmp",
+            "_HANDLER": rec.config.handler,
+            "AWS_REGION": s.region,
+            "AWS_DEFAULT_REGION": s.region,
+            "AWS_EXECUTION_ENV": f"AWS_Lambda_{rec.config.runtime}",
+            "AWS_LAMBDA_FUNCTION_NAME": rec.name,
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(rec.config.memory_mb),
+            "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{rec.name}",
+            "AWS_LAMBDA_LOG_STREAM_NAME": f"warmstart/{rec.revision_id}",
+        }
+        env.update(rec.config.environment)
+        return env
+
+    # -- start -----------------------------------------------------------------------------
+    def _reserve(self, memory_mb: int) -> None:
+        while self.reserved_mb + memory_mb > self.settings.memory_budget_mb:
+            if not self.cache.evict_lru():
+                raise TooManyRequests(
+                    f"The node's memory budget ({self.settings.memory_budget_mb} MB) is in use",
+                    "ConcurrentInvocationLimitExceeded",
+                )
+        self.reserved_mb += memory_mb
+
+    async def start(self, rec: FunctionRecord, qos_class: QoSClass) -> Instance:
+        """A ready instance of ``rec`` (its handler imported), or ``InitFailed``."""
+        need = rec.config.memory_mb
+        self._reserve(need)
+        t0 = time.perf_counter()
+        try:
+            sandbox, zygote = await self._sandbox(rec, qos_class)
+        except BaseException:
+            self.reserved_mb -= need
+            raise
+        inst = Instance(sandbox, rec.name, rec.revision, need)
+        if zygote is not None:
+            inst.start_kind = StartKind.FORK
+            inst.zygote = zygote
+        ready = await self._await_ready(inst, t0)
+        if rec.image is not None and zygote is None and self._may_fork(rec):
+            self.images.fresh_start(rec.image, ready.ready_payload)
+        return ready
+
+    async def _sandbox(
+        self, rec: FunctionRecord, qos_class: QoSClass
+    ) -> tuple[Sandbox, Zygote | None]:
+        """The instance's sandbox: forked from a zygote when one fits, else fresh.  A
+        zygote serves only loopback-only functions (it has no network of its own)."""
+        zygotes = self.zygotes if self._may_fork(rec) else None
+        env = self.env(rec)
+        if rec.image is not None:
+            spec = await self.images.spec(rec, env, qos_class)
+            forked = await zygotes.fork_image(rec.image.digest, spec) if zygotes else None
+        else:
+            spec = self._code_spec(rec, env, qos_class)
+            forked = await zygotes.fork(frozenset(rec.packages), spec) if zygotes else None
+        if forked is not None:
+            return forked
+        return await self.sandboxes.create(spec), None
+
+    def _may_fork(self, rec: FunctionRecord) -> bool:
+        return self.zygotes is not None and rec.config.network == "none"
+
+    def _code_spec(self, rec: FunctionRecord, env: dict[str, str], qos: QoSClass) -> SandboxSpec:
+        mounts: tuple[tuple[str, str], ...] = ()
+        if rec.packages:
+            dirs = self.registry.package_dirs(rec)
+            if self.sandboxes.isolation is Isolation.LINUX:
+                mounts = tuple((str(d), f"/var/packages/{d.name}") for d in dirs)
+                env["WARMSTART_PATH"] = ":".join(dst for _, dst in mounts)
+            else:
+                env["WARMSTART_PATH"] = ":".join(str(d) for d in dirs)
+        return SandboxSpec(
+            code_dir=self.registry.code_dir(rec),
+            env=env,
+            memory_mb=rec.config.memory_mb,
+            network=rec.config.network,
+            extra_ro_mounts=mounts,
+            qos_class=qos,
+        )
+
+    async def _await_ready(self, inst: Instance, t0: float) -> Instance:
+        try:
+            await inst.connect()
+            reply = await asyncio.wait_for(inst.read_reply(), self.settings.init_timeout_s)
+        except (InstanceDied, TimeoutError) as exc:
+            self.destroy(inst)
+            raise InitFailed(
+                "Runtime.ExitError",
+                f"Runtime exited before it was ready: {exc or 'timed out'}",
+                b"",
+            ) from exc
+        except BaseException:
+            self.destroy(inst)
+            raise
+        if reply.kind != "ready":
+            self.destroy(inst)
+            err = json.loads(reply.payload or b"{}")
+            raise InitFailed(
+                err.get("errorType", "Runtime.Unknown"),
+                err.get("errorMessage", ""),
+                reply.logs,
+                reply.payload,
+            )
+        self.metrics.sandbox_create.observe(time.perf_counter() - t0)
+        inst.state = State.BUSY
+        inst.ready_payload = reply.payload
+        return inst
+
+    # -- stop ------------------------------------------------------------------------------
+    def destroy(self, inst: Instance) -> None:
+        """Close the instance now; its sandbox is torn down in the background."""
+        if inst.state is State.DEAD:
+            return
+        if inst.zygote is not None and self.zygotes is not None:
+            self.zygotes.released(inst.zygote)
+        inst.close()
+        self.reserved_mb -= inst.memory_mb
+        self.tasks.spawn(self.sandboxes.destroy(inst.sandbox), f"destroy {inst.id}")

@@ -1,0 +1,327 @@
+"""The invocation path: per-function instance pools, one invocation, its log and metrics.
+
+The hot path of a warm invocation, in order: dict lookup of the function's pool, pop of
+an idle instance (thaw if frozen: one write to an open cgroup file), one socket write of
+the event bytes, one read of the reply, a log append, metrics.  Nothing on it touches
+SQLite, parses the event, or re-encodes the result.
+
+Each function has two pools, one per QoS class: latency-sensitive instances serve
+synchronous calls, best-effort ones Event invocations and job items, in the best-effort
+cgroup subtree.  A new revision retires both pools: idle instances go at once, busy
+ones finish their invocation on the old code and are then destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from warmstart.errors import InvalidRequestContent, TooManyRequests
+from warmstart.functions import FunctionRecord
+from warmstart.kinds import QoSClass, StartKind
+from warmstart.sandbox.memory import memory_of
+from warmstart.worker.instance import Instance, InstanceDied, Reply, State
+from warmstart.worker.instances import InitFailed, InstanceFactory
+from warmstart.worker.logs import LOG_TAIL_BYTES, FunctionLogs
+from warmstart.worker.metrics import Metrics
+from warmstart.worker.pool import FunctionPool, HandlerCache
+from warmstart.worker.registry import FunctionRegistry
+from warmstart.worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    request_id: str
+    payload: bytes
+    function_error: str | None  # None, or "Unhandled" as Lambda says it
+    start: StartKind
+    duration_ms: float
+    log_tail: bytes  # the last 4 KB of this invocation's log (START..REPORT)
+    version: str = "$LATEST"
+
+    def log_tail_b64(self) -> str:
+        return base64.b64encode(self.log_tail).decode()
+
+
+class Evicted(Exception):
+    """A best-effort instance was evicted by the QoS manager; its work is requeued."""
+
+
+def _error_payload(error_type: str, message: str) -> bytes:
+    return json.dumps({"errorMessage": message, "errorType": error_type}).encode()
+
+
+class Invoker:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: FunctionRegistry,
+        factory: InstanceFactory,
+        cache: HandlerCache,
+        logs: FunctionLogs,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.factory = factory
+        self.cache = cache
+        self.logs = logs
+        self.metrics = metrics
+        self._pools: dict[QoSClass, dict[str, FunctionPool]] = {c: {} for c in QoSClass}
+        self._retired: set[FunctionPool] = set()  # old revisions' pools with busy instances
+        self.running_be: dict[Instance, FunctionPool] = {}  # BE instances serving a call
+
+    # -- pools -----------------------------------------------------------------------------
+    def _limit(self, rec: FunctionRecord) -> int:
+        if rec.reserved_concurrency is not None:
+            return rec.reserved_concurrency
+        return self.settings.max_concurrency
+
+    def pool(self, rec: FunctionRecord, qos_class: QoSClass) -> FunctionPool:
+        """The pool of ``rec``'s current revision in ``qos_class`` (a new revision gets a
+        new pool; the old one is retired)."""
+        pools = self._pools[qos_class]
+        pool = pools.get(rec.name)
+        if pool is None or pool.revision != rec.revision:
+            if pool is not None:
+                self._retire_pool(pool)
+            pool = FunctionPool(
+                rec.name,
+                rec.revision,
+                self._limit(rec),
+                self.settings.queue_depth,
+                lambda: self.factory.start(rec, qos_class),
+                self._destroy,
+                self.cache,
+            )
+            pools[rec.name] = pool
+        return pool
+
+    def _destroy(self, inst: Instance) -> None:
+        self.running_be.pop(inst, None)
+        self.factory.destroy(inst)
+
+    def _retire_pool(self, pool: FunctionPool) -> None:
+        pool.retire()
+        if pool.live > 0:
+            self._retired.add(pool)
+
+    def retire(self, name: str) -> None:
+        """``name`` changed revision or went away: new invocations get new instances."""
+        for pools in self._pools.values():
+            pool = pools.pop(name, None)
+            if pool is not None:
+                self._retire_pool(pool)
+
+    def retire_all(self) -> None:
+        """Shutdown: every idle instance goes now (its destruction is spawned)."""
+        for name in {n for pools in self._pools.values() for n in pools}:
+            self.retire(name)
+        for pool in list(self._retired):
+            pool.retire()
+
+    def set_limit(self, rec: FunctionRecord) -> None:
+        for pools in self._pools.values():
+            pool = pools.get(rec.name)
+            if pool is not None:
+                pool.set_limit(self._limit(rec))
+
+    def sweep(self) -> None:
+        """Forget retired pools whose last instance is gone."""
+        self._retired = {p for p in self._retired if p.live > 0}
+
+    def pools(self) -> list[FunctionPool]:
+        return [p for pools in self._pools.values() for p in pools.values()] + list(
+            self._retired
+        )
+
+    # -- one invocation --------------------------------------------------------------------
+    async def invoke(
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        client_context: Any = None,
+        qos_class: QoSClass = QoSClass.LS,
+    ) -> InvokeResult:
+        """Invoke ``name`` in ``qos_class`` (LS for synchronous calls, BE for Event
+        invocations and job items), unless the function's ``warmstart:qos`` tag pins one."""
+        rec = self.registry.get(name)
+        # The function's ``warmstart:qos`` tag, if it pins a class, wins.
+        qos_class = rec.config.qos_class or qos_class
+        pool = self.pool(rec, qos_class)
+        request_id = str(uuid.uuid4())
+        t0 = time.perf_counter()
+        try:
+            inst, cold = await pool.acquire()
+        except InitFailed as exc:
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                StartKind.COLD,
+                "init_error",
+                exc.error_payload(),
+                "Unhandled",
+                exc.logs,
+            )
+        except TooManyRequests:
+            self.metrics.invocations.labels(name, "throttled").inc()
+            raise
+        start = inst.start_kind if cold else StartKind.WARM
+        timeout = rec.config.timeout_s
+        meta: dict[str, Any] = {
+            "id": request_id,
+            "deadline_ms": int(time.time() * 1000) + timeout * 1000,
+            "arn": self.registry.arn(name),
+        }
+        if client_context:
+            meta["client_context"] = client_context
+        if qos_class is QoSClass.BE:
+            self.running_be[inst] = pool
+        try:
+            await inst.send(json.dumps(meta).encode(), payload)
+            reply: Reply = await asyncio.wait_for(inst.read_reply(), timeout)
+        except TimeoutError:
+            pool.discard(inst)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            msg = f"{stamp} {request_id} Task timed out after {timeout:.2f} seconds"
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                start,
+                "timeout",
+                _error_payload("Sandbox.Timedout", msg),
+                "Unhandled",
+                b"",
+            )
+        except InstanceDied:
+            if inst.evicted:
+                raise Evicted(f"best-effort instance of {name} was evicted") from None
+            oom = inst.sandbox.oom_killed()
+            pool.discard(inst)
+            kind = "Runtime.OutOfMemory" if oom else "Runtime.ExitError"
+            why = "signal: killed" if oom else "the runtime exited unexpectedly"
+            msg = f"RequestId: {request_id} Error: Runtime exited with error: {why}"
+            if oom:
+                msg += f" (memory limit of {rec.config.memory_mb} MB exceeded)"
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                start,
+                "oom" if oom else "crash",
+                _error_payload(kind, msg),
+                "Unhandled",
+                b"",
+            )
+        except BaseException:
+            pool.discard(inst)
+            raise
+        inst.invocations += 1
+        self.running_be.pop(inst, None)
+        pool.release(inst)
+        if reply.kind == "result":
+            return self._finish(
+                rec, request_id, t0, start, "success", reply.payload, None, reply.logs
+            )
+        if reply.kind == "invalid_event":
+            self.metrics.invocations.labels(name, "invalid_request").inc()
+            raise InvalidRequestContent(
+                "Could not parse request body into json: "
+                + json.loads(reply.payload).get("errorMessage", "")
+            )
+        return self._finish(
+            rec, request_id, t0, start, "error", reply.payload, "Unhandled", reply.logs
+        )
+
+    def _finish(
+        self,
+        rec: FunctionRecord,
+        request_id: str,
+        t0: float,
+        start: StartKind,
+        outcome: str,
+        payload: bytes,
+        function_error: str | None,
+        output: bytes,
+    ) -> InvokeResult:
+        elapsed = time.perf_counter() - t0
+        duration_ms = elapsed * 1000
+        m = self.metrics
+        m.invocations.labels(rec.name, outcome).inc()
+        m.starts.labels(rec.name, start.value).inc()
+        m.latency.labels(rec.name, start.value).observe(elapsed)
+        text = self.logs.append(
+            rec.name,
+            request_id,
+            "$LATEST",
+            rec.config.memory_mb,
+            duration_ms,
+            output,
+            payload if function_error else None,
+        )
+        return InvokeResult(
+            request_id, payload, function_error, start, duration_ms, text[-LOG_TAIL_BYTES:]
+        )
+
+    # -- best-effort instances (for the QoS manager and the dispatcher) --------------------
+    def be_memory_mb(self) -> int:
+        return sum(inst.memory_mb for inst in self.running_be)
+
+    def evict_be(self, ids: list[str]) -> None:
+        """Kill running best-effort instances; their invocations see the instance die and
+        raise ``Evicted`` (the dispatcher requeues the work)."""
+        for inst, pool in list(self.running_be.items()):
+            if inst.id in ids:
+                inst.evicted = True
+                self.running_be.pop(inst, None)
+                pool.discard(inst)
+
+    # -- statistics ------------------------------------------------------------------------
+    def instance_states(self) -> dict[str, float]:
+        states = {s.value: 0.0 for s in State if s is not State.DEAD}
+        for pool in self.pools():
+            st = pool.statistics()
+            states["busy"] += st.busy
+            states["starting"] += st.starting
+        for inst in self.cache.instances():
+            states[inst.state.value] += 1
+        return states
+
+    def idle_instances(self) -> list[Instance]:
+        return [inst for pool in self.pools() for inst in pool.idle]
+
+
+def describe_instances(instances: list[Instance]) -> list[dict[str, Any]]:
+    """Idle instances with their memory: the cgroup's charge, and the processes'
+    proportional (PSS) and unique (USS) set sizes -- a forked instance shares most of its
+    pages with its zygote, which PSS splits fairly and USS leaves out.  Reads /proc and
+    cgroupfs: call it on a thread."""
+    out = []
+    for inst in instances:
+        pss = uss = 0
+        cgroup = inst.sandbox.cgroup
+        pids = cgroup.pids() if cgroup is not None else [inst.sandbox.pid]
+        for pid in pids:
+            use = memory_of(pid)
+            if use is not None:
+                pss += use.pss
+                uss += use.uss
+        out.append(
+            {
+                "id": inst.id,
+                "function": inst.function,
+                "state": inst.state.value,
+                "start": inst.start_kind.value,
+                "invocations": inst.invocations,
+                "memory": {"cgroup": inst.memory_bytes, "pss": pss, "uss": uss},
+            }
+        )
+    return out

@@ -1,0 +1,253 @@
+"""The zygote cache with a fake launcher at its seam: growth from demand, lookups, failures,
+memory measured off the loop, eviction and close.  No processes, no root."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from warmstart.errors import SandboxError
+from warmstart.sandbox import SandboxSpec
+from warmstart.sandbox.memory import MemoryUse
+from warmstart.zygote.cache import ZygoteCache
+from warmstart.zygote.launcher import Zygote
+
+MiB = 1 << 20
+
+
+class FakeZygote(Zygote):
+    pss: int = 0
+
+    def memory(self) -> MemoryUse | None:
+        return MemoryUse(self.pss, self.pss, self.pss)
+
+
+class FakeLauncher:
+    """Stands in for ZygoteLauncher: records what the cache asks for."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.started: list[tuple[str, tuple[str, ...]]] = []  # (kind, packages)
+        self.stopped: list[str] = []
+        self.forks: list[str] = []
+        self.fail_fork: set[str] = set()  # zygote ids whose fork fails
+        self.dies_on_fork: set[str] = set()  # ...and are found dead
+        self.image_starts: list[list[str]] = []
+        self._socks: list[socket.socket] = []
+
+    def _zygote(self, packages: tuple[tuple[str, str], ...], pss: int = 10 * MiB) -> FakeZygote:
+        self.seq += 1
+        a, b = socket.socketpair()
+        self._socks += [a, b]
+        z = FakeZygote(f"zy{self.seq}", packages, a, None, pid=1000 + self.seq)
+        z.pss = pss
+        return z
+
+    async def start(
+        self, packages: tuple[tuple[str, str], ...], preload: list[str], **kw: Any
+    ) -> FakeZygote:
+        if kw.get("image") is not None:
+            self.image_starts.append(preload)
+        self.started.append(("start", tuple(d for _, d in packages)))
+        return self._zygote(packages)
+
+    async def start_child(
+        self, parent: Zygote, extra: tuple[tuple[str, str], ...], preload: list[str]
+    ) -> FakeZygote:
+        self.started.append((f"child of {parent.id}", tuple(d for _, d in extra)))
+        return self._zygote((*parent.packages, *extra))
+
+    async def fork(self, zygote: Zygote, spec: SandboxSpec) -> str:
+        if zygote.id in self.fail_fork:
+            if zygote.id in self.dies_on_fork:
+                zygote.alive = False
+            raise SandboxError(f"fork from {zygote.id} failed")
+        self.forks.append(zygote.id)
+        return f"sandbox from {zygote.id}"
+
+    async def stop(self, zygote: Zygote) -> None:
+        zygote.alive = False
+        self.stopped.append(zygote.id)
+
+    def close(self) -> None:
+        for s in self._socks:
+            s.close()
+
+
+def package_dir(tmp: Path) -> Callable[[str], Path]:
+    def resolve(pin: str) -> Path:
+        d = tmp / pin.replace("==", "-")
+        d.mkdir(exist_ok=True)
+        return d
+
+    return resolve
+
+
+SPEC = SandboxSpec(code_dir=None, env={}, memory_mb=128)
+
+
+def run(tmp_path: Path, body: Callable[[ZygoteCache, FakeLauncher], Awaitable[None]], **kw: Any) -> None:
+    async def main() -> None:
+        cache = ZygoteCache(object(), package_dir(tmp_path), **kw)  # type: ignore[arg-type]
+        fake = FakeLauncher()
+        cache.launcher = fake  # type: ignore[assignment]
+        await cache.start()
+        try:
+            await body(cache, fake)
+        finally:
+            await cache.close()
+            fake.close()
+
+    asyncio.run(main())
+
+
+async def settle(cache: ZygoteCache) -> None:
+    """Let the cache's background work (growing zygotes) finish."""
+    for _ in range(1000):
+        if cache.tasks.statistics().tasks == 0:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("background work did not finish")
+
+
+def test_the_tree_grows_from_demand_and_forks_from_the_deepest_zygote(tmp_path: Path) -> None:
+    pandas = frozenset({"pandas==2.2.3", "numpy==2.1.0"})
+
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        root = cache.tree.root.handle
+        assert isinstance(root, Zygote) and fake.started == [("start", ())]
+        # First cold start of the set: served by the root; not grown yet (grow_after=2).
+        sandbox, zygote = await cache.fork(pandas, SPEC)  # type: ignore[misc]
+        assert zygote is root and sandbox == f"sandbox from {root.id}"
+        await settle(cache)
+        assert len(fake.started) == 1
+        # Second: still the root, but a zygote for the set grows in the background,
+        # forked from the root with the packages it adds.
+        _, zygote = await cache.fork(pandas, SPEC)  # type: ignore[misc]
+        assert zygote is root
+        await settle(cache)
+        assert fake.started[1][0] == f"child of {root.id}"
+        assert sorted(fake.started[1][1]) == ["/var/packages/numpy-2.1.0", "/var/packages/pandas-2.2.3"]
+        # From now on the set forks from its own zygote; a superset does too.
+        _, zygote = await cache.fork(pandas, SPEC)  # type: ignore[misc]
+        assert zygote is not root and zygote.id == "zy2"
+        _, zygote = await cache.fork(pandas | {"six==1.16.0"}, SPEC)  # type: ignore[misc]
+        assert zygote.id == "zy2"
+        assert cache.forks == 4 and cache.live[zygote] == 2
+        cache.released(zygote)
+        assert cache.live[zygote] == 1
+
+    run(tmp_path, body, grow_after=2)
+
+
+def test_a_failed_fork_from_a_dead_zygote_drops_it_and_restarts_the_root(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        root = cache.tree.root.handle
+        assert isinstance(root, Zygote)
+        fake.fail_fork.add(root.id)
+        fake.dies_on_fork.add(root.id)
+        assert await cache.fork(frozenset(), SPEC) is None  # the caller starts it fresh
+        assert cache.failures == 1
+        await settle(cache)
+        assert fake.stopped == [root.id]
+        new_root = cache.tree.root.handle
+        assert isinstance(new_root, Zygote) and new_root is not root and new_root.alive
+        assert await cache.fork(frozenset(), SPEC) is not None
+
+    run(tmp_path, body)
+
+
+def test_a_failed_fork_from_a_live_zygote_keeps_it(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        root = cache.tree.root.handle
+        assert isinstance(root, Zygote)
+        fake.fail_fork.add(root.id)
+        assert await cache.fork(frozenset(), SPEC) is None
+        await settle(cache)
+        assert fake.stopped == [] and cache.tree.root.handle is root
+
+    run(tmp_path, body)
+
+
+def test_memory_is_measured_then_used_for_eviction(tmp_path: Path) -> None:
+    sets = [frozenset({f"p{i}==1.0"}) for i in range(3)]
+
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        for pins in sets:
+            await cache.fork(pins, SPEC)
+            await settle(cache)
+        assert len(cache.live) == 4  # the root and one per set
+        # Nothing measured yet: enforce sees no memory and evicts nothing.
+        assert cache.memory() == 0
+        cache.enforce()
+        await settle(cache)
+        assert fake.stopped == []
+        # Measured (on a thread, as the worker's sweeper does): 40 MiB against a 25 MiB
+        # budget, so the two least recently used leaves without instances go.
+        await asyncio.to_thread(cache.measure)
+        assert cache.memory() == 40 * MiB
+        busy = next(z for z in cache.live if z.id == "zy2")
+        cache.live[busy] = 1  # an instance forked from the oldest leaf is alive
+        cache.enforce()
+        await settle(cache)
+        assert fake.stopped == ["zy3", "zy4"]
+        described = {d.get("id"): d for d in cache.describe()}
+        assert described["zy2"]["memory"]["pss"] == 10 * MiB
+        assert "zy3" not in described
+
+    run(tmp_path, body, grow_after=1, budget_mb=25)
+
+
+def test_image_zygotes_start_once_and_are_dropped(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        layout: Any = object()
+        assert await cache.fork_image("sha256:aa", SPEC) is None  # none yet
+        cache.grow_image("sha256:aa", layout, {}, ["numpy"])
+        cache.grow_image("sha256:aa", layout, {}, ["numpy"])  # already starting
+        await settle(cache)
+        assert fake.image_starts == [["numpy"]]
+        forked = await cache.fork_image("sha256:aa", SPEC)
+        assert forked is not None
+        await cache.drop_image("sha256:aa")
+        assert await cache.fork_image("sha256:aa", SPEC) is None
+
+    run(tmp_path, body)
+
+
+def test_close_stops_every_zygote(tmp_path: Path) -> None:
+    stopped: list[str] = []
+
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        await cache.fork(frozenset({"a==1"}), SPEC)
+        await settle(cache)
+        assert len(cache.live) == 2
+        stopped.append("before close")
+
+        original = fake.stop
+
+        async def record(z: Zygote) -> None:
+            stopped.append(z.id)
+            await original(z)
+
+        fake.stop = record  # type: ignore[method-assign]
+
+    run(tmp_path, body, grow_after=1)
+    assert sorted(stopped) == ["before close", "zy1", "zy2"]
+
+
+@pytest.mark.parametrize("grow_after", [1, 3])
+def test_growth_waits_for_demand(tmp_path: Path, grow_after: int) -> None:
+    pins = frozenset({"x==1"})
+
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        for n in range(1, 4):
+            await cache.fork(pins, SPEC)
+            await settle(cache)
+            assert (len(fake.started) == 2) is (n >= grow_after)
+
+    run(tmp_path, body, grow_after=grow_after)
