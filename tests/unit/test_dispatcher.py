@@ -57,6 +57,9 @@ class FakeRegistry:
     def __init__(self, names: set[str]) -> None:
         self.names = names
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
     def get(self, name: str) -> object:
         if name not in self.names:
             raise NotFound(name)
@@ -209,6 +212,9 @@ def test_deleted_function_drops_the_event_and_eviction_requeues_it() -> None:
             return result(b"1")
 
         d, queue, invoker, tasks = make(behaviour, rows=2)
+        d.registry.names.discard("fn")  # type: ignore[attr-defined]
+        queue.pending_rows[1] = ("e1", "other", b"1", 0)
+        d.registry.names.add("other")  # type: ignore[attr-defined]
         await tasks.start()
         tasks.loop("dispatcher", d.run)
         await until(lambda: len(queue.finished) == 2, "both outcomes")
@@ -216,6 +222,21 @@ def test_deleted_function_drops_the_event_and_eviction_requeues_it() -> None:
         # Evicted once, not an attempt: it ran again and succeeded at its first attempt.
         assert queue.finished["e1"] == ("succeeded", b"1", 1)
         assert [c[1] for c in invoker.calls].count(b"1") == 2
+        await tasks.close()
+
+    run(body)
+
+
+def test_a_missing_artifact_fails_the_event_but_keeps_the_function() -> None:
+    async def body() -> None:
+        async def no_image(name: str, payload: bytes) -> InvokeResult:
+            raise NotFound("image gone from its registry")
+
+        d, queue, _, tasks = make(no_image, rows=1)
+        await tasks.start()
+        tasks.loop("dispatcher", d.run)
+        await until(lambda: "e0" in queue.finished, "the outcome")
+        assert queue.finished["e0"] == ("failed", b"image gone from its registry", 1)
         await tasks.close()
 
     run(body)

@@ -108,10 +108,10 @@ def run(tmp_path: Path, body: Callable[[ZygoteCache, FakeLauncher], Awaitable[No
 
 async def settle(cache: ZygoteCache) -> None:
     """Let the cache's background work (growing zygotes) finish."""
-    for _ in range(1000):
+    for _ in range(5000):
         if cache.tasks.statistics().tasks == 0:
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)  # the work includes a measurement on a thread
     raise AssertionError("background work did not finish")
 
 
@@ -182,15 +182,11 @@ def test_memory_is_measured_then_used_for_eviction(tmp_path: Path) -> None:
             await cache.fork(pins, SPEC)
             await settle(cache)
         assert len(cache.live) == 4  # the root and one per set
-        # Nothing measured yet: enforce sees no memory and evicts nothing.
-        assert cache.memory() == 0
-        cache.enforce()
-        await settle(cache)
-        assert fake.stopped == []
-        # Measured (on a thread, as the worker's sweeper does): 40 MiB against a 25 MiB
-        # budget, so the two least recently used leaves without instances go.
-        await asyncio.to_thread(cache.measure)
+        # Each zygote is measured once it is up (on a thread).
         assert cache.memory() == 40 * MiB
+        # Over budget (40 MiB against 25): the least recently used leaves without
+        # instances go until the rest fits.
+        cache.budget = 25 * MiB
         busy = next(z for z in cache.live if z.id == "zy2")
         cache.live[busy] = 1  # an instance forked from the oldest leaf is alive
         cache.enforce()
@@ -199,8 +195,14 @@ def test_memory_is_measured_then_used_for_eviction(tmp_path: Path) -> None:
         described = {d.get("id"): d for d in cache.describe()}
         assert described["zy2"]["memory"]["pss"] == 10 * MiB
         assert "zy3" not in described
+        # The sweeper's next measurement sees what changed since.
+        root = cache.tree.root.handle
+        assert isinstance(root, FakeZygote)
+        root.pss = 5 * MiB
+        await cache.measure()
+        assert cache.memory() == 15 * MiB
 
-    run(tmp_path, body, grow_after=1, budget_mb=25)
+    run(tmp_path, body, grow_after=1, budget_mb=100)
 
 
 def test_image_zygotes_start_once_and_are_dropped(tmp_path: Path) -> None:

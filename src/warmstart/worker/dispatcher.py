@@ -151,8 +151,12 @@ class Dispatcher:
     async def _run_event(self, event_id: str, fn: str, payload: bytes, attempts: int) -> None:
         try:
             result = await self.invoker.invoke(fn, payload, qos_class=QoSClass.BE)
-        except NotFound:
-            self.queue.finish(event_id, "dropped", b"function deleted", attempts)
+        except NotFound as exc:
+            if fn in self.registry:  # the function is there; something it needs is not
+                log.warning("event %s for %s failed: %s", event_id, fn, exc)
+                self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
+            else:
+                self.queue.finish(event_id, "dropped", b"function deleted", attempts)
             return
         except Evicted:
             return  # still pending: it runs again when there is room (not an attempt)

@@ -202,7 +202,7 @@ class Worker:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self._cache.enforce()
             if self._zygotes is not None:
-                await asyncio.to_thread(self._zygotes.measure)
+                await self._zygotes.measure()
                 self._zygotes.enforce()
             self._invoker.sweep()
 

@@ -21,6 +21,7 @@ Zygote starts, restarts and spare forks run in the background under the cache's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -35,6 +36,10 @@ from warmstart.zygote.launcher import Zygote, ZygoteLauncher, top_level_modules
 from warmstart.zygote.tree import Node, PackageSet, ZygoteTree
 
 log = logging.getLogger(__name__)
+
+
+def _read_memory(zygotes: list[Zygote]) -> dict[Zygote, MemoryUse]:
+    return {z: use for z in zygotes if (use := z.memory()) is not None}
 
 
 class ZygoteCache:
@@ -108,6 +113,7 @@ class ZygoteCache:
             zygote = await self.launcher.start(packages, preload)
         self.created += 1
         self.live[zygote] = 0
+        await self.measure([zygote])
         if zygote.skipped:
             log.info("zygote %s left out %s", zygote.id, zygote.skipped)
         log.info(
@@ -194,6 +200,7 @@ class ZygoteCache:
             self.images[key] = zygote
             self.live[zygote] = 0
             self.created += 1
+            await self.measure([zygote])
             log.info(
                 "image zygote %s for %s ready in %.0f ms with %s",
                 zygote.id,
@@ -267,12 +274,14 @@ class ZygoteCache:
         self._background(restart(), "restart the root zygote")
 
     # -- housekeeping ------------------------------------------------------------------------
-    def measure(self) -> None:
-        """Read every live zygote's memory (on a thread: each read walks an address space).
-        Reads the dict's keys once; the result replaces the last reading as a whole."""
-        zygotes = list(self.live)
-        readings = {z: use for z in zygotes if (use := z.memory()) is not None}
-        self._memory = readings
+    async def measure(self, zygotes: list[Zygote] | None = None) -> None:
+        """Read the memory of ``zygotes`` (default: every live one) on a thread -- each
+        read walks a whole address space -- and keep it for ``enforce``, ``describe`` and
+        the metrics."""
+        targets = list(self.live) if zygotes is None else zygotes
+        readings = await asyncio.to_thread(_read_memory, targets)
+        merged = {**self._memory, **readings}
+        self._memory = {z: use for z, use in merged.items() if z in self.live}
 
     def memory(self) -> int:
         """The zygotes' PSS, as of the last ``measure``."""
