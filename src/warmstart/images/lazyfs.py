@@ -53,7 +53,7 @@ from typing import Any, Protocol
 import pyfuse3
 import trio
 
-from warmstart.images.errors import EStargzError, ImageError
+from warmstart.images.errors import EStargzError, FetchError, ImageError
 from warmstart.images.estargz import LANDMARK_NAMES, TOC, TOCEntry, read_chunk, read_toc
 from warmstart.images.lazymount import BackgroundFetch, DaemonSpec, LayerSource
 
@@ -67,10 +67,6 @@ _OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOCK = 4096
 _CONSECUTIVE_BACKGROUND_FAILURES = 3
-
-
-class FetchError(ImageError):
-    """Bytes of a layer could not be fetched or did not verify: the read gets EIO."""
 
 
 # -- where a blob's bytes come from (the seam unit tests replace) --------------------------
