@@ -30,18 +30,13 @@ import pytest
 import trio
 
 from warmstart.images.errors import RegistryError
-from warmstart.images.lazyfs import (
-    ChunkCache,
-    Daemon,
-    DirLayer,
-    Fetcher,
-    FileBlobSource,
-    Layer,
-    Stats,
-    TOCLayer,
-    cache_key,
-    load_toc_layer,
-)
+from warmstart.images.lazyfs.chunks import ChunkCache, cache_key
+from warmstart.images.lazyfs.daemon import Daemon
+from warmstart.images.lazyfs.fetcher import Fetcher
+from warmstart.images.lazyfs.layers import DirLayer, Layer, TOCLayer
+from warmstart.images.lazyfs.loading import load_toc_layer
+from warmstart.images.lazyfs.sources import FileBlobSource
+from warmstart.images.lazyfs.stats import Stats
 from warmstart.images.lazymount import BackgroundFetch, detach, is_mounted
 
 pytestmark = pytest.mark.skipif(
