@@ -18,7 +18,7 @@ import zstandard
 from tests import imagetools
 from warmstart.images import estargz
 from warmstart.images.convert import ConvertEvent, convert_image, is_estargz_layer
-from warmstart.images.errors import CorruptLayer, NotFound, RegistryError
+from warmstart.images.errors import CorruptLayer, ImageNotFound, RegistryError
 from warmstart.images.estargz import TOC_DIGEST_ANNOTATION, read_chunk, read_toc
 from warmstart.images.reference import Reference
 from warmstart.images.registry import OCI_CONFIG, OCI_MANIFEST, Descriptor, RegistryClient
@@ -163,7 +163,7 @@ def test_corrupt_layer_is_refused(registry: Any, client: RegistryClient) -> None
     dst = Reference.parse(f"{registry.host}/corrupt:esgz")
     with pytest.raises(CorruptLayer):
         convert_image(client, src, dst)
-    with pytest.raises(NotFound):
+    with pytest.raises(ImageNotFound):
         client.resolve(dst)
     truncated = gzip.compress(make_tar({"x": os.urandom(100_000)}))[:50_000]
     src = push_image(client, f"{registry.host}/corrupt:2", [(truncated, TAR + "+gzip", sha(b""))])

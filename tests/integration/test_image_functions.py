@@ -297,4 +297,4 @@ def test_cli_deploy_image_and_pull_with_progress(
         text=True,
     )
     assert res.returncode == 2
-    assert res.stderr.startswith("warmstart: NotFound") and "Traceback" not in res.stderr
+    assert res.stderr.startswith("warmstart: ImageNotFound") and "Traceback" not in res.stderr

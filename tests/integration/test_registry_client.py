@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from tests import imagetools
-from warmstart.images.errors import AuthError, DigestMismatch, NotFound, RegistryError
+from warmstart.images.errors import AuthError, DigestMismatch, ImageNotFound, RegistryError
 from warmstart.images.reference import Reference
 from warmstart.images.registry import (
     DOCKER_LIST,
@@ -287,7 +287,7 @@ def test_index_selects_linux_amd64(client: RegistryClient, registry: Any, small_
     assert other.config_json["architecture"] == "arm64"
     by_index_digest = client.resolve(Reference.parse(f"{registry.host}/small@{index_digest}"))
     assert by_index_digest.digest == amd64.digest
-    with pytest.raises(NotFound, match="linux/s390x"):
+    with pytest.raises(ImageNotFound, match="linux/s390x"):
         client.resolve(ref.with_tag("multi"), platform="linux/s390x")
 
 
@@ -313,13 +313,13 @@ def test_docker_manifest_list(client: RegistryClient, registry: Any, small_image
 
 def test_not_found(client: RegistryClient, registry: Any, small_image: str) -> None:
     ref = Reference.parse(small_image)
-    with pytest.raises(NotFound, match="MANIFEST_UNKNOWN"):
+    with pytest.raises(ImageNotFound, match="MANIFEST_UNKNOWN"):
         client.resolve(ref.with_tag("no-such-tag"))
-    with pytest.raises(NotFound):
+    with pytest.raises(ImageNotFound):
         client.resolve(Reference.parse(f"{registry.host}/no-such-repo:1"))
-    with pytest.raises(NotFound):
+    with pytest.raises(ImageNotFound):
         client.blob_size(ref, "sha256:" + "0" * 64)
-    with pytest.raises(NotFound):
+    with pytest.raises(ImageNotFound):
         client.get_blob(ref, "sha256:" + "0" * 64)
 
 

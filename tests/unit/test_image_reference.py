@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from warmstart.errors import InvalidParameter
-from warmstart.images.errors import AuthError, InvalidReference, NotFound
+from warmstart.errors import InvalidParameter, NotFound
+from warmstart.images.errors import AuthError, ImageNotFound, InvalidReference
 from warmstart.images.reference import DOCKER_HUB, Reference, check_digest
 from warmstart.images.registry import (
     _merge_ranges,
@@ -221,5 +221,8 @@ def test_select_platform() -> None:
     assert select_platform(index, "linux/amd64", "x").size == 103
     assert select_platform(index, "linux/arm64", "x").size == 102
     assert select_platform(index, "linux/arm/v7", "x").size == 104
-    with pytest.raises(NotFound, match="linux/amd64"):
+    with pytest.raises(ImageNotFound, match="linux/amd64"):
+        select_platform(index, "linux/s390x", "x")
+    # The API and the CLI see a missing image as the common NotFound.
+    with pytest.raises(NotFound):
         select_platform(index, "linux/s390x", "x")

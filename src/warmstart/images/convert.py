@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warmstart.images.errors import ImageError, NotFound
+from warmstart.images.errors import ImageError, ImageNotFound
 from warmstart.images.estargz import TOC_DIGEST_ANNOTATION, write_estargz
 from warmstart.images.reference import Reference
 from warmstart.images.registry import (
@@ -94,7 +94,7 @@ def build_manifest(
 def _blob_present(client: RegistryClient, ref: Reference, desc: Descriptor) -> bool:
     try:
         return client.blob_size(ref, desc.digest) == desc.size
-    except NotFound:
+    except ImageNotFound:
         return False
 
 

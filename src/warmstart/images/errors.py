@@ -1,13 +1,27 @@
 """Errors raised by ``warmstart.images``.
 
-Every class descends from :class:`ImageError`, itself a :class:`WarmstartError`, so callers
-that only care whether an image operation failed catch one class, while the lazy filesystem
-can tell a corrupt chunk (answer EIO, never wrong bytes) from a dead registry (retry).
+    ImageError (a WarmstartError)  an image could not be resolved, fetched, converted, ...
+    ├── InvalidReference           a malformed reference or digest (also InvalidParameter)
+    ├── RegistryError              the registry failed after all retries
+    │   └── AuthError              the registry refused our credentials
+    ├── ImageNotFound              no such manifest or blob (also the common NotFound)
+    ├── DigestMismatch             content did not hash to the digest that names it
+    ├── UnsafeLayer                a layer would escape or damage the unpack target
+    ├── CorruptLayer               a layer blob is not a (compressed) tar archive
+    ├── EStargzError               a blob is not valid eStargz
+    │   └── ChunkDigestError       a chunk does not match its verified chunk digest
+    └── FetchError                 the lazy filesystem could not get a chunk's bytes
+
+Callers that only care whether an image operation failed catch :class:`ImageError`; the
+API and the CLI see the common classes (:class:`~warmstart.errors.NotFound`,
+:class:`~warmstart.errors.InvalidParameter`) where one applies. The lazy filesystem tells
+a corrupt chunk (answer EIO, never wrong bytes) from a dead registry (retry) before either
+becomes a :class:`FetchError`.
 """
 
 from __future__ import annotations
 
-from warmstart.errors import InvalidParameter, WarmstartError
+from warmstart.errors import InvalidParameter, NotFound, WarmstartError
 
 
 class ImageError(WarmstartError):
@@ -26,7 +40,7 @@ class AuthError(RegistryError):
     """The registry refused our credentials."""
 
 
-class NotFound(ImageError):
+class ImageNotFound(ImageError, NotFound):
     """A manifest or blob does not exist in the registry."""
 
 
@@ -48,3 +62,8 @@ class EStargzError(ImageError):
 
 class ChunkDigestError(EStargzError):
     """A chunk's bytes do not match the ``chunkDigest`` recorded in the verified TOC."""
+
+
+class FetchError(ImageError):
+    """Bytes of a lazily mounted layer could not be fetched, or did not verify: the read
+    that wanted them answers EIO (the message says which blob and why)."""

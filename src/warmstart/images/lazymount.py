@@ -13,8 +13,9 @@ next :meth:`LazyMounts.mount` of the same image, its dead mount (every access an
 ENOTCONN) is detached and a new daemon is started; :meth:`LazyMounts.recover` at start
 detaches the FUSE mounts a crashed worker left under its root.
 
-The spec types live in this module, not in ``lazyfs``, so the worker never imports
-pyfuse3 or trio to describe a mount.
+The spec types live in this module, not in the daemon's package
+(:mod:`warmstart.images.lazyfs`), so the worker never imports pyfuse3 or trio to
+describe a mount.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from warmstart.images.errors import (
     AuthError,
     DigestMismatch,
     ImageError,
-    NotFound,
+    ImageNotFound,
     RegistryError,
 )
 from warmstart.images.reference import (
@@ -605,7 +605,7 @@ class RegistryClient:
             resp.close()
         detail = _error_detail(body)
         if resp.status_code == 404:
-            raise NotFound(f"{what}: not found{detail}")
+            raise ImageNotFound(f"{what}: not found{detail}")
         if resp.status_code == 403:
             raise AuthError(f"registry {host} denied {what}{detail}")
         raise RegistryError(f"{what}: HTTP {resp.status_code}{detail}")
@@ -948,7 +948,7 @@ class RegistryClient:
         try:
             if self.blob_size(ref, digest) == size:
                 return descriptor
-        except NotFound:
+        except ImageNotFound:
             pass
         start = self._request("POST", ref, "blobs/uploads/", push=True, ok=(202,))
         start.close()
@@ -1038,6 +1038,6 @@ def select_platform(index: dict[str, Any], platform: str, what: str) -> Descript
         if want_variant is not None and plat.get("variant") != want_variant:
             continue
         return Descriptor.from_json(entry, what)
-    raise NotFound(
+    raise ImageNotFound(
         f"{what}: no {platform} image in the index (has: {', '.join(seen) or 'nothing'})"
     )

@@ -1,0 +1,103 @@
+"""The chunk cache: verified chunk bytes on local disk, keyed by chunk digest.
+
+Every daemon (one per mounted image) shares one cache directory, so a chunk two images
+have in common is fetched once. The worker trims the directory to its budget while no
+daemon runs (:meth:`warmstart.images.lazymount.LazyMounts.trim_cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+from warmstart.images.estargz import TOCEntry
+
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def cache_key(entry: TOCEntry) -> str:
+    """The digest a data entry is cached under: its chunk digest, or for a legacy
+    unchunked file without one, the file digest (which then covers the same bytes)."""
+    if entry.chunk_digest:
+        return entry.chunk_digest
+    if entry.chunk_offset == 0 and entry.chunk_size == entry.size:
+        return entry.digest
+    return ""
+
+
+class ChunkCache:
+    """Verified chunk bytes on local disk, one file per chunk digest.
+
+    Files are written to ``tmp/`` and renamed into place, so a reader (in this or any
+    other daemon sharing the directory) sees a whole chunk or none. Only digests of the
+    form ``sha256:<64 hex>`` get a path: a TOC cannot steer a write outside the cache.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path | None:
+        if not DIGEST_RE.fullmatch(digest):
+            return None
+        hexd = digest[7:]
+        return self.root / "sha256" / hexd[:2] / hexd
+
+    def has(self, digest: str, size: int) -> bool:
+        p = self.path(digest)
+        if p is None:
+            return False
+        try:
+            return p.stat().st_size == size
+        except OSError:
+            return False
+
+    def read(self, digest: str, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` of a cached chunk, or None if it is not whole."""
+        p = self.path(digest)
+        if p is None:
+            return None
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        return data if len(data) == length else None
+
+    def read_span(self, chunks: Sequence[TOCEntry], start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of a file, from its cached ``chunks`` that cover them
+        (in file order); None if one of them is not whole in the cache."""
+        parts = []
+        for c in chunks:
+            lo = max(start, c.chunk_offset)
+            hi = min(end, c.chunk_offset + c.chunk_size)
+            part = self.read(cache_key(c), lo - c.chunk_offset, hi - lo)
+            if part is None:
+                return None
+            parts.append(part)
+        return b"".join(parts)
+
+    def put(self, digest: str, data: bytes) -> bool:
+        """Store verified bytes; False if the digest cannot name a cache file."""
+        p = self.path(digest)
+        if p is None:
+            return False
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{digest[7:]}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return True

@@ -1,0 +1,287 @@
+"""One layer of an image, as the merge sees it: entries by path, whiteouts, opaque dirs.
+
+Two kinds: :class:`TOCLayer`, an eStargz blob whose tree comes from its verified TOC (no
+content fetched to list or stat anything), and :class:`DirLayer`, a layer pulled in full
+and unpacked on disk with overlayfs whiteouts. Paths are relative; ``""`` is the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from warmstart.images.errors import EStargzError, ImageError
+from warmstart.images.estargz import LANDMARK_NAMES, TOC, TOCEntry
+from warmstart.images.lazyfs.sources import BlobSource
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+
+@dataclass(slots=True, eq=False)
+class LEntry:
+    """One entry of one layer, in the terms the filesystem answers in."""
+
+    kind: int  # stat.S_IFREG, S_IFDIR, ...
+    perm: int  # permission bits with setuid/setgid/sticky
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    nlink: int = 1
+    ident: Hashable = None  # names of one layer with equal ident are hard links
+    target: bytes = b""  # symlink target
+    chunks: Sequence[TOCEntry] = ()  # eStargz regular file data, in file order
+    local: str = ""  # unpacked layer: the file on disk
+    xattrs: dict[bytes, bytes] | None = None  # None: read from ``local`` when asked
+
+
+class Whiteout:
+    """Marks a name deleted by a layer (hides it in every layer below)."""
+
+
+WHITEOUT = Whiteout()
+
+_TOC_KINDS = {
+    "dir": stat.S_IFDIR,
+    "reg": stat.S_IFREG,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+def join_path(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def split_path(path: str) -> tuple[str, str]:
+    parent, _, base = path.rpartition("/")
+    return parent, base
+
+
+class Layer(Protocol):
+    """One layer as the merge sees it (paths are relative, "" is the root)."""
+
+    def entry(self, path: str) -> LEntry | Whiteout | None: ...
+
+    def opaque(self, path: str) -> bool:
+        """Whether the directory ``path`` hides the same directory in lower layers."""
+        ...
+
+    def names(self, path: str) -> Iterable[str]:
+        """Candidate names in directory ``path`` (whiteout markers excluded)."""
+        ...
+
+
+class TOCLayer:
+    """An eStargz layer: its tree from the TOC, its bytes from a :class:`BlobSource`."""
+
+    def __init__(self, toc: TOC, source: BlobSource) -> None:
+        self.toc = toc
+        self.source = source
+        self.entries: dict[str, LEntry] = {"": LEntry(stat.S_IFDIR, 0o755, ident="")}
+        self.kids: dict[str, dict[str, None]] = {"": {}}
+        self.whiteouts: set[str] = set()
+        self.opaques: set[str] = set()
+        # Data entries in blob order: read-ahead and background fetches walk this.
+        self.data: list[TOCEntry] = sorted(
+            (e for e in toc.entries if e.is_data), key=lambda e: e.offset
+        )
+        self.position = {e.offset: i for i, e in enumerate(self.data)}
+        self.uncompressed_size = 0
+        self._build()
+
+    def _dir(self, path: str) -> None:
+        """Make sure ``path`` and its parents are directories (a TOC may omit them)."""
+        if path in self.kids:
+            return
+        parent, base = split_path(path)
+        self._dir(parent)
+        self.kids[parent][base] = None
+        self.entries[path] = LEntry(stat.S_IFDIR, 0o755, ident=path)
+        self.kids[path] = {}
+
+    def _build(self) -> None:
+        links: dict[str, str] = {}
+        for e in self.toc.entries:
+            if e.type == "chunk":
+                continue
+            if e.name == "":
+                if e.type == "dir":
+                    self.entries[""] = self._entry(e)
+                continue
+            parent, base = split_path(e.name)
+            if parent == "" and base in LANDMARK_NAMES:
+                continue  # describes the blob, not the image
+            self._dir(parent)
+            if base == OPAQUE_MARKER:
+                self.opaques.add(parent)
+                continue
+            if base.startswith(WHITEOUT_PREFIX):
+                if not base.startswith(WHITEOUT_PREFIX * 2):  # other .wh..wh.* are aufs metadata
+                    self.whiteouts.add(join_path(parent, base[len(WHITEOUT_PREFIX) :]))
+                continue
+            if e.type == "hardlink":
+                links[e.name] = e.link_name
+                self.kids[parent][base] = None
+                continue
+            links.pop(e.name, None)
+            entry = self._entry(e)
+            if entry.kind == stat.S_IFDIR:
+                self.kids.setdefault(e.name, {})
+            else:
+                self._drop_subtree(e.name)
+            self.entries[e.name] = entry
+            self.kids[parent][base] = None
+        for name, target in links.items():
+            resolved = target
+            for _ in range(64):
+                if resolved not in links:
+                    break
+                resolved = links[resolved]
+            linked = self.entries.get(resolved)
+            if linked is None or linked.kind == stat.S_IFDIR or resolved in links:
+                log.warning("hard link %r → %r has no file to point at: hidden", name, target)
+                parent, base = split_path(name)
+                self.kids[parent].pop(base, None)
+                continue
+            self._drop_subtree(name)
+            self.entries[name] = linked
+        counts: dict[int, int] = {}
+        for entry in self.entries.values():
+            counts[id(entry)] = counts.get(id(entry), 0) + 1
+        for entry in self.entries.values():
+            if entry.kind != stat.S_IFDIR:
+                entry.nlink = counts[id(entry)]
+                if entry.kind == stat.S_IFREG:
+                    self.uncompressed_size += entry.size
+
+    def _drop_subtree(self, path: str) -> None:
+        """A later non-directory entry replaces a directory, as extracting would: what
+        was under it is gone."""
+        kids = self.kids.pop(path, None)
+        for base in kids or ():
+            child = join_path(path, base)
+            self.entries.pop(child, None)
+            self._drop_subtree(child)
+
+    def _entry(self, e: TOCEntry) -> LEntry:
+        kind = _TOC_KINDS.get(e.type)
+        if kind is None:
+            raise EStargzError(f"TOC entry {e.name!r} has unexpected type {e.type!r}")
+        return LEntry(
+            kind=kind,
+            perm=e.mode & 0o7777,
+            uid=e.uid,
+            gid=e.gid,
+            size=e.size
+            if kind == stat.S_IFREG
+            else (len(os.fsencode(e.link_name)) if kind == stat.S_IFLNK else 0),
+            mtime_ns=int(e.mtime * 1_000_000_000),
+            rdev=os.makedev(e.dev_major, e.dev_minor)
+            if kind in (stat.S_IFCHR, stat.S_IFBLK)
+            else 0,
+            ident=e.name,
+            target=os.fsencode(e.link_name) if kind == stat.S_IFLNK else b"",
+            chunks=self.toc.chunks(e.name) if kind == stat.S_IFREG else (),
+            xattrs={k.encode(): v for k, v in e.xattrs.items()},
+        )
+
+    def entry(self, path: str) -> LEntry | Whiteout | None:
+        entry = self.entries.get(path)
+        if entry is not None:
+            return entry
+        return WHITEOUT if path in self.whiteouts else None
+
+    def opaque(self, path: str) -> bool:
+        # A directory whited out and recreated in one layer also hides what is below.
+        return path in self.opaques or path in self.whiteouts
+
+    def names(self, path: str) -> Iterable[str]:
+        return self.kids.get(path, {}).keys()
+
+
+class DirLayer:
+    """A fully pulled layer unpacked on disk, whiteouts in overlayfs form: a 0/0
+    character device deletes a name, ``trusted.overlay.opaque=y`` makes a directory
+    opaque. ``.wh.`` names are honoured too, for directories unpacked verbatim."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        if not os.path.isdir(self.root):
+            raise ImageError(f"layer directory {root} does not exist")
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def entry(self, path: str) -> LEntry | Whiteout | None:
+        full = self._abs(path)
+        try:
+            st = os.lstat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is None:
+            parent, base = split_path(path)
+            if os.path.lexists(os.path.join(self._abs(parent), WHITEOUT_PREFIX + base)):
+                return WHITEOUT
+            return None
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            return WHITEOUT
+        kind = stat.S_IFMT(st.st_mode)
+        return LEntry(
+            kind=kind,
+            perm=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size if kind in (stat.S_IFREG, stat.S_IFLNK) else 0,
+            mtime_ns=st.st_mtime_ns,
+            rdev=st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0,
+            nlink=st.st_nlink,
+            ident=(st.st_dev, st.st_ino) if kind != stat.S_IFDIR else path,
+            target=os.readlink(os.fsencode(full)) if kind == stat.S_IFLNK else b"",
+            local=full,
+        )
+
+    def opaque(self, path: str) -> bool:
+        full = self._abs(path)
+        for name in (b"trusted.overlay.opaque", b"user.overlay.opaque"):
+            try:
+                if os.getxattr(full, name, follow_symlinks=False) == b"y":
+                    return True
+            except OSError:
+                pass
+        return os.path.lexists(os.path.join(full, OPAQUE_MARKER))
+
+    def names(self, path: str) -> Iterable[str]:
+        try:
+            return [n for n in os.listdir(self._abs(path)) if not n.startswith(WHITEOUT_PREFIX)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+
+def local_xattrs(path: str) -> dict[bytes, bytes]:
+    """A file's xattrs, without overlayfs's own (whiteout and opaque markers)."""
+    out: dict[bytes, bytes] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return out
+    for name in names:
+        key = os.fsencode(name)
+        if key.startswith(_OVERLAY_XATTR_PREFIXES):
+            continue
+        with contextlib.suppress(OSError):
+            out[key] = os.getxattr(path, name, follow_symlinks=False)
+    return out
