@@ -22,10 +22,16 @@ handler(json.loads(sys.argv[2]), None)
 """
 
 
-def add_parser(sub: Any) -> None:
+HELP = "container images: pull into this node's store, convert to eStargz"
+
+
+def add_parser(sub: Any, data_dir: Path) -> None:
+    """``image``'s subcommands; ``data_dir`` is the node's default data directory."""
+    from warmstart.worker.settings import Settings
+
     im = sub.add_parser(
         "image",
-        help="container images: pull into this node's store, convert to eStargz",
+        help=HELP,
         description="Work with container images in OCI registries. Image functions are "
         "deployed with 'warmstart deploy --image REF'.",
     )
@@ -36,7 +42,18 @@ def add_parser(sub: Any) -> None:
     )
     pl.add_argument("ref", help="image reference, e.g. 127.0.0.1:5000/fn:1")
     pl.add_argument(
-        "--data-dir", type=Path, default=Path("data"), help="the node's data directory"
+        "--data-dir",
+        type=Path,
+        default=data_dir,
+        help="the data directory of the node to preheat, as given to 'warmstart serve' "
+        f"(default $WARMSTART_DATA_DIR, else {Settings.data_dir})",
+    )
+    pl.add_argument(
+        "--budget-mb",
+        type=int,
+        default=Settings.image_budget_mb,
+        help="the store's disk budget, as 'warmstart serve --image-budget-mb' "
+        "(default %(default)s)",
     )
     cv = isub.add_parser(
         "convert",
@@ -51,7 +68,7 @@ def add_parser(sub: Any) -> None:
         "--profile",
         action="store_true",
         help="run the image's handler once (needs root) and put the files it opened first, "
-        "so they are fetched together before the function starts",
+        "so they are fetched together before the function starts (default: off)",
     )
     cv.add_argument(
         "--event", default="{}", help="the JSON event for the --profile run (default {})"
@@ -65,7 +82,8 @@ def add_parser(sub: Any) -> None:
             action="append",
             default=[],
             metavar="HOST",
-            help="reach HOST over plain HTTP (loopback registries always are)",
+            help="reach HOST over plain HTTP (repeatable; loopback registries always are; "
+            "default: none)",
         )
 
 
@@ -94,7 +112,7 @@ def _pull(args: argparse.Namespace) -> int:
     from warmstart.images.store import ImageStore
 
     client = _client(args)
-    store = ImageStore(args.data_dir.resolve() / "images" / "store", client, 20480 << 20)
+    store = ImageStore(args.data_dir.resolve() / "images" / "store", client, args.budget_mb << 20)
     tasks: dict[str, Any] = {}
     t0 = time.perf_counter()
     with Progress(
@@ -123,9 +141,14 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from warmstart.errors import InvalidParameter
     from warmstart.images.convert import convert_image
     from warmstart.images.reference import Reference
 
+    try:
+        json.loads(args.event)
+    except ValueError as exc:
+        raise InvalidParameter(f"--event must be JSON: {exc}") from exc
     client = _client(args)
     src, dst = Reference.parse(args.src), Reference.parse(args.dst)
     prioritized = None
