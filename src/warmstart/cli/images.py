@@ -12,13 +12,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-# What a profiling run executes inside the image: import the handler and call it once.
+# What a profiling run executes inside the image: import the handler and call it once,
+# with a context like the runtime's (handlers read its request id, name, time left).
+# Standard library modules the handler would not import are left out (they would be
+# profiled as if the function needed them).
 _PROFILE_DRIVER = """
-import importlib, json, os, sys
+import importlib, json, os, sys, time
 sys.path.insert(0, os.getcwd())
+class Context:
+    function_name = "profile"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:000000000000:function:profile"
+    memory_limit_in_mb = 128
+    aws_request_id = "00000000-0000-4000-8000-000000000000"
+    log_group_name = log_stream_name = ""
+    identity = client_context = None
+    deadline = time.monotonic() + 300
+    def get_remaining_time_in_millis(self):
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
 module, _, func = sys.argv[1].rpartition(".")
 handler = getattr(importlib.import_module(module), func)
-handler(json.loads(sys.argv[2]), None)
+handler(json.loads(sys.argv[2]), Context())
 """
 
 
