@@ -601,16 +601,19 @@ def _deploy(args: argparse.Namespace) -> int:
     src: Path | None = args.source
     if src is None:
         raise CLIError("deploy needs a source directory or zip, or --image REF")
-    if src.is_dir():
-        data = zip_directory(src)
-        handler = args.handler or (
-            "hello.handler" if (src / "hello.py").exists() else "handler.handler"
-        )
-    elif src.is_file():
-        data = src.read_bytes()
-        handler = args.handler or "handler.handler"
-    else:
-        raise CLIError(f"{src}: no such file or directory")
+    try:
+        if src.is_dir():
+            data = zip_directory(src)
+            handler = args.handler or (
+                "hello.handler" if (src / "hello.py").exists() else "handler.handler"
+            )
+        elif src.is_file():
+            data = src.read_bytes()
+            handler = args.handler or "handler.handler"
+        else:
+            raise CLIError(f"{src}: no such file or directory")
+    except OSError as exc:
+        raise CLIError(f"{exc.filename or src}: {exc.strerror or exc}") from exc
     conf = _config_args(args)
     zip_b64 = base64.b64encode(data).decode()
     with _client(args) as c:

@@ -1,5 +1,6 @@
-"""The CLI's argument parser: every option documented with its default, serve's defaults
-taken from Settings, --qos-config inline or from a file, top's plain view."""
+"""The CLI without a server: every option documented with its default, serve's defaults
+taken from Settings, --qos-config inline or from a file, top's plain view, the demo
+deploy's failure logged."""
 
 from __future__ import annotations
 
@@ -149,3 +150,37 @@ def test_top_prints_plain_snapshots_when_not_on_a_terminal() -> None:
     assert "queue depth:        3" in text
     assert "instances:          idle 1, frozen 2" in text
     assert "best-effort               1.00    0.00 GiB" in text
+
+
+class FakeServer:
+    def __init__(self, started: bool, should_exit: bool = False) -> None:
+        self.started, self.should_exit = started, should_exit
+
+
+class FailingWorker:
+    functions: dict[str, Any] = {}  # noqa: RUF012
+
+    async def create_function(self, *args: Any) -> None:
+        raise RuntimeError("no room for hello")
+
+
+def test_a_failed_demo_deploy_is_logged_with_its_cause(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    args = argparse.Namespace(host="127.0.0.1", port=1)
+    with caplog.at_level("ERROR", logger="warmstart.cli"):
+        asyncio.run(cli._demo_when_up(FakeServer(started=True), FailingWorker(), args))
+    (record,) = caplog.records
+    assert "--demo" in record.getMessage() and "hello" in record.getMessage()
+    assert record.exc_info is not None and "no room for hello" in str(record.exc_info[1])
+    assert "demo: curl" not in capsys.readouterr().out
+
+
+def test_the_demo_waits_for_nothing_once_the_server_is_stopping() -> None:
+    import asyncio
+
+    args = argparse.Namespace(host="127.0.0.1", port=1)
+    server = FakeServer(started=False, should_exit=True)
+    asyncio.run(asyncio.wait_for(cli._demo_when_up(server, FailingWorker(), args), 5))
