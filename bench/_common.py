@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks in bench/ (core_bench.py, zygote_bench.py).
+"""Helpers shared by the benchmarks in bench/ (run through ``bash scripts/bench NAME``).
 
 The timed HTTP path (a minimal keep-alive client), a ``warmstart serve`` process on a
 loopback port, boto3's Lambda client pointed at it, nearest-rank statistics, and the runc
@@ -295,8 +295,14 @@ def make_zip(files: dict[str, str]) -> bytes:
 
 def lambda_client(url: str) -> Any:
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    import boto3  # type: ignore[import-untyped]
-    from botocore.config import Config  # type: ignore[import-untyped]
+    try:
+        import boto3  # type: ignore[import-untyped]
+        from botocore.config import Config  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise BenchError(
+            f"{exc}: run the benchmarks through 'bash scripts/bench NAME', which installs "
+            "what they need"
+        ) from exc
 
     return boto3.client(
         "lambda",

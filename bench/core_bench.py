@@ -26,7 +26,7 @@ It prints a markdown table and the targets (warm p50 <= 1.5 ms, cold p50 <= runc
 >= 1000 warm invocations/s), and with ``--json OUT`` writes every number to OUT.  Servers
 are stopped (SIGTERM) and temporary directories removed at the end, even on error.
 
-    sudo .venv/bin/python bench/core_bench.py [--quick] [--json out.json]
+    bash scripts/bench core [--quick] [--json out.json]
 """
 
 from __future__ import annotations

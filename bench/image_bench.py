@@ -15,7 +15,9 @@ successful invocation.  Convert time: ``warmstart image convert`` (fetch + rewri
 against ``ctr-remote image convert --estargz --oci`` (local rewrite only, the image already
 in containerd's store).
 
-Run as root: ``.venv/bin/python bench/image_bench.py [--repeat 3]``.
+Run as root: ``bash scripts/bench image [--quick] [--repeat 3] [--json OUT]`` (it installs
+the registry, containerd, ctr-remote and the image tools first).  Exit status: 0 every
+target met, 1 a target missed, 2 an error.
 """
 
 from __future__ import annotations
@@ -309,14 +311,36 @@ def med(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each scenario (medians)")
-    ap.add_argument("--workdir", type=Path, default=None)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="targets: lazy first invocation >= 5x faster than containerd's pull; lazy "
+        "reads <= 15% of the image; full pull >= 2x faster; convert >= 4x faster than "
+        "ctr-remote. Exit status: 0 ok, 1 a target was missed, 2 error.",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=None, help="runs of each scenario, medians (default 3)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="one run of each scenario (a smoke run)"
+    )
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="where to work (default: a new /var/tmp dir)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
-    opts = ap.parse_args()
+    opts = ap.parse_args(argv)
     if os.geteuid() != 0:
-        raise SystemExit("image_bench needs root (sandboxes, mounts, containerd)")
+        print("image_bench: needs root (sandboxes, mounts, containerd)", file=sys.stderr)
+        return 2
+    repeat = opts.repeat or (1 if opts.quick else 3)
+    try:
+        return run(opts, repeat)
+    except BenchError as exc:
+        print(f"image_bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(opts: argparse.Namespace, repeat: int) -> int:
     # Not under /tmp: file creation there is several times slower on this kind of machine.
     work = opts.workdir or Path(tempfile.mkdtemp(prefix="warmstart-image-bench-", dir="/var/tmp"))
     reg = imagetools.start_registry(work / "registry", log_level="info")
@@ -331,7 +355,7 @@ def main() -> int:
         ref, size = build(reg, work)
         log(f"image {ref}: {size / 1e6:.1f} MB compressed")
         meter = Meter(reg)
-        for i in range(opts.repeat):
+        for i in range(repeat):
             log(f"convert round {i + 1}")
             conv["warmstart image convert"].append(warmstart_convert(ref, f"{base}:esgz-{i}"))
             conv["ctr-remote image convert --estargz"].append(
@@ -341,7 +365,7 @@ def main() -> int:
         for fn, handler in FUNCTIONS.items():
             profile_s[fn] = warmstart_convert(ref, f"{base}:esgz-{fn}", profile=handler)
         runs = 0
-        for i in range(opts.repeat):
+        for i in range(repeat):
             log(f"pull round {i + 1}")
             rows.setdefault("containerd: ctr image pull (pull + unpack)", []).append(
                 containerd_pull(ref, work / f"cd-pull-{i}", meter)
@@ -361,7 +385,7 @@ def main() -> int:
     cbase = med(rows["containerd: ctr image pull (pull + unpack)"], "seconds")
     print()
     print(
-        f"# Deploy → first successful invocation from an empty node ({opts.repeat} runs, "
+        f"# Deploy → first successful invocation from an empty node ({repeat} runs, "
         f"medians); image {size / 1e6:.1f} MB compressed"
     )
     print()
@@ -416,7 +440,7 @@ def main() -> int:
     print(f"machine: {machine_info()}")
     if opts.json:
         opts.json.write_text(json.dumps({"size": size, "rows": rows, "convert": conv}, indent=1))
-    return 0
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 if __name__ == "__main__":

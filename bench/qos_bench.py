@@ -56,7 +56,7 @@ from the cgroups' cpuacct.  Prints a markdown table; ``--json OUT`` writes every
 Servers are stopped (SIGTERM) and temporary directories removed at the end, even on error.
 Only 127.0.0.1 is contacted.
 
-    sudo .venv/bin/python bench/qos_bench.py [--quick] [--duration S] [--json out.json]
+    bash scripts/bench qos [--quick] [--duration S] [--json out.json]
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ p50 <= 10 ms; >= 25x faster than the fresh interpreter; >= 300 sandbox creations
 zygote); ``--json OUT`` writes every number to OUT.  Servers are stopped (SIGTERM) and
 temporary directories removed at the end, even on error.
 
-    sudo .venv/bin/python bench/zygote_bench.py [--quick] [--json out.json]
+    bash scripts/bench zygote [--quick] [--json out.json]
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 CACHE = Path(os.environ.get("WARMSTART_TEST_CACHE", "/var/cache/warmstart-test"))
-DEBIAN_MIRROR = os.environ.get("WARMSTART_TEST_MIRROR", "http://deb.debian.org/debian")
+# A Debian mirror for debootstrap; unset, debootstrap uses its own configured default.
+DEBIAN_MIRROR = os.environ.get("WARMSTART_TEST_MIRROR") or None
 
 
 def free_port() -> int:
@@ -62,13 +63,16 @@ class Registry:
         _wait_registry(self)
 
 
-def _spawn_registry(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn_registry(
+    config: Path, log_path: Path, detached: bool = False
+) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             ["docker-registry", "serve", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=detached,  # detached: outlives this process and its terminal
         )
 
 
@@ -88,9 +92,15 @@ def _wait_registry(reg: Registry, timeout: float = 20) -> None:
 
 
 def start_registry(
-    root: Path, *, auth_yaml: str = "", port: int | None = None, log_level: str = "warn"
+    root: Path,
+    *,
+    auth_yaml: str = "",
+    port: int | None = None,
+    log_level: str = "warn",
+    detached: bool = False,
 ) -> Registry:
-    """Start a registry storing under ``root``; ``auth_yaml`` is an indented ``auth:`` block."""
+    """Start a registry storing under ``root``; ``auth_yaml`` is an indented ``auth:`` block.
+    ``detached``: in a session of its own, to outlive the caller (scripts/local-registry)."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config = root / "config.yml"
@@ -104,7 +114,8 @@ def start_registry(
         + (f"auth:\n{auth_yaml}" if auth_yaml else "")
     )
     log_path = root / "registry.log"
-    reg = Registry(f"127.0.0.1:{port}", root, _spawn_registry(config, log_path), log_path, config)
+    proc = _spawn_registry(config, log_path, detached)
+    reg = Registry(f"127.0.0.1:{port}", root, proc, log_path, config)
     _wait_registry(reg)
     return reg
 
@@ -125,7 +136,7 @@ def base_rootfs() -> Path:
             "--include=python3",
             "bookworm",
             str(tmp),
-            DEBIAN_MIRROR,
+            *([DEBIAN_MIRROR] if DEBIAN_MIRROR else []),
         ],
         check=True,
         stdout=subprocess.DEVNULL,

@@ -116,7 +116,7 @@ def test_cpuset_policy_confines_best_effort_instances(server_factory: Any, tmp_p
         _wait(lambda: http.get(f"/jobs/{job_id}").json()["status"] == "completed")
         result = http.get(f"/jobs/{job_id}/results").json()["results"][0]
     assert result["status"] == "succeeded", result
-    assert json.loads(result["result"]) == [last]
+    assert result["result"] == [last]
     assert len(ls_cpus) == os.cpu_count()
 
 

@@ -123,17 +123,22 @@ class NativeAPI:
         return JSONResponse({"jobs": await self.worker.jobs()})
 
     async def job(self, request: Request) -> Response:
-        job = await self.worker.job(request.path_params["job_id"])
+        """GET /jobs/<id>: a job's progress; a unique prefix of the id (>= 6 chars) will do."""
+        job_id = request.path_params["job_id"]
+        job = await self.worker.job(job_id)
         if job is None:
-            raise NotFound("no such job")
+            raise NotFound(f"no such job: {job_id}")
         return JSONResponse(job)
 
     async def job_results(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
-        results = await self.worker.job_results(job_id)
+        """GET /jobs/<id>/results: each result as the JSON value the handler returned."""
+        job = await self.worker.job(request.path_params["job_id"])
+        if job is None:
+            raise NotFound(f"no such job: {request.path_params['job_id']}")
+        results = await self.worker.job_results(job["JobId"])
         if results is None:
-            raise NotFound("no such job")
-        return JSONResponse({"JobId": job_id, "results": results})
+            raise NotFound(f"no such job: {job['JobId']}")
+        return JSONResponse({"JobId": job["JobId"], "results": results})
 
     async def event(self, request: Request) -> Response:
         ev = await self.worker.event(request.path_params["event_id"])

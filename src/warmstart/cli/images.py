@@ -12,20 +12,40 @@ import time
 from pathlib import Path
 from typing import Any
 
-# What a profiling run executes inside the image: import the handler and call it once.
+# What a profiling run executes inside the image: import the handler and call it once,
+# with a context like the runtime's (handlers read its request id, name, time left).
+# Standard library modules the handler would not import are left out (they would be
+# profiled as if the function needed them).
 _PROFILE_DRIVER = """
-import importlib, json, os, sys
+import importlib, json, os, sys, time
 sys.path.insert(0, os.getcwd())
+class Context:
+    function_name = "profile"
+    function_version = "$LATEST"
+    invoked_function_arn = "arn:aws:lambda:us-east-1:000000000000:function:profile"
+    memory_limit_in_mb = 128
+    aws_request_id = "00000000-0000-4000-8000-000000000000"
+    log_group_name = log_stream_name = ""
+    identity = client_context = None
+    deadline = time.monotonic() + 300
+    def get_remaining_time_in_millis(self):
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
 module, _, func = sys.argv[1].rpartition(".")
 handler = getattr(importlib.import_module(module), func)
-handler(json.loads(sys.argv[2]), None)
+handler(json.loads(sys.argv[2]), Context())
 """
 
 
-def add_parser(sub: Any) -> None:
+HELP = "container images: pull into this node's store, convert to eStargz"
+
+
+def add_parser(sub: Any, data_dir: Path) -> None:
+    """``image``'s subcommands; ``data_dir`` is the node's default data directory."""
+    from warmstart.worker.settings import Settings
+
     im = sub.add_parser(
         "image",
-        help="container images: pull into this node's store, convert to eStargz",
+        help=HELP,
         description="Work with container images in OCI registries. Image functions are "
         "deployed with 'warmstart deploy --image REF'.",
     )
@@ -36,7 +56,18 @@ def add_parser(sub: Any) -> None:
     )
     pl.add_argument("ref", help="image reference, e.g. 127.0.0.1:5000/fn:1")
     pl.add_argument(
-        "--data-dir", type=Path, default=Path("data"), help="the node's data directory"
+        "--data-dir",
+        type=Path,
+        default=data_dir,
+        help="the data directory of the node to preheat, as given to 'warmstart serve' "
+        f"(default $WARMSTART_DATA_DIR, else {Settings.data_dir})",
+    )
+    pl.add_argument(
+        "--budget-mb",
+        type=int,
+        default=Settings.image_budget_mb,
+        help="the store's disk budget, as 'warmstart serve --image-budget-mb' "
+        "(default %(default)s)",
     )
     cv = isub.add_parser(
         "convert",
@@ -51,7 +82,7 @@ def add_parser(sub: Any) -> None:
         "--profile",
         action="store_true",
         help="run the image's handler once (needs root) and put the files it opened first, "
-        "so they are fetched together before the function starts",
+        "so they are fetched together before the function starts (default: off)",
     )
     cv.add_argument(
         "--event", default="{}", help="the JSON event for the --profile run (default {})"
@@ -65,7 +96,8 @@ def add_parser(sub: Any) -> None:
             action="append",
             default=[],
             metavar="HOST",
-            help="reach HOST over plain HTTP (loopback registries always are)",
+            help="reach HOST over plain HTTP (repeatable; loopback registries always are; "
+            "default: none)",
         )
 
 
@@ -94,7 +126,7 @@ def _pull(args: argparse.Namespace) -> int:
     from warmstart.images.store import ImageStore
 
     client = _client(args)
-    store = ImageStore(args.data_dir.resolve() / "images" / "store", client, 20480 << 20)
+    store = ImageStore(args.data_dir.resolve() / "images" / "store", client, args.budget_mb << 20)
     tasks: dict[str, Any] = {}
     t0 = time.perf_counter()
     with Progress(
@@ -123,9 +155,14 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from warmstart.errors import InvalidParameter
     from warmstart.images.convert import convert_image
     from warmstart.images.reference import Reference
 
+    try:
+        json.loads(args.event)
+    except ValueError as exc:
+        raise InvalidParameter(f"--event must be JSON: {exc}") from exc
     client = _client(args)
     src, dst = Reference.parse(args.src), Reference.parse(args.dst)
     prioritized = None

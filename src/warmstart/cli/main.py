@@ -3,7 +3,13 @@
 warmstart serve [--port 8080] [--data-dir data] [--demo]
 warmstart deploy DIR|ZIP --name N [--handler mod.fn] [--memory MB] [--timeout S]
 warmstart invoke N ['{"json": "event"}'] [--log]
-warmstart ls | rm N | logs N
+warmstart ls | rm N | logs N | top
+warmstart job submit F FILE [--wait] | job status ID [--wait] | job results ID
+warmstart image pull REF | image convert SRC DST [--profile]
+
+Client commands talk to a running server over HTTP; user errors (a missing file, an
+unknown function, a server that cannot be reached) end in one line on stderr and exit
+status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,191 +24,70 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_ENDPOINT = os.environ.get("WARMSTART_ENDPOINT", "http://127.0.0.1:8080")
+FALLBACK_ENDPOINT = "http://127.0.0.1:8080"
+DEFAULT_ENDPOINT = os.environ.get("WARMSTART_ENDPOINT") or FALLBACK_ENDPOINT
 API = "/2015-03-31/functions"
+# Commands whose options take their defaults from the worker's Settings (importing it
+# loads the worker, which client commands do not need).
+_SETTINGS_COMMANDS = ("serve", "image")
+
+log = logging.getLogger("warmstart.cli")
 
 
-def _parser() -> argparse.ArgumentParser:
+class CLIError(Exception):
+    """A user error: printed as one line on stderr, exit status 2."""
+
+
+def default_data_dir() -> Path:
+    """The node's data directory: $WARMSTART_DATA_DIR, else Settings' default (relative
+    to the working directory)."""
+    from warmstart.worker.settings import Settings
+
+    return Path(os.environ.get("WARMSTART_DATA_DIR") or Settings.data_dir)
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser.  ``command`` is the subcommand about to be parsed: options
+    whose defaults come from the worker's Settings are only added for it (None: all)."""
+    from warmstart.functions.models import FunctionConfig
+
     p = argparse.ArgumentParser(
         prog="warmstart",
         description="A serverless platform for Python functions that makes every start feel warm.",
         epilog="Run 'warmstart COMMAND --help' for a command's options. Clients talk to "
-        "$WARMSTART_ENDPOINT (default http://127.0.0.1:8080).",
+        f"$WARMSTART_ENDPOINT (default {FALLBACK_ENDPOINT}).",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser(
-        "serve",
-        help="run the single-node platform (API + worker)",
-        description="Run the API and the worker on this machine. State lives in "
-        "SQLite under --data-dir; nothing else to install or start.",
-    )
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    s.add_argument("--port", type=int, default=8080, help="port to listen on (default %(default)s)")
-    s.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(os.environ.get("WARMSTART_DATA_DIR", "data")),
-        help="where functions, code, logs and state live (default %(default)s)",
-    )
-    s.add_argument(
-        "--isolation",
-        choices=["auto", "linux", "process"],
-        default="auto",
-        help="linux: namespaces+chroot+cgroups (needs root); process: no isolation; "
-        "auto: linux when possible (default)",
-    )
-    s.add_argument("--demo", action="store_true", help="deploy the 'hello' demo function at start")
-    s.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=64,
-        help="instances per function without reserved concurrency (default %(default)s)",
-    )
-    s.add_argument(
-        "--queue-depth",
-        type=int,
-        default=128,
-        help="invocations that may wait per function before 429 (default %(default)s)",
-    )
-    s.add_argument(
-        "--freeze-after-ms",
-        type=float,
-        default=100.0,
-        help="freeze instances idle this long; 0 freezes at once (default %(default)s)",
-    )
-    s.add_argument(
-        "--cache-budget-mb",
-        type=int,
-        default=None,
-        help="memory idle instances may hold before LRU eviction (default 25%% of RAM)",
-    )
-    s.add_argument(
-        "--memory-budget-mb",
-        type=int,
-        default=None,
-        help="sum of MemorySize over all instances (default 75%% of RAM)",
-    )
-    s.add_argument(
-        "--cpu-quota",
-        type=float,
-        default=1.0,
-        help="CPUs each instance may use (CFS quota); 0 = unlimited (default %(default)s)",
-    )
-    s.add_argument(
-        "--no-qos",
-        action="store_true",
-        help="turn the QoS loop off (best-effort work keeps only its low CPU weight)",
-    )
-    s.add_argument(
-        "--qos-config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="a JSON object overriding QoS thresholds (names and defaults: "
-        'docs/architecture.md), e.g. {"cpu_reclaim_threshold": 0.6}',
-    )
-    s.add_argument(
-        "--min-be-concurrency",
-        type=int,
-        default=1,
-        help="best-effort invocations allowed even when nothing is reclaimed, so async work "
-        "cannot starve (0: strictly within reclaimed capacity; default %(default)s)",
-    )
-    s.add_argument(
-        "--be-concurrency",
-        type=int,
-        default=None,
-        help="best-effort (event, job) invocations at once at most (default 2 per CPU)",
-    )
-    s.add_argument(
-        "--no-zygotes",
-        action="store_true",
-        help="start every instance in a fresh interpreter (no import cache)",
-    )
-    s.add_argument(
-        "--zygote-after",
-        type=int,
-        default=2,
-        metavar="N",
-        help="cold starts of a package set before it gets its own zygote (default %(default)s)",
-    )
-    s.add_argument(
-        "--zygote-uid",
-        type=int,
-        default=200000,
-        help="host uid (and gid) zygotes run as: uid 0 only inside their namespace "
-        "(default %(default)s)",
-    )
-    s.add_argument(
-        "--zygote-budget-mb",
-        type=int,
-        default=4096,
-        help="zygotes' memory (PSS) before least recently used ones go (default %(default)s)",
-    )
-    s.add_argument(
-        "--index-url", default=None, help="package index for requirements.txt (default: PyPI)"
-    )
-    s.add_argument(
-        "--find-links",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="DIR",
-        help="a local wheel directory for requirements.txt (repeatable)",
-    )
-    s.add_argument(
-        "--offline",
-        action="store_true",
-        help="install packages from --find-links only, never from the network",
-    )
-    s.add_argument(
-        "--image-pull",
-        choices=["auto", "lazy", "full"],
-        default="auto",
-        help="how image functions get their root: auto = lazily when every layer is "
-        "eStargz, else a full pull; full = always pull first (default %(default)s)",
-    )
-    s.add_argument(
-        "--insecure-registry",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="a registry reached over plain HTTP (repeatable; loopback always is)",
-    )
-    s.add_argument(
-        "--image-budget-mb",
-        type=int,
-        default=20480,
-        help="disk for pulled images before least recently used ones go (default %(default)s)",
-    )
-    s.add_argument(
-        "--no-background-fetch",
-        action="store_true",
-        help="lazily mounted images fetch only what is read (no background fetch of the rest)",
-    )
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    full = command is None or command in _SETTINGS_COMMANDS
+    if full:
+        _add_serve(sub)
+    else:
+        sub.add_parser("serve", help="run the single-node platform (API + worker)")
 
     d = sub.add_parser(
         "deploy",
         help="create or update a function from a directory, a zip or a container image",
     )
     d.add_argument(
-        "source", type=Path, nargs="?", help="a directory with handler code, or a .zip"
+        "source",
+        type=Path,
+        nargs="?",
+        help="a directory with handler code, or a .zip (not with --image)",
     )
     d.add_argument(
         "--image",
         metavar="REF",
         default=None,
         help="deploy a container image (PackageType=Image) instead of code: its CMD names "
-        "the handler; the image's own Python runs it",
+        "the handler; the image's own Python runs it (default: none)",
     )
     d.add_argument(
         "--command",
         dest="image_cmd",  # not "command": that names the subcommand
         default=None,
         metavar="MODULE.FUNCTION",
-        help="with --image: the handler, overriding the image's CMD (ImageConfig.Command)",
+        help="with --image: the handler, overriding the image's CMD (ImageConfig.Command; "
+        "default: the CMD)",
     )
     d.add_argument("--name", required=True, help="function name")
     d.add_argument(
@@ -210,58 +95,326 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="module.function (default: hello.handler if hello.py exists, else handler.handler)",
     )
-    d.add_argument("--memory", type=int, default=None, help="MemorySize in MB (default 128)")
-    d.add_argument("--timeout", type=int, default=None, help="timeout in seconds (default 3)")
     d.add_argument(
-        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable"
+        "--memory",
+        metavar="MB",
+        type=int,
+        default=None,
+        help=f"MemorySize in MB (default {FunctionConfig.memory_mb}, or unchanged on update)",
+    )
+    d.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=int,
+        default=None,
+        help=f"timeout in seconds (default {FunctionConfig.timeout_s}, or unchanged on update)",
+    )
+    d.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable (repeatable; default: none)",
     )
     d.add_argument(
         "--network",
         choices=["none", "host"],
         default=None,
-        help="none: loopback only (default); host: the host's network",
+        help=f"none: loopback only; host: the host's network (default {FunctionConfig.network})",
     )
 
     i = sub.add_parser("invoke", help="invoke a function and print its result")
-    i.add_argument("name")
-    i.add_argument("event", nargs="?", default="{}", help="JSON event (default {})")
-    i.add_argument("--log", action="store_true", help="print the invocation's log tail to stderr")
+    i.add_argument("name", help="function name")
+    i.add_argument("event", nargs="?", default="{}", help="JSON event (default %(default)s)")
     i.add_argument(
-        "--async", dest="is_async", action="store_true", help="queue it (InvocationType=Event)"
+        "--log", action="store_true", help="print the invocation's log tail to stderr (off)"
+    )
+    i.add_argument(
+        "--async",
+        dest="is_async",
+        action="store_true",
+        help="queue it (InvocationType=Event) instead of waiting for the result (off)",
     )
 
-    sub.add_parser("ls", help="list functions")
-    r = sub.add_parser("rm", help="delete a function")
-    r.add_argument("name")
-    lg = sub.add_parser("logs", help="print a function's recent logs")
-    lg.add_argument("name")
-    lg.add_argument("--bytes", type=int, default=65536, help="how much of the end to print")
-    t = sub.add_parser(
-        "top", help="a live view of the node: LS/BE usage, reclaimed capacity, queues"
+    sub.add_parser(
+        "ls",
+        help="list functions",
+        description="List functions: a table on a terminal, tab-separated lines (with a "
+        "header) otherwise.",
     )
-    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    t.add_argument("--iterations", type=int, default=None, help="stop after N refreshes")
-    j = sub.add_parser("job", help="batch jobs: run a function over many inputs")
+    r = sub.add_parser("rm", help="delete a function")
+    r.add_argument("name", help="function name")
+    lg = sub.add_parser("logs", help="print a function's recent logs")
+    lg.add_argument("name", help="function name")
+    lg.add_argument(
+        "--bytes",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="how much of the end to print (default %(default)s)",
+    )
+    t = sub.add_parser(
+        "top",
+        help="a live view of the node: LS/BE usage, reclaimed capacity, queues",
+        description="On a terminal, a live view (q or Ctrl-C quits). Otherwise one plain "
+        "snapshot per interval (with --iterations N, N of them).",
+    )
+    t.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=float,
+        default=1.0,
+        help="seconds between refreshes (default %(default)s)",
+    )
+    t.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N refreshes (default: until q, Ctrl-C or a closed pipe)",
+    )
+    j = sub.add_parser(
+        "job",
+        help="batch jobs: run a function over many inputs",
+        description="Batch jobs. Job ids may be shortened to any unique prefix of at least "
+        "6 characters (the progress bar shows 8).",
+    )
     jsub = j.add_subparsers(dest="job_command", required=True, metavar="JOBCOMMAND")
     js = jsub.add_parser("submit", help="queue a job (one invocation per input line)")
-    js.add_argument("function")
+    js.add_argument("function", help="function name")
     js.add_argument(
         "inputs", type=Path, help="a JSON-lines file: one event per line ('-' for stdin)"
     )
-    js.add_argument("--wait", action="store_true", help="show progress until the job is done")
-    jst = jsub.add_parser("status", help="a job's progress")
-    jst.add_argument("job_id")
-    jst.add_argument("--wait", action="store_true", help="show progress until the job is done")
-    jr = jsub.add_parser("results", help="print a job's results as JSON lines")
-    jr.add_argument("job_id")
+    js.add_argument("--wait", action="store_true", help="show progress until the job is done (off)")
+    jst = jsub.add_parser("status", help="a job's progress as JSON")
+    jst.add_argument("job_id", help="a job id, or a unique prefix of one (>= 6 characters)")
+    jst.add_argument(
+        "--wait", action="store_true", help="show progress until the job is done (off)"
+    )
+    jr = jsub.add_parser(
+        "results", help="print a job's results, one JSON object per line, in input order"
+    )
+    jr.add_argument("job_id", help="a job id, or a unique prefix of one (>= 6 characters)")
     from warmstart.cli import images
 
-    images.add_parser(sub)
+    if full:
+        images.add_parser(sub, default_data_dir())
+    else:
+        sub.add_parser("image", help=images.HELP)
     for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr, t):
         sp.add_argument(
-            "--endpoint", default=DEFAULT_ENDPOINT, help="server URL (default %(default)s)"
+            "--endpoint",
+            default=DEFAULT_ENDPOINT,
+            help=f"server URL (default $WARMSTART_ENDPOINT, else {FALLBACK_ENDPOINT})",
         )
     return p
+
+
+def _add_serve(sub: Any) -> None:
+    """``serve``'s options.  Their defaults are read from :class:`Settings`, the one place
+    they are written (importing it loads the worker, so only ``serve`` builds these)."""
+    from warmstart.worker.settings import Settings
+
+    d = Settings()
+    s = sub.add_parser(
+        "serve",
+        help="run the single-node platform (API + worker)",
+        description="Run the API and the worker on this machine. State, code and logs live "
+        "under --data-dir; nothing else to install or start. Stop it with Ctrl-C (SIGINT) "
+        "or SIGTERM.",
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    s.add_argument("--port", type=int, default=8080, help="port to listen on (default %(default)s)")
+    s.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        type=Path,
+        default=default_data_dir(),
+        help="where functions, code, logs, images and state live, relative to the working "
+        f"directory (default $WARMSTART_DATA_DIR, else {Settings.data_dir})",
+    )
+    s.add_argument(
+        "--isolation",
+        choices=["auto", "linux", "process"],
+        default="auto" if d.isolation is None else d.isolation,
+        help="linux: namespaces+chroot+cgroups (needs root); process: no isolation; "
+        "auto: linux when possible (default %(default)s)",
+    )
+    s.add_argument(
+        "--demo", action="store_true", help="deploy the 'hello' demo function at start (off)"
+    )
+    s.add_argument(
+        "--max-concurrency",
+        metavar="N",
+        type=int,
+        default=d.max_concurrency,
+        help="instances per function without reserved concurrency (default %(default)s)",
+    )
+    s.add_argument(
+        "--queue-depth",
+        metavar="N",
+        type=int,
+        default=d.queue_depth,
+        help="invocations that may wait per function before 429 (default %(default)s)",
+    )
+    s.add_argument(
+        "--freeze-after-ms",
+        metavar="MS",
+        type=float,
+        default=d.freeze_after_ms,
+        help="freeze instances idle this long; 0 freezes at once (default %(default)s)",
+    )
+    s.add_argument(
+        "--cache-budget-mb",
+        metavar="MB",
+        type=int,
+        default=d.cache_budget_mb,
+        help="memory idle instances may hold before LRU eviction (default 25%% of RAM, "
+        "here %(default)s)",
+    )
+    s.add_argument(
+        "--memory-budget-mb",
+        metavar="MB",
+        type=int,
+        default=d.memory_budget_mb,
+        help="sum of MemorySize over all instances (default 75%% of RAM, here %(default)s)",
+    )
+    s.add_argument(
+        "--cpu-quota",
+        metavar="CPUS",
+        type=float,
+        default=d.cpu_quota or 0.0,
+        help="CPUs each instance may use (CFS quota); 0 = unlimited (default %(default)s)",
+    )
+    s.add_argument(
+        "--no-qos",
+        dest="qos",
+        action="store_false",
+        default=d.qos,
+        help="turn the QoS loop off (best-effort work keeps only its low CPU weight; default: on)",
+    )
+    s.add_argument(
+        "--qos-config",
+        default=None,
+        metavar="JSON|FILE",
+        help="a JSON object, or a file holding one, overriding QoS thresholds (names and "
+        "defaults: docs/architecture.md), e.g. '{\"be_sched_idle\": true}' (default: none)",
+    )
+    s.add_argument(
+        "--min-be-concurrency",
+        metavar="N",
+        type=int,
+        default=d.min_be_concurrency,
+        help="best-effort invocations allowed even when nothing is reclaimed, so async work "
+        "cannot starve (0: strictly within reclaimed capacity; default %(default)s)",
+    )
+    s.add_argument(
+        "--be-concurrency",
+        metavar="N",
+        type=int,
+        default=d.be_concurrency,
+        help="best-effort (event, job) invocations at once at most (default 2 per CPU, "
+        "here %(default)s)",
+    )
+    s.add_argument(
+        "--no-zygotes",
+        dest="zygotes",
+        action="store_false",
+        default=d.zygotes,
+        help="start every instance in a fresh interpreter (no import cache; default: zygotes on)",
+    )
+    s.add_argument(
+        "--zygote-after",
+        type=int,
+        default=d.zygote_after,
+        metavar="N",
+        help="cold starts of a package set before it gets its own zygote (default %(default)s)",
+    )
+    s.add_argument(
+        "--zygote-uid",
+        metavar="UID",
+        type=int,
+        default=d.zygote_uid,
+        help="host uid (and gid) zygotes run as: uid 0 only inside their namespace "
+        "(default %(default)s)",
+    )
+    s.add_argument(
+        "--zygote-budget-mb",
+        metavar="MB",
+        type=int,
+        default=d.zygote_budget_mb,
+        help="zygotes' memory (PSS) before least recently used ones go (default %(default)s)",
+    )
+    s.add_argument(
+        "--index-url",
+        metavar="URL",
+        default=d.index_url,
+        help="package index for requirements.txt (default: the installer's configured index)",
+    )
+    s.add_argument(
+        "--find-links",
+        action="append",
+        type=Path,
+        default=list(d.find_links),
+        metavar="DIR",
+        help="a local wheel directory for requirements.txt (repeatable; default: none)",
+    )
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        default=d.offline,
+        help="install packages from --find-links only, never from the network (default: off)",
+    )
+    s.add_argument(
+        "--image-pull",
+        choices=["auto", "lazy", "full"],
+        default=d.image_pull,
+        help="how image functions get their root: auto = mounted lazily when every layer is "
+        "eStargz, else pulled in full first; lazy = the same, and say in the log when an "
+        "image must be pulled in full; full = always pull in full first (default %(default)s)",
+    )
+    s.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=list(d.insecure_registries),
+        metavar="HOST",
+        help="a registry reached over plain HTTP (repeatable; loopback always is; default: none)",
+    )
+    s.add_argument(
+        "--image-budget-mb",
+        metavar="MB",
+        type=int,
+        default=d.image_budget_mb,
+        help="disk for pulled images before least recently used ones go (default %(default)s)",
+    )
+    s.add_argument(
+        "--no-background-fetch",
+        dest="image_background_fetch",
+        action="store_false",
+        default=d.image_background_fetch,
+        help="lazily mounted images fetch only what is read (default: the rest is fetched "
+        "in the background after the start)",
+    )
+    s.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what the server logs to stderr (default %(default)s)",
+    )
+
+
+def _qos_config(text: str) -> Any:
+    """--qos-config: a JSON object inline (it starts with ``{``) or in a file."""
+    from warmstart.qos.policy import QoSConfig
+
+    try:
+        raw = text if text.lstrip().startswith("{") else Path(text).read_text()
+        fields = json.loads(raw)
+        if not isinstance(fields, dict):
+            raise ValueError("expected a JSON object")
+        return QoSConfig(**fields)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CLIError(f"--qos-config {text}: {exc}") from exc
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -272,44 +425,35 @@ def _serve(args: argparse.Namespace) -> int:
     from warmstart.api import create_app
     from warmstart.worker import Settings, Worker
 
+    settings = Settings(
+        data_dir=args.data_dir.resolve(),
+        isolation=None if args.isolation == "auto" else args.isolation,
+        max_concurrency=args.max_concurrency,
+        queue_depth=args.queue_depth,
+        freeze_after_ms=args.freeze_after_ms,
+        cache_budget_mb=args.cache_budget_mb,
+        memory_budget_mb=args.memory_budget_mb,
+        cpu_quota=args.cpu_quota or None,
+        index_url=args.index_url,
+        find_links=tuple(args.find_links),
+        offline=args.offline,
+        zygotes=args.zygotes,
+        zygote_after=args.zygote_after,
+        zygote_budget_mb=args.zygote_budget_mb,
+        zygote_uid=args.zygote_uid,
+        image_pull=args.image_pull,
+        insecure_registries=tuple(args.insecure_registry),
+        image_budget_mb=args.image_budget_mb,
+        image_background_fetch=args.image_background_fetch,
+        qos=args.qos,
+        min_be_concurrency=args.min_be_concurrency,
+        be_concurrency=args.be_concurrency,
+        **({} if args.qos_config is None else {"qos_config": _qos_config(args.qos_config)}),
+    )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    kwargs: dict[str, Any] = {
-        "data_dir": args.data_dir.resolve(),
-        "isolation": None if args.isolation == "auto" else args.isolation,
-        "max_concurrency": args.max_concurrency,
-        "queue_depth": args.queue_depth,
-        "freeze_after_ms": args.freeze_after_ms,
-        "cpu_quota": args.cpu_quota or None,
-        "index_url": args.index_url,
-        "zygotes": not args.no_zygotes,
-        "zygote_after": args.zygote_after,
-        "zygote_budget_mb": args.zygote_budget_mb,
-        "zygote_uid": args.zygote_uid,
-        "qos": not args.no_qos,
-        "find_links": tuple(args.find_links),
-        "offline": args.offline,
-        "image_pull": args.image_pull,
-        "insecure_registries": tuple(args.insecure_registry),
-        "image_budget_mb": args.image_budget_mb,
-        "image_background_fetch": not args.no_background_fetch,
-    }
-    if args.qos_config is not None:
-        from warmstart.qos.policy import QoSConfig
-
-        try:
-            kwargs["qos_config"] = QoSConfig(**json.loads(args.qos_config.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
-            raise CLIError(f"--qos-config {args.qos_config}: {exc}") from exc
-    kwargs["min_be_concurrency"] = args.min_be_concurrency
-    if args.be_concurrency is not None:
-        kwargs["be_concurrency"] = args.be_concurrency
-    if args.cache_budget_mb is not None:
-        kwargs["cache_budget_mb"] = args.cache_budget_mb
-    if args.memory_budget_mb is not None:
-        kwargs["memory_budget_mb"] = args.memory_budget_mb
-    worker = Worker(Settings(**kwargs))
+    worker = Worker(settings)
     app = create_app(worker)
     config = uvicorn.Config(
         app,
@@ -320,29 +464,53 @@ def _serve(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    log.info(
+        "data, code and logs in %s (function logs: %s); Ctrl-C or SIGTERM stops the server",
+        settings.data_dir,
+        settings.data_dir / "logs",
+    )
 
     async def run() -> None:
-        if args.demo:
-
-            async def demo_after_start() -> None:
-                while not server.started:
-                    await asyncio.sleep(0.02)
-                await _deploy_demo(worker)
-                print(
-                    f'demo: curl -s -X POST http://{args.host}:{args.port}/run/hello -d \'{{"name": "you"}}\'',
-                    flush=True,
-                )
-
-            asyncio.get_running_loop().create_task(demo_after_start())
-        await server.serve()
+        # The demo deploy is owned by this task group: it cannot outlive the server, and
+        # it is cancelled when the server stops before it is done.
+        async with asyncio.TaskGroup() as tg:
+            demo = tg.create_task(_demo_when_up(server, worker, args)) if args.demo else None
+            try:
+                await server.serve()
+            finally:
+                if demo is not None:
+                    demo.cancel()
 
     try:
         import uvloop
-
-        uvloop.run(run())
     except ImportError:
         asyncio.run(run())
+    else:
+        uvloop.run(run())
     return 0
+
+
+async def _demo_when_up(server: Any, worker: Any, args: argparse.Namespace) -> None:
+    """Deploy the 'hello' demo once the server is up (the worker started, the port bound).
+    A failure is logged with its cause; the server keeps running without the demo."""
+    import asyncio
+
+    # uvicorn offers no event for "started", only this flag (set once the lifespan
+    # startup, which starts the worker, has completed and the socket is bound).
+    while not server.started:
+        if server.should_exit:
+            return
+        await asyncio.sleep(0.02)
+    try:
+        await _deploy_demo(worker)
+    except Exception:
+        log.exception("--demo: deploying the 'hello' demo function failed")
+        return
+    print(
+        f"demo: curl -s -X POST http://{args.host}:{args.port}/run/hello "
+        """-d '{"name": "you"}'""",
+        flush=True,
+    )
 
 
 async def _deploy_demo(worker: Any) -> None:
@@ -352,10 +520,6 @@ async def _deploy_demo(worker: Any) -> None:
 
     with contextlib.suppress(Conflict):  # deployed by an earlier run: keep it
         await worker.create_function("hello", FunctionConfig(handler="hello.handler"), hello_zip())
-
-
-class CLIError(Exception):
-    pass
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -439,16 +603,19 @@ def _deploy(args: argparse.Namespace) -> int:
     src: Path | None = args.source
     if src is None:
         raise CLIError("deploy needs a source directory or zip, or --image REF")
-    if src.is_dir():
-        data = zip_directory(src)
-        handler = args.handler or (
-            "hello.handler" if (src / "hello.py").exists() else "handler.handler"
-        )
-    elif src.is_file():
-        data = src.read_bytes()
-        handler = args.handler or "handler.handler"
-    else:
-        raise CLIError(f"{src}: no such file or directory")
+    try:
+        if src.is_dir():
+            data = zip_directory(src)
+            handler = args.handler or (
+                "hello.handler" if (src / "hello.py").exists() else "handler.handler"
+            )
+        elif src.is_file():
+            data = src.read_bytes()
+            handler = args.handler or "handler.handler"
+        else:
+            raise CLIError(f"{src}: no such file or directory")
+    except OSError as exc:
+        raise CLIError(f"{exc.filename or src}: {exc.strerror or exc}") from exc
     conf = _config_args(args)
     zip_b64 = base64.b64encode(data).decode()
     with _client(args) as c:
@@ -502,23 +669,39 @@ def _invoke(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     with _client(args) as c:
         fns = _check(c.get(f"{API}/", params={"MaxItems": 10000})).json()["Functions"]
-    table = Table(
-        "name", "handler / image", "memory (MB)", "timeout (s)", "code (bytes)", "last modified"
+    header = (
+        "name",
+        "handler / image",
+        "memory (MB)",
+        "timeout (s)",
+        "code (bytes)",
+        "last modified",
     )
-    for f in fns:
-        table.add_row(
+    rows = [
+        (
             f["FunctionName"],
-            f.get("Handler") or f"image ({f.get('ImageConfigResponse', {}).get('ImageConfig', {}).get('Command', ['CMD'])[0]})",
+            f.get("Handler")
+            or f"image ({f.get('ImageConfigResponse', {}).get('ImageConfig', {}).get('Command', ['CMD'])[0]})",
             str(f["MemorySize"]),
             str(f["Timeout"]),
             str(f["CodeSize"]),
             f["LastModified"],
         )
+        for f in fns
+    ]
+    if not sys.stdout.isatty():
+        # Piped or redirected: every column whole, one line per function, for cut and awk.
+        for row in (header, *rows):
+            print("\t".join(row))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
     return 0
 
@@ -541,14 +724,28 @@ def _logs(args: argparse.Namespace) -> int:
 def _top(args: argparse.Namespace) -> int:
     from warmstart.cli import top
 
+    if args.interval <= 0:
+        raise CLIError("--interval must be a positive number of seconds")
     with _client(args) as c:
-        return top.run(c, args.endpoint, args.interval, args.iterations)
+        return top.run(
+            lambda: _check(c.get("/node")).json(), args.endpoint, args.interval, args.iterations
+        )
+
+
+def _read_inputs(path: Path) -> bytes:
+    if str(path) == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CLIError(f"{path}: {exc.strerror or exc}") from exc
 
 
 def _job(args: argparse.Namespace) -> int:
+    if args.job_command == "submit":
+        data = _read_inputs(args.inputs)
     with _client(args) as c:
         if args.job_command == "submit":
-            data = sys.stdin.buffer.read() if str(args.inputs) == "-" else args.inputs.read_bytes()
             out = _check(
                 c.post(
                     "/jobs",
@@ -557,19 +754,22 @@ def _job(args: argparse.Namespace) -> int:
                     headers={"Content-Type": "application/x-ndjson"},
                 )
             ).json()
-            print(f"job {out['JobId']}: {out['total']} inputs queued")
+            print(f"job {out['JobId']}: {out['total']} inputs queued", flush=True)
             if not args.wait:
                 return 0
             job_id = out["JobId"]
         elif args.job_command == "results":
+            # One JSON object per line: {"index", "status", "attempts", "result"}, where
+            # "result" is the handler's JSON value (or its error object).
             for item in _check(c.get(f"/jobs/{args.job_id}/results")).json()["results"]:
                 print(json.dumps(item))
             return 0
         else:
-            job_id = args.job_id
+            job = _check(c.get(f"/jobs/{args.job_id}")).json()
             if not args.wait:
-                print(json.dumps(_check(c.get(f"/jobs/{job_id}")).json(), indent=2))
+                print(json.dumps(job, indent=2))
                 return 0
+            job_id = job["JobId"]
         return _follow_job(c, job_id)
 
 
@@ -611,7 +811,8 @@ def _image(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     commands = {
         "image": _image,
         "top": _top,
@@ -630,15 +831,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``warmstart ls | head``): not an error of ours.
+        _quiet_stdout()
+        return 0
     except Exception as exc:
         import httpx
 
         if isinstance(exc, httpx.TransportError):
-            print(
-                f"warmstart: cannot reach {getattr(args, 'endpoint', '?')}: {exc}", file=sys.stderr
-            )
+            where = getattr(args, "endpoint", None) or "the registry"
+            print(f"warmstart: cannot reach {where}: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from warmstart.errors import Conflict, NotFound
+from warmstart.errors import Conflict, InvalidParameter, NotFound
 from warmstart.functions import bundle
 from warmstart.functions.models import FunctionConfig, FunctionRecord, ImageSource
 
@@ -50,9 +50,25 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+# A job may be named by a unique prefix of its id this long or longer (the CLI shows 8).
+MIN_JOB_ID_PREFIX = 6
+
+
 def now_iso() -> str:
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}+0000"
+
+
+def _result_value(raw: bytes | None) -> Any:
+    """An event's stored result as the JSON value the handler returned (or its error
+    object); a payload that is not JSON stays a string."""
+    if raw is None:
+        return None
+    text = bytes(raw).decode(errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _to_json(rec: FunctionRecord) -> str:
@@ -212,7 +228,40 @@ class FunctionStore:
             )
         return job_id
 
+    def resolve_job_id(self, job_id: str) -> str | None:
+        """The full id of the job ``job_id`` names: the id itself, or a unique prefix of
+        one (at least MIN_JOB_ID_PREFIX characters).  None when no job matches; an
+        ambiguous or too short prefix is an InvalidParameter that says so."""
+        if self.db.execute("SELECT 1 FROM jobs WHERE id=?", (job_id,)).fetchone():
+            return job_id
+        prefix = job_id.lower()
+        if len(prefix) < MIN_JOB_ID_PREFIX:
+            raise InvalidParameter(
+                f"job id {job_id!r}: give the whole id or at least {MIN_JOB_ID_PREFIX} of its "
+                "first characters"
+            )
+        # Ids are ASCII (uuid4 text): every id that starts with the prefix sorts between
+        # it and the prefix followed by DEL, so the primary key's index answers this.
+        ids = [
+            row[0]
+            for row in self.db.execute(
+                "SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 3",
+                (prefix, prefix + "\x7f"),
+            )
+        ]
+        if len(ids) > 1:
+            shown = ", ".join(ids[:2]) + (", ..." if len(ids) > 2 else "")
+            raise InvalidParameter(
+                f"job id prefix {job_id!r} is ambiguous ({shown}): give more characters"
+            )
+        return ids[0] if ids else None
+
     def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job's progress; ``job_id`` may be a unique prefix (``resolve_job_id``)."""
+        resolved = self.resolve_job_id(job_id)
+        if resolved is None:
+            return None
+        job_id = resolved
         row = self.db.execute(
             "SELECT function, created, total FROM jobs WHERE id=?", (job_id,)
         ).fetchone()
@@ -243,6 +292,10 @@ class FunctionStore:
         return [j for j in (self.job(i) for i in ids) if j is not None]
 
     def job_results(self, job_id: str) -> list[dict[str, Any]]:
+        """A job's results in input order, each ``result`` the handler's JSON value (its
+        error object when it failed; a string when the payload is not JSON).  ``job_id``
+        may be a unique prefix (``resolve_job_id``)."""
+        job_id = self.resolve_job_id(job_id) or job_id
         rows = self.db.execute(
             "SELECT idx, status, attempts, result FROM events WHERE job_id=? ORDER BY idx",
             (job_id,),
@@ -252,7 +305,7 @@ class FunctionStore:
                 "index": r[0],
                 "status": r[1],
                 "attempts": r[2],
-                "result": None if r[3] is None else bytes(r[3]).decode(errors="replace"),
+                "result": _result_value(r[3]),
             }
             for r in rows
         ]
@@ -298,5 +351,5 @@ class FunctionStore:
             "function": row[0],
             "status": row[1],
             "attempts": row[2],
-            "result": None if row[3] is None else bytes(row[3]).decode(errors="replace"),
+            "result": _result_value(row[3]),
         }
