@@ -95,6 +95,7 @@ def test_serve_defaults_are_the_settings_defaults(monkeypatch: pytest.MonkeyPatc
         "event_retries",
         "qos_config",
     }
+    assert seen["cluster"] is None  # a single node unless --cluster is given
 
 
 def test_data_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -401,6 +401,37 @@ def _add_serve(sub: Any) -> None:
         choices=["debug", "info", "warning", "error"],
         help="what the server logs to stderr (default %(default)s)",
     )
+    c = s.add_argument_group(
+        "cluster mode",
+        "Join a cluster of nodes coordinated through etcd (docs/cluster.md). Without "
+        "--cluster the node runs alone, its state in SQLite.",
+    )
+    c.add_argument(
+        "--cluster",
+        metavar="ETCD_URL[,ETCD_URL...]",
+        default=None,
+        help="etcd client URLs, e.g. http://10.0.0.1:2379 (default: no cluster)",
+    )
+    c.add_argument(
+        "--node-name",
+        metavar="NAME",
+        default=None,
+        help="this node's name in the cluster, a DNS label (default: the host name)",
+    )
+    c.add_argument(
+        "--advertise",
+        metavar="URL",
+        default=None,
+        help="the URL other nodes reach this node's API at (default http://HOST:PORT "
+        "from --host and --port; give it when --host is 0.0.0.0)",
+    )
+    c.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label other nodes can select this node by (repeatable; default: none)",
+    )
 
 
 def _qos_config(text: str) -> Any:
@@ -415,6 +446,37 @@ def _qos_config(text: str) -> Any:
         return QoSConfig(**fields)
     except (OSError, ValueError, TypeError) as exc:
         raise CLIError(f"--qos-config {text}: {exc}") from exc
+
+
+def _cluster_settings(args: argparse.Namespace) -> Any:
+    """``--cluster`` and its companions as ClusterSettings (None without --cluster)."""
+    if args.cluster is None:
+        for flag in ("node_name", "advertise"):
+            if getattr(args, flag) is not None:
+                raise CLIError(f"--{flag.replace('_', '-')} needs --cluster")
+        return None
+    import socket
+
+    from warmstart.cluster.settings import ClusterSettings
+
+    labels: dict[str, str] = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--label takes KEY=VALUE, not {item!r}")
+        labels[key] = value
+    host = args.host
+    if host in ("0.0.0.0", "::") and args.advertise is None:
+        raise CLIError(f"--host {host} listens everywhere: say where to reach it with --advertise")
+    try:
+        return ClusterSettings(
+            endpoints=tuple(u.strip() for u in args.cluster.split(",") if u.strip()),
+            node_name=args.node_name or socket.gethostname().split(".")[0].lower(),
+            advertise=args.advertise or f"http://{host}:{args.port}",
+            labels=labels,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -449,6 +511,7 @@ def _serve(args: argparse.Namespace) -> int:
         min_be_concurrency=args.min_be_concurrency,
         be_concurrency=args.be_concurrency,
         **({} if args.qos_config is None else {"qos_config": _qos_config(args.qos_config)}),
+        cluster=_cluster_settings(args),
     )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from warmstart.cluster.settings import ClusterSettings
 from warmstart.qos.policy import QoSConfig
 
 
@@ -57,3 +58,5 @@ class Settings:
     qos: bool = True  # the QoS loop: reclaimed capacity, BE suppression, LS burst, eviction
     qos_config: QoSConfig = field(default_factory=QoSConfig)
     min_be_concurrency: int = 1  # best-effort instances allowed even with nothing reclaimed
+    # Cluster mode (None: a single node, state in SQLite).
+    cluster: ClusterSettings | None = None
