@@ -28,13 +28,14 @@ class FakeQueue:
     pending_rows: list[tuple[str, str, bytes, int]] = field(default_factory=list)
     finished: dict[str, tuple[str, bytes, int]] = field(default_factory=dict)
     retried: dict[str, int] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
     fail_reads: int = 0
 
-    async def pending(self, limit: int) -> list[tuple[str, str, bytes, int]]:
+    async def take(self, limit: int, running: frozenset[str]) -> list[tuple[str, str, bytes, int]]:
         if self.fail_reads:
             self.fail_reads -= 1
             raise RuntimeError("database is locked")
-        done = set(self.finished)
+        done = set(self.finished) | running
         return [r for r in self.pending_rows if r[0] not in done][:limit]
 
     def finish(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
@@ -46,8 +47,16 @@ class FakeQueue:
             (i, f, p, attempts if i == event_id else a) for i, f, p, a in self.pending_rows
         ]
 
-    async def run(self, fn: Callable[[Any], Any]) -> Any:
-        return fn(self)
+    def release(self, event_id: str) -> None:
+        self.released.append(event_id)
+
+    async def enqueue(self, function: str, payload: bytes) -> str:
+        event_id = f"e{len(self.pending_rows)}"
+        self.pending_rows.append((event_id, function, payload, 0))
+        return event_id
+
+    async def create_job(self, function: str, inputs: list[bytes]) -> str:
+        return "job"
 
     async def close(self) -> None:
         return None
@@ -219,8 +228,9 @@ def test_deleted_function_drops_the_event_and_eviction_requeues_it() -> None:
         tasks.loop("dispatcher", d.run)
         await until(lambda: len(queue.finished) == 2, "both outcomes")
         assert queue.finished["e0"][0] == "dropped"
-        # Evicted once, not an attempt: it ran again and succeeded at its first attempt.
+        # Evicted once, not an attempt: released, run again, succeeded at its first attempt.
         assert queue.finished["e1"] == ("succeeded", b"1", 1)
+        assert queue.released == ["e1"]
         assert [c[1] for c in invoker.calls].count(b"1") == 2
         await tasks.close()
 

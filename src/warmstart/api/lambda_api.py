@@ -338,7 +338,7 @@ class LambdaAPI:
             changes["description"] = str(body["Description"])
         if "Role" in body:
             changes["role"] = str(body["Role"])
-        new = self.worker.update_config(rec.name, **changes)
+        new = await self.worker.update_config(rec.name, **changes)
         return JSONResponse(configuration(self.worker, new))
 
     async def update_code(self, request: Request) -> Response:
@@ -362,7 +362,7 @@ class LambdaAPI:
 
     async def delete_function(self, request: Request) -> Response:
         rec = self._rec(request)
-        self.worker.delete_function(rec.name)
+        await self.worker.delete_function(rec.name)
         return Response(status_code=204)
 
     async def put_concurrency(self, request: Request) -> Response:
@@ -371,12 +371,12 @@ class LambdaAPI:
         value = body.get("ReservedConcurrentExecutions")
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidParameter("ReservedConcurrentExecutions must be an integer >= 0")
-        self.worker.put_concurrency(rec.name, value)
+        await self.worker.put_concurrency(rec.name, value)
         return JSONResponse({"ReservedConcurrentExecutions": value})
 
     async def delete_concurrency(self, request: Request) -> Response:
         rec = self._rec(request)
-        self.worker.put_concurrency(rec.name, None)
+        await self.worker.put_concurrency(rec.name, None)
         return Response(status_code=204)
 
     async def get_concurrency(self, request: Request) -> Response:

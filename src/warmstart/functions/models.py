@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +32,13 @@ RESERVED_ENV = frozenset(
     }
 )
 MIN_MEMORY, MAX_MEMORY = 128, 10240
+
+
+def now_iso() -> str:
+    """Lambda's LastModified format, in UTC with milliseconds."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}+0000"
+
 MAX_TIMEOUT = 900
 NETWORK_TAG = "warmstart:network"
 QOS_TAG = "warmstart:qos"
@@ -145,6 +154,42 @@ class FunctionRecord:
     packages: tuple[str, ...] = ()  # resolved requirements, "name==version"
     package_type: str = "Zip"  # "Zip" (code_sha256 names the zip) or "Image"
     image: ImageSource | None = None  # for package_type "Image"
+
+    @classmethod
+    def new(
+        cls,
+        name: str,
+        config: FunctionConfig,
+        code_sha256: str,
+        code_size: int,
+        *,
+        packages: tuple[str, ...] = (),
+        image: ImageSource | None = None,
+    ) -> FunctionRecord:
+        """Revision 1 of a new function (a zip's digest and size, or an image's)."""
+        cls.check_name(name)
+        return cls(
+            name,
+            config,
+            code_sha256,
+            code_size,
+            1,
+            str(uuid.uuid4()),
+            now_iso(),
+            packages=packages,
+            package_type="Zip" if image is None else "Image",
+            image=image,
+        )
+
+    def next_revision(self, **changes: Any) -> FunctionRecord:
+        """The next revision of this function, with ``changes``."""
+        return replace(
+            self,
+            revision=self.revision + 1,
+            revision_id=str(uuid.uuid4()),
+            last_modified=now_iso(),
+            **changes,
+        )
 
     @staticmethod
     def check_name(name: str) -> str:

@@ -54,11 +54,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 MIN_JOB_ID_PREFIX = 6
 
 
-def now_iso() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}+0000"
-
-
 def _result_value(raw: bytes | None) -> Any:
     """An event's stored result as the JSON value the handler returned (or its error
     object); a payload that is not JSON stays a string."""
@@ -71,11 +66,12 @@ def _result_value(raw: bytes | None) -> Any:
         return text
 
 
-def _to_json(rec: FunctionRecord) -> str:
+def record_json(rec: FunctionRecord) -> str:
+    """A function record as stored (SQLite here, etcd in a cluster)."""
     return json.dumps(dataclasses.asdict(rec))
 
 
-def _from_json(text: str) -> FunctionRecord:
+def record_from_json(text: str | bytes) -> FunctionRecord:
     raw: dict[str, Any] = json.loads(text)
     raw["config"] = FunctionConfig(**raw["config"])
     raw["packages"] = tuple(raw.get("packages", ()))
@@ -139,61 +135,24 @@ class FunctionStore:
     # -- functions -------------------------------------------------------------------------
     def load_all(self) -> Iterator[FunctionRecord]:
         for (text,) in self.db.execute("SELECT record FROM functions ORDER BY name"):
-            yield _from_json(text)
+            yield record_from_json(text)
 
-    def create(
-        self, name: str, config: FunctionConfig, code: bytes, packages: tuple[str, ...] = ()
-    ) -> FunctionRecord:
-        FunctionRecord.check_name(name)
-        sha, _ = self.put_code(code)
-        rec = FunctionRecord(
-            name, config, sha, len(code), 1, str(uuid.uuid4()), now_iso(), packages=packages
-        )
-        return self._insert(rec)
-
-    def _insert(self, rec: FunctionRecord) -> FunctionRecord:
+    def insert(self, rec: FunctionRecord) -> None:
+        """Store a new function (``Conflict`` if the name is taken)."""
         try:
             self.db.execute(
-                "INSERT INTO functions(name, record) VALUES (?, ?)", (rec.name, _to_json(rec))
+                "INSERT INTO functions(name, record) VALUES (?, ?)", (rec.name, record_json(rec))
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"Function already exist: {rec.name}") from exc
-        return rec
-
-    def create_image(self, name: str, config: FunctionConfig, image: ImageSource) -> FunctionRecord:
-        """A function whose code is a container image (nothing to store but the record)."""
-        FunctionRecord.check_name(name)
-        rec = FunctionRecord(
-            name,
-            config,
-            image.digest.split(":", 1)[-1],
-            image.size,
-            1,
-            str(uuid.uuid4()),
-            now_iso(),
-            package_type="Image",
-            image=image,
-        )
-        return self._insert(rec)
 
     def save(self, rec: FunctionRecord) -> None:
+        """Store a function's new revision (``NotFound`` if it is gone)."""
         cur = self.db.execute(
-            "UPDATE functions SET record=? WHERE name=?", (_to_json(rec), rec.name)
+            "UPDATE functions SET record=? WHERE name=?", (record_json(rec), rec.name)
         )
         if cur.rowcount == 0:
             raise NotFound(f"Function not found: {rec.name}")
-
-    def bump(self, rec: FunctionRecord, **changes: Any) -> FunctionRecord:
-        """A new revision of ``rec`` with ``changes``, saved."""
-        new = dataclasses.replace(
-            rec,
-            revision=rec.revision + 1,
-            revision_id=str(uuid.uuid4()),
-            last_modified=now_iso(),
-            **changes,
-        )
-        self.save(new)
-        return new
 
     def delete(self, name: str) -> None:
         cur = self.db.execute("DELETE FROM functions WHERE name=?", (name,))

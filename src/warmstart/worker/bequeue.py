@@ -22,7 +22,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from warmstart.functions import FunctionStore
 
@@ -32,7 +32,33 @@ T = TypeVar("T")
 PendingRow = tuple[str, str, bytes, int]  # id, function, payload, attempts
 
 
+class WorkQueue(Protocol):
+    """Where Event invocations and job items wait, durably, and where their outcomes go.
+
+    ``take`` hands the dispatcher up to ``limit`` items to run now; every item taken ends
+    in ``finish`` (final), ``retry`` (a failed attempt: pending again) or ``release``
+    (not run after all -- evicted, or the node was busy: pending again, no attempt
+    counted).  A single node keeps the queue in SQLite (``BEQueue``); a cluster in etcd,
+    where ``take`` claims items under the node's lease (``cluster.queue.EtcdQueue``).
+    """
+
+    async def enqueue(self, function: str, payload: bytes) -> str: ...
+    async def create_job(self, function: str, inputs: list[bytes]) -> str: ...
+    async def take(self, limit: int, running: frozenset[str]) -> list[PendingRow]: ...
+    def finish(self, event_id: str, status: str, result: bytes, attempts: int) -> None: ...
+    def retry(self, event_id: str, attempts: int) -> None: ...
+    def release(self, event_id: str) -> None: ...
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+    async def jobs(self) -> list[dict[str, Any]]: ...
+    async def job_results(self, job_id: str) -> list[dict[str, Any]] | None: ...
+    async def event(self, event_id: str) -> dict[str, Any] | None: ...
+    async def depth(self) -> int: ...
+    async def close(self) -> None: ...
+
+
 class BEQueue:
+    """The single node's ``WorkQueue``: SQLite, on a thread of its own."""
+
     def __init__(self, store: FunctionStore, *, flush_after_s: float = 0.05) -> None:
         self._store = store
         self._handle: FunctionStore | None = None  # opened, used and closed on the thread
@@ -57,7 +83,39 @@ class BEQueue:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._db()))
 
-    # -- the dispatcher's side ---------------------------------------------------------------
+    # -- the WorkQueue ----------------------------------------------------------------------
+    async def enqueue(self, function: str, payload: bytes) -> str:
+        return await self.run(lambda db: db.enqueue_event(function, payload))
+
+    async def create_job(self, function: str, inputs: list[bytes]) -> str:
+        return await self.run(lambda db: db.create_job(function, inputs))
+
+    async def take(self, limit: int, running: frozenset[str]) -> list[PendingRow]:
+        """Pending events to run now, without those ``running`` already."""
+        rows = await self.pending(limit + len(running))
+        return [row for row in rows if row[0] not in running][:limit]
+
+    def release(self, event_id: str) -> None:
+        """Nothing to do: an event stays pending in SQLite until its outcome is written."""
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return await self.run(lambda db: db.job(job_id))
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        return await self.run(lambda db: db.jobs())
+
+    async def job_results(self, job_id: str) -> list[dict[str, Any]] | None:
+        def read(db: FunctionStore) -> list[dict[str, Any]] | None:
+            return None if db.job(job_id) is None else db.job_results(job_id)
+
+        return await self.run(read)
+
+    async def event(self, event_id: str) -> dict[str, Any] | None:
+        return await self.run(lambda db: db.event(event_id))
+
+    async def depth(self) -> int:
+        return await self.run(lambda db: db.pending_count())
+
     async def pending(self, limit: int) -> list[PendingRow]:
         """Up to ``limit`` pending events, oldest first, without those whose outcome is
         recorded but not written yet."""

@@ -25,12 +25,11 @@ from warmstart.errors import (
     PlatformError,
     TooManyRequests,
 )
-from warmstart.functions import FunctionStore
 from warmstart.kinds import QoSClass
 from warmstart.lifecycle import Supervisor
 from warmstart.qos.manager import BEInstance, QoSManager
 from warmstart.qos.policy import be_admission
-from warmstart.worker.bequeue import BEQueue
+from warmstart.worker.bequeue import WorkQueue
 from warmstart.worker.invoker import Evicted, Invoker
 from warmstart.worker.registry import FunctionRegistry
 from warmstart.worker.settings import Settings
@@ -47,7 +46,7 @@ class Dispatcher:
         settings: Settings,
         registry: FunctionRegistry,
         invoker: Invoker,
-        queue: BEQueue,
+        queue: WorkQueue,
         tasks: Supervisor,
     ) -> None:
         self.settings = settings
@@ -63,7 +62,7 @@ class Dispatcher:
     async def enqueue(self, name: str, payload: bytes) -> str:
         """Queue an Event invocation durably (written when this returns); returns its id."""
         self.registry.get(name)
-        event_id = await self.queue.run(lambda db: db.enqueue_event(name, payload))
+        event_id = await self.queue.enqueue(name, payload)
         self._wakeup.set()
         return event_id
 
@@ -76,31 +75,27 @@ class Dispatcher:
             raise InvalidParameter("a job needs at least one input")
         if len(inputs) > MAX_JOB_INPUTS:
             raise InvalidParameter(f"a job takes at most {MAX_JOB_INPUTS} inputs")
-        job_id = await self.queue.run(lambda db: db.create_job(name, inputs))
+        job_id = await self.queue.create_job(name, inputs)
         self._wakeup.set()
         return job_id
 
-    # -- reading ---------------------------------------------------------------------------
+    # -- reading ----------------------------------------------------------------------------
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """A job's progress (None if there is no such job)."""
-        return await self.queue.run(lambda db: db.job(job_id))
+        return await self.queue.job(job_id)
 
     async def jobs(self) -> list[dict[str, Any]]:
-        return await self.queue.run(lambda db: db.jobs())
+        return await self.queue.jobs()
 
     async def job_results(self, job_id: str) -> list[dict[str, Any]] | None:
         """A job's results in input order (None if there is no such job)."""
-
-        def read(db: FunctionStore) -> list[dict[str, Any]] | None:
-            return None if db.job(job_id) is None else db.job_results(job_id)
-
-        return await self.queue.run(read)
+        return await self.queue.job_results(job_id)
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
-        return await self.queue.run(lambda db: db.event(event_id))
+        return await self.queue.event(event_id)
 
     async def queue_depth(self) -> int:
-        return await self.queue.run(lambda db: db.pending_count())
+        return await self.queue.depth()
 
     # -- running ---------------------------------------------------------------------------
     @property
@@ -115,10 +110,10 @@ class Dispatcher:
             self._wakeup.clear()
             free = self.slots() - len(self._running)
             if free > 0:
-                for event_id, fn, payload, attempts in await self.queue.pending(
-                    free + len(self._running)
+                for event_id, fn, payload, attempts in await self.queue.take(
+                    free, frozenset(self._running)
                 ):
-                    if event_id in self._running or len(self._running) >= self.slots():
+                    if event_id in self._running:
                         continue
                     work = self._run_event(event_id, fn, payload, attempts)
                     task = self.tasks.spawn(work, f"event {event_id}")
@@ -159,10 +154,12 @@ class Dispatcher:
                 self.queue.finish(event_id, "dropped", b"function deleted", attempts)
             return
         except Evicted:
-            return  # still pending: it runs again when there is room (not an attempt)
+            self.queue.release(event_id)  # it runs again when there is room (no attempt)
+            return
         except (TooManyRequests, PlatformError) as exc:
             log.warning("event %s for %s deferred: %s", event_id, fn, exc)
             await asyncio.sleep(DEFER_S)
+            self.queue.release(event_id)
             return
         except InvalidRequestContent as exc:
             self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)

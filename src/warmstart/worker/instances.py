@@ -102,6 +102,8 @@ class InstanceFactory:
 
     async def start(self, rec: FunctionRecord, qos_class: QoSClass) -> Instance:
         """A ready instance of ``rec`` (its handler imported), or ``InitFailed``."""
+        if self.registry.distributed:
+            await self.registry.ensure_code(rec)
         need = rec.config.memory_mb
         self._reserve(need)
         t0 = time.perf_counter()

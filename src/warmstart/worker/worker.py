@@ -43,7 +43,7 @@ from warmstart.worker.invoker import Invoker, InvokeResult, describe_instances
 from warmstart.worker.logs import FunctionLogs
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import HandlerCache
-from warmstart.worker.registry import FunctionRegistry
+from warmstart.worker.registry import FunctionRegistry, LocalCode, SqliteCatalog
 from warmstart.worker.settings import Settings
 from warmstart.zygote.cache import ZygoteCache
 
@@ -80,8 +80,13 @@ class Worker:
             offline=s.offline,
         )
         self._registry = FunctionRegistry(
-            store, self._packages, region=s.region, account=s.account
+            SqliteCatalog(store),
+            LocalCode(store),
+            self._packages,
+            region=s.region,
+            account=s.account,
         )
+        self._registry.listen(self._function_changed)
         self._cache = HandlerCache(
             s.cache_budget_mb << 20, s.freeze_after_ms / 1000, s.idle_ttl_s
         )
@@ -135,7 +140,7 @@ class Worker:
                 "start-up reaped %d process(es) left by a previous worker",
                 self._sandboxes.reaped,
             )
-        loaded = self._registry.load()
+        loaded = await self._registry.load()
         if linux:
             self._images.recover()  # what a crash left mounted
         log.info(
@@ -234,43 +239,38 @@ class Worker:
     async def create_image_function(
         self, name: str, config: FunctionConfig, image: ImageSource
     ) -> FunctionRecord:
-        rec = await self._registry.create_image(name, config, image)
-        self._images.premount(image)
-        return rec
+        return await self._registry.create_image(name, config, image)
 
     async def update_code(self, name: str, code: bytes) -> FunctionRecord:
-        old = self._registry.get(name)
-        new = await self._registry.update_code(name, code)
-        self._invoker.retire(name)
-        if old.image is not None:
-            await self._release_image(old.image)
-        return new
+        return await self._registry.update_code(name, code)
 
     async def update_image(self, name: str, image: ImageSource) -> FunctionRecord:
-        old = self._registry.get(name)
-        new = self._registry.update_image(name, image)
-        self._invoker.retire(name)
-        if old.image is not None and old.image.digest != image.digest:
-            await self._release_image(old.image)
-        self._images.premount(image)
-        return new
+        return await self._registry.update_image(name, image)
 
-    def update_config(self, name: str, **changes: Any) -> FunctionRecord:
-        rec = self._registry.update_config(name, **changes)
-        self._invoker.retire(name)
-        return rec
+    async def update_config(self, name: str, **changes: Any) -> FunctionRecord:
+        return await self._registry.update_config(name, **changes)
 
-    def put_concurrency(self, name: str, reserved: int | None) -> FunctionRecord:
-        rec = self._registry.put_concurrency(name, reserved)
-        self._invoker.set_limit(rec)
-        return rec
+    async def put_concurrency(self, name: str, reserved: int | None) -> FunctionRecord:
+        return await self._registry.put_concurrency(name, reserved)
 
-    def delete_function(self, name: str) -> None:
-        rec = self._registry.delete(name)
+    async def delete_function(self, name: str) -> None:
+        await self._registry.delete(name)
+
+    def _function_changed(self, old: FunctionRecord | None, new: FunctionRecord | None) -> None:
+        """A function was created, changed or deleted -- here or, in a cluster, through
+        another node: new invocations get instances of the new revision, an image no
+        function uses any more is released, a new image is mounted ahead of its first
+        invocation."""
+        name = (new or old).name  # type: ignore[union-attr]  # never both None
         self._invoker.retire(name)
-        self._logs.forget(name)
-        if rec.image is not None:
-            self.tasks.spawn(self._release_image(rec.image), f"release {rec.image.uri}")
+        if new is None:
+            self._logs.forget(name)
+        old_image = old.image if old is not None else None
+        new_image = new.image if new is not None else None
+        if old_image is not None and (new_image is None or new_image.digest != old_image.digest):
+            self.tasks.spawn(self._release_image(old_image), f"release {old_image.uri}")
+        if new_image is not None and (old_image is None or old_image.digest != new_image.digest):
+            self._images.premount(new_image)
 
     async def _release_image(self, image: ImageSource) -> None:
         await self._images.release(image, still_used=self._registry.image_in_use(image.digest))
