@@ -8,7 +8,8 @@
     ├── TooManyRequests       concurrency and queue limits are exhausted
     ├── InvalidRequestContent the invocation payload is not JSON
     └── PlatformError         something on our side failed (sandbox, cgroup, spawner)
-        └── SandboxError      a sandbox could not be created or controlled
+        ├── SandboxError      a sandbox could not be created or controlled
+        └── ServiceUnavailable  a dependency is unreachable for now (cluster: etcd), 503
 
 Lower layers raise these; the API layer translates them into AWS Lambda's error shapes,
 the CLI into one clear line. Causes are chained with ``raise ... from exc``.
@@ -54,4 +55,8 @@ class PlatformError(WarmstartError):
 
 
 class SandboxError(PlatformError):
+    pass
+
+
+class ServiceUnavailable(PlatformError):
     pass

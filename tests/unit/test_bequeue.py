@@ -25,8 +25,8 @@ def test_outcomes_are_written_in_one_batch_and_hidden_until_then(tmp_path: Path)
         job = await queue.run(lambda db: db.create_job("f", [b"1", b"2", b"3"]))
         rows = await queue.pending(10)
         assert [r[0] for r in rows] == [f"{job}/0", f"{job}/1", f"{job}/2"]
-        queue.finish(f"{job}/0", "succeeded", b"one", 1)
-        queue.retry(f"{job}/1", 1)
+        await queue.finish(f"{job}/0", "succeeded", b"one", 1)
+        await queue.retry(f"{job}/1", 1)
         # Not written yet: SQLite still says pending, the queue does not offer them.
         assert store.job(job)["pending"] == 3  # type: ignore[index]
         assert [r[0] for r in await queue.pending(10)] == [f"{job}/2"]
@@ -60,7 +60,7 @@ def test_the_batch_is_written_after_flush_after_s_off_the_loop_thread(tmp_path: 
             return real()
 
         queue._db = spy  # type: ignore[method-assign]
-        queue.finish(event_id, "failed", b"boom", 3)
+        await queue.finish(event_id, "failed", b"boom", 3)
         for _ in range(200):
             if store.event(event_id)["status"] == "failed":  # type: ignore[index]
                 break
@@ -78,7 +78,7 @@ def test_close_writes_what_is_recorded(tmp_path: Path) -> None:
 
     async def main() -> str:
         event_id = store.enqueue_event("f", b"{}")
-        queue.finish(event_id, "succeeded", b"ok", 1)
+        await queue.finish(event_id, "succeeded", b"ok", 1)
         await queue.close()
         with pytest.raises(RuntimeError, match="closed"):
             await queue.run(lambda db: db.pending_count())
@@ -102,7 +102,7 @@ def test_a_failed_write_leaves_the_events_pending_to_run_again(
             raise sqlite3.OperationalError("disk I/O error")
 
         handle.record_outcomes = broken  # type: ignore[method-assign]
-        queue.finish(event_id, "succeeded", b"ok", 1)
+        await queue.finish(event_id, "succeeded", b"ok", 1)
         assert await queue.pending(10) == []
         await queue.flush()
         # At least once: the outcome is lost, the event is offered again.
@@ -124,7 +124,7 @@ def test_the_queue_uses_a_connection_of_its_own(tmp_path: Path) -> None:
         # writes with it (on a shared connection they would have joined it).
         event_id = store.enqueue_event("f", b"{}")
         store.db.execute("BEGIN")
-        queue.finish(event_id, "succeeded", b"ok", 1)
+        await queue.finish(event_id, "succeeded", b"ok", 1)
         await queue.flush()
         store.db.execute("ROLLBACK")
         assert store.event(event_id)["status"] == "succeeded"  # type: ignore[index]

@@ -38,16 +38,16 @@ class FakeQueue:
         done = set(self.finished) | running
         return [r for r in self.pending_rows if r[0] not in done][:limit]
 
-    def finish(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
+    async def finish(self, event_id: str, status: str, result: bytes, attempts: int) -> None:
         self.finished[event_id] = (status, result, attempts)
 
-    def retry(self, event_id: str, attempts: int) -> None:
+    async def retry(self, event_id: str, attempts: int) -> None:
         self.retried[event_id] = attempts
         self.pending_rows = [
             (i, f, p, attempts if i == event_id else a) for i, f, p, a in self.pending_rows
         ]
 
-    def release(self, event_id: str) -> None:
+    async def release(self, event_id: str) -> None:
         self.released.append(event_id)
 
     async def enqueue(self, function: str, payload: bytes) -> str:

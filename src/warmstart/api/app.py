@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -15,9 +15,18 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from warmstart import __version__
-from warmstart.api.lambda_api import LambdaAPI, error_response, function_name, result_headers
+from warmstart.api.lambda_api import (
+    LambdaAPI,
+    error_response,
+    function_name,
+    result_headers,
+    route,
+)
 from warmstart.errors import InvalidParameter, NotFound, WarmstartError
 from warmstart.worker import Worker
+
+if TYPE_CHECKING:
+    from warmstart.cluster.node import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +34,9 @@ MAX_JOB_BODY = 64 << 20
 
 
 class NativeAPI:
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, cluster: ClusterNode | None = None) -> None:
         self.worker = worker
+        self.cluster = cluster
 
     def routes(self) -> list[Route]:
         return [
@@ -47,6 +57,10 @@ class NativeAPI:
     async def run(self, request: Request) -> Response:
         """POST /run/<fn>: JSON event in, handler result out (502 if the handler failed)."""
         name, _ = function_name(request.path_params["name"])
+        if self.cluster is not None:
+            forwarded = await route(self.cluster, self.worker, request, name)
+            if forwarded is not None:
+                return forwarded
         result = await self.worker.invoke(name, await request.body())
         status = 200
         if result.function_error:
@@ -54,12 +68,17 @@ class NativeAPI:
         return Response(
             result.payload,
             status_code=status,
-            headers=result_headers(result),
+            headers=result_headers(result, self.cluster),
             media_type="application/json",
         )
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({**self.worker.health(), "version": __version__})
+        health = {**self.worker.health(), "version": __version__}
+        if self.cluster is not None:
+            health["cluster"] = cluster = self.cluster.health()
+            if cluster["degraded"]:
+                health["status"] = "degraded"
+        return JSONResponse(health)
 
     async def metrics(self, request: Request) -> Response:
         return Response(
@@ -164,16 +183,28 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(worker: Worker) -> Starlette:
+def create_app(worker: Worker, cluster: ClusterNode | None = None) -> Starlette:
+    """The app for one node; in cluster mode ``cluster`` is the node's ``ClusterNode``
+    (which owns ``worker``): invocations are placed across the cluster, and the cluster's
+    own routes are served."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await worker.start()
+        owner = cluster if cluster is not None else worker
+        await owner.start()
         try:
             yield
         finally:
-            await worker.close()
+            await owner.close()
 
-    routes: list[Any] = [*LambdaAPI(worker).routes(), *NativeAPI(worker).routes()]
+    routes: list[Any] = [
+        *LambdaAPI(worker, cluster).routes(),
+        *NativeAPI(worker, cluster).routes(),
+    ]
+    if cluster is not None:
+        from warmstart.api.cluster_api import ClusterAPI
+
+        routes += ClusterAPI(cluster).routes()
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

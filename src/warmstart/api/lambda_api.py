@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from starlette.requests import Request
@@ -21,13 +22,21 @@ from warmstart.errors import (
     InvalidParameter,
     InvalidRequestContent,
     NotFound,
+    PlatformError,
     PreconditionFailed,
+    ServiceUnavailable,
     TooManyRequests,
     WarmstartError,
 )
 from warmstart.functions import FunctionConfig, FunctionRecord
 from warmstart.functions.models import NETWORK_TAG
 from warmstart.worker import InvokeResult, Worker
+
+if TYPE_CHECKING:
+    from warmstart.cluster.node import ClusterNode
+
+log = logging.getLogger(__name__)
+NODE_HEADER = "X-Warmstart-Node"
 
 
 def lambda_error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
@@ -49,14 +58,20 @@ _LAMBDA_ERRORS: tuple[tuple[type[WarmstartError], int, str], ...] = (
 
 def error_response(exc: WarmstartError) -> JSONResponse:
     """A ``WarmstartError`` in Lambda's shape; anything not the caller's fault (a
-    ``PlatformError`` and whatever else) is a 500 ``ServiceException``."""
+    ``PlatformError`` and whatever else) is a ``ServiceException``: 503 when a dependency
+    is unreachable for now (the cluster's etcd), else 500."""
     for kind, status, code in _LAMBDA_ERRORS:
         if isinstance(exc, kind):
             extra = {"Reason": exc.reason} if isinstance(exc, TooManyRequests) else {}
             return lambda_error(status, code, str(exc), **extra)
+    return service_error(503 if isinstance(exc, ServiceUnavailable) else 500, str(exc))
+
+
+def service_error(status: int, message: str) -> JSONResponse:
+    """Lambda's ``ServiceException``: the service failed, not the caller."""
     return JSONResponse(
-        {"Type": "Service", "message": str(exc)},
-        status_code=500,
+        {"Type": "Service", "message": message},
+        status_code=status,
         headers={"x-amzn-ErrorType": "ServiceException"},
     )
 
@@ -180,8 +195,9 @@ def _image_config(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class LambdaAPI:
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, cluster: ClusterNode | None = None) -> None:
         self.worker = worker
+        self.cluster = cluster
 
     def routes(self) -> list[Route]:
         p = "/2015-03-31/functions"
@@ -389,6 +405,10 @@ class LambdaAPI:
         name, qualifier = function_name(request.path_params["name"])
         check_qualifier(qualifier or request.query_params.get("Qualifier"))
         kind = request.headers.get("x-amz-invocation-type", "RequestResponse")
+        if kind == "RequestResponse" and self.cluster is not None:
+            forwarded = await route(self.cluster, self.worker, request, name)
+            if forwarded is not None:
+                return forwarded
         payload = await request.body()
         if kind == "DryRun":
             self.worker.get(name)
@@ -400,7 +420,7 @@ class LambdaAPI:
             raise InvalidParameter(f"Unknown InvocationType {kind!r}")
         cc = request.headers.get("x-amz-client-context")
         result = await self.worker.invoke(name, payload, client_context=_client_context(cc))
-        headers = result_headers(result)
+        headers = result_headers(result, self.cluster)
         if request.headers.get("x-amz-log-type") == "Tail":
             headers["X-Amz-Log-Result"] = result.log_tail_b64()
         return Response(
@@ -417,7 +437,27 @@ def _client_context(raw: str | None) -> Any:
         raise InvalidParameter("X-Amz-Client-Context must be base64-encoded JSON") from None
 
 
-def result_headers(result: InvokeResult) -> dict[str, str]:
+async def route(
+    cluster: ClusterNode, worker: Worker, request: Request, name: str
+) -> Response | None:
+    """Cluster mode: the answer of the node where the call runs best, or None when it
+    runs here (it was placed here, was forwarded here, or its node is unreachable)."""
+    from warmstart.api.cluster_api import forward, is_forwarded
+
+    if is_forwarded(request):
+        return None
+    rec = worker.get(name)
+    placement = cluster.place(rec)
+    if placement.local:
+        return None
+    try:
+        return await forward(cluster, request, placement, rec.config.timeout_s)
+    except PlatformError as exc:
+        log.warning("cluster: running %s here instead: %s", name, exc)
+        return None
+
+
+def result_headers(result: InvokeResult, cluster: ClusterNode | None = None) -> dict[str, str]:
     headers = {
         "X-Amz-Executed-Version": result.version,
         "x-amzn-RequestId": result.request_id,
@@ -426,4 +466,6 @@ def result_headers(result: InvokeResult) -> dict[str, str]:
     }
     if result.function_error:
         headers["X-Amz-Function-Error"] = result.function_error
+    if cluster is not None:
+        headers[NODE_HEADER] = cluster.name
     return headers

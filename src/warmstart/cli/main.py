@@ -516,8 +516,15 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    worker = Worker(settings)
-    app = create_app(worker)
+    if settings.cluster is not None:
+        from warmstart.cluster.node import ClusterNode
+
+        node = ClusterNode(settings)
+        worker = node.worker
+        app = create_app(worker, node)
+    else:
+        worker = Worker(settings)
+        app = create_app(worker)
     config = uvicorn.Config(
         app,
         host=args.host,

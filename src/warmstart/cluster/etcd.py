@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-from warmstart.errors import PlatformError
+from warmstart.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ TXN_MAX_OPS = 128  # etcd's default --max-txn-ops
 TIMEOUT_S = 3.0  # one request; a slower etcd is treated as unreachable
 
 
-class ClusterUnavailable(PlatformError):
+class ClusterUnavailable(ServiceUnavailable):
     """etcd cannot be reached (or answered an error): cluster writes cannot be made."""
 
 
@@ -165,16 +165,16 @@ class AetcdEtcd:
     async def _call(self, fn: str, *args: Any, **kwargs: Any) -> Any:
         try:
             client = await self._connected()
-            return await asyncio.wait_for(getattr(client, fn)(*args, **kwargs), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                return await getattr(client, fn)(*args, **kwargs)
         except self._errors as exc:
             raise await self._failed(exc) from exc
 
     async def _txn(self, compare: list[Any], success: list[Any]) -> bool:
         try:
             client = await self._connected()
-            ok, _ = await asyncio.wait_for(
-                client.transaction(compare=compare, success=success, failure=[]), self._timeout
-            )
+            async with asyncio.timeout(self._timeout):
+                ok, _ = await client.transaction(compare=compare, success=success, failure=[])
             return bool(ok)
         except self._errors as exc:
             raise await self._failed(exc) from exc
@@ -195,10 +195,10 @@ class AetcdEtcd:
         )
         try:
             client = await self._connected()
-            return await asyncio.wait_for(
-                client.kvstub.Range(request, timeout=self._timeout, metadata=client.metadata),
-                self._timeout,
-            )
+            async with asyncio.timeout(self._timeout):
+                return await client.kvstub.Range(
+                    request, timeout=self._timeout, metadata=client.metadata
+                )
         except self._errors as exc:
             raise await self._failed(exc) from exc
 

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 MIN_JOB_ID_PREFIX = 6
 
 
-def _result_value(raw: bytes | None) -> Any:
+def result_value(raw: bytes | None) -> Any:
     """An event's stored result as the JSON value the handler returned (or its error
     object); a payload that is not JSON stays a string."""
     if raw is None:
@@ -264,7 +264,7 @@ class FunctionStore:
                 "index": r[0],
                 "status": r[1],
                 "attempts": r[2],
-                "result": _result_value(r[3]),
+                "result": result_value(r[3]),
             }
             for r in rows
         ]
@@ -310,5 +310,5 @@ class FunctionStore:
             "function": row[0],
             "status": row[1],
             "attempts": row[2],
-            "result": _result_value(row[3]),
+            "result": result_value(row[3]),
         }

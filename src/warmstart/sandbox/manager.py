@@ -636,7 +636,8 @@ class SandboxManager:
             stderr=asyncio.subprocess.STDOUT,
         )
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+            async with asyncio.timeout(timeout):
+                out, _ = await proc.communicate()
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -762,7 +763,8 @@ class SandboxManager:
             raw = json.dumps(msg).encode()
             try:
                 socket.send_fds(self._sock, [raw], [] if fd is None else [fd])
-                data = await asyncio.wait_for(loop.sock_recv(self._sock, 65536), timeout=30)
+                async with asyncio.timeout(30):
+                    data = await loop.sock_recv(self._sock, 65536)
             except (OSError, TimeoutError) as exc:
                 self._kill_spawner()
                 raise SandboxError(f"the spawner failed: {exc}") from exc

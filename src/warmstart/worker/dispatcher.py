@@ -119,8 +119,11 @@ class Dispatcher:
                     task = self.tasks.spawn(work, f"event {event_id}")
                     self._running[event_id] = task
                     task.add_done_callback(self._done)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races with the event, and this loop would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._wakeup.wait()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         for event_id, running in list(self._running.items()):
@@ -149,29 +152,29 @@ class Dispatcher:
         except NotFound as exc:
             if fn in self.registry:  # the function is there; something it needs is not
                 log.warning("event %s for %s failed: %s", event_id, fn, exc)
-                self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
+                await self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
             else:
-                self.queue.finish(event_id, "dropped", b"function deleted", attempts)
+                await self.queue.finish(event_id, "dropped", b"function deleted", attempts)
             return
         except Evicted:
-            self.queue.release(event_id)  # it runs again when there is room (no attempt)
+            await self.queue.release(event_id)  # it runs again when there is room (no attempt)
             return
         except (TooManyRequests, PlatformError) as exc:
             log.warning("event %s for %s deferred: %s", event_id, fn, exc)
             await asyncio.sleep(DEFER_S)
-            self.queue.release(event_id)
+            await self.queue.release(event_id)
             return
         except InvalidRequestContent as exc:
-            self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
+            await self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
             return
         # Outcomes are written in batches on the queue's thread (``BEQueue``).
         attempts += 1
         if result.function_error is None:
-            self.queue.finish(event_id, "succeeded", result.payload, attempts)
+            await self.queue.finish(event_id, "succeeded", result.payload, attempts)
         elif attempts > self.settings.event_retries:
-            self.queue.finish(event_id, "failed", result.payload, attempts)
+            await self.queue.finish(event_id, "failed", result.payload, attempts)
         else:
-            self.queue.retry(event_id, attempts)
+            await self.queue.retry(event_id, attempts)
 
     # -- for the QoS manager ---------------------------------------------------------------
     def be_instances(self) -> list[BEInstance]:

@@ -46,6 +46,7 @@ class ImageFunctions:
         self._layouts: dict[str, RootLayout] = {}  # image digest -> sandbox root layout
         self._fresh_starts: dict[str, int] = {}  # image digest -> fresh starts so far
         self._preload: dict[str, list[str]] = {}  # what the image's handler imported
+        self._mounted: dict[str, int] = {}  # digest -> size, of images mounted here
 
     @property
     def manager(self) -> ImageManager:
@@ -67,6 +68,10 @@ class ImageFunctions:
     async def close(self) -> None:
         if self._manager is not None:
             await self._manager.close()
+
+    def mounted(self) -> dict[str, int]:
+        """Images whose root is mounted here: digest -> compressed size."""
+        return dict(self._mounted)
 
     def snapshot(self) -> dict[str, float]:
         return self._manager.snapshot() if self._manager is not None else {}
@@ -101,6 +106,7 @@ class ImageFunctions:
         if self._manager is None:
             return
         if not still_used:
+            self._mounted.pop(image.digest, None)
             self._layouts.pop(image.digest, None)
             self._fresh_starts.pop(image.digest, None)
             if self.zygotes is not None:
@@ -111,6 +117,7 @@ class ImageFunctions:
     async def layout(self, image: ImageSource) -> RootLayout:
         """The sandbox root layout of an image (mounting it on first use)."""
         rootfs = await self.manager.rootfs(image)
+        self._mounted[image.digest] = image.size
         layout = self._layouts.get(image.digest)
         if layout is None or not rootfs.exists():
             path_env = image.env_dict().get("PATH", "")

@@ -162,7 +162,8 @@ class InstanceFactory:
     async def _await_ready(self, inst: Instance, t0: float) -> Instance:
         try:
             await inst.connect()
-            reply = await asyncio.wait_for(inst.read_reply(), self.settings.init_timeout_s)
+            async with asyncio.timeout(self.settings.init_timeout_s):
+                reply = await inst.read_reply()
         except (InstanceDied, TimeoutError) as exc:
             self.destroy(inst)
             raise InitFailed(

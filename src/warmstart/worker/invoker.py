@@ -18,6 +18,7 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +76,13 @@ class Invoker:
         self._pools: dict[QoSClass, dict[str, FunctionPool]] = {c: {} for c in QoSClass}
         self._retired: set[FunctionPool] = set()  # old revisions' pools with busy instances
         self.running_be: dict[Instance, FunctionPool] = {}  # BE instances serving a call
+        # Reserved concurrency -> this node's limit (a cluster splits it over its nodes).
+        self.reserved_limit: Callable[[int], int] = lambda reserved: reserved
 
     # -- pools -----------------------------------------------------------------------------
     def _limit(self, rec: FunctionRecord) -> int:
         if rec.reserved_concurrency is not None:
-            return rec.reserved_concurrency
+            return self.reserved_limit(rec.reserved_concurrency)
         return self.settings.max_concurrency
 
     def pool(self, rec: FunctionRecord, qos_class: QoSClass) -> FunctionPool:
@@ -130,6 +133,32 @@ class Invoker:
             pool = pools.get(rec.name)
             if pool is not None:
                 pool.set_limit(self._limit(rec))
+
+    def has_idle(self, rec: FunctionRecord) -> bool:
+        """Whether a latency-sensitive instance of ``rec``'s revision is idle here."""
+        pool = self._pools[QoSClass.LS].get(rec.name)
+        return pool is not None and pool.revision == rec.revision and bool(pool.idle)
+
+    def inflight(self, name: str) -> int:
+        """Latency-sensitive invocations of ``name`` here now (running, starting, queued)."""
+        pool = self._pools[QoSClass.LS].get(name)
+        if pool is None:
+            return 0
+        st = pool.statistics()
+        return st.busy + st.starting + st.waiting
+
+    def function_states(self) -> dict[str, dict[str, int]]:
+        """Per function: its current revision's latency-sensitive instances here."""
+        out = {}
+        for name, pool in self._pools[QoSClass.LS].items():
+            st = pool.statistics()
+            out[name] = {
+                "revision": pool.revision,
+                "idle": st.idle,
+                "busy": st.busy,
+                "inflight": st.busy + st.starting + st.waiting,
+            }
+        return out
 
     def sweep(self) -> None:
         """Forget retired pools whose last instance is gone."""
@@ -186,7 +215,8 @@ class Invoker:
             self.running_be[inst] = pool
         try:
             await inst.send(json.dumps(meta).encode(), payload)
-            reply: Reply = await asyncio.wait_for(inst.read_reply(), timeout)
+            async with asyncio.timeout(timeout):
+                reply: Reply = await inst.read_reply()
         except TimeoutError:
             pool.discard(inst)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from warmstart.lifecycle import Supervisor, close_all
 from warmstart.packages import InstallCache, parse_pins
 from warmstart.qos.manager import QoSManager
 from warmstart.sandbox import Isolation, SandboxManager
-from warmstart.worker.bequeue import BEQueue
+from warmstart.worker.bequeue import BEQueue, WorkQueue
 from warmstart.worker.dispatcher import Dispatcher
 from warmstart.worker.images import ImageFunctions
 from warmstart.worker.instances import InstanceFactory
@@ -43,7 +45,13 @@ from warmstart.worker.invoker import Invoker, InvokeResult, describe_instances
 from warmstart.worker.logs import FunctionLogs
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import HandlerCache
-from warmstart.worker.registry import FunctionRegistry, LocalCode, SqliteCatalog
+from warmstart.worker.registry import (
+    CodeStore,
+    FunctionCatalog,
+    FunctionRegistry,
+    LocalCode,
+    SqliteCatalog,
+)
 from warmstart.worker.settings import Settings
 from warmstart.zygote.cache import ZygoteCache
 
@@ -53,11 +61,23 @@ SWEEP_INTERVAL_S = 1.0
 
 
 class Worker:
-    def __init__(self, settings: Settings) -> None:
+    """One node.  A single node keeps functions and queued work in SQLite; a cluster node
+    (``warmstart.cluster.node``) hands in its own ``catalog``, ``code`` store and work
+    ``queue`` (etcd-backed), built over the same ``store``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: FunctionStore | None = None,
+        catalog: FunctionCatalog | None = None,
+        code: CodeStore | None = None,
+        queue: WorkQueue | None = None,
+    ) -> None:
         self.settings = settings
         s = settings
         self.tasks = Supervisor("worker")
-        store = FunctionStore(s.data_dir)
+        store = store if store is not None else FunctionStore(s.data_dir)
         self._store = store
         iso = None if s.isolation is None else Isolation(s.isolation)
         self._sandboxes = SandboxManager(
@@ -80,8 +100,8 @@ class Worker:
             offline=s.offline,
         )
         self._registry = FunctionRegistry(
-            SqliteCatalog(store),
-            LocalCode(store),
+            catalog if catalog is not None else SqliteCatalog(store),
+            code if code is not None else LocalCode(store),
             self._packages,
             region=s.region,
             account=s.account,
@@ -107,10 +127,15 @@ class Worker:
         )
         # Best-effort bookkeeping (job inserts, progress, outcomes) off the event loop.
         self._dispatcher = Dispatcher(
-            s, self._registry, self._invoker, BEQueue(store), self.tasks
+            s,
+            self._registry,
+            self._invoker,
+            queue if queue is not None else BEQueue(store),
+            self.tasks,
         )
         self._zygotes: ZygoteCache | None = None
         self._qos: QoSManager | None = None
+        self._installed: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -357,6 +382,69 @@ class Worker:
             }
         )
         return status
+
+    # -- for a cluster node ------------------------------------------------------------------
+    @property
+    def registry(self) -> FunctionRegistry:
+        return self._registry
+
+    def has_idle(self, rec: FunctionRecord) -> bool:
+        """An idle latency-sensitive instance of ``rec``'s revision is here (warm path)."""
+        return self._invoker.has_idle(rec)
+
+    def inflight(self, rec: FunctionRecord) -> int:
+        return self._invoker.inflight(rec.name)
+
+    def set_reserved_limit(self, limit: Callable[[int], int]) -> None:
+        """How a function's reserved concurrency becomes this node's limit (a cluster
+        splits it over its nodes); applied to every pool now and on every new pool."""
+        self._invoker.reserved_limit = limit
+        for rec in self._registry:
+            if rec.reserved_concurrency is not None:
+                self._invoker.set_limit(rec)
+
+    def published_state(self) -> dict[str, Any]:
+        """What this node tells the cluster (every second, from memory only): capacity,
+        usage and reclaimed capacity, instances per function revision, zygotes and the
+        artifacts it has cached."""
+        q = self._qos
+        sample = q.sample if q is not None else None
+        functions = self._invoker.function_states()
+        state: dict[str, Any] = {
+            "capacity": {
+                "cpus": sample.capacity_cpus if sample else float(os.cpu_count() or 1),
+                "memory_bytes": sample.capacity_memory_bytes if sample else 0,
+            },
+            "ls_usage": {
+                "cpu": sample.ls_cpu_used if sample else 0.0,
+                "memory_bytes": sample.ls_memory_used if sample else 0,
+            },
+            "reclaimed": {
+                "cpu_cores": q.reclaimed.cpu_cores if q else 0.0,
+                "memory_bytes": q.reclaimed.memory_bytes if q else 0,
+            },
+            "instances": {
+                "idle": sum(f["idle"] for f in functions.values()),
+                "busy": sum(f["busy"] for f in functions.values()),
+            },
+            "inflight": sum(f["inflight"] for f in functions.values()),
+            "functions": functions,
+            "zygotes": self._zygotes.package_sets() if self._zygotes is not None else [],
+            "image_zygotes": sorted(self._zygotes.images) if self._zygotes is not None else [],
+            "images": self._images.mounted(),
+            "packages": self._installed_pins(),
+            "best_effort_running": len(self._invoker.running_be),
+        }
+        return state
+
+    def _installed_pins(self) -> list[str]:
+        """Pins of this node's functions whose package is installed here (checked once
+        each: an installed version stays)."""
+        for rec in self._registry:
+            for pin in rec.packages:
+                if pin not in self._installed and self._packages.installed(parse_pins(pin)[0]):
+                    self._installed.add(pin)
+        return sorted(self._installed)
 
     def _snapshot(self) -> dict[str, dict[str, float]]:
         """The node's state for /metrics: in-memory figures only."""

@@ -322,6 +322,14 @@ class ZygoteCache:
             log.info("evicting zygote %s (%s)", zygote.id, ", ".join(sorted(node.packages)))
             self._background(self._drop(node), f"evict {zygote.id}")
 
+    def package_sets(self) -> list[list[str]]:
+        """The package set of every live zygote of the tree (the root's is empty)."""
+        return [
+            sorted(node.packages)
+            for node in self.tree.nodes()
+            if isinstance(node.handle, Zygote) and node.handle.alive
+        ]
+
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for node in self.tree.nodes():

@@ -1,0 +1,158 @@
+"""A cluster node: one worker, joined to the others through etcd.
+
+``ClusterNode`` builds the worker with the cluster's seams -- the function catalog in etcd
+(``EtcdCatalog``), code bundles replicated between nodes (``ClusterCode``), the work
+queue in etcd with claims (``EtcdQueue``) -- and runs, under its own supervisor, what
+keeps the node in the cluster: the membership loop (lease, published state), the watch
+of the other nodes, and the catalog's watch.  The API asks it where an invocation runs
+(``place``) and forwards there when it is another node.
+
+Start order: etcd reachable (a node does not start without it) and the cluster's token
+read (or made, by the first node); the worker started (functions loaded from etcd);
+the node joined under its lease; the loops.  Close order is the reverse, with the worker
+closed before the lease is revoked, so the Event work it ran has its outcome written
+before its claims are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+import httpx
+
+from warmstart.cluster.catalog import EtcdCatalog
+from warmstart.cluster.code import ClusterCode
+from warmstart.cluster.etcd import AetcdEtcd, ClusterUnavailable, Etcd
+from warmstart.cluster.membership import Membership
+from warmstart.cluster.queue import EtcdQueue
+from warmstart.cluster.router import Placement, Router, share
+from warmstart.cluster.settings import ClusterSettings
+from warmstart.functions import FunctionRecord, FunctionStore
+from warmstart.lifecycle import Supervisor, close_all
+from warmstart.worker import Settings, Worker
+
+log = logging.getLogger(__name__)
+
+TOKEN_KEY = "cluster/token"
+
+
+class ClusterNode:
+    def __init__(self, settings: Settings, *, etcd: Etcd | None = None) -> None:
+        if settings.cluster is None:
+            raise ValueError("a cluster node needs cluster settings")
+        self.settings = settings
+        self.cluster: ClusterSettings = settings.cluster
+        self.name = self.cluster.node_name
+        self.etcd: Etcd = etcd or AetcdEtcd(self.cluster.endpoints, self.cluster.prefix)
+        self.tasks = Supervisor("cluster")
+        # Peers: one pool of keep-alive connections for forwarded calls and bundles.
+        self.http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            timeout=httpx.Timeout(10.0, read=None),
+        )
+        self.token = ""
+        store = FunctionStore(settings.data_dir)
+        self.membership = Membership(self.etcd, self.cluster, self._state)
+        self.catalog = EtcdCatalog(self.etcd)
+        self.code = ClusterCode(store, self.etcd, self.membership, self.http, "")
+        self.queue = EtcdQueue(self.etcd, self.membership)
+        self.worker = Worker(
+            settings, store=store, catalog=self.catalog, code=self.code, queue=self.queue
+        )
+        self.worker.registry.distributed = True
+        self.router = Router(self.membership, self.worker.has_idle, self.worker.inflight)
+        self.membership.on_join(self.code.announce_all)
+        self.membership.on_change(self._members_changed)
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            self.token = await self._token()
+        except ClusterUnavailable as exc:
+            await self.etcd.close()
+            await self.http.aclose()
+            raise ClusterUnavailable(
+                f"cannot join the cluster: {exc} (is etcd running at "
+                f"{', '.join(self.cluster.endpoints)}?)"
+            ) from exc
+        self.code.token = self.token
+        await self.tasks.start()
+        await self.worker.start()
+        self.worker.set_reserved_limit(self._share)
+        await self.membership.join()
+        self.tasks.loop("membership", self.membership.run)
+        self.tasks.loop("members", self.membership.watch)
+        self.tasks.loop("catalog", lambda: self.catalog.follow(self.worker.registry))
+        self._started = True
+        log.info(
+            "cluster: node %s serving at %s; %d node(s) live",
+            self.name,
+            self.cluster.advertise,
+            len(self.membership.live()),
+        )
+
+    async def _token(self) -> str:
+        """The cluster's shared secret for node-to-node calls (made by the first node)."""
+        await self.etcd.create(TOKEN_KEY, secrets.token_hex(24).encode())
+        kv = await self.etcd.get(TOKEN_KEY)
+        if kv is None:
+            raise ClusterUnavailable("the cluster token vanished right after it was made")
+        return kv.value.decode()
+
+    async def close(self) -> None:
+        await self.tasks.stop_loops()
+        await close_all(
+            ("worker", self.worker.close),
+            ("cluster membership", self.membership.leave),
+            ("cluster tasks", self.tasks.close),
+            ("peer connections", self.http.aclose),
+            ("etcd client", self.etcd.close),
+        )
+
+    # -- what the API asks -----------------------------------------------------------------
+    def place(self, rec: FunctionRecord) -> Placement:
+        return self.router.place(rec)
+
+    def _share(self, reserved: int) -> int:
+        names = [m.name for m in self.membership.live()]
+        return share(reserved, names, self.name)
+
+    def _members_changed(self) -> None:
+        if self._started:
+            self.worker.set_reserved_limit(self._share)
+
+    def _state(self) -> dict[str, Any]:
+        state = self.worker.published_state()
+        state["code"] = sorted(self.code.held)
+        return state
+
+    def health(self) -> dict[str, Any]:
+        m = self.membership
+        return {
+            "node": self.name,
+            "etcd": "ok" if m.connected else "unreachable",
+            "degraded": not m.connected,
+            "nodes": len(m.live()),
+            **({"error": m.last_error} if m.last_error else {}),
+        }
+
+    def nodes(self) -> dict[str, Any]:
+        """GET /cluster/nodes: every live node and what it published."""
+        return {
+            "self": self.name,
+            "etcd": "ok" if self.membership.connected else "unreachable",
+            "nodes": [
+                {
+                    "name": m.name,
+                    "url": m.url,
+                    "labels": m.labels,
+                    "started": m.started,
+                    "published": m.published,
+                    "state": m.state,
+                }
+                for m in self.membership.live()
+            ],
+        }
