@@ -136,7 +136,7 @@ def test_an_unreachable_etcd_is_cluster_unavailable(tmp_path: Path) -> None:
     async def main() -> None:
         store = AetcdEtcd(["http://127.0.0.1:9"], "/x/", timeout=1.0)
         try:
-            with pytest.raises(ClusterUnavailable, match="etcd at 127.0.0.1:9"):
+            with pytest.raises(ClusterUnavailable, match=r"etcd at 127\.0\.0\.1:9"):
                 await store.put("k", b"v")
         finally:
             await store.close()
