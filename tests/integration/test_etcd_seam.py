@@ -81,8 +81,14 @@ def test_create_replace_claim_and_commit(kind: str, request: pytest.FixtureReque
         await store.put("q/1", b"")
         assert await store.claim("c/1", b"node", lease=lease, while_exists="q/1") is True
         assert await store.claim("c/1", b"other", lease=lease, while_exists="q/1") is False
-        await store.commit([Put("q/2", b""), Put("e/2", b"{}"), Delete("q/1")])
+        assert await store.commit([Put("q/2", b""), Put("e/2", b"{}"), Delete("q/1")])
         assert await store.get("q/1") is None and await store.get("e/2") is not None
+        # Conditional: applied only while a key holds a value (an outcome only while the
+        # writer still holds its claim).
+        assert await store.commit([Put("e/3", b"x")], if_value=("f/x", b"stale")) is False
+        assert await store.get("e/3") is None
+        assert await store.commit([Put("e/3", b"x")], if_value=("f/x", b"v2")) is True
+        assert await store.commit([Put("e/4", b"x")], if_value=("absent", b"")) is False
         await store.revoke(lease)  # a revoked lease takes its keys with it
         assert await store.get("c/1") is None
 

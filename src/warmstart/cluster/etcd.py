@@ -91,8 +91,9 @@ class Etcd(Protocol):
     async def delete(self, key: str) -> bool:
         """Delete ``key``; False if it did not exist."""
 
-    async def commit(self, ops: Sequence[Op]) -> None:
-        """Apply ``ops`` atomically (at most TXN_MAX_OPS)."""
+    async def commit(self, ops: Sequence[Op], *, if_value: tuple[str, bytes] | None = None) -> bool:
+        """Apply ``ops`` atomically (at most TXN_MAX_OPS); with ``if_value=(key, value)``
+        only if that key holds that value.  False when the condition failed."""
 
     async def grant(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; its id."""
@@ -237,9 +238,7 @@ class AetcdEtcd:
         r = await self._call("delete", self._key(key))
         return r is not None
 
-    async def commit(self, ops: Sequence[Op]) -> None:
-        if not ops:
-            return
+    async def commit(self, ops: Sequence[Op], *, if_value: tuple[str, bytes] | None = None) -> bool:
         if len(ops) > TXN_MAX_OPS:
             raise ValueError(f"a transaction takes at most {TXN_MAX_OPS} operations")
         t = self._tx
@@ -249,7 +248,8 @@ class AetcdEtcd:
             else t.delete(self._key(op.key))
             for op in ops
         ]
-        await self._txn([], success)
+        compare = [] if if_value is None else [t.value(self._key(if_value[0])) == if_value[1]]
+        return await self._txn(compare, success)
 
     async def grant(self, ttl: int) -> int:
         lease = await self._call("lease", ttl)
@@ -373,15 +373,20 @@ class MemoryEtcd:
         self._check()
         return self._del(key)
 
-    async def commit(self, ops: Sequence[Op]) -> None:
+    async def commit(self, ops: Sequence[Op], *, if_value: tuple[str, bytes] | None = None) -> bool:
         self._check()
         if len(ops) > TXN_MAX_OPS:
             raise ValueError(f"a transaction takes at most {TXN_MAX_OPS} operations")
+        if if_value is not None:
+            current = self.data.get(if_value[0])
+            if current is None or current.value != if_value[1]:
+                return False
         for op in ops:
             if isinstance(op, Put):
                 self._put(op.key, op.value, op.lease)
             else:
                 self._del(op.key)
+        return True
 
     async def grant(self, ttl: int) -> int:
         self._check()

@@ -48,6 +48,12 @@ class EtcdQueue:
         self.etcd = etcd
         self.membership = membership
         self._taken: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (queue key, record)
+        self._claimed: dict[str, bytes] = {}  # id -> the claim's value when it was taken
+
+    def _holder(self) -> bytes:
+        """A claim's value: this node, under this lease (a restarted node with the same
+        name holds none of its predecessor's claims)."""
+        return f"{self.membership.name}:{self.membership.lease:x}".encode()
 
     @staticmethod
     def _queue_key(event_id: str) -> str:
@@ -113,10 +119,7 @@ class EtcdQueue:
             if event_id in claimed or event_id in running:
                 continue
             if not await self.etcd.claim(
-                CLAIMS + event_id,
-                self.membership.name.encode(),
-                lease=lease,
-                while_exists=kv.key,
+                CLAIMS + event_id, self._holder(), lease=lease, while_exists=kv.key
             ):
                 continue  # another node was first
             item = await self.etcd.get(EVENTS + event_id)
@@ -125,6 +128,7 @@ class EtcdQueue:
                 continue
             record = json.loads(item.value)
             self._taken[event_id] = (kv.key, record)
+            self._claimed[event_id] = self._holder()
             rows.append(
                 (
                     event_id,
@@ -142,17 +146,25 @@ class EtcdQueue:
         if taken is None:
             return
         queue_key, record = taken
+        holder = self._claimed.pop(event_id, b"")
         record.update(
             status=status, attempts=attempts, result=_b64(result), node=self.membership.name
         )
         try:
-            await self.etcd.commit(
+            written = await self.etcd.commit(
                 [
                     Put(EVENTS + event_id, json.dumps(record).encode()),
                     Delete(queue_key),
                     Delete(CLAIMS + event_id),
-                ]
+                ],
+                if_value=(CLAIMS + event_id, holder),
             )
+            if not written:
+                log.warning(
+                    "cluster: %s was no longer this node's (its lease lapsed); the node "
+                    "that holds it now records the outcome",
+                    event_id,
+                )
         except ClusterUnavailable as exc:
             # The claim lapses with this node's lease and the item runs again: at least once.
             log.error(
@@ -164,10 +176,12 @@ class EtcdQueue:
         if taken is None:
             return
         _, record = taken
+        holder = self._claimed.pop(event_id, b"")
         record["attempts"] = attempts
         try:
             await self.etcd.commit(
-                [Put(EVENTS + event_id, json.dumps(record).encode()), Delete(CLAIMS + event_id)]
+                [Put(EVENTS + event_id, json.dumps(record).encode()), Delete(CLAIMS + event_id)],
+                if_value=(CLAIMS + event_id, holder),
             )
         except ClusterUnavailable as exc:
             log.error("cluster: cannot record a retry of %s: %s", event_id, exc)
@@ -175,8 +189,11 @@ class EtcdQueue:
     async def release(self, event_id: str) -> None:
         if self._taken.pop(event_id, None) is None:
             return
+        holder = self._claimed.pop(event_id, b"")
         try:
-            await self.etcd.delete(CLAIMS + event_id)
+            await self.etcd.commit(
+                [Delete(CLAIMS + event_id)], if_value=(CLAIMS + event_id, holder)
+            )
         except ClusterUnavailable as exc:
             log.warning(
                 "cluster: cannot release %s (its claim lapses by itself): %s", event_id, exc

@@ -151,7 +151,9 @@ class Router:
         if rec.reserved_concurrency is None:
             return True
         names = [m.name for m in self.membership.live()]
-        return self.local_inflight(rec) < share(rec.reserved_concurrency, names, self.membership.name)
+        return self.local_inflight(rec) < share(
+            rec.reserved_concurrency, names, self.membership.name
+        )
 
     def _has_room(self, m: Member, rec: FunctionRecord, names: list[str]) -> bool:
         if rec.reserved_concurrency is None:
