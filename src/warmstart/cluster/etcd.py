@@ -260,7 +260,14 @@ class AetcdEtcd:
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke(self, lease: int) -> None:
-        await self._call("revoke_lease", lease)
+        try:
+            client = await self._connected()
+            async with asyncio.timeout(self._timeout):
+                await client.revoke_lease(lease)
+        except self._errors as exc:
+            if "lease not found" in str(exc):
+                return  # it lapsed already: its keys are gone, which is what was asked
+            raise await self._failed(exc) from exc
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         aetcd = self._aetcd

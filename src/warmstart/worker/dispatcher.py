@@ -23,6 +23,7 @@ from warmstart.errors import (
     InvalidRequestContent,
     NotFound,
     PlatformError,
+    ServiceUnavailable,
     TooManyRequests,
 )
 from warmstart.kinds import QoSClass
@@ -57,6 +58,7 @@ class Dispatcher:
         self.qos: QoSManager | None = None  # set by the worker when the QoS loop runs
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}  # event id -> its task
+        self._queue_unavailable = False
 
     # -- submitting ------------------------------------------------------------------------
     async def enqueue(self, name: str, payload: bytes) -> str:
@@ -110,9 +112,18 @@ class Dispatcher:
             self._wakeup.clear()
             free = self.slots() - len(self._running)
             if free > 0:
-                for event_id, fn, payload, attempts in await self.queue.take(
-                    free, frozenset(self._running)
-                ):
+                try:
+                    taken = await self.queue.take(free, frozenset(self._running))
+                except ServiceUnavailable as exc:
+                    # The queue lives elsewhere (a cluster's etcd) and is unreachable for
+                    # now: what runs goes on; new work waits until it is back.
+                    if not self._queue_unavailable:
+                        log.warning("best-effort queue unavailable: %s", exc)
+                    self._queue_unavailable = True
+                    taken = []
+                else:
+                    self._queue_unavailable = False
+                for event_id, fn, payload, attempts in taken:
                     if event_id in self._running:
                         continue
                     work = self._run_event(event_id, fn, payload, attempts)
