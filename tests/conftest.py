@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.clustertools import local_cluster_factory  # noqa: F401 (a fixture)
+
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -6,6 +6,7 @@ warmstart invoke N ['{"json": "event"}'] [--log]
 warmstart ls | rm N | logs N | top
 warmstart job submit F FILE [--wait] | job status ID [--wait] | job results ID
 warmstart image pull REF | image convert SRC DST [--profile]
+warmstart cluster up --nodes N | cluster down [--purge] | cluster status | cluster nodes
 
 Client commands talk to a running server over HTTP; user errors (a missing file, an
 unknown function, a server that cannot be reached) end in one line on stderr and exit
@@ -201,7 +202,10 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         images.add_parser(sub, default_data_dir())
     else:
         sub.add_parser("image", help=images.HELP)
-    for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr, t):
+    from warmstart.cli import cluster
+
+    cn = cluster.add_parser(sub)
+    for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr, t, cn):
         sp.add_argument(
             "--endpoint",
             default=DEFAULT_ENDPOINT,
@@ -880,11 +884,22 @@ def _image(args: argparse.Namespace) -> int:
         raise CLIError(f"{type(exc).__name__}: {exc}") from exc
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    from warmstart.cli import cluster
+    from warmstart.errors import WarmstartError
+
+    try:
+        return cluster.run(args)
+    except WarmstartError as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(argv[0] if argv else None).parse_args(argv)
     commands = {
         "image": _image,
+        "cluster": _cluster,
         "top": _top,
         "job": _job,
         "serve": _serve,
