@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import Server, cgroup_dirs, deploy, make_zip, needs_root
+from tests.conftest import Server, cgroup_dirs, deploy, make_zip, needs_root, wait_until
 
 
 @pytest.fixture(params=["forked", "fresh"])
@@ -67,15 +67,6 @@ def assert_ok(resp: dict[str, Any], body: Any) -> None:
 def client_error(exc: pytest.ExceptionInfo[ClientError]) -> tuple[int, str]:
     r = exc.value.response
     return r["ResponseMetadata"]["HTTPStatusCode"], r["Error"]["Code"]
-
-
-def wait_until(pred: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def proc_start_time(pid: int) -> int | None:
