@@ -333,7 +333,8 @@ def ctr_remote_python_image(
 ) -> str:
     """``python_image`` converted to eStargz by the reference implementation
     (``ctr-remote image convert --estargz --oci`` in a private containerd), pushed to
-    ``registry``.  Converted once: the lazy-mount and the interop tests both read it."""
+    ``registry``.  Converted once: the lazy-mount and the interop tests both read it.
+    Compression level 1 instead of 9: the same format, a third less time."""
     from tests import imagetools
 
     require_tools("containerd", "ctr-remote")
@@ -342,7 +343,16 @@ def ctr_remote_python_image(
     try:
         dst = f"{registry.host}/python:ref-esgz"
         ctd.ctr("content", "fetch", "--plain-http", python_image)
-        ctd.ctr("image", "convert", "--estargz", "--oci", python_image, dst)
+        ctd.ctr(
+            "image",
+            "convert",
+            "--estargz",
+            "--estargz-compression-level",
+            "1",
+            "--oci",
+            python_image,
+            dst,
+        )
         ctd.ctr("image", "push", "--plain-http", dst)
     finally:
         ctd.stop()
