@@ -27,17 +27,28 @@ import pytest
 
 from warmstart.cluster.local import LocalCluster, LocalClusterError, missing_prerequisites
 
+
+def needs(available: object, reason: str) -> pytest.MarkDecorator:
+    from tests.conftest import needs as conftest_needs
+
+    return conftest_needs(available, reason)
+
+
+def require(available: object, reason: str) -> None:
+    from tests.conftest import require as conftest_require
+
+    conftest_require(available, reason)
+
 ClusterFactory = Callable[..., LocalCluster]
 _MISSING = missing_prerequisites()
 SKIP_REASON = f"local cluster: {_MISSING} (CI installs etcd-server and iproute2)"
 # For tests that drive a LocalCluster themselves rather than through the factory.
-needs_local_cluster = pytest.mark.skipif(_MISSING is not None, reason=SKIP_REASON)
+needs_local_cluster = needs(_MISSING is None, SKIP_REASON)
 
 
 @pytest.fixture
 def local_cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFactory]:
-    if _MISSING is not None:
-        pytest.skip(SKIP_REASON)
+    require(_MISSING is None, SKIP_REASON)
     started: list[LocalCluster] = []
 
     def factory(nodes: int = 2, *serve_args: str, timeout: float = 120.0) -> LocalCluster:

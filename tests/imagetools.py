@@ -157,52 +157,128 @@ def run(*cmd: str) -> str:
     return res.stdout
 
 
+def debian_layout() -> Path:
+    """An OCI layout (tag "img") whose one layer is :func:`base_rootfs`, made once and
+    cached beside it: images built on it (``build_image(base=...)``) skip tarring and
+    compressing 170 MB, and their pushes skip the layer the registry already has."""
+    root = base_rootfs()
+    st = root.stat()
+    dest = CACHE / f"bookworm-python3-oci-{st.st_ino}-{st.st_mtime_ns}"
+    if (dest / "index.json").exists():
+        return dest
+    for stale in CACHE.glob("bookworm-python3-oci-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = CACHE / f".bookworm-python3-oci.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        layout = tmp / "layout"
+        run("umoci", "init", "--layout", str(layout))
+        run("umoci", "new", "--image", f"{layout}:img")
+        _add_directory_layer(layout, root, tmp / "bundle")
+        try:
+            layout.rename(dest)
+        except OSError:
+            if not (dest / "index.json").exists():
+                raise  # else another test run made it first: use theirs
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _copy_layout(src: Path, dst: Path) -> None:
+    """Copy an OCI layout; blobs (content-addressed, never rewritten) are hard-linked."""
+
+    def link_or_copy(s: str, d: str) -> None:
+        if "/blobs/" in s:
+            try:
+                os.link(s, d)
+                return
+            except OSError:
+                pass
+        shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def _add_directory_layer(layout: Path, directory: Path, bundle: Path) -> None:
+    """Append a layer holding a copy of ``directory`` (umoci unpack, copy, repack)."""
+    shutil.rmtree(bundle, ignore_errors=True)
+    run("umoci", "unpack", "--rootless", "--image", f"{layout}:img", str(bundle))
+    subprocess.run(["cp", "-a", f"{directory}/.", str(bundle / "rootfs")], check=True)
+    run("umoci", "repack", "--image", f"{layout}:img", str(bundle))
+    shutil.rmtree(bundle, ignore_errors=True)
+
+
+LAYER_MTIME = 1_700_000_000  # file layers are reproducible: the same files, the same blob
+
+
+def _add_files_layer(layout: Path, files: dict[str, str | bytes], tar_path: Path) -> None:
+    """Append a layer made of ``files`` (see :func:`build_image`), written as a tar here
+    and added with ``umoci raw add-layer`` (no unpacking of the layers below)."""
+    import io
+
+    def header(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime = kind, mode, LAYER_MTIME
+        return info
+
+    entries: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}
+    for raw_name, content in files.items():
+        name = raw_name.strip("/")
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            entries.setdefault(parent, (header(parent, tarfile.DIRTYPE, 0o755), None))
+        if raw_name.endswith("/"):
+            entries[name] = (header(name, tarfile.DIRTYPE, 0o755), None)
+        elif isinstance(content, str) and content.startswith("->"):
+            info = header(name, tarfile.SYMTYPE, 0o777)
+            info.linkname = content[2:]
+            entries[name] = (info, None)
+        else:
+            data = content if isinstance(content, bytes) else content.encode()
+            info = header(name, tarfile.REGTYPE, 0o644)
+            info.size = len(data)
+            entries[name] = (info, data)
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in entries.values():
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    run("umoci", "raw", "add-layer", "--image", f"{layout}:img", str(tar_path))
+    tar_path.unlink()
+
+
 def build_image(
     workdir: Path,
     layers: list[Path | dict[str, str | bytes]],
     *,
     ref: str,
+    base: Path | None = None,
     cmd: list[str] | None = None,
     entrypoint: list[str] | None = None,
     env: list[str] | None = None,
     workingdir: str | None = None,
-    compress: str = "gzip",
 ) -> str:
-    """Build an OCI image whose layers are the given directories (copied) or file maps,
-    push it to ``ref`` (``host:port/repo:tag``) over plain HTTP, and return ``ref``.
+    """Build an OCI image and push it to ``ref`` (``host:port/repo:tag``) over plain HTTP;
+    return ``ref``.
 
-    ``compress`` is "gzip" or "none" (umoci's layer compression).
+    The image starts from the layout ``base`` (e.g. :func:`debian_layout`), or empty, and
+    gets one layer per item of ``layers``: a directory (copied) or a map of files
+    (path → text or bytes; a text ``"->target"`` is a symlink, a path ending in ``/`` an
+    empty directory; parent directories are added, mode 0755).
     """
     layout = workdir / "layout"
     shutil.rmtree(layout, ignore_errors=True)
-    run("umoci", "init", "--layout", str(layout))
-    run("umoci", "new", "--image", f"{layout}:img")
-    bundle = workdir / "bundle"
+    if base is not None:
+        _copy_layout(base, layout)
+    else:
+        run("umoci", "init", "--layout", str(layout))
+        run("umoci", "new", "--image", f"{layout}:img")
     for layer in layers:
-        shutil.rmtree(bundle, ignore_errors=True)
-        run("umoci", "unpack", "--rootless", "--image", f"{layout}:img", str(bundle))
-        rootfs = bundle / "rootfs"
         if isinstance(layer, Path):
-            subprocess.run(["cp", "-a", f"{layer}/.", str(rootfs)], check=True)
+            _add_directory_layer(layout, layer, workdir / "bundle")
         else:
-            for name, content in layer.items():
-                p = rootfs / name.lstrip("/")
-                if name.endswith("/"):
-                    p.mkdir(parents=True, exist_ok=True)
-                    continue
-                p.parent.mkdir(parents=True, exist_ok=True)
-                if p.exists() or p.is_symlink():
-                    p.unlink()
-                if isinstance(content, bytes):
-                    p.write_bytes(content)
-                elif content.startswith("->"):
-                    p.symlink_to(content[2:])
-                else:
-                    p.write_text(content)
-        args = ["umoci", "repack", "--image", f"{layout}:img", str(bundle)]
-        if compress != "gzip":
-            args[2:2] = [f"--compress={compress}"]
-        run(*args)
+            _add_files_layer(layout, layer, workdir / "layer.tar")
     config = ["umoci", "config", "--image", f"{layout}:img"]
     for c in cmd or []:
         config += ["--config.cmd", c]
@@ -215,7 +291,7 @@ def build_image(
     config += ["--os", "linux", "--architecture", "amd64"]
     run(*config)
     push(f"oci:{layout}:img", ref)
-    shutil.rmtree(bundle, ignore_errors=True)
+    shutil.rmtree(layout, ignore_errors=True)
     return ref
 
 
@@ -250,11 +326,19 @@ def _stop_and_unmount(proc: subprocess.Popen[bytes], root: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    unmount_under(root)
+
+
+def unmount_under(root: Path) -> list[str]:
+    """Lazily unmount everything mounted at or below ``root`` (deepest first), so that
+    removing ``root`` cannot reach into a bind mount or a FUSE filesystem."""
     top = str(root.resolve())
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f]
-    for target in sorted((m for m in mounts if m.startswith(top + "/")), reverse=True):
+    targets = sorted((m for m in mounts if m == top or m.startswith(top + "/")), reverse=True)
+    for target in targets:
         subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    return targets
 
 
 @dataclass

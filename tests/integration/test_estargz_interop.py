@@ -8,7 +8,8 @@
 
 The reference library and snapshotter are built from Debian's
 golang-github-containerd-stargz-snapshotter-dev (``tests/integration/estargz_ref``);
-without Go those checks skip, the ``ctr-remote`` ones still run.
+without Go those checks skip (and fail under ``WARMSTART_TEST_STRICT``), the
+``ctr-remote`` ones still run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import gzip
 import hashlib
 import io
 import json
-import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests import imagetools
-from tests.conftest import needs_root
+from tests.conftest import needs_root, needs_tools, remove_tree, require
 from warmstart.images import estargz
 from warmstart.images.convert import convert_image
 from warmstart.images.errors import EStargzError
@@ -35,14 +35,7 @@ from warmstart.images.estargz import TOC_DIGEST_ANNOTATION, read_chunk, read_toc
 from warmstart.images.reference import Reference
 from warmstart.images.registry import ImageManifest, RegistryClient
 
-pytestmark = [
-    pytest.mark.integration,
-    needs_root,
-    pytest.mark.skipif(
-        shutil.which("containerd") is None or shutil.which("ctr-remote") is None,
-        reason="containerd and ctr-remote (stargz-snapshotter) are not installed",
-    ),
-]
+pytestmark = [pytest.mark.integration, needs_root, needs_tools("containerd", "ctr-remote")]
 
 PRIORITIZED = ["usr/bin/python3.11", "usr/lib/python3.11/os.py", "var/task/app.py"]
 
@@ -51,10 +44,12 @@ PRIORITIZED = ["usr/bin/python3.11", "usr/lib/python3.11/os.py", "var/task/app.p
 def snapshotter(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[imagetools.StargzSnapshotter | None]:
-    snap = imagetools.start_stargz_snapshotter(tmp_path_factory.mktemp("stargz"))
+    root = tmp_path_factory.mktemp("stargz")
+    snap = imagetools.start_stargz_snapshotter(root)
     yield snap
     if snap is not None:
         snap.stop()
+    remove_tree(root)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +57,11 @@ def containerd(
     tmp_path_factory: pytest.TempPathFactory, snapshotter: imagetools.StargzSnapshotter | None
 ) -> Iterator[imagetools.Containerd]:
     plugins = snapshotter.plugin_toml() if snapshotter is not None else ""
-    ctd = imagetools.start_containerd(
-        tmp_path_factory.mktemp("containerd"), snapshotter_plugins=plugins
-    )
+    root = tmp_path_factory.mktemp("containerd")
+    ctd = imagetools.start_containerd(root, snapshotter_plugins=plugins)
     yield ctd
     ctd.stop()
+    remove_tree(root)
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +69,6 @@ def client() -> Iterator[RegistryClient]:
     c = RegistryClient()
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def reference_image(registry: Any, python_image: str, containerd: imagetools.Containerd) -> str:
-    """``python_image`` converted by ctr-remote and pushed back to the registry."""
-    dst = f"{registry.host}/python:ref-esgz"
-    containerd.ctr("content", "fetch", "--plain-http", python_image)
-    containerd.ctr("image", "convert", "--estargz", "--oci", python_image, dst)
-    containerd.ctr("image", "push", "--plain-http", dst)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +96,10 @@ def _tar_members(blob: bytes) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]
 
 
 # -- reference output, warmstart reader ----------------------------------------------------------
-def test_reader_parses_reference_output(client: RegistryClient, reference_image: str) -> None:
-    ref, manifest = _layers(client, reference_image)
+def test_reader_parses_reference_output(
+    client: RegistryClient, ctr_remote_python_image: str
+) -> None:
+    ref, manifest = _layers(client, ctr_remote_python_image)
     multi_chunk = 0
     for desc in manifest.layers:
         toc_digest = desc.annotations[TOC_DIGEST_ANNOTATION]
@@ -169,8 +156,7 @@ def test_reference_library_verifies_warmstart_blobs(
     client: RegistryClient, warmstart_image: str, tmp_path: Path
 ) -> None:
     checker = imagetools.build_reference_tool("check")
-    if checker is None:
-        pytest.skip("Go or the reference eStargz library is not installed")
+    require(checker, "Go or the reference eStargz library is not installed")
     layers = _fetch_layers(client, warmstart_image, tmp_path)
     for path, desc in layers:
         res = subprocess.run(
@@ -235,8 +221,8 @@ def test_reference_snapshotter_lazily_mounts_warmstart_image(
     containerd: imagetools.Containerd,
     snapshotter: imagetools.StargzSnapshotter | None,
 ) -> None:
-    if snapshotter is None:
-        pytest.skip("Go or the reference stargz snapshotter library is not installed")
+    require(snapshotter, "Go or the reference stargz snapshotter library is not installed")
+    require(Path("/dev/fuse").exists(), "needs FUSE (/dev/fuse)")
     _, manifest = _layers(client, warmstart_image)
     ns = ["--namespace", "lazy"]
     containerd.ctr(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require
 from tests.etcdtools import EtcdServer, etcd_available, start_etcd
 from warmstart.cluster.etcd import AetcdEtcd, ClusterUnavailable, Delete, Etcd, MemoryEtcd, Put
 
@@ -18,8 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    if not etcd_available():
-        pytest.skip("needs etcd (Debian package etcd-server)")
+    require(etcd_available(), "needs etcd (Debian package etcd-server; scripts/test installs it)")
     server = start_etcd(tmp_path_factory.mktemp("etcd"))
     yield server
     server.stop()

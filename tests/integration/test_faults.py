@@ -20,21 +20,46 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import Server, cgroup_dirs, deploy, make_zip, needs_root
+from tests.conftest import (
+    Server,
+    cgroup_dirs,
+    deploy,
+    make_zip,
+    needs_root,
+    remove_tree,
+    start_server,
+    wait_until,
+)
+
+KINDS = {"forked": (), "fresh": ("--no-zygotes",)}
 
 
-@pytest.fixture(params=["forked", "fresh"])
+@pytest.fixture(params=list(KINDS))
 def server(request: pytest.FixtureRequest, server_factory: Any) -> Server:
     """Every fault is checked on both kinds of instance: forked from a zygote, and a fresh
     interpreter in a fresh sandbox."""
-    s: Server = server_factory() if request.param == "forked" else server_factory("--no-zygotes")
+    s: Server = server_factory(*KINDS[request.param])
     return s
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def shared_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server of each kind for the many cases of one fault (bad bundles, init
+    errors): each case deploys under a name of its own, and none breaks the node."""
+    root = tmp_path_factory.mktemp(f"faults-{request.param}")
+    s = start_server(root / "data", root / "server.log", *KINDS[request.param])
+    yield s
+    s.stop()
+    remove_tree(root)
 
 
 @pytest.fixture
@@ -67,15 +92,6 @@ def assert_ok(resp: dict[str, Any], body: Any) -> None:
 def client_error(exc: pytest.ExceptionInfo[ClientError]) -> tuple[int, str]:
     r = exc.value.response
     return r["ResponseMetadata"]["HTTPStatusCode"], r["Error"]["Code"]
-
-
-def wait_until(pred: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -532,7 +548,8 @@ BAD_ZIPS = {
 
 
 @pytest.mark.parametrize("label", list(BAD_ZIPS))
-def test_bad_zip_is_rejected_with_400(server: Server, lam: Any, label: str) -> None:
+def test_bad_zip_is_rejected_with_400(shared_server: Server, label: str) -> None:
+    server, lam = shared_server, shared_server.lambda_client()
     code, message = BAD_ZIPS[label]
     name = f"bad-{label}"
     with pytest.raises(ClientError) as exc:
@@ -592,7 +609,8 @@ INIT_ERRORS = {  # label: (files, error type); the handler is always handler.han
 
 
 @pytest.mark.parametrize("label", list(INIT_ERRORS))
-def test_init_errors_have_lambda_error_types(server: Server, lam: Any, label: str) -> None:
+def test_init_errors_have_lambda_error_types(shared_server: Server, label: str) -> None:
+    server, lam = shared_server, shared_server.lambda_client()
     files, error_type = INIT_ERRORS[label]
     name = f"init-{label}"
     deploy(lam, name, files, handler="handler.handler")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests import imagetools
-from tests.conftest import Server, needs_root
+from tests.conftest import Server, needs, needs_root, wait_until
 
 pytestmark = [pytest.mark.integration, needs_root]
 
@@ -73,10 +72,8 @@ def test_image_function_runs_with_the_images_own_python(
         metrics = http.get("/metrics").text
     assert "warmstart_image_pulls_total 1.0" in metrics
     lam.delete_function(FunctionName="img")
-    deadline = time.monotonic() + 10
-    while mounts_under(server.data_dir / "images" / "roots") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mounts_under(server.data_dir / "images" / "roots") == []
+    roots = server.data_dir / "images" / "roots"
+    wait_until(lambda: mounts_under(roots) == [], "the image root to be unmounted", timeout=10)
 
 
 def test_image_config_command_overrides_the_cmd(
@@ -85,13 +82,13 @@ def test_image_config_command_overrides_the_cmd(
     ref = imagetools.build_image(
         tmp_path,
         [
-            imagetools.base_rootfs(),
             {
                 "srv/fn/other.py": "import os\n"
                 "def run(event, context):\n"
                 "    return {'cwd': os.getcwd(), 'ctx': context.function_name}\n",
             },
         ],
+        base=imagetools.debian_layout(),
         ref=f"{registry.host}/override:1",
         cmd=["missing.handler"],
         workingdir="/srv/fn",
@@ -153,7 +150,8 @@ def test_update_function_code_to_a_new_image(
     assert body["python"] == "/usr/bin/python3"
     ref = imagetools.build_image(
         tmp_path,
-        [imagetools.base_rootfs(), {"var/task/app.py": "def handler(e, c):\n    return 'v2'\n"}],
+        [{"var/task/app.py": "def handler(e, c):\n    return 'v2'\n"}],
+        base=imagetools.debian_layout(),
         ref=f"{registry.host}/python:v2",
         cmd=["app.handler"],
     )
@@ -162,6 +160,7 @@ def test_update_function_code_to_a_new_image(
     assert body == "v2"
 
 
+@needs(Path("/dev/fuse").exists(), "needs FUSE (/dev/fuse)")
 def test_lazy_image_function_and_recovery_after_a_crash(
     server_factory: Any, registry: Any, python_image: str, tmp_path: Path
 ) -> None:
@@ -193,10 +192,7 @@ def test_lazy_image_function_and_recovery_after_a_crash(
     assert "FunctionError" not in resp, body
     assert body["event"] == {"n": 2}
     second.stop()
-    deadline = time.monotonic() + 10
-    while mounts_under(data_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mounts_under(data_dir) == []
+    wait_until(lambda: mounts_under(data_dir) == [], "the lazy root to be unmounted", timeout=10)
 
 
 def test_image_zygote_preloads_what_the_handler_imported(
@@ -209,7 +205,6 @@ def test_image_zygote_preloads_what_the_handler_imported(
     ref = imagetools.build_image(
         tmp_path,
         [
-            imagetools.base_rootfs(),
             {
                 f"{site}/imgpkg/__init__.py": "import os\n"
                 "IN_ZYGOTE = 'AWS_LAMBDA_FUNCTION_NAME' not in os.environ\n",
@@ -218,6 +213,7 @@ def test_image_zygote_preloads_what_the_handler_imported(
                 "    return {'in_zygote': imgpkg.IN_ZYGOTE, 'cwd': os.getcwd()}\n",
             },
         ],
+        base=imagetools.debian_layout(),
         ref=f"{registry.host}/zygote-image:1",
         cmd=["app.handler"],
         workingdir="/var/task",
@@ -231,13 +227,12 @@ def test_image_zygote_preloads_what_the_handler_imported(
         assert r.status_code == 200, r.text
         assert r.headers["X-Warmstart-Start"] == "cold"
         assert r.json() == {"in_zygote": False, "cwd": "/var/task"}
-        deadline = time.monotonic() + 60
-        while True:
+
+        def image_zygotes() -> list[dict[str, Any]]:
             zs = [z for z in http.get("/zygotes").json()["zygotes"] if z.get("image")]
-            if zs and zs[0]["alive"]:
-                break
-            assert time.monotonic() < deadline, http.get("/zygotes").json()
-            time.sleep(0.2)
+            return zs if zs and zs[0]["alive"] else []
+
+        zs = wait_until(image_zygotes, "a live zygote in the image", timeout=60)
         assert zs[0]["imported"] == ["imgpkg"]
         r = http.post("/run/z2", content=b"{}")
         assert r.status_code == 200, r.text

@@ -5,13 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import Server, deploy, make_zip, needs_root
+from tests.conftest import Server, deploy, make_zip, needs_root, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -117,11 +116,11 @@ def test_invocation_types_and_errors(lam: Any, server: Server) -> None:
     resp = lam.invoke(FunctionName="kinds", InvocationType="Event", Payload=b'{"async": true}')
     assert resp["StatusCode"] == 202
     # The queued event runs in the background and shows up in the function's log.
-    deadline = time.monotonic() + 30
     with server.http() as http:
-        while "'async': True" not in http.get("/functions/kinds/logs").text:
-            assert time.monotonic() < deadline, "the Event invocation never ran"
-            time.sleep(0.05)
+        wait_until(
+            lambda: "'async': True" in http.get("/functions/kinds/logs").text,
+            "the Event invocation to run",
+        )
 
     with pytest.raises(ClientError) as err:
         lam.invoke(FunctionName="nope", Payload=b"{}")
@@ -201,10 +200,17 @@ def test_concurrency_queue_then_429(server_factory: Any) -> None:
         except ClientError as exc:
             results.append(exc.response["Error"]["Code"])
 
+    def busy() -> float:
+        with server.http() as http:
+            return float(http.get("/node").json()["instances"]["busy"])
+
+    # The one instance is busy for 1.5 s; the next call waits in the queue (depth 1) and
+    # the one after it is refused, in whichever order those two arrive.
     threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
+    threads[0].start()
+    wait_until(lambda: busy() == 1, "the first call to hold the instance")
+    for t in threads[1:]:
         t.start()
-        time.sleep(0.3)
     for t in threads:
         t.join()
     assert sorted(map(str, results)) == ["TooManyRequestsException", "ok", "ok"]
@@ -229,11 +235,12 @@ def test_update_code_drops_no_request(lam: Any, server: Server) -> None:
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    wait_until(lambda: len(results) >= 8, "calls on the first revision")
     lam.update_function_code(
         FunctionName="roll", ZipFile=make_zip({"handler.py": code.format(v=2)})
     )
-    time.sleep(0.8)
+    # The callers go on for a while on the new revision before they stop.
+    wait_until(lambda: results.count(2) >= 8, "calls on the second revision")
     stop.set()
     for t in threads:
         t.join()
@@ -302,15 +309,13 @@ def test_handler_cache_budget_evicts_least_recently_used(server_factory: Any) ->
     deploy(lam, "new", {"handler.py": HELLO})
     _invoke(lam, "old", {})
     _invoke(lam, "new", {})
-    deadline = time.monotonic() + 10
     with server.http() as http:
-        while True:
-            left = [i["function"] for i in http.get("/instances").json()["instances"]]
-            if len(left) <= 1:
-                break
-            assert time.monotonic() < deadline, left
-            time.sleep(0.05)
-        assert "old" not in left
+
+        def idle_functions() -> list[str]:
+            return [i["function"] for i in http.get("/instances").json()["instances"]]
+
+        wait_until(lambda: len(idle_functions()) <= 1, "the eviction", timeout=10)
+        assert "old" not in idle_functions()
         assert "warmstart_evictions_total" in http.get("/metrics").text
     # An evicted function simply starts again.
     _resp, body = _invoke(lam, "old", {"again": True})

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests import imagetools
-from tests.conftest import needs_root
+from tests.conftest import needs, needs_root
 from warmstart.images.convert import convert_image
 from warmstart.images.errors import ImageError
 from warmstart.images.estargz import TOC_DIGEST_ANNOTATION, read_toc, write_estargz
@@ -39,7 +39,11 @@ from warmstart.images.lazymount import (
 from warmstart.images.reference import Reference
 from warmstart.images.registry import RegistryClient
 
-pytestmark = [pytest.mark.integration, needs_root]
+pytestmark = [
+    pytest.mark.integration,
+    needs_root,
+    needs(Path("/dev/fuse").exists(), "needs FUSE (/dev/fuse)"),
+]
 
 NO_BACKGROUND = BackgroundFetch(enabled=False)
 
@@ -359,25 +363,10 @@ def test_prioritized_files_from_the_writer_are_prefetched_at_mount(
 
 
 @pytest.fixture(scope="module")
-def ctr_remote_python(
-    registry: Any,
-    python_image: str,
-    client: RegistryClient,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[LazyImage]:
+def ctr_remote_python(ctr_remote_python_image: str, client: RegistryClient) -> LazyImage:
     """The python image converted by the reference implementation (``ctr-remote image
     convert --estargz`` in a private containerd)."""
-    if shutil.which("containerd") is None or shutil.which("ctr-remote") is None:
-        pytest.skip("containerd and ctr-remote (stargz-snapshotter) are not installed")
-    ctd = imagetools.start_containerd(tmp_path_factory.mktemp("containerd"))
-    try:
-        dst = f"{registry.host}/python-lazy:ctr-remote"
-        ctd.ctr("content", "fetch", "--plain-http", python_image)
-        ctd.ctr("image", "convert", "--estargz", "--oci", python_image, dst)
-        ctd.ctr("image", "push", "--plain-http", dst)
-    finally:
-        ctd.stop()
-    yield _image_layers(client, Reference.parse(dst))
+    return _image_layers(client, Reference.parse(ctr_remote_python_image))
 
 
 def test_image_converted_by_ctr_remote_mounts_lazily(

@@ -8,15 +8,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Server, deploy, needs_root
+from tests.conftest import Server, deploy, has_cgroup_v1, needs, needs_root, wait_until
 
 pytestmark = [pytest.mark.integration, needs_root]
+
+needs_v1_cpu = needs(has_cgroup_v1("cpu/cpu.cfs_quota_us"), "needs the cgroup v1 cpu controller")
 
 SLEEPER = "import time\ndef handler(event, context):\n    time.sleep(event.get('sleep', 0))\n    return 'done'\n"
 
@@ -32,18 +33,9 @@ def _node(server: Server) -> dict[str, Any]:
         return node
 
 
-def _wait(pred: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
-@pytest.mark.skipif(
-    not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="cgroup v1 cpu"
-)
+@needs_v1_cpu
 def test_reclaimed_capacity_and_be_suppression(server: Server) -> None:
-    _wait(lambda: _node(server).get("usage"))  # the first tick has happened
+    wait_until(lambda: _node(server).get("usage"), "the first QoS tick")
     node = _node(server)
     assert node["qos"] is True
     assert node["capacity"]["cpus"] >= 1 and node["capacity"]["memory_bytes"] > 0
@@ -67,16 +59,14 @@ def test_reclaimed_capacity_and_be_suppression(server: Server) -> None:
     assert "warmstart_reclaimed_cpu_cores" in metrics and "warmstart_be_cpu_limit_cores" in metrics
 
 
-@pytest.mark.skipif(
-    not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="cgroup v1 cpu"
-)
+@needs_v1_cpu
 def test_quota_policy_caps_be_with_a_short_period(server_factory: Any, tmp_path: Path) -> None:
     config = tmp_path / "qos.json"
     config.write_text(json.dumps({"be_cpu_policy": "quota", "be_cfs_period_us": 20_000}))
     server: Server = server_factory("--qos-config", str(config))
-    _wait(lambda: _node(server).get("be_cpu_limit_cores") is not None)
+    wait_until(lambda: _node(server).get("be_cpu_limit_cores") is not None, "a BE CPU limit")
     d = _be_cpu_dir(server)
-    _wait(lambda: int((d / "cpu.cfs_quota_us").read_text()) > 0)
+    wait_until(lambda: int((d / "cpu.cfs_quota_us").read_text()) > 0, "a BE CPU quota")
     assert int((d / "cpu.cfs_period_us").read_text()) == 20_000
     quota = int((d / "cpu.cfs_quota_us").read_text())
     # The limit per 20 ms, never below the floor that keeps suppressed BE moving.
@@ -87,9 +77,9 @@ def test_quota_policy_caps_be_with_a_short_period(server_factory: Any, tmp_path:
 CPUS = "import os\ndef handler(event, context):\n    return sorted(os.sched_getaffinity(0))\n"
 
 
-@pytest.mark.skipif(
-    not Path("/sys/fs/cgroup/cpuset/cpuset.cpus").exists() or (os.cpu_count() or 1) < 2,
-    reason="needs a cgroup v1 cpuset hierarchy and two CPUs",
+@needs(
+    has_cgroup_v1("cpuset/cpuset.cpus") and (os.cpu_count() or 1) >= 2,
+    "needs the cgroup v1 cpuset controller and two CPUs",
 )
 def test_cpuset_policy_confines_best_effort_instances(server_factory: Any, tmp_path: Path) -> None:
     """With no CPU to lend (threshold 0), BE keeps its minimum of one core: the highest
@@ -108,21 +98,19 @@ def test_cpuset_policy_confines_best_effort_instances(server_factory: Any, tmp_p
     lam = server.lambda_client()
     deploy(lam, "cpus", {"handler.py": CPUS})
     last = (os.cpu_count() or 1) - 1
-    _wait(lambda: _node(server).get("be_cpuset") == str(last))
+    wait_until(lambda: _node(server).get("be_cpuset") == str(last), f"BE confined to CPU {last}")
     assert (_be_cpu_dir(server, "cpuset") / "cpuset.cpus").read_text().strip() == str(last)
     with server.http() as http:
         ls_cpus = http.post("/run/cpus", content=b"{}").json()
         job_id = http.post("/jobs", json={"function": "cpus", "inputs": [{}]}).json()["JobId"]
-        _wait(lambda: http.get(f"/jobs/{job_id}").json()["status"] == "completed")
+        wait_until(lambda: http.get(f"/jobs/{job_id}").json()["status"] == "completed", "the job")
         result = http.get(f"/jobs/{job_id}/results").json()["results"][0]
     assert result["status"] == "succeeded", result
     assert result["result"] == [last]
     assert len(ls_cpus) == os.cpu_count()
 
 
-@pytest.mark.skipif(
-    not Path("/sys/fs/cgroup/cpu/cpu.idle").exists(), reason="needs cgroup v1 cpu.idle"
-)
+@needs(has_cgroup_v1("cpu/cpu.idle"), "needs cpu.idle in the cgroup v1 cpu controller")
 def test_best_effort_in_the_idle_class_when_asked(server_factory: Any, tmp_path: Path) -> None:
     config = tmp_path / "qos.json"
     config.write_text(json.dumps({"be_sched_idle": True}))
@@ -139,13 +127,18 @@ def test_best_effort_in_the_idle_class_when_asked(server_factory: Any, tmp_path:
         assert int((d / "cpu.shares").read_text()) == 2
 
 
-@pytest.mark.skipif(
-    not Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), reason="cgroup v1 cpu"
-)
-def test_without_qos_nothing_is_squeezed(server_factory: Any) -> None:
-    server: Server = server_factory("--no-qos")
-    time.sleep(1.5)
+@needs_v1_cpu
+def test_without_qos_nothing_is_squeezed(server_factory: Any, tmp_path: Path) -> None:
+    """Even with the quota policy configured, a worker without QoS writes no quota: its
+    manager still samples the node (GET /node shows usage) but enforces nothing."""
+    config = tmp_path / "qos.json"
+    config.write_text(json.dumps({"be_cpu_policy": "quota"}))
+    server: Server = server_factory("--no-qos", "--qos-config", str(config))
+    first = wait_until(lambda: _node(server).get("usage"), "the first QoS tick")
+    # A different sample: the next tick has begun, so the first one has finished.
+    wait_until(lambda: _node(server)["usage"] != first, "the second QoS tick")
     assert _node(server)["qos"] is False
+    assert _node(server)["be_cpu_limit_cores"] is None
     assert int((_be_cpu_dir(server) / "cpu.cfs_quota_us").read_text()) == -1
 
 
@@ -161,7 +154,7 @@ def test_memory_pressure_evicts_best_effort_work_and_requeues_it(
         job_id = http.post("/jobs", json={"function": "slow", "inputs": [{"sleep": 5}]}).json()[
             "JobId"
         ]
-    _wait(lambda: _node(server)["evictions"] >= 1)
+    wait_until(lambda: _node(server)["evictions"] >= 1, "an eviction")
     with server.http() as http:
         item = http.get(f"/jobs/{job_id}/results").json()["results"][0]
     # Nothing is lost: the evicted item is pending again and no attempt was spent on it.
@@ -170,7 +163,7 @@ def test_memory_pressure_evicts_best_effort_work_and_requeues_it(
 
 
 def test_top_shows_the_node(server: Server) -> None:
-    _wait(lambda: _node(server).get("usage"))
+    wait_until(lambda: _node(server).get("usage"), "the first QoS tick")
     out = subprocess.run(
         [
             sys.executable,
@@ -206,7 +199,7 @@ def test_a_crashed_workers_best_effort_subtree_is_reaped(
     deploy(first.lambda_client(), "slow", {"handler.py": SLEEPER}, Timeout=60)
     with first.http() as http:
         http.post("/jobs", json={"function": "slow", "inputs": [{"sleep": 30}]})
-    _wait(lambda: _node(first)["best_effort_running"] >= 1)
+    wait_until(lambda: _node(first)["best_effort_running"] >= 1, "a running BE instance")
     assert any("/warmstart-be/" in d for d in cgroup_dirs(first_dir))
     first.stop(signal.SIGKILL)
     assert any("/warmstart-be/" in d for d in cgroup_dirs(first_dir))

@@ -728,13 +728,30 @@ def test_dead_registry_gives_a_clear_error(
 def test_retries_until_the_registry_is_back(own_registry: tuple[Any, str]) -> None:
     reg, ref_text = own_registry
     reg.stop()
-    restarter = threading.Timer(0.5, reg.restart)
+    retried = threading.Event()
+
+    class OnRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retry" in record.getMessage():
+                retried.set()
+
+    def restart_after_a_retry() -> None:
+        if retried.wait(60):
+            reg.restart()
+
+    logger = logging.getLogger("warmstart.images.registry")
+    handler = OnRetry(logging.WARNING)
+    logger.addHandler(handler)
+    restarter = threading.Thread(target=restart_after_a_retry)
     restarter.start()
     try:
         with make_client(retries=12, backoff=0.05, max_backoff=0.5) as c:
             image = c.resolve(Reference.parse(ref_text))
             assert image.layers
+        assert retried.is_set()  # it did fail first: the registry came back under it
     finally:
+        logger.removeHandler(handler)
+        retried.set()
         restarter.join()
 
 

@@ -8,7 +8,6 @@ import io
 import itertools
 import json
 import os
-import shutil
 import struct
 import subprocess
 import tarfile
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_tools
 from warmstart.images import estargz
 from warmstart.images.errors import ChunkDigestError, CorruptLayer, EStargzError, ImageError
 from warmstart.images.estargz import (
@@ -160,12 +160,12 @@ def test_blob_is_an_ordinary_tar_gz(
     # And GNU gzip/tar agree.
     path = tmp_path / "layer.tar.gz"
     path.write_bytes(blob)
-    if shutil.which("gzip") and shutil.which("tar"):
-        subprocess.run(["gzip", "-t", str(path)], check=True)
-        listing = subprocess.run(
-            ["tar", "tzf", str(path)], check=True, capture_output=True, text=True
-        ).stdout.split()
-        assert "./usr/lib/big.so" in listing and listing[-1] == TOC_NAME
+    require_tools("gzip", "tar")
+    subprocess.run(["gzip", "-t", str(path)], check=True)
+    listing = subprocess.run(
+        ["tar", "tzf", str(path)], check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert "./usr/lib/big.so" in listing and listing[-1] == TOC_NAME
 
 
 def test_members_start_where_the_toc_says(sample: tuple[bytes, bytes, EStargzLayer]) -> None:

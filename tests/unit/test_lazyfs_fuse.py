@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.conftest import IS_ROOT, needs
 from tests.lazyfs_blobs import (
     BASE,
     MTIME,
@@ -37,9 +38,7 @@ from warmstart.images.lazyfs.layers import DirLayer, Layer
 from warmstart.images.lazyfs.stats import Stats
 from warmstart.images.lazymount import BackgroundFetch, detach, is_mounted
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs root and /dev/fuse"
-)
+pytestmark = needs(IS_ROOT and os.path.exists("/dev/fuse"), "needs root and /dev/fuse")
 
 
 @contextlib.contextmanager

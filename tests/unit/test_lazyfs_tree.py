@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import IS_ROOT, needs
 from tests.lazyfs_blobs import BASE, MTIME, UPPER, Member, blob_layer, make_local_layer
 from warmstart.images.errors import ImageError
 from warmstart.images.lazyfs.chunks import ChunkCache
@@ -196,7 +197,7 @@ def test_an_unpacked_layer_with_verbatim_whiteouts_and_hard_links(
     assert "local.txt" in listing(tree, "usr/lib") and "big.bin" in listing(tree, "usr/lib")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mknod and trusted.* xattrs need root")
+@needs(IS_ROOT, "mknod and trusted.* xattrs need root")
 def test_an_unpacked_layer_with_overlayfs_whiteouts(tmp_path: Path, cache: ChunkCache) -> None:
     root = make_local_layer(tmp_path / "local")
     local = DirLayer(root)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
+from tests.conftest import needs_root
 from warmstart.runtime import syscalls
 
 SAMPLE = (
@@ -42,7 +40,7 @@ def test_this_process_mount_table_has_its_root() -> None:
     assert not syscalls.is_mount_point("/no/such/mount/point")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount")
+@needs_root
 def test_unmount_plain_busy_and_not_mounted(tmp_path: Path) -> None:
     target = tmp_path / "a dir"  # a space: the table escapes it
     target.mkdir()

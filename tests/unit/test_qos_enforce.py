@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import IS_ROOT, has_cgroup_v1, needs
 from warmstart.errors import SandboxError
 from warmstart.qos import enforce
 from warmstart.qos.policy import QoSConfig
@@ -309,10 +310,7 @@ REAL_ROOT = Path("/sys/fs/cgroup")
 REAL_CPU = REAL_ROOT / "cpu"
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() != 0 or not (REAL_CPU / "cpu.shares").exists(),
-    reason="needs root and a cgroup v1 cpu hierarchy",
-)
+@needs(IS_ROOT and has_cgroup_v1("cpu/cpu.shares"), "needs root and the cgroup v1 cpu controller")
 def test_real_v1_cgroupfs() -> None:
     top = f"warmstart-qos-test-{secrets.token_hex(4)}"
     be, ls = f"{top}/be", f"{top}/ls"
@@ -358,12 +356,11 @@ def test_real_v1_cgroupfs() -> None:
 REAL_CPUSET = REAL_ROOT / "cpuset"
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "geteuid")
-    or os.geteuid() != 0
-    or not (REAL_CPUSET / "cpuset.cpus").exists()
-    or len(enforce.parse_cpus((REAL_CPUSET / "cpuset.cpus").read_text())) < 2,
-    reason="needs root, a cgroup v1 cpuset hierarchy and two CPUs",
+@needs(
+    IS_ROOT
+    and has_cgroup_v1("cpuset/cpuset.cpus")
+    and len(enforce.parse_cpus((REAL_CPUSET / "cpuset.cpus").read_text())) >= 2,
+    "needs root, the cgroup v1 cpuset controller and two CPUs",
 )
 def test_real_v1_be_cpuset_shrinks_and_grows() -> None:
     """The kernel's subset rules, for real: a child cpuset joined by a process shrinks

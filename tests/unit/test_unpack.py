@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import os
-import shutil
 import stat
 import tarfile
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from tests.conftest import require_tools
 from warmstart.images import unpack as unpack_module
 from warmstart.images.errors import CorruptLayer, UnsafeLayer
 from warmstart.images.unpack import (
@@ -470,8 +470,8 @@ def test_gzip_in_a_child_process(
 ) -> None:
     if binary == "python":
         monkeypatch.setattr(unpack_module, "GUNZIP_BINARY", "no-such-binary")
-    elif shutil.which("igzip") is None:
-        pytest.skip("ISA-L's igzip is not installed (Debian package isal)")
+    else:
+        require_tools("igzip")  # ISA-L's (Debian package isal)
     command = unpack_module.gunzip_command()
     assert ("isal.igzip" in command) == (binary == "python")
     raw = _big_tar()
