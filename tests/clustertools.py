@@ -28,13 +28,8 @@ import pytest
 from warmstart.cluster.local import LocalCluster, LocalClusterError, missing_prerequisites
 
 
-def needs(available: object, reason: str) -> pytest.MarkDecorator:
-    from tests.conftest import needs as conftest_needs
-
-    return conftest_needs(available, reason)
-
-
 def require(available: object, reason: str) -> None:
+    """conftest's ``require`` (imported when called: conftest imports this module)."""
     from tests.conftest import require as conftest_require
 
     conftest_require(available, reason)
@@ -43,7 +38,9 @@ ClusterFactory = Callable[..., LocalCluster]
 _MISSING = missing_prerequisites()
 SKIP_REASON = f"local cluster: {_MISSING} (CI installs etcd-server and iproute2)"
 # For tests that drive a LocalCluster themselves rather than through the factory.
-needs_local_cluster = needs(_MISSING is None, SKIP_REASON)
+# conftest's ``needs`` mark (skip, or fail in strict mode), spelled out: conftest imports
+# this module, so its helper cannot be imported here.
+needs_local_cluster = pytest.mark.needs(_MISSING is None, reason=SKIP_REASON)
 
 
 @pytest.fixture
