@@ -153,3 +153,34 @@ def test_process_backend_runs_without_isolation(server_factory: Any) -> None:
     assert "ISOLATION IS OFF" in server.log()
     with server.http() as http:
         assert http.get("/healthz").json()["isolation"] == "process"
+
+
+@needs_root
+def test_one_worker_per_data_dir_and_a_restart_waits_for_the_dying_one(tmp_path: Path) -> None:
+    from warmstart.errors import SandboxError
+
+    async def main() -> None:
+        first = SandboxManager(tmp_path / "data", isolation=Isolation.LINUX, pool_size=1)
+        await first.start()
+        try:
+            second = SandboxManager(
+                tmp_path / "data", isolation=Isolation.LINUX, pool_size=1, lock_wait_s=0.3
+            )
+            with pytest.raises(SandboxError, match="another warmstart worker is running"):
+                await second.start()
+            await second.close()
+            # A worker that starts while the previous one is still going away gets the
+            # data dir as soon as the lock is released.
+            third = SandboxManager(
+                tmp_path / "data", isolation=Isolation.LINUX, pool_size=1, lock_wait_s=30
+            )
+            starting = asyncio.get_running_loop().create_task(third.start())
+            await asyncio.sleep(0.2)
+            assert not starting.done()
+            await first.close()
+            await asyncio.wait_for(starting, 30)
+            await third.close()
+        finally:
+            await first.close()
+
+    asyncio.run(main())

@@ -181,7 +181,9 @@ def test_placement_prefers_warm_then_zygote_then_cached_then_least_loaded() -> N
     ]
 
     def place(members: list[Member], local_idle: bool = False) -> tuple[str, str]:
-        r = Router(FakeMembership("me", members), lambda _r: local_idle, lambda _r: 0)  # type: ignore[arg-type]
+        r = Router(
+            FakeMembership("me", members), lambda _r: local_idle, lambda _r: 0, placement_ttl_s=0
+        )  # type: ignore[arg-type]
         p = r.place(rec)
         return p.node, p.reason
 
@@ -213,7 +215,7 @@ def test_a_node_at_its_share_sends_calls_where_there_is_room() -> None:
     rec = rec.next_revision(reserved_concurrency=2)
     fn_busy = {"fn": {"revision": rec.revision, "idle": 0, "inflight": 1}}
     members = [member("a"), member("b", functions=fn_busy)]
-    router = Router(FakeMembership("a", members), lambda _r: True, lambda _r: 1)  # type: ignore[arg-type]
+    router = Router(FakeMembership("a", members), lambda _r: True, lambda _r: 1, placement_ttl_s=0)  # type: ignore[arg-type]
     # a's share is 1 and it runs 1: it has an idle instance but no room; b is full too.
     placement = router.place(rec)
     assert placement.local and placement.reason == "share"

@@ -20,7 +20,6 @@ from warmstart.api.lambda_api import (
     error_response,
     function_name,
     result_headers,
-    route,
 )
 from warmstart.errors import InvalidParameter, NotFound, WarmstartError
 from warmstart.worker import Worker
@@ -57,10 +56,6 @@ class NativeAPI:
     async def run(self, request: Request) -> Response:
         """POST /run/<fn>: JSON event in, handler result out (502 if the handler failed)."""
         name, _ = function_name(request.path_params["name"])
-        if self.cluster is not None:
-            forwarded = await route(self.cluster, self.worker, request, name)
-            if forwarded is not None:
-                return forwarded
         result = await self.worker.invoke(name, await request.body())
         status = 200
         if result.function_error:
@@ -212,3 +207,14 @@ def create_app(worker: Worker, cluster: ClusterNode | None = None) -> Starlette:
     )
     app.state.worker = worker
     return app
+
+
+def create_asgi(worker: Worker, cluster: ClusterNode | None = None) -> Any:
+    """What a server runs: the app, behind cluster mode's forwarding layer when there is
+    a cluster (``api/forwarding.py``)."""
+    app = create_app(worker, cluster)
+    if cluster is None:
+        return app
+    from warmstart.api.forwarding import ForwardingMiddleware
+
+    return ForwardingMiddleware(app, cluster)

@@ -22,7 +22,6 @@ from warmstart.errors import (
     InvalidParameter,
     InvalidRequestContent,
     NotFound,
-    PlatformError,
     PreconditionFailed,
     ServiceUnavailable,
     TooManyRequests,
@@ -405,10 +404,6 @@ class LambdaAPI:
         name, qualifier = function_name(request.path_params["name"])
         check_qualifier(qualifier or request.query_params.get("Qualifier"))
         kind = request.headers.get("x-amz-invocation-type", "RequestResponse")
-        if kind == "RequestResponse" and self.cluster is not None:
-            forwarded = await route(self.cluster, self.worker, request, name)
-            if forwarded is not None:
-                return forwarded
         payload = await request.body()
         if kind == "DryRun":
             self.worker.get(name)
@@ -435,26 +430,6 @@ def _client_context(raw: str | None) -> Any:
         return json.loads(base64.b64decode(raw))
     except (ValueError, binascii.Error):
         raise InvalidParameter("X-Amz-Client-Context must be base64-encoded JSON") from None
-
-
-async def route(
-    cluster: ClusterNode, worker: Worker, request: Request, name: str
-) -> Response | None:
-    """Cluster mode: the answer of the node where the call runs best, or None when it
-    runs here (it was placed here, was forwarded here, or its node is unreachable)."""
-    from warmstart.api.cluster_api import forward, is_forwarded
-
-    if is_forwarded(request):
-        return None
-    rec = worker.get(name)
-    placement = cluster.place(rec)
-    if placement.local:
-        return None
-    try:
-        return await forward(cluster, request, placement, rec.config.timeout_s)
-    except PlatformError as exc:
-        log.warning("cluster: running %s here instead: %s", name, exc)
-        return None
 
 
 def result_headers(result: InvokeResult, cluster: ClusterNode | None = None) -> dict[str, str]:

@@ -488,7 +488,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from warmstart.api import create_app
+    from warmstart.api import create_asgi
+    from warmstart.cluster.peer import SERVER_KEEP_ALIVE_S
     from warmstart.worker import Settings, Worker
 
     settings = Settings(
@@ -525,10 +526,10 @@ def _serve(args: argparse.Namespace) -> int:
 
         node = ClusterNode(settings)
         worker = node.worker
-        app = create_app(worker, node)
+        app = create_asgi(worker, node)
     else:
         worker = Worker(settings)
-        app = create_app(worker)
+        app = create_asgi(worker)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -536,6 +537,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         lifespan="on",
+        # Peers keep connections to forward calls; they drop them before this lapses.
+        timeout_keep_alive=SERVER_KEEP_ALIVE_S,
     )
     server = uvicorn.Server(config)
     log.info(

@@ -26,6 +26,7 @@ from warmstart.cluster.catalog import EtcdCatalog
 from warmstart.cluster.code import ClusterCode
 from warmstart.cluster.etcd import AetcdEtcd, ClusterUnavailable, Etcd
 from warmstart.cluster.membership import Membership
+from warmstart.cluster.peer import PeerClient
 from warmstart.cluster.queue import EtcdQueue
 from warmstart.cluster.router import Placement, Router, share
 from warmstart.cluster.settings import ClusterSettings
@@ -47,11 +48,12 @@ class ClusterNode:
         self.name = self.cluster.node_name
         self.etcd: Etcd = etcd or AetcdEtcd(self.cluster.endpoints, self.cluster.prefix)
         self.tasks = Supervisor("cluster")
-        # Peers: one pool of keep-alive connections for forwarded calls and bundles.
+        # Peers: keep-alive connections for bundles and other node-to-node calls.
         self.http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
             timeout=httpx.Timeout(10.0, read=None),
         )
+        self.peers = PeerClient()  # forwarded invocations (the hot hop)
         self.token = ""
         store = FunctionStore(settings.data_dir)
         self.membership = Membership(self.etcd, self.cluster, self._state)
@@ -109,6 +111,7 @@ class ClusterNode:
             ("cluster membership", self.membership.leave),
             ("cluster tasks", self.tasks.close),
             ("peer connections", self.http.aclose),
+            ("forwarding connections", self.peers.close),
             ("etcd client", self.etcd.close),
         )
 

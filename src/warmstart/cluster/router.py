@@ -27,6 +27,7 @@ mid-request is a clear 502, never a hang.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from warmstart.functions import FunctionRecord
 
 log = logging.getLogger(__name__)
 
+PLACEMENT_TTL_S = 0.25
 FORWARDED_HEADER = "X-Warmstart-Forwarded"
 NODE_HEADER = "X-Warmstart-Node"
 MiB = 1 << 20
@@ -111,18 +113,43 @@ class Router:
         membership: Membership,
         local_idle: Callable[[FunctionRecord], bool],
         local_inflight: Callable[[FunctionRecord], int],
+        *,
+        placement_ttl_s: float = PLACEMENT_TTL_S,
     ) -> None:
         self.membership = membership
         self.local_idle = local_idle
         self.local_inflight = local_inflight
         self.forwarded = 0
         self.kept = 0
+        # A remote placement is reused for a moment: the state it was made from is up to a
+        # publish interval old anyway, and scoring every node on every call would cost
+        # the forwarded call more than the decision is worth.
+        self._recent: dict[tuple[str, int], tuple[float, Placement]] = {}
+        self.placement_ttl_s = placement_ttl_s
 
     def place(self, rec: FunctionRecord) -> Placement:
         me = self.membership.name
         if self.local_idle(rec) and self._has_room_here(rec):
             self.kept += 1
             return Placement(me, self.membership.settings.advertise, True, "warm")
+        key = (rec.name, rec.revision)
+        now = time.monotonic()
+        recent = self._recent.get(key)
+        if recent is not None and now - recent[0] < self.placement_ttl_s:
+            placement = recent[1]
+            if placement.local:
+                self.kept += 1
+            else:
+                self.forwarded += 1
+            return placement
+        placement = self._place(rec)
+        if len(self._recent) > 4096:
+            self._recent.clear()
+        self._recent[key] = (now, placement)
+        return placement
+
+    def _place(self, rec: FunctionRecord) -> Placement:
+        me = self.membership.name
         members = self.membership.live()
         if len(members) <= 1:
             self.kept += 1

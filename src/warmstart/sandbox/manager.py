@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py", "syscalls.py")
 DEV_FILES = ("null", "zero", "full", "random", "urandom")
 TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
+LOCK_WAIT_S = 10.0  # how long a starting worker waits for a dying one's data-dir lock
 CGROUP_TOP = "warmstart"  # warmstart/<hash>/ls: latency-sensitive instances and zygotes
 # Best-effort instances: warmstart-be/<hash>/, a subtree of its own at the hierarchy's
 # root, where its lowest weight (and cpu.idle, if asked for) ranks it below every
@@ -191,8 +193,10 @@ class SandboxManager:
         pool_size: int = 8,
         lock_dir: Path = Path("/run/warmstart"),
         be_sched_idle: bool = False,
+        lock_wait_s: float = LOCK_WAIT_S,
     ) -> None:
         self.data_dir = data_dir
+        self.lock_wait_s = lock_wait_s
         # The best-effort subtree also in the kernel's idle class (QoSConfig.be_sched_idle).
         self.be_sched_idle = be_sched_idle
         self.uid, self.gid = uid, gid
@@ -251,16 +255,37 @@ class SandboxManager:
     def _lock_path(self, digest: str) -> Path:
         return self._lock_dir / f"{digest}.lock"
 
-    def _take_ownership(self) -> None:
-        """One worker per data dir: hold a lock for as long as this manager lives."""
+    async def _take_ownership(self, wait_s: float = LOCK_WAIT_S) -> None:
+        """One worker per data dir: hold a lock for as long as this manager lives.
+
+        A worker killed with SIGKILL releases the lock only once the kernel has torn the
+        process down -- with many threads, sockets and mounts that can take a moment
+        after the kill -- so a restart waits up to ``wait_s`` for it before it says that
+        another worker runs there."""
         self._lock_dir.mkdir(parents=True, exist_ok=True)
         digest = self.cgroup_parent().split("/")[1]
         fd = os.open(self._lock_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SandboxError(f"another warmstart worker is running on {self.data_dir}") from None
+        deadline = time.monotonic() + wait_s
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise SandboxError(
+                        f"another warmstart worker is running on {self.data_dir}"
+                    ) from None
+                if not waited:
+                    log.warning(
+                        "the data dir %s is locked by another worker; waiting up to %.0f s "
+                        "for it to exit",
+                        self.data_dir,
+                        wait_s,
+                    )
+                    waited = True
+                await asyncio.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {self.data_dir.resolve()}\n".encode())
         self._lock_fd = fd
@@ -309,7 +334,7 @@ class SandboxManager:
             if driver is None:
                 raise SandboxError(f"no usable cgroup hierarchy at {self._cgroup_root}")
             be_driver = driver.with_cpuset()
-            self._take_ownership()
+            await self._take_ownership(self.lock_wait_s)
             self._reap_abandoned(driver, be_driver)
             # Whatever a crashed worker left in our subtrees goes first, the BE parent
             # itself too: it may still carry that worker's CPU quota or cpuset.
