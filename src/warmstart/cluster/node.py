@@ -16,6 +16,7 @@ before its claims are dropped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any
@@ -37,6 +38,7 @@ from warmstart.worker import Settings, Worker
 log = logging.getLogger(__name__)
 
 TOKEN_KEY = "cluster/token"
+ARTIFACTS_INTERVAL_S = 5.0
 
 
 class ClusterNode:
@@ -68,6 +70,7 @@ class ClusterNode:
         self.membership.on_join(self.code.announce_all)
         self.membership.on_change(self._members_changed)
         self._started = False
+        self._artifacts: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -88,6 +91,7 @@ class ClusterNode:
         self.tasks.loop("membership", self.membership.run)
         self.tasks.loop("members", self.membership.watch)
         self.tasks.loop("catalog", lambda: self.catalog.follow(self.worker.registry))
+        self.tasks.loop("artifacts", self._artifacts_loop)
         self._started = True
         log.info(
             "cluster: node %s serving at %s; %d node(s) live",
@@ -130,7 +134,14 @@ class ClusterNode:
     def _state(self) -> dict[str, Any]:
         state = self.worker.published_state()
         state["code"] = sorted(self.code.held)
+        state.update(self._artifacts)
         return state
+
+    async def _artifacts_loop(self) -> None:
+        """Every few seconds, what this node holds of images (read on a thread)."""
+        while True:
+            self._artifacts = await asyncio.to_thread(self.worker.held_artifacts)
+            await asyncio.sleep(ARTIFACTS_INTERVAL_S)
 
     def health(self) -> dict[str, Any]:
         m = self.membership

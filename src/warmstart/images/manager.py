@@ -245,6 +245,13 @@ class ImageManager:
         with contextlib.suppress(OSError):
             os.rmdir(path)  # a lazy mount point lives elsewhere; only full roots are ours
 
+    def held(self) -> dict[str, Any]:
+        """What this node holds of images (for a cluster's placement and peers): layer
+        blobs of full pulls (digest -> size) and how many verified lazy chunks are
+        cached.  Reads the store's index and lists the chunk cache: call it on a thread."""
+        chunks = sum(1 for _ in (self.lazy.cache_dir / "sha256").glob("*/*"))
+        return {"layers": self.store.layer_digests(), "chunks": chunks}
+
     def snapshot(self) -> dict[str, float]:
         out = {
             "image_pulls_total": float(self.stats.pulls),

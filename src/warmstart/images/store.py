@@ -388,6 +388,12 @@ class ImageStore:
             ids = [r[0] for r in self._db.execute("SELECT id FROM images ORDER BY last_used")]
             return [img for i in ids if (img := self._load(i)) is not None]
 
+    def layer_digests(self) -> dict[str, int]:
+        """Every layer blob held here: compressed digest -> compressed size."""
+        with self._lock:
+            rows = self._db.execute("SELECT digest, compressed_size FROM layers").fetchall()
+        return {str(d): int(n) for d, n in rows}
+
     def disk_bytes(self) -> int:
         with self._lock:
             row = self._db.execute("SELECT COALESCE(SUM(disk_bytes), 0) FROM layers").fetchone()

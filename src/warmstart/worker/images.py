@@ -73,6 +73,12 @@ class ImageFunctions:
         """Images whose root is mounted here: digest -> compressed size."""
         return dict(self._mounted)
 
+    def held(self) -> dict[str, Any]:
+        """Layers and lazy chunks held here (``ImageManager.held``; on a thread)."""
+        if self._manager is None:
+            return {"layers": {}, "chunks": 0}
+        return self._manager.held()
+
     def snapshot(self) -> dict[str, float]:
         return self._manager.snapshot() if self._manager is not None else {}
 

@@ -437,6 +437,10 @@ class Worker:
         }
         return state
 
+    def held_artifacts(self) -> dict[str, Any]:
+        """Image layers and lazy chunks held here (reads disk and SQLite: on a thread)."""
+        return self._images.held()
+
     def _installed_pins(self) -> list[str]:
         """Pins of this node's functions whose package is installed here (checked once
         each: an installed version stays)."""
