@@ -522,8 +522,16 @@ def _serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if settings.cluster is not None:
+        from warmstart.cluster.etcd import ClusterUnavailable
         from warmstart.cluster.node import ClusterNode
 
+        try:
+            asyncio.run(ClusterNode.check_etcd(settings.cluster))
+        except ClusterUnavailable as exc:
+            raise CLIError(
+                f"cannot join the cluster: {exc} (is etcd running at "
+                f"{', '.join(settings.cluster.endpoints)}?)"
+            ) from exc
         node = ClusterNode(settings)
         worker = node.worker
         app = create_asgi(worker, node)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
-from warmstart.errors import ServiceUnavailable
+from warmstart.errors import InvalidParameter, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,15 @@ TIMEOUT_S = 3.0  # one request; a slower etcd is treated as unreachable
 
 class ClusterUnavailable(ServiceUnavailable):
     """etcd cannot be reached (or answered an error): cluster writes cannot be made."""
+
+
+class ValueTooLarge(InvalidParameter):
+    """etcd refused a request for its size (its default limit is 1.5 MiB a request)."""
+
+
+def _too_large(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "too large" in text or "larger than max" in text or "resource_exhausted" in text
 
 
 @dataclass(frozen=True)
@@ -153,8 +162,12 @@ class AetcdEtcd:
                 self._client = client
         return self._client
 
-    async def _failed(self, exc: BaseException) -> ClusterUnavailable:
-        """Drop the client (the next call connects to the next endpoint)."""
+    async def _failed(self, exc: BaseException) -> ClusterUnavailable | ValueTooLarge:
+        """What a failed call raises.  A request refused for its size is the caller's
+        (the connection is fine); anything else drops the client, and the next call
+        connects to the next endpoint."""
+        if _too_large(exc):
+            return ValueTooLarge(f"etcd refused a request this large: {exc}")
         client, self._client = self._client, None
         self._current = (self._current + 1) % len(self._endpoints)
         if client is not None:

@@ -100,6 +100,21 @@ class ClusterNode:
             len(self.membership.live()),
         )
 
+    @staticmethod
+    async def check_etcd(cluster: ClusterSettings) -> None:
+        """Whether etcd answers at the configured endpoints (``ClusterUnavailable``)."""
+        etcd = AetcdEtcd(cluster.endpoints, cluster.prefix)
+        try:
+            for _ in cluster.endpoints:  # each failure moves on to the next endpoint
+                try:
+                    await etcd.get(TOKEN_KEY)
+                    return
+                except ClusterUnavailable as exc:
+                    error = exc
+            raise error
+        finally:
+            await etcd.close()
+
     async def _token(self) -> str:
         """The cluster's shared secret for node-to-node calls (made by the first node)."""
         await self.etcd.create(TOKEN_KEY, secrets.token_hex(24).encode())

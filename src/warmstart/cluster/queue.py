@@ -35,6 +35,11 @@ from warmstart.worker.bequeue import PendingRow
 log = logging.getLogger(__name__)
 
 EVENTS, QUEUE, CLAIMS, JOBS = "events/", "queue/", "claims/", "jobs/"
+# A finished item (and its result) is kept this long, then etcd drops it.
+RETENTION_S = 24 * 3600
+RETENTION_ROLL_S = 3600
+# etcd takes at most 1.5 MiB a request: a larger result is recorded as an error.
+MAX_RESULT_BYTES = 1 << 20
 
 
 def _b64(data: bytes) -> str:
@@ -49,6 +54,17 @@ class EtcdQueue:
         self.membership = membership
         self._taken: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (queue key, record)
         self._claimed: dict[str, bytes] = {}  # id -> the claim's value when it was taken
+        self._retention_lease = 0
+        self._retention_granted = 0.0
+
+    async def _retention(self) -> int:
+        """The lease finished items are kept under: one per hour of finishing, lasting
+        RETENTION_S, so etcd does not fill with old outcomes."""
+        now = time.monotonic()
+        if self._retention_lease == 0 or now - self._retention_granted > RETENTION_ROLL_S:
+            self._retention_lease = await self.etcd.grant(RETENTION_S + RETENTION_ROLL_S)
+            self._retention_granted = now
+        return self._retention_lease
 
     def _holder(self) -> bytes:
         """A claim's value: this node, under this lease (a restarted node with the same
@@ -101,7 +117,7 @@ class EtcdQueue:
                 ops.append(Put(self._queue_key(event_id), event_id.encode()))
             await self.etcd.commit(ops)
         meta = {"function": function, "created": now, "total": len(inputs)}
-        await self.etcd.put(JOBS + job_id, json.dumps(meta).encode())
+        await self.etcd.put(JOBS + job_id, json.dumps(meta).encode(), lease=await self._retention())
         return job_id
 
     # -- running ---------------------------------------------------------------------------
@@ -147,13 +163,23 @@ class EtcdQueue:
             return
         queue_key, record = taken
         holder = self._claimed.pop(event_id, b"")
+        if len(result) > MAX_RESULT_BYTES:
+            status = "failed"
+            result = json.dumps(
+                {
+                    "errorType": "Function.ResponseSizeTooLarge",
+                    "errorMessage": f"the result took {len(result)} bytes; a queued "
+                    f"invocation's result may take at most {MAX_RESULT_BYTES}",
+                }
+            ).encode()
         record.update(
             status=status, attempts=attempts, result=_b64(result), node=self.membership.name
         )
         try:
+            retention = await self._retention()
             written = await self.etcd.commit(
                 [
-                    Put(EVENTS + event_id, json.dumps(record).encode()),
+                    Put(EVENTS + event_id, json.dumps(record).encode(), lease=retention),
                     Delete(queue_key),
                     Delete(CLAIMS + event_id),
                 ],

@@ -453,7 +453,14 @@ class SandboxManager:
     def _start_spawner(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._spawner = subprocess.Popen(
-            [sys.executable, "-I", "-m", "warmstart.sandbox.spawner", str(child.fileno())],
+            [
+                sys.executable,
+                "-I",
+                "-m",
+                "warmstart.sandbox.spawner",
+                str(child.fileno()),
+                str(os.getpid()),
+            ],
             pass_fds=[child.fileno()],
             stdin=subprocess.DEVNULL,
         )

@@ -465,7 +465,11 @@ def serve(sock: socket.socket) -> None:
 def main() -> None:
     sc.set_name("ws-spawner")
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the worker died before we set PDEATHSIG
+    # The worker may have died before PDEATHSIG was set: then this process has been
+    # reparented and its parent is no longer the worker.  (Comparing with pid 1 would be
+    # wrong where the worker itself is pid 1, as in a container.)
+    worker = int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
+    if os.getppid() != worker:
         sys.exit(1)
     fd = int(sys.argv[1])
     serve(socket.socket(fileno=fd))
