@@ -138,6 +138,12 @@ def forwarding(direct_url: str, via_url: str, calls: int, rounds: int) -> dict[s
                     raise BenchError(f"{kind}: HTTP {status}")
                 samples.append(ms)
                 nodes.add(headers.get("x-warmstart-node", "?"))
+            expected = {"direct": "node2", "forwarded": "node2"}[kind]
+            if nodes != {expected}:
+                raise BenchError(
+                    f"{kind} round {r + 1} ran on {sorted(nodes)}, not only on {expected}: "
+                    "the measurement would not be of a forwarded call"
+                )
             rounds_out[kind].append(
                 {"p50": percentile(samples, 50), "p99": percentile(samples, 99)}
             )

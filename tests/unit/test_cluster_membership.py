@@ -194,6 +194,11 @@ def test_placement_prefers_warm_then_zygote_then_cached_then_least_loaded() -> N
     busy_me = member("me", inflight=4)
     assert place([busy_me, nodes[4]]) == ("idle", "load")
     assert place([nodes[0], nodes[4]])[0] == "me"  # a tie stays here: no hop
+    # A node whose instances were all busy when it published beats a cold start elsewhere
+    # (under steady load an instance is busy about half the time), but not an idle one.
+    busy = member("busy", functions={"fn": {"revision": rec.revision, "idle": 0, "busy": 1}})
+    assert place([nodes[0], nodes[2], busy]) == ("busy", "warm")
+    assert place([nodes[0], busy, nodes[1]]) == ("warm", "warm")
     assert zygote_cover(nodes[2], rec) == 0.5
     # A stale revision's idle instances do not count as warm.
     old = {"fn": {"revision": rec.revision - 1, "idle": 3}}

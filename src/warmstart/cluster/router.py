@@ -4,7 +4,9 @@ Placement, for a synchronous invocation arriving at any node, best first:
 
 1. a node with an idle (warm or frozen) instance of the function's current revision --
    this node first, without looking further, when it has one (the warm path never
-   reads anything but its own pools);
+   reads anything but its own pools) -- then a node whose instances of it are all busy
+   at the moment it published (under steady load an instance is busy half the time:
+   it is warm again within a call, where any other node would start cold);
 2. a node with a zygote whose packages the function needs (a fork, milliseconds);
 3. a node that has the function's artifacts cached -- its packages installed, its image
    mounted -- scored like Kubernetes' ImageLocality: each cached artifact counts its
@@ -162,7 +164,8 @@ class Router:
             return Placement(me, self.membership.settings.advertise, True, "share")
 
         def key(m: Member) -> tuple[float, float, float, float, int]:
-            warm = float(_function_state(m, rec).get("idle", 0) > 0)
+            fn = _function_state(m, rec)
+            warm = 2.0 if fn.get("idle", 0) > 0 else 1.0 if fn.get("busy", 0) > 0 else 0.0
             return (warm, zygote_cover(m, rec), locality(m, rec, members), -load(m), m.name == me)
 
         best = max(candidates, key=key)
