@@ -26,7 +26,7 @@ from warmstart.cluster.router import FORWARDED_HEADER, NODE_HEADER
 from warmstart.errors import WarmstartError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, MutableMapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 
     from warmstart.cluster.node import ClusterNode
 
@@ -101,26 +101,36 @@ class ForwardingMiddleware:
         if placement.local:
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
         host, port = _host_port(placement.url)
         target = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         out_headers = [(k, v) for k, v in headers if k not in _HOP]
         out_headers.append((_FORWARDED, self.node.name.encode()))
+        length = _content_length(headers)
+        timeout = rec.config.timeout_s + 10.0
         try:
-            resp = await self.node.peers.request(
-                host,
-                port,
-                "POST",
-                target,
-                out_headers,
-                body,
-                timeout=rec.config.timeout_s + 10.0,
-            )
+            if length is not None:  # the body streams through as it arrives
+                resp = await self.node.peers.forward(
+                    host,
+                    port,
+                    "POST",
+                    target,
+                    out_headers,
+                    _body(receive),
+                    length,
+                    timeout=timeout,
+                )
+            else:  # no length given (chunked): read it first
+                body = await _read_body(receive)
+                resp = await self.node.peers.request(
+                    host, port, "POST", target, out_headers, body, timeout=timeout
+                )
         except PeerUnreachable as exc:
+            # Nothing was sent, and (with a length) nothing read yet: the app reads the
+            # request itself; without a length it gets the body read above.
             log.warning("cluster: %s unreachable, running %s here: %s", placement.node, name, exc)
-            await self.app(scope, _replay(body), send)
+            await self.app(scope, receive if length is not None else _replay(body), send)
             return
         except PeerFailed as exc:
             log.warning("cluster: forwarding %s to %s failed: %s", name, placement.node, exc)
@@ -137,6 +147,29 @@ class ForwardingMiddleware:
 def _host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "", parts.port or 80
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for key, value in headers:
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body"):
+            return
 
 
 async def _read_body(receive: Receive) -> bytes:
