@@ -38,6 +38,8 @@ class ClusterAPI:
             Route("/cluster/nodes", self.nodes, methods=["GET"]),
             Route("/cluster/code/{sha}", self.get_code, methods=["GET"]),
             Route("/cluster/code/{sha}", self.put_code, methods=["PUT"]),
+            Route("/cluster/blobs/{sha}/{piece:int}", self.get_piece, methods=["GET"]),
+            Route("/cluster/chunks/sha256:{sha}", self.get_chunk, methods=["GET"]),
         ]
 
     async def nodes(self, request: Request) -> Response:
@@ -57,6 +59,22 @@ class ClusterAPI:
         if not self.node.code.has(sha):
             raise NotFound(f"bundle {sha[:12]} is not on this node")
         return FileResponse(self.node.code.zip_path(sha), media_type="application/zip")
+
+    async def get_piece(self, request: Request) -> Response:
+        """A piece of a layer blob this node holds (peer-to-peer image distribution)."""
+        sha = self._check_peer(request)
+        data = await self.node.swarm.serve_piece(sha, int(request.path_params["piece"]))
+        if data is None:
+            raise NotFound(f"piece {request.path_params['piece']} of {sha[:12]} is not here")
+        return Response(data, media_type="application/octet-stream")
+
+    async def get_chunk(self, request: Request) -> Response:
+        """A verified lazy-mount chunk this node has cached, by its digest."""
+        sha = self._check_peer(request)
+        path = self.node.chunk_path(f"sha256:{sha}")
+        if path is None:
+            raise NotFound(f"chunk {sha[:12]} is not cached here")
+        return FileResponse(path, media_type="application/octet-stream")
 
     async def put_code(self, request: Request) -> Response:
         sha = self._check_peer(request)

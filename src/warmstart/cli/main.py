@@ -430,6 +430,14 @@ def _add_serve(sub: Any) -> None:
         "from --host and --port; give it when --host is 0.0.0.0)",
     )
     c.add_argument(
+        "--p2p-sources",
+        metavar="N",
+        type=int,
+        default=1,
+        help="how many nodes fetch one image layer from the registry when several need "
+        "it; the others fetch its pieces from them (default %(default)s)",
+    )
+    c.add_argument(
         "--label",
         action="append",
         default=[],
@@ -478,6 +486,7 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
             node_name=args.node_name or socket.gethostname().split(".")[0].lower(),
             advertise=args.advertise or f"http://{host}:{args.port}",
             labels=labels,
+            p2p_sources=args.p2p_sources,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from exc

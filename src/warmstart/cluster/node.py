@@ -17,14 +17,18 @@ before its claims are dropped.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from warmstart.cluster.catalog import EtcdCatalog
 from warmstart.cluster.code import ClusterCode
+from warmstart.cluster.distribution import P2PBlobFetcher, Swarm
 from warmstart.cluster.etcd import AetcdEtcd, ClusterUnavailable, Etcd
 from warmstart.cluster.membership import Membership
 from warmstart.cluster.peer import PeerClient
@@ -32,6 +36,8 @@ from warmstart.cluster.queue import EtcdQueue
 from warmstart.cluster.router import Placement, Router, share
 from warmstart.cluster.settings import ClusterSettings
 from warmstart.functions import FunctionRecord, FunctionStore
+from warmstart.images.lazyfs.chunks import ChunkCache
+from warmstart.images.lazyfs.peers import PEERS_FILE
 from warmstart.lifecycle import Supervisor, close_all
 from warmstart.worker import Settings, Worker
 
@@ -66,8 +72,18 @@ class ClusterNode:
             settings, store=store, catalog=self.catalog, code=self.code, queue=self.queue
         )
         self.worker.registry.distributed = True
+        self.swarm = Swarm(
+            self.etcd,
+            self.membership,
+            settings.data_dir / "images" / "p2p",
+            sources=self.cluster.p2p_sources,
+        )
+        self._fetcher: P2PBlobFetcher | None = None
+        self.worker.set_blob_source(self._blob_source)
         self.router = Router(self.membership, self.worker.has_idle, self.worker.inflight)
         self.membership.on_join(self.code.announce_all)
+        self.membership.on_join(self.swarm.announce_all)
+        self.membership.on_join(self._joined)
         self.membership.on_change(self._members_changed)
         self._started = False
         self._artifacts: dict[str, Any] = {}
@@ -131,12 +147,24 @@ class ClusterNode:
             ("cluster tasks", self.tasks.close),
             ("peer connections", self.http.aclose),
             ("forwarding connections", self.peers.close),
+            ("p2p fetcher", lambda: self._fetcher.close() if self._fetcher else None),
             ("etcd client", self.etcd.close),
         )
 
     # -- what the API asks -----------------------------------------------------------------
     def place(self, rec: FunctionRecord) -> Placement:
         return self.router.place(rec)
+
+    async def _joined(self) -> None:
+        self._write_peers()
+
+    def _blob_source(self, registry: Any) -> P2PBlobFetcher:
+        """What the content store's full pulls fetch layer blobs through (made when the
+        node's image manager is, on the node's event loop)."""
+        self._fetcher = P2PBlobFetcher(
+            self.swarm, asyncio.get_running_loop(), registry, self.token
+        )
+        return self._fetcher
 
     def _share(self, reserved: int) -> int:
         names = [m.name for m in self.membership.live()]
@@ -145,17 +173,43 @@ class ClusterNode:
     def _members_changed(self) -> None:
         if self._started:
             self.worker.set_reserved_limit(self._share)
+        self._write_peers()
+
+    def _write_peers(self) -> None:
+        """The other nodes, for this node's lazy-mount daemons (chunks from peers)."""
+        path = self.settings.data_dir / "images" / "lazy" / PEERS_FILE
+        data = {"peers": [m.url for m in self.membership.peers()], "token": self.token}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the token
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cluster: cannot write %s: %s", path, exc)
+
+    def chunk_path(self, digest: str) -> Path | None:
+        """A verified lazy chunk this node has cached, for a peer."""
+        path = ChunkCache(self.settings.data_dir / "images" / "lazy" / "cache").path(digest)
+        return path if path is not None and path.is_file() else None
 
     def _state(self) -> dict[str, Any]:
         state = self.worker.published_state()
         state["code"] = sorted(self.code.held)
         state.update(self._artifacts)
+        state["uploads"] = self.swarm.stats.uploads
+        state["p2p"] = dict(self.swarm.stats.__dict__)
         return state
 
     async def _artifacts_loop(self) -> None:
         """Every few seconds, what this node holds of images (read on a thread)."""
         while True:
-            self._artifacts = await asyncio.to_thread(self.worker.held_artifacts)
+            held = await asyncio.to_thread(self.worker.held_artifacts)
+            self._artifacts = held
+            # Blobs kept for peers go when their layer leaves the content store.
+            keep = {d.split(":", 1)[-1] for d in held.get("layers", {})}
+            await asyncio.to_thread(self.swarm.prune, keep | self.swarm.in_progress())
             await asyncio.sleep(ARTIFACTS_INTERVAL_S)
 
     def health(self) -> dict[str, Any]:

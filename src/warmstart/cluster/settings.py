@@ -18,6 +18,7 @@ class ClusterSettings:
     lease_ttl_s: int = 6  # a node whose lease is not refreshed this long is gone
     publish_interval_s: float = 1.0  # how often a node's state is written (≤ 2 s)
     labels: dict[str, str] = field(default_factory=dict)  # key=value, for selectors
+    p2p_sources: int = 1  # nodes that fetch one blob from the registry; the rest use peers
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -33,5 +34,7 @@ class ClusterSettings:
             )
         if not self.prefix.startswith("/") or not self.prefix.endswith("/"):
             raise ValueError(f"cluster prefix {self.prefix!r} must start and end with '/'")
+        if self.p2p_sources < 1:
+            raise ValueError("--p2p-sources must be at least 1")
         if self.lease_ttl_s < 2 or not 0 < self.publish_interval_s <= 2:
             raise ValueError("lease TTL must be >= 2 s and the publish interval in (0, 2] s")

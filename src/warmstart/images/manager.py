@@ -56,6 +56,7 @@ class ImageManager:
         budget_mb: int = 20480,
         insecure: tuple[str, ...] = (),
         background_fetch: bool = True,
+        blob_source: Callable[[Any], Any] | None = None,
     ) -> None:
         if pull_mode not in PULL_MODES:
             raise ValueError(f"pull mode must be one of {PULL_MODES}, not {pull_mode!r}")
@@ -68,7 +69,9 @@ class ImageManager:
         self.pull_mode = pull_mode
         self.client = RegistryClient(insecure=insecure)
         self.budget_bytes = budget_mb << 20  # the store's, and the lazy chunk cache's
-        self.store = ImageStore(self.root / "store", self.client, self.budget_bytes)
+        # ``blob_source(client)``: where layer blobs come from (a cluster: peers first).
+        blobs = blob_source(self.client) if blob_source is not None else None
+        self.store = ImageStore(self.root / "store", self.client, self.budget_bytes, blobs=blobs)
         self.lazy = LazyMounts(self.root / "lazy", registry=RegistrySettings(insecure=insecure))
         self.background = BackgroundFetch(enabled=background_fetch)
         self.lazy.prestart()  # a lazy mount then skips the daemon's Python start

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from warmstart.images.errors import DigestMismatch, ImageError
 from warmstart.images.reference import Reference, check_digest, digest_hex
@@ -55,6 +55,14 @@ from warmstart.images.unpack import UnpackResult, decompress_stream, unpack
 from warmstart.runtime import syscalls
 
 log = logging.getLogger("warmstart.images.store")
+
+class BlobSource(Protocol):
+    """Streams a blob's bytes, verified against its digest by the end of the stream."""
+
+    def stream_blob(
+        self, ref: Reference, digest: str, *, size: int | None = None
+    ) -> Iterator[bytes]: ...
+
 
 Progress = Callable[[str, int, int], None]
 """Called with (layer digest, bytes done, layer size); done == size when a layer is ready."""
@@ -194,9 +202,12 @@ class ImageStore:
         platform: str = "linux/amd64",
         concurrency: int = 4,
         keep_blobs: bool = False,
+        blobs: BlobSource | None = None,
     ) -> None:
         self.root = Path(root)
         self.client = client
+        # Where layer blobs' bytes come from: the registry, or (in a cluster) peers too.
+        self.blobs: BlobSource = blobs if blobs is not None else client
         self.budget_bytes = budget_bytes
         self.platform = platform
         self.keep_blobs = keep_blobs
@@ -654,7 +665,7 @@ class ImageStore:
         blob = open(tmp / "blob", "wb") if self.keep_blobs else None  # noqa: SIM115
         download_error: BaseException | None = None
         done = 0
-        chunks: Iterator[bytes] = self.client.stream_blob(ref, desc.digest, size=desc.size)
+        chunks: Iterator[bytes] = self.blobs.stream_blob(ref, desc.digest, size=desc.size)
         try:
             self._emit(progress, desc.digest, 0, desc.size)
             for chunk in chunks:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from warmstart.errors import InvalidParameter
@@ -47,6 +48,9 @@ class ImageFunctions:
         self._fresh_starts: dict[str, int] = {}  # image digest -> fresh starts so far
         self._preload: dict[str, list[str]] = {}  # what the image's handler imported
         self._mounted: dict[str, int] = {}  # digest -> size, of images mounted here
+        # Set by a cluster node: given the registry client, what full pulls fetch blobs
+        # through (peers first).
+        self.blob_source: Callable[[Any], Any] | None = None
 
     @property
     def manager(self) -> ImageManager:
@@ -58,6 +62,7 @@ class ImageFunctions:
                 budget_mb=s.image_budget_mb,
                 insecure=s.insecure_registries,
                 background_fetch=s.image_background_fetch,
+                blob_source=self.blob_source,
             )
         return self._manager
 

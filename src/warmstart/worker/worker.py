@@ -437,6 +437,11 @@ class Worker:
         }
         return state
 
+    def set_blob_source(self, source: Callable[[Any], Any]) -> None:
+        """Where full image pulls fetch layer blobs (a cluster: peers first); set before
+        the worker starts."""
+        self._images.blob_source = source
+
     def held_artifacts(self) -> dict[str, Any]:
         """Image layers and lazy chunks held here (reads disk and SQLite: on a thread)."""
         return self._images.held()

@@ -30,6 +30,7 @@ from warmstart.images.lazyfs.fetcher import Fetcher
 from warmstart.images.lazyfs.fs import LazyFS, mount_options
 from warmstart.images.lazyfs.layers import Layer, TOCLayer
 from warmstart.images.lazyfs.loading import load_layers
+from warmstart.images.lazyfs.peers import PEERS_FILE, PeerChunks
 from warmstart.images.lazyfs.sources import RegistryBlobSource
 from warmstart.images.lazyfs.stats import Stats, write_json_atomic
 from warmstart.images.lazymount import BackgroundFetch, DaemonSpec
@@ -57,7 +58,12 @@ class Daemon:
         self.mountpoint = mountpoint
         self.stats = stats
         self.background = background or BackgroundFetch(enabled=False)
-        self.fetcher = Fetcher(cache, stats, read_ahead=read_ahead, background=self.background)
+        # In a cluster the node keeps peers.json beside the chunk cache: chunks are asked
+        # of the other nodes before the registry.
+        peers = PeerChunks(cache.root.parent / PEERS_FILE)
+        self.fetcher = Fetcher(
+            cache, stats, read_ahead=read_ahead, background=self.background, peers=peers
+        )
         self.fs = LazyFS(layers, self.fetcher)
         self.stats_path = stats_path
         self.stats_interval = stats_interval

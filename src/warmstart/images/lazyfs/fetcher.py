@@ -23,6 +23,7 @@ from warmstart.images.errors import EStargzError, FetchError
 from warmstart.images.estargz import TOCEntry, read_chunk
 from warmstart.images.lazyfs.chunks import ChunkCache, cache_key
 from warmstart.images.lazyfs.layers import TOCLayer
+from warmstart.images.lazyfs.peers import PeerChunks
 from warmstart.images.lazyfs.planning import (
     blob_ranges,
     cached_bytes,
@@ -66,6 +67,9 @@ def _verify_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="verify")
 
 
+MAX_PEER_BATCH = 32  # chunks of one fetch asked of peers, one request each
+
+
 class Fetcher:
     """Gets chunks into the cache: on demand, ahead of time, and in the background.
 
@@ -80,8 +84,10 @@ class Fetcher:
         *,
         read_ahead: int = 64 << 10,
         background: BackgroundFetch | None = None,
+        peers: PeerChunks | None = None,
     ) -> None:
         self.cache = cache
+        self.peers = peers  # a cluster's other nodes, asked before the registry
         self.stats = stats
         self.read_ahead = read_ahead
         self.background_settings = background or BackgroundFetch(enabled=False)
@@ -202,6 +208,11 @@ class Fetcher:
         entries: list[TOCEntry],
         notify: Callable[[str, str | None], None] | None = None,
     ) -> dict[str, str | None]:
+        from_peers = self._from_peers(entries, notify) if self.peers is not None else {}
+        if from_peers:
+            entries = [e for e in entries if cache_key(e) not in from_peers]
+            if not entries:
+                return from_peers
         ranges = blob_ranges(entries)
         nbytes = sum(t - s for s, t in ranges)
         started = time.monotonic()
@@ -218,7 +229,7 @@ class Fetcher:
             )
             log.error("%s", reason)
             self.stats.add(requests=1)
-            return {cache_key(e): reason for e in entries}
+            return {**from_peers, **{cache_key(e): reason for e in entries}}
         fetched = time.monotonic()
         self.stats.add(requests=1, bytes_fetched=nbytes)
 
@@ -251,7 +262,7 @@ class Fetcher:
             done = [store(item) for item in members]
         cached = sum(1 for _, _, new, _ in done if new)
         bad = sum(1 for *_, is_bad in done if is_bad)
-        results: dict[str, str | None] = {key: err for key, err, _, _ in done}
+        results: dict[str, str | None] = {**from_peers, **{key: err for key, err, _, _ in done}}
         self.stats.add(chunks_fetched=len(entries) - bad, chunks_cached=cached, verify_errors=bad)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -264,6 +275,33 @@ class Fetcher:
                 ", ".join(sorted({e.name for e in entries})[:8]),
             )
         return results
+
+    def _from_peers(
+        self, entries: list[TOCEntry], notify: Callable[[str, str | None], None] | None
+    ) -> dict[str, str | None]:
+        """Chunks other nodes of a cluster have cached, verified and cached here too
+        (on-demand fetches of a few chunks; large batches go to the registry at once)."""
+        peers = self.peers
+        if peers is None or len(entries) > MAX_PEER_BATCH or not peers.peers():
+            return {}
+        got: dict[str, str | None] = {}
+        for e in entries:
+            key = cache_key(e)
+            if not key or key in got:
+                continue
+            data = peers.fetch(key)
+            if data is None:
+                break  # peers lack what this read needs: the rest in one registry request
+            try:
+                self.cache.put(key, data)
+            except OSError:
+                continue
+            got[key] = None
+            if notify is not None:
+                notify(key, None)
+        if got:
+            self.stats.add(chunks_from_peers=len(got))
+        return got
 
     # -- ahead of time --
     def plan_prefetch(self, layers: Sequence[TOCLayer]) -> list[PrefetchClaim]:

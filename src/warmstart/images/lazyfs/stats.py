@@ -30,6 +30,7 @@ class Stats:
     requests: int = 0  # fetch calls (each one Range or multi-range request)
     chunks_fetched: int = 0
     chunks_cached: int = 0  # chunks this daemon wrote to the cache
+    chunks_from_peers: int = 0  # chunks a cluster's other nodes served, verified
     cache_hits: int = 0  # chunks a read found cached
     read_errors: int = 0
     verify_errors: int = 0
@@ -65,6 +66,7 @@ class Stats:
                 "requests": self.requests,
                 "chunks_fetched": self.chunks_fetched,
                 "chunks_cached": self.chunks_cached,
+                "chunks_from_peers": self.chunks_from_peers,
                 "cache_hits": self.cache_hits,
                 "read_errors": self.read_errors,
                 "verify_errors": self.verify_errors,
