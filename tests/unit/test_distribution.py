@@ -159,6 +159,11 @@ def test_the_first_node_goes_back_to_source_and_publishes_pieces(world_factory: 
     assert w.swarm.read_piece(HEX, 2) == pieces()[2]
     # A second pull is served from the local copy: no registry, no peers.
     assert w.pull() == BLOB and w.registry.streamed == len(BLOB)
+    # A blob whose layer is not in the store is pruned -- not right after it completed
+    # (its layer is recorded only once unpacked), after the grace period.
+    assert w.swarm.prune(set()) == 0 and w.swarm.complete_path(HEX).exists()
+    assert w.swarm.prune({HEX}, grace_s=0) == 0
+    assert w.swarm.prune(set(), grace_s=0) == 1 and not w.swarm.complete_path(HEX).exists()
 
 
 def test_the_others_fetch_verified_pieces_from_peers(world_factory: Any) -> None:

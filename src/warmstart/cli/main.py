@@ -438,6 +438,13 @@ def _add_serve(sub: Any) -> None:
         "it; the others fetch its pieces from them (default %(default)s)",
     )
     c.add_argument(
+        "--no-p2p",
+        dest="p2p",
+        action="store_false",
+        help="every node fetches image layers and lazy chunks from the registry itself "
+        "(default: from peers first)",
+    )
+    c.add_argument(
         "--label",
         action="append",
         default=[],
@@ -487,6 +494,7 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
             advertise=args.advertise or f"http://{host}:{args.port}",
             labels=labels,
             p2p_sources=args.p2p_sources,
+            p2p=args.p2p,
         )
     except ValueError as exc:
         raise CLIError(str(exc)) from exc

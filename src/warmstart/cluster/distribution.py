@@ -55,6 +55,7 @@ BLOBS = "blobs/"
 MIN_PIECE, MAX_PIECE = 4 << 20, 64 << 20
 RETENTION_S = 7 * 24 * 3600  # piece digests outlive any pull of the blob
 POLL_S = 0.05
+PRUNE_GRACE_S = 600.0  # a complete blob is kept this long before it may be pruned
 
 
 def piece_size(size: int) -> int:
@@ -164,12 +165,18 @@ class Swarm:
             self.stats.bytes_served += len(data)
         return data
 
-    def prune(self, keep: set[str]) -> int:
-        """Delete complete blobs not in ``keep`` (their layers left the content store);
-        returns how many."""
+    def prune(self, keep: set[str], grace_s: float = PRUNE_GRACE_S) -> int:
+        """Delete complete blobs not in ``keep`` (their layers left the content store)
+        that completed over ``grace_s`` ago -- a blob completes before the store has
+        unpacked and recorded its layer; returns how many."""
         gone = 0
+        now = time.time()
         for hex_ in self.complete_blobs():
-            if hex_ not in keep:
+            try:
+                age = now - os.stat(self.complete_path(hex_)).st_mtime
+            except OSError:
+                continue
+            if hex_ not in keep and age > grace_s:
                 self.complete_path(hex_).unlink(missing_ok=True)
                 with self._lock:
                     self._held.pop(hex_, None)

@@ -79,7 +79,8 @@ class ClusterNode:
             sources=self.cluster.p2p_sources,
         )
         self._fetcher: P2PBlobFetcher | None = None
-        self.worker.set_blob_source(self._blob_source)
+        if self.cluster.p2p:
+            self.worker.set_blob_source(self._blob_source)
         self.router = Router(self.membership, self.worker.has_idle, self.worker.inflight)
         self.membership.on_join(self.code.announce_all)
         self.membership.on_join(self.swarm.announce_all)
@@ -178,7 +179,8 @@ class ClusterNode:
     def _write_peers(self) -> None:
         """The other nodes, for this node's lazy-mount daemons (chunks from peers)."""
         path = self.settings.data_dir / "images" / "lazy" / PEERS_FILE
-        data = {"peers": [m.url for m in self.membership.peers()], "token": self.token}
+        peers = [m.url for m in self.membership.peers()] if self.cluster.p2p else []
+        data = {"peers": peers, "token": self.token}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

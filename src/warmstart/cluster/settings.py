@@ -19,6 +19,7 @@ class ClusterSettings:
     publish_interval_s: float = 1.0  # how often a node's state is written (≤ 2 s)
     labels: dict[str, str] = field(default_factory=dict)  # key=value, for selectors
     p2p_sources: int = 1  # nodes that fetch one blob from the registry; the rest use peers
+    p2p: bool = True  # layers and lazy chunks from peers (off: every node uses the registry)
 
     def __post_init__(self) -> None:
         if not self.endpoints:
