@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     reg = imagetools.start_registry(work / "registry", port=port, host="0.0.0.0", log_level="info")
     results: dict[str, Any] = {"machine": machine_info(), "scenarios": []}
     try:
-        local_ref, image_bytes = build(reg, work)
+        built, image_bytes = build(reg, work)
+        local_ref = built.replace("0.0.0.0:", "127.0.0.1:", 1)  # the registry listens everywhere
         repo_tag = local_ref.split("/", 1)[1]
         full_ref = f"{GATEWAY}:{port}/{repo_tag}"
         lazy_local = local_ref.replace(":gzip", ":esgz")
