@@ -49,9 +49,7 @@ REGISTRY_AUTH_HEADER = "X-Warmstart-Registry-Auth"
 """The request header that carries the deployer's registry credentials."""
 
 MAX_HEADER_CHARS = 8192
-_FORMAT = (
-    f"{REGISTRY_AUTH_HEADER} must be 'Basic <base64 of user:password>' or 'Bearer <token>'"
-)
+_FORMAT = f"{REGISTRY_AUTH_HEADER} must be 'Basic <base64 of user:password>' or 'Bearer <token>'"
 # RFC 7235's token68, the characters a bearer token may use.
 _TOKEN68 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 
