@@ -321,3 +321,56 @@ def test_cli_warns_before_sending_credentials_over_plain_http(
     args = deploy_args(*IMAGE, "--registry-token-stdin", "--endpoint", "http://10.0.0.5:8080")
     cli._registry_auth(args)
     assert "over plain HTTP" in capsys.readouterr().err
+
+
+# -- cluster mode: the header never leaves the node it was sent to --------------------------
+def test_a_forwarded_invocation_does_not_carry_registry_credentials() -> None:
+    from types import SimpleNamespace
+
+    from warmstart.api.forwarding import ForwardingMiddleware
+
+    sent_headers: list[list[tuple[bytes, bytes]]] = []
+
+    async def forward(
+        host: str, port: int, method: str, target: str, headers: Any, body: Any, *a: Any, **k: Any
+    ) -> Any:
+        sent_headers.append(list(headers))
+        async for _ in body:
+            pass
+        return SimpleNamespace(status=200, headers=[], body=b"{}")
+
+    rec = SimpleNamespace(config=SimpleNamespace(timeout_s=3))
+    node = SimpleNamespace(
+        name="n1",
+        worker=SimpleNamespace(get=lambda name: rec),
+        place=lambda rec: SimpleNamespace(local=False, url="http://10.0.0.2:8080", node="n2"),
+        peers=SimpleNamespace(forward=forward),
+    )
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the call should have been forwarded")
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/2015-03-31/functions/f/invocations",
+        "headers": [
+            (b"content-length", b"2"),
+            (b"x-warmstart-registry-auth", ALICE.authorization().encode()),
+            (b"x-amz-client-context", b"e30="),
+        ],
+    }
+    messages = iter([{"type": "http.request", "body": b"{}", "more_body": False}])
+
+    async def receive() -> Any:
+        return next(messages)
+
+    async def send(message: Any) -> None:
+        pass
+
+    asyncio.run(ForwardingMiddleware(app, node)(scope, receive, send))  # type: ignore[arg-type]
+    [headers] = sent_headers
+    names = [k for k, _ in headers]
+    assert b"x-amz-client-context" in names  # other headers do go
+    assert b"x-warmstart-registry-auth" not in names
+    assert all(b"s3cret" not in v and ALICE.authorization().encode() != v for _, v in headers)
