@@ -1,4 +1,5 @@
-"""Test tooling for container images: the real OCI registry on loopback, images built with
+"""Test tooling for container images: the real OCI registry on loopback (open, or behind
+a token server of ours that grants pulls per user and repository), images built with
 umoci and pushed with skopeo (tools independent of warmstart), a Debian root with Python.
 
 Everything here shells out to Debian's packages (docker-registry, umoci, skopeo,
@@ -7,14 +8,24 @@ debootstrap), which ``scripts/test`` installs.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime
+import fnmatch
+import json
 import os
 import shutil
 import socket
 import subprocess
 import tarfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -121,6 +132,153 @@ def start_registry(
     reg = Registry(f"{host}:{port}", root, proc, log_path, config)
     _wait_registry(reg)
     return reg
+
+
+# -- a token server for the registry's token authentication ---------------------------------
+@dataclass(frozen=True)
+class TokenRequest:
+    """One request the token server answered (or refused)."""
+
+    user: str | None  # the user the credentials named; None: anonymous
+    scopes: tuple[str, ...]
+    service: str
+    refused: bool  # the password was wrong (HTTP 401)
+
+
+class TokenServer:
+    """Issues RS256 JWTs signed by a self-signed certificate, the way a registry's token
+    service does.  ``users`` maps a user name to its password and the repositories it may
+    pull and push (fnmatch patterns); anyone may pull the ``public`` ones.  A scope beyond
+    what the caller may do gets a token without it (the registry then answers 401
+    ``insufficient_scope``); wrong credentials get a 401 from here.  Every request is
+    recorded in ``requests``."""
+
+    def __init__(
+        self,
+        root: Path,
+        users: dict[str, tuple[str, tuple[str, ...]]] | None = None,
+        public: tuple[str, ...] = (),
+    ) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.users = users if users is not None else {"alice": ("s3cret", ("*",))}
+        self.public = public
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "warmstart test tokens")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(self.key, hashes.SHA256())
+        )
+        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
+        self.cert_path = root / "token-cert.pem"
+        root.mkdir(parents=True, exist_ok=True)
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.requests: list[TokenRequest] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = parse_qs(urlsplit(self.path).query)
+                user, ok = server.authenticate(self.headers.get("Authorization", ""))
+                scopes = tuple(query.get("scope", []))
+                service = query.get("service", [""])[0]
+                with server.lock:
+                    server.requests.append(TokenRequest(user, scopes, service, not ok))
+                if not ok:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                token = server.token(user, scopes, service)
+                body = json.dumps({"token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/token"
+
+    def auth_yaml(self) -> str:
+        """The registry's ``auth:`` block for :func:`start_registry`."""
+        return (
+            "  token:\n"
+            f"    realm: {self.realm}\n"
+            "    service: warmstart-test-registry\n"
+            "    issuer: warmstart-test-issuer\n"
+            f"    rootcertbundle: {self.cert_path}\n"
+        )
+
+    def authenticate(self, header: str) -> tuple[str | None, bool]:
+        """The user a Basic header names (None: no header) and whether its password is
+        right (anonymous is)."""
+        if not header.startswith("Basic "):
+            return None, True
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return "", False
+        known = self.users.get(user)
+        return user, known is not None and known[0] == password
+
+    def may(self, user: str | None, repository: str, action: str) -> bool:
+        if action == "pull" and any(fnmatch.fnmatchcase(repository, p) for p in self.public):
+            return True
+        grants = self.users[user][1] if user is not None else ()
+        return any(fnmatch.fnmatchcase(repository, p) for p in grants)
+
+    def token(self, user: str | None, scopes: tuple[str, ...], service: str) -> str:
+        import jwt
+
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            allowed = [a for a in actions.split(",") if self.may(user, name, a)]
+            if allowed:
+                access.append({"type": kind, "name": name, "actions": allowed})
+        now = int(time.time())
+        claims = {
+            "iss": "warmstart-test-issuer",
+            "sub": user or "",
+            "aud": service,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        headers = {"x5c": [base64.b64encode(self.cert_der).decode()]}
+        return jwt.encode(claims, self.key, algorithm="RS256", headers=headers)
+
+    def asked_by(self, user: str) -> int:
+        """How many requests named ``user`` so far (refused ones too)."""
+        with self.lock:
+            return sum(1 for r in self.requests if r.user == user)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # -- a Debian root with Python ---------------------------------------------------------------

@@ -9,26 +9,31 @@ with bytes, refuse multi-range requests, redirect to a "CDN", drop connections, 
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import json
 import logging
 import os
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
 from tests import imagetools
-from warmstart.images.errors import AuthError, DigestMismatch, ImageNotFound, RegistryError
+from tests.imagetools import TokenServer
+from warmstart.images.access import RegistryCredential
+from warmstart.images.errors import (
+    AuthError,
+    DigestMismatch,
+    ImageAccessDenied,
+    ImageNotFound,
+    RegistryError,
+)
 from warmstart.images.reference import Reference
 from warmstart.images.registry import (
     DOCKER_LIST,
@@ -495,8 +500,11 @@ def basic_registry(
     import bcrypt
 
     root = tmp_path_factory.mktemp("basic-registry")
-    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
-    (root / "htpasswd").write_text(f"alice:{hashed}\n")
+    lines = [
+        f"{user}:{bcrypt.hashpw(password, bcrypt.gensalt(rounds=4)).decode()}\n"
+        for user, password in (("alice", b"s3cret"), ("bob", b"hunter2"))
+    ]
+    (root / "htpasswd").write_text("".join(lines))
     reg = imagetools.start_registry(
         root / "reg",
         auth_yaml=f"  htpasswd:\n    realm: warmstart-test\n    path: {root / 'htpasswd'}\n",
@@ -527,113 +535,17 @@ def test_basic_auth(basic_registry: tuple[Any, str], tmp_path: Path) -> None:
         assert from_file.resolve(ref).digest == image.digest
 
 
-class TokenServer:
-    """Issues RS256 JWTs, signed by a self-signed certificate, the way a registry's token
-    service does; grants what is asked for to alice, nothing to anyone else."""
-
-    def __init__(self, root: Path) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-        from cryptography.x509.oid import NameOID
-
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "warmstart test tokens")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(self.key, hashes.SHA256())
-        )
-        self.cert_der = cert.public_bytes(serialization.Encoding.DER)
-        self.cert_path = root / "token-cert.pem"
-        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        self.requests: list[dict[str, list[str]]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                query = parse_qs(urlsplit(self.path).query)
-                server.requests.append(query)
-                auth = self.headers.get("Authorization", "")
-                user = None
-                if auth.startswith("Basic "):
-                    u, _, p = base64.b64decode(auth[6:]).decode().partition(":")
-                    if (u, p) != ("alice", "s3cret"):
-                        self.send_response(401)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    user = u
-                body = json.dumps({"token": server.token(user, query), "expires_in": 300}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def realm(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/token"
-
-    def token(self, user: str | None, query: dict[str, list[str]]) -> str:
-        import jwt
-
-        access = []
-        for scope in query.get("scope", []):
-            kind, _, rest = scope.partition(":")
-            name, _, actions = rest.rpartition(":")
-            if user is not None:
-                access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        now = int(time.time())
-        claims = {
-            "iss": "warmstart-test-issuer",
-            "sub": user or "",
-            "aud": query.get("service", [""])[0],
-            "exp": now + 300,
-            "nbf": now - 10,
-            "iat": now,
-            "jti": uuid.uuid4().hex,
-            "access": access,
-        }
-        headers = {"x5c": [base64.b64encode(self.cert_der).decode()]}
-        return jwt.encode(claims, self.key, algorithm="RS256", headers=headers)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def token_registry(
     tmp_path_factory: pytest.TempPathFactory, small_image: str
 ) -> Iterator[tuple[Any, str, TokenServer]]:
+    """Alice may pull and push everything; bob only his own repositories (bobs/...)."""
     root = tmp_path_factory.mktemp("token-registry")
-    tokens = TokenServer(root)
-    reg = imagetools.start_registry(
-        root / "reg",
-        auth_yaml=(
-            "  token:\n"
-            f"    realm: {tokens.realm}\n"
-            "    service: warmstart-test-registry\n"
-            "    issuer: warmstart-test-issuer\n"
-            f"    rootcertbundle: {tokens.cert_path}\n"
-        ),
-    )
+    tokens = TokenServer(root, {"alice": ("s3cret", ("*",)), "bob": ("hunter2", ("bobs/*",))})
+    reg = imagetools.start_registry(root / "reg", auth_yaml=tokens.auth_yaml())
     ref = f"{reg.host}/small:1"
     skopeo_copy(small_image, ref, "--dest-creds", "alice:s3cret")
+    skopeo_copy(small_image, f"{reg.host}/bobs/small:1", "--dest-creds", "alice:s3cret")
     yield reg, ref, tokens
     reg.stop()
     tokens.close()
@@ -649,16 +561,112 @@ def test_bearer_token_auth(token_registry: tuple[Any, str, TokenServer]) -> None
             assert sha(c.get_blob(ref, layer.digest)) == layer.digest
         c.resolve(ref)
         # one token for the repository's pull scope, reused by every request after
-        assert [q["scope"] for q in tokens.requests] == [["repository:small:pull"]]
-        assert tokens.requests[0]["service"] == ["warmstart-test-registry"]
+        assert [r.scopes for r in tokens.requests] == [("repository:small:pull",)]
+        assert tokens.requests[0].service == "warmstart-test-registry"
         pushed = c.push_blob(ref.with_tag("x"), b"pushed with a push-scoped token")
         assert c.get_blob(ref, pushed.digest) == b"pushed with a push-scoped token"
-        assert ["repository:small:pull,push"] in [q["scope"] for q in tokens.requests]
+        assert ("repository:small:pull,push",) in [r.scopes for r in tokens.requests]
     with make_client() as anonymous, pytest.raises(AuthError, match="refused"):
         anonymous.resolve(ref)
     wrong = make_client(credentials={reg.host: ("alice", "nope")})
     with wrong, pytest.raises(AuthError, match="token server refused our credentials"):
         wrong.resolve(ref)
+
+
+# -- a deployer's access, checked with their credentials only -----------------------------
+ALICE = RegistryCredential.basic("alice", "s3cret")
+BOB = RegistryCredential.basic("bob", "hunter2")
+
+
+def _token_for(tokens: TokenServer, user: str, password: str, scope: str) -> str:
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    resp = raw_get(
+        tokens.realm,
+        params={"scope": scope, "service": "warmstart-test-registry"},
+        headers={"Authorization": f"Basic {basic}"},
+    )
+    resp.raise_for_status()
+    token: str = resp.json()["token"]
+    return token
+
+
+def test_check_pull_with_basic_auth(basic_registry: tuple[Any, str]) -> None:
+    reg, ref_text = basic_registry
+    ref = Reference.parse(ref_text)
+    # The node's own credentials (alice's) never stand in for the deployer's.
+    with make_client(credentials={reg.host: ("alice", "s3cret")}) as node:
+        node.resolve(ref)  # the node has learnt that the host asks for Basic
+        node.check_pull(ref, ALICE)
+        node.check_pull(ref, BOB)  # htpasswd has no per-repository rules: any user pulls
+        refused = [
+            None,
+            RegistryCredential.basic("bob", "wrong"),
+            RegistryCredential.basic("mallory", "s3cret"),
+            RegistryCredential.bearer("not-a-token"),
+        ]
+        for credential in refused:
+            with pytest.raises(ImageAccessDenied, match=r"refused|no anonymous"):
+                node.check_pull(ref, credential)
+        with pytest.raises(ImageNotFound):
+            node.check_pull(ref.with_tag("no-such-tag"), ALICE)
+    # A client that never spoke to the registry meets the challenge first; it keeps
+    # nothing of the deployer's: its own requests stay anonymous.
+    with make_client() as fresh:
+        fresh.check_pull(ref, BOB)
+        with pytest.raises(ImageAccessDenied, match="no anonymous pulls"):
+            fresh.check_pull(ref, None)
+        with pytest.raises(AuthError, match="username and password"):
+            fresh.resolve(ref)
+
+
+def test_check_pull_with_token_auth(token_registry: tuple[Any, str, TokenServer]) -> None:
+    """Alice may pull small, bob may not (his grant is bobs/*): the token server's scopes
+    decide, with the credentials of whoever deploys, never the node's."""
+    reg, ref_text, tokens = token_registry
+    ref = Reference.parse(ref_text)
+    bobs = Reference.parse(f"{reg.host}/bobs/small:1")
+    with make_client(credentials={reg.host: ("alice", "s3cret")}) as node:
+        node.resolve(ref)
+        tokens.requests.clear()
+        node.check_pull(ref, ALICE)
+        node.check_pull(bobs, BOB)
+        with pytest.raises(ImageAccessDenied, match="refused the credentials given for small"):
+            node.check_pull(ref, BOB)
+        with pytest.raises(ImageAccessDenied, match="refused anonymous access"):
+            node.check_pull(ref, None)
+        with pytest.raises(ImageAccessDenied, match="token server refused the credentials"):
+            node.check_pull(ref, RegistryCredential.basic("bob", "wrong"))
+        assert [r.user for r in tokens.requests] == ["alice", "bob", "bob", None, "bob"]
+        assert [r.scopes for r in tokens.requests][:2] == [
+            ("repository:small:pull",),
+            ("repository:bobs/small:pull",),
+        ]
+        # A registry token of the deployer's own goes to the registry as it is.
+        tokens.requests.clear()
+        alice_token = _token_for(tokens, "alice", "s3cret", "repository:small:pull")
+        node.check_pull(ref, RegistryCredential.bearer(alice_token))
+        bob_token = _token_for(tokens, "bob", "hunter2", "repository:small:pull")
+        with pytest.raises(ImageAccessDenied):
+            node.check_pull(ref, RegistryCredential.bearer(bob_token))
+        assert len(tokens.requests) == 2  # the two _token_for calls: checks asked nothing
+    with make_client() as fresh:
+        fresh.check_pull(ref, ALICE)
+        with pytest.raises(AuthError, match="refused"):
+            fresh.resolve(ref)  # alice's token served her check only
+
+
+def test_check_pull_sends_no_credentials_to_a_plain_http_realm(
+    registry: Any, small_image: str, proxy: Proxy
+) -> None:
+    def challenge(h: _ProxyHandler) -> bool:
+        realm = 'Bearer realm="http://tokens.example.invalid/token",service="elsewhere"'
+        h.reply(401, b"", {"WWW-Authenticate": realm})
+        return True
+
+    proxy.handle = challenge
+    ref = Reference.parse(small_image.replace(registry.host, proxy.host))
+    with make_client() as c, pytest.raises(RegistryError, match="plain HTTP"):
+        c.check_pull(ref, ALICE)
 
 
 def test_redirects_never_carry_credentials_to_another_host(

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 from warmstart.cluster.peer import PeerFailed, PeerUnreachable
 from warmstart.cluster.router import FORWARDED_HEADER, NODE_HEADER
 from warmstart.errors import WarmstartError
+from warmstart.images.access import REGISTRY_AUTH_HEADER
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -42,9 +43,11 @@ INVOKE_PATH = re.compile(r"^/(?:2015-03-31/functions/([^/]+)/invocations|run/([^
 _FORWARDED = FORWARDED_HEADER.lower().encode()
 _NODE = NODE_HEADER.lower().encode()
 _INVOCATION_TYPE = b"x-amz-invocation-type"
-# Not passed to the target: the hop sets its own framing and connection handling.
+# Not passed to the target: the hop sets its own framing and connection handling, and a
+# deployer's registry credentials never leave the node they were sent to.
 _HOP = frozenset(
     {
+        REGISTRY_AUTH_HEADER.lower().encode(),
         b"host",
         b"content-length",
         b"connection",

@@ -2,6 +2,12 @@
 
 Errors carry Lambda's shapes: status code, ``x-amzn-ErrorType`` header and a JSON body
 with ``Type`` and ``message`` -- botocore reads the error code from either.
+
+One extension: a deploy of an image (``CreateFunction``, ``UpdateFunctionCode``,
+``UpdateFunctionConfiguration`` with ``ImageConfig``) may carry the deployer's registry
+credentials in ``X-Warmstart-Registry-Auth`` (``images/access.py``); the image is used
+only if the registry lets them pull it.  The header is read here and nowhere else, and
+never logged.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from warmstart.errors import (
 )
 from warmstart.functions import FunctionConfig, FunctionRecord
 from warmstart.functions.models import NETWORK_TAG
+from warmstart.images.access import REGISTRY_AUTH_HEADER, RegistryCredential
 from warmstart.worker import InvokeResult, Worker
 
 if TYPE_CHECKING:
@@ -154,6 +161,12 @@ def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
     return out
 
 
+def deployer_credential(request: Request) -> RegistryCredential | None:
+    """The deployer's registry credentials (``X-Warmstart-Registry-Auth``), if sent."""
+    value = request.headers.get(REGISTRY_AUTH_HEADER)
+    return None if value is None else RegistryCredential.from_header(value)
+
+
 def _int(body: dict[str, Any], key: str, default: int) -> int:
     value = body.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -265,7 +278,9 @@ class LambdaAPI:
             tags={str(k): str(v) for k, v in tags.items()},
         )
         if package_type == "Image":
-            image = await self.worker.inspect_image(code["ImageUri"], _image_config(body))
+            image = await self.worker.inspect_image(
+                code["ImageUri"], _image_config(body), deployer_credential(request)
+            )
             rec = await self.worker.create_image_function(name, config, image)
         else:
             rec = await self.worker.create_function(name, config, decode_zip(code["ZipFile"]))
@@ -334,7 +349,9 @@ class LambdaAPI:
         if "ImageConfig" in body:
             if rec.image is None:
                 raise InvalidParameter("ImageConfig applies to PackageType=Image functions only")
-            image = await self.worker.inspect_image(rec.image.resolved_uri, _image_config(body))
+            image = await self.worker.inspect_image(
+                rec.image.resolved_uri, _image_config(body), deployer_credential(request)
+            )
             rec = await self.worker.update_image(rec.name, image)
             cfg = rec.config
         if "Handler" in body and rec.image is not None:
@@ -362,7 +379,9 @@ class LambdaAPI:
         self._check_revision(rec, body)
         if isinstance(body.get("ImageUri"), str):
             overrides = dict(rec.image.overrides) if rec.image is not None else {}
-            image = await self.worker.inspect_image(body["ImageUri"], overrides)
+            image = await self.worker.inspect_image(
+                body["ImageUri"], overrides, deployer_credential(request)
+            )
             if body.get("DryRun"):
                 return JSONResponse(configuration(self.worker, rec))
             new = await self.worker.update_image(rec.name, image)

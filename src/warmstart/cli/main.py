@@ -2,6 +2,7 @@
 
 warmstart serve [--port 8080] [--data-dir data] [--demo]
 warmstart deploy DIR|ZIP --name N [--handler mod.fn] [--memory MB] [--timeout S]
+warmstart deploy --image REF --name N [--registry-user U --registry-password-stdin]
 warmstart invoke N ['{"json": "event"}'] [--log]
 warmstart ls | rm N | logs N | top
 warmstart job submit F FILE [--wait] | job status ID [--wait] | job results ID
@@ -89,6 +90,31 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="MODULE.FUNCTION",
         help="with --image: the handler, overriding the image's CMD (ImageConfig.Command; "
         "default: the CMD)",
+    )
+    d.add_argument(
+        "--registry-user",
+        metavar="USER",
+        default=None,
+        help="with --image: your registry user name, its password read from stdin "
+        "(--registry-password-stdin); the node checks with the registry that you may pull "
+        "the image, and does not keep them (default: none, the node's own credentials)",
+    )
+    d.add_argument(
+        "--registry-password-stdin",
+        action="store_true",
+        help="read the password for --registry-user from stdin (off)",
+    )
+    d.add_argument(
+        "--registry-token-stdin",
+        action="store_true",
+        help="with --image: read a registry bearer token from stdin and send it instead of "
+        "a user name and password (off)",
+    )
+    d.add_argument(
+        "--registry-docker-config",
+        action="store_true",
+        help="with --image: send the credentials for the image's registry from your Docker "
+        "config ($DOCKER_CONFIG/config.json, else ~/.docker/config.json) (off)",
     )
     d.add_argument("--name", required=True, help="function name")
     d.add_argument(
@@ -385,6 +411,24 @@ def _add_serve(sub: Any) -> None:
         help="a registry reached over plain HTTP (repeatable; loopback always is; default: none)",
     )
     s.add_argument(
+        "--require-deployer-credentials",
+        action="store_true",
+        default=d.require_deployer_credentials,
+        help="an image deploy must bring the deployer's registry credentials (header "
+        "X-Warmstart-Registry-Auth) unless anonymous pulls may read the image (default: "
+        "off: a deploy without them uses the node's own credentials, as on a single-tenant "
+        "node)",
+    )
+    s.add_argument(
+        "--registry-access-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=d.registry_access_ttl_s,
+        help="how long a deployer's successful access check at the registry is reused "
+        "for their next deploys from the same repository (0: check every deploy; default "
+        "%(default)s)",
+    )
+    s.add_argument(
         "--image-budget-mb",
         metavar="MB",
         type=int,
@@ -529,6 +573,8 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_registries=tuple(args.insecure_registry),
         image_budget_mb=args.image_budget_mb,
         image_background_fetch=args.image_background_fetch,
+        require_deployer_credentials=args.require_deployer_credentials,
+        registry_access_ttl_s=args.registry_access_ttl,
         qos=args.qos,
         min_be_concurrency=args.min_be_concurrency,
         be_concurrency=args.be_concurrency,
@@ -660,8 +706,79 @@ def _config_args(args: argparse.Namespace) -> dict[str, Any]:
     return conf
 
 
+_REGISTRY_FLAGS = (
+    "registry_user",
+    "registry_password_stdin",
+    "registry_token_stdin",
+    "registry_docker_config",
+)
+
+
+def _registry_auth(args: argparse.Namespace) -> dict[str, str]:
+    """The header that carries the deployer's registry credentials, from deploy's flags
+    (empty without them).  A password or token is only ever read from stdin."""
+    from warmstart.errors import WarmstartError
+    from warmstart.images.access import REGISTRY_AUTH_HEADER, RegistryCredential
+
+    if not any(getattr(args, f) for f in _REGISTRY_FLAGS):
+        return {}
+    if args.registry_user and not args.registry_password_stdin:
+        raise CLIError(
+            "--registry-user needs --registry-password-stdin (a password is never taken "
+            "on the command line)"
+        )
+    if args.registry_password_stdin and not args.registry_user:
+        raise CLIError("--registry-password-stdin needs --registry-user")
+    sources = (args.registry_user, args.registry_token_stdin, args.registry_docker_config)
+    if sum(bool(x) for x in sources) > 1:
+        raise CLIError(
+            "give one of --registry-user, --registry-token-stdin, --registry-docker-config"
+        )
+    try:
+        if args.registry_docker_config:
+            credential = _docker_config_credential(args.image)
+        else:
+            secret = sys.stdin.readline().rstrip("\r\n")
+            if not secret:
+                raise CLIError("stdin holds no registry password or token")
+            if args.registry_token_stdin:
+                credential = RegistryCredential.bearer(secret)
+            else:
+                credential = RegistryCredential.basic(args.registry_user, secret)
+    except WarmstartError as exc:
+        raise CLIError(str(exc)) from exc
+    _warn_if_plain_http(args.endpoint)
+    return {REGISTRY_AUTH_HEADER: credential.authorization()}
+
+
+def _docker_config_credential(image: str) -> Any:
+    """The user's Docker config entry for ``image``'s registry, as a credential."""
+    from warmstart.images.access import RegistryCredential
+    from warmstart.images.reference import Reference
+    from warmstart.images.registry import default_docker_config, load_docker_config
+
+    host = Reference.parse(image).registry
+    path = default_docker_config()
+    pair = load_docker_config(path).get(host)
+    if pair is None:
+        raise CLIError(f"{path} holds no credentials for {host}")
+    return RegistryCredential.basic(*pair)
+
+
+def _warn_if_plain_http(endpoint: str) -> None:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    if url.scheme == "http" and (url.hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+        print(
+            f"warmstart: warning: registry credentials go to {url.netloc} over plain HTTP",
+            file=sys.stderr,
+        )
+
+
 def _deploy_image(args: argparse.Namespace) -> int:
     conf = _config_args(args)
+    auth = _registry_auth(args)
     with _client(args) as c:
         exists = c.get(f"{API}/{args.name}").status_code == 200
         image_config = {"Command": [args.image_cmd]} if args.image_cmd else {}
@@ -669,8 +786,11 @@ def _deploy_image(args: argparse.Namespace) -> int:
             if image_config:
                 conf["ImageConfig"] = image_config
             if conf:
-                _check(c.put(f"{API}/{args.name}/configuration", json=conf))
-            out = _check(c.put(f"{API}/{args.name}/code", json={"ImageUri": args.image})).json()
+                hdrs = auth if image_config else {}  # only an image change is checked
+                _check(c.put(f"{API}/{args.name}/configuration", json=conf, headers=hdrs))
+            out = _check(
+                c.put(f"{API}/{args.name}/code", json={"ImageUri": args.image}, headers=auth)
+            ).json()
             verb = "updated"
         else:
             body: dict[str, Any] = {
@@ -684,7 +804,7 @@ def _deploy_image(args: argparse.Namespace) -> int:
                 body["ImageConfig"] = image_config
             if args.network:
                 body["Tags"] = {"warmstart:network": args.network}
-            out = _check(c.post(API, json=body)).json()
+            out = _check(c.post(API, json=body, headers=auth)).json()
             verb = "created"
     print(
         f"{verb} {out['FunctionName']} from image {args.image} ({out['MemorySize']} MB, "
@@ -702,6 +822,8 @@ def _deploy(args: argparse.Namespace) -> int:
         return _deploy_image(args)
     if args.image_cmd is not None:
         raise CLIError("--command is for --image deployments (use --handler for code)")
+    if any(getattr(args, f) for f in _REGISTRY_FLAGS):
+        raise CLIError("--registry-* options are for --image deployments")
     src: Path | None = args.source
     if src is None:
         raise CLIError("deploy needs a source directory or zip, or --image REF")

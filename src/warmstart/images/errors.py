@@ -4,6 +4,7 @@
     ├── InvalidReference           a malformed reference or digest (also InvalidParameter)
     ├── RegistryError              the registry failed after all retries
     │   └── AuthError              the registry refused our credentials
+    ├── ImageAccessDenied          the deployer may not pull the image (also InvalidParameter)
     ├── ImageNotFound              no such manifest or blob (also the common NotFound)
     ├── DigestMismatch             content did not hash to the digest that names it
     ├── UnsafeLayer                a layer would escape or damage the unpack target
@@ -38,6 +39,14 @@ class RegistryError(ImageError):
 
 class AuthError(RegistryError):
     """The registry refused our credentials."""
+
+
+class ImageAccessDenied(ImageError, InvalidParameter):
+    """The registry would not let the deployer pull the image (their credentials, or none,
+    were refused for its repository).  Not a :class:`RegistryError`: the node's own
+    credentials may well work -- this is about who asked, and it is the caller's to fix
+    (HTTP 400 ``InvalidParameterValueException``, as Lambda answers for an image it
+    may not use)."""
 
 
 class ImageNotFound(ImageError, NotFound):

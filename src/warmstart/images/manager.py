@@ -1,8 +1,9 @@
 """The node's images: resolve, pull or lazily mount, and hand out mounted roots.
 
 The worker asks two things of an image: at deploy, *what is it* (``inspect``: the manifest
-digest, size and config, resolved in the registry without pulling), and at an instance's
-start, *where is its root* (``rootfs``).  The first ``rootfs`` of a digest either mounts the
+digest, size and config, resolved in the registry without pulling -- after checking that
+the deployer may pull it, ``images/access.py``), and at an instance's start, *where is its
+root* (``rootfs``).  The first ``rootfs`` of a digest either mounts the
 image lazily (every layer eStargz, pull mode ``auto`` or ``lazy``: the function starts
 while the rest streams in) or pulls it in full into the content store and mounts a
 read-only overlay of its layers; later calls return the same mount at once.  Mounts live
@@ -24,6 +25,7 @@ from typing import Any
 
 from warmstart.errors import InvalidParameter, PlatformError, WarmstartError
 from warmstart.functions.models import ImageSource
+from warmstart.images.access import AccessChecker, AccessPolicy, RegistryCredential
 from warmstart.lifecycle import close_all
 from warmstart.runtime import syscalls
 
@@ -57,6 +59,7 @@ class ImageManager:
         insecure: tuple[str, ...] = (),
         background_fetch: bool = True,
         blob_source: Callable[[Any], Any] | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         if pull_mode not in PULL_MODES:
             raise ValueError(f"pull mode must be one of {PULL_MODES}, not {pull_mode!r}")
@@ -68,6 +71,7 @@ class ImageManager:
         self.roots = self.root / "roots"
         self.pull_mode = pull_mode
         self.client = RegistryClient(insecure=insecure)
+        self.access = AccessChecker(self.client.check_pull, access)
         self.budget_bytes = budget_mb << 20  # the store's, and the lazy chunk cache's
         # ``blob_source(client)``: where layer blobs come from (a cluster: peers first).
         blobs = blob_source(self.client) if blob_source is not None else None
@@ -118,9 +122,19 @@ class ImageManager:
             await asyncio.to_thread(self.store.unmount, path)
 
     # -- deploy ----------------------------------------------------------------------------
-    async def inspect(self, uri: str, overrides: dict[str, Any]) -> ImageSource:
-        """Resolve ``uri`` in its registry; what a function made from it will run."""
-        from warmstart.images.errors import ImageError
+    async def inspect(
+        self,
+        uri: str,
+        overrides: dict[str, Any],
+        credential: RegistryCredential | None = None,
+    ) -> ImageSource:
+        """Resolve ``uri`` in its registry; what a function made from it will run.
+
+        First the deployer's access is checked with ``credential`` (their registry
+        credentials; None: none given), even when the image is cached here: an
+        ``ImageAccessDenied`` if they may not pull it.  Then the node resolves it with
+        its own credentials."""
+        from warmstart.images.errors import ImageAccessDenied, ImageError
         from warmstart.images.reference import Reference
 
         try:
@@ -130,7 +144,10 @@ class ImageManager:
                 f"Code.ImageUri {uri!r} is not a valid image reference: {exc}"
             ) from exc
         try:
+            await self.access.check(ref, credential)
             manifest = await asyncio.to_thread(self.client.resolve, ref)
+        except ImageAccessDenied:
+            raise
         except ImageError as exc:
             raise InvalidParameter(
                 f"Source image {uri} is not usable: {type(exc).__name__}: {exc}"
@@ -266,6 +283,10 @@ class ImageManager:
             "image_pull_bytes_total": float(self.stats.bytes_done),
             "image_pull_layers_in_progress": float(len(self.stats.in_progress)),
         }
+        access = self.access.statistics()
+        out["image_access_checks_total"] = float(access.checks)
+        out["image_access_cache_hits_total"] = float(access.cache_hits)
+        out["image_access_denied_total"] = float(access.denied)
         with contextlib.suppress(OSError, ValueError, WarmstartError):
             lazy = self.lazy.stats()
             for key in ("bytes_fetched", "requests", "read_errors", "remounts"):

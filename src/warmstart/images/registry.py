@@ -11,6 +11,8 @@ What it guarantees to callers:
   chunk is considered delivered;
 * authentication is transparent: Basic and Bearer challenges from ``WWW-Authenticate`` are
   answered with credentials given explicitly or found in a Docker ``config.json``;
+* a deployer's access is checked with the deployer's credentials alone
+  (:meth:`RegistryClient.check_pull`), which are kept for that one request;
 * an ``Authorization`` header never follows a redirect to another host (blob downloads are
   often redirected to a CDN or object store that must not see registry credentials);
 * transient failures (connection errors, timeouts, 429 and 5xx) are retried with
@@ -37,9 +39,11 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 
+from warmstart.images.access import CredentialKind, RegistryCredential
 from warmstart.images.errors import (
     AuthError,
     DigestMismatch,
+    ImageAccessDenied,
     ImageError,
     ImageNotFound,
     RegistryError,
@@ -233,7 +237,8 @@ def load_docker_config(path: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _default_docker_config() -> Path:
+def default_docker_config() -> Path:
+    """``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
     base = os.environ.get("DOCKER_CONFIG")
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
 
@@ -352,7 +357,7 @@ class RegistryClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._insecure = {h.strip().lower() for h in insecure}
-        self._credentials = load_docker_config(docker_config or _default_docker_config())
+        self._credentials = load_docker_config(docker_config or default_docker_config())
         for host, pair in (credentials or {}).items():
             self._credentials[_normalise_host(host)] = pair
         self._timeout = timeout
@@ -457,39 +462,73 @@ class RegistryClient:
                 cached = state.tokens.get(scope)
             if cached and cached[1] > time.monotonic():
                 return cached[0]
-            query: dict[str, str] = {"scope": scope}
-            if params.get("service"):
-                query["service"] = params["service"]
-            realm = params["realm"]
-            url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-            headers = {}
             basic = self._basic(host)
-            if basic:
-                headers["Authorization"] = basic
-            resp = self._with_retries(f"token for {host}", lambda: self._send("GET", url, headers))
-            try:
-                resp.read()
-            finally:
-                resp.close()
-            if resp.status_code in (401, 403):
-                raise AuthError(
-                    f"registry {host}: token server refused "
-                    f"{'our credentials' if basic else 'anonymous access'} "
-                    f"for {scope} (HTTP {resp.status_code})"
-                )
-            if resp.status_code != 200:
-                raise RegistryError(f"registry {host}: token server answered {resp.status_code}")
-            try:
-                body = resp.json()
-                token = body.get("token") or body.get("access_token")
-                expires = float(body.get("expires_in") or 60)
-            except (ValueError, AttributeError, TypeError) as exc:
-                raise AuthError(f"registry {host}: token server sent no token") from exc
-            if not isinstance(token, str) or not token:
-                raise AuthError(f"registry {host}: token server sent no token")
+            token, expires = self._fetch_token(
+                host,
+                scope,
+                params,
+                basic,
+                whose="our credentials" if basic else "anonymous access",
+                refused=AuthError,
+            )
             with self._lock:
                 state.tokens[scope] = (token, time.monotonic() + max(expires - 5, 1))
             return token
+
+    def _fetch_token(
+        self,
+        host: str,
+        scope: str,
+        params: dict[str, str],
+        basic: str | None,
+        *,
+        whose: str,
+        refused: type[ImageError],
+        secure_only: bool = False,
+    ) -> tuple[str, float]:
+        """A token for ``scope`` from the realm in ``params`` and its lifetime in seconds,
+        asked for with ``basic`` (an Authorization value; None: anonymously).  A refusal
+        raises ``refused``.  ``secure_only``: credentials go to a plain-HTTP realm only if
+        this client reaches that host over plain HTTP anyway (loopback, --insecure)."""
+        query: dict[str, str] = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        realm = params["realm"]
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+        headers = {}
+        if basic:
+            realm_url = urlsplit(realm)
+            if (
+                secure_only
+                and realm_url.scheme != "https"
+                and self._scheme(realm_url.netloc) != "http"
+            ):
+                raise RegistryError(
+                    f"registry {host}: its token realm {realm_url.netloc} is plain HTTP; "
+                    "credentials are not sent there (unless it is an insecure registry)"
+                )
+            headers["Authorization"] = basic
+        resp = self._with_retries(f"token for {host}", lambda: self._send("GET", url, headers))
+        try:
+            resp.read()
+        finally:
+            resp.close()
+        if resp.status_code in (401, 403):
+            raise refused(
+                f"registry {host}: token server refused {whose} "
+                f"for {scope} (HTTP {resp.status_code})"
+            )
+        if resp.status_code != 200:
+            raise RegistryError(f"registry {host}: token server answered {resp.status_code}")
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+            expires = float(body.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise AuthError(f"registry {host}: token server sent no token") from exc
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"registry {host}: token server sent no token")
+        return token, expires
 
     # -- HTTP with redirects, auth and retries ---------------------------------------------
     def _send(
@@ -681,6 +720,87 @@ class RegistryClient:
         if len(config_raw) != config.size:
             raise DigestMismatch(f"{ref}: config is {len(config_raw)} bytes, not {config.size}")
         return manifest_from_raw(ref, manifest, config_raw)
+
+    # -- deployer access -------------------------------------------------------------------
+    def check_pull(self, ref: Reference, credential: RegistryCredential | None) -> None:
+        """Return if ``credential`` (None: anonymous) may pull ``ref``: a HEAD of its
+        manifest (a GET where the registry allows no HEAD) answers 200.
+
+        Only that credential is used -- never the node's -- and nothing obtained with it
+        is kept: a bearer token fetched for it serves this one check.  It goes only to
+        ``ref``'s registry and the token realm the registry names, to a plain-HTTP realm
+        only if the registry itself is reached over plain HTTP, and never follows a
+        redirect to another host.  What the node learnt of the host (Basic or Bearer, the
+        realm) saves the first 401.
+
+        Raises :class:`ImageAccessDenied` (401, 403, or the token server refused),
+        :class:`ImageNotFound` (404) or :class:`RegistryError`.
+        """
+        host = ref.registry
+        scope = f"repository:{ref.repository}:pull"
+        url = self._url(ref, f"manifests/{ref.reference}")
+        whose = "anonymous access" if credential is None else "the credentials given"
+
+        def authorization(challenge: str | None) -> str | None:
+            """What to send: answering ``challenge``, or (None) up front."""
+            if credential is not None and credential.kind is CredentialKind.BEARER:
+                return credential.authorization()
+            if challenge is None:
+                state = self._host_auth(host)
+                with self._lock:
+                    scheme, params = state.scheme, dict(state.params)
+            else:
+                scheme, params = parse_challenge(challenge)
+            if scheme == "basic":
+                if credential is None and challenge is not None:
+                    raise ImageAccessDenied(f"registry {host} allows no anonymous pulls")
+                return credential.authorization() if credential is not None else None
+            if scheme == "bearer" and "realm" in params:
+                basic = credential.authorization() if credential is not None else None
+                token, _ = self._fetch_token(
+                    host,
+                    scope,
+                    params,
+                    basic,
+                    whose=whose,
+                    refused=ImageAccessDenied,
+                    secure_only=True,
+                )
+                return f"Bearer {token}"
+            if challenge is not None:
+                raise RegistryError(f"registry {host}: unsupported challenge {challenge!r}")
+            return None
+
+        def send(auth: str | None) -> httpx.Response:
+            headers = {"Accept": _ACCEPT}
+            if auth:
+                headers["Authorization"] = auth
+            resp = self._send("HEAD", url, headers)
+            if resp.status_code == 405:
+                resp.close()
+                resp = self._send("GET", url, headers)
+            resp.close()  # the status is the answer: no body is read
+            return resp
+
+        def attempt() -> httpx.Response:
+            first = authorization(None)
+            resp = send(first)
+            challenge = resp.headers.get("www-authenticate", "")
+            if resp.status_code == 401 and challenge and first is None:
+                resp = send(authorization(challenge))  # else what we sent was refused
+            return resp
+
+        resp = self._with_retries(f"HEAD {url}", attempt)
+        status = resp.status_code
+        if status == 200:
+            return
+        if status in (401, 403):
+            raise ImageAccessDenied(
+                f"registry {host} refused {whose} for {ref.repository} (HTTP {status})"
+            )
+        if status == 404:
+            raise ImageNotFound(f"{ref}: no such image in {host}")
+        raise RegistryError(f"HEAD {url}: HTTP {status}")
 
     # -- blobs -----------------------------------------------------------------------------
     def blob_size(self, ref: Reference, digest: str) -> int:

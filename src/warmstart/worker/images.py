@@ -4,7 +4,8 @@ The worker's image side.  ``ImageManager`` (``warmstart.images.manager``) knows 
 resolve, pull or mount lazily, release; this class knows what a *function* made of an
 image needs on top:
 
-- ``inspect``: the image a deploy names, checked for a handler;
+- ``inspect``: the image a deploy names, checked for a handler (and, with the deployer's
+  registry credentials, for their right to pull it: ``images/access.py``);
 - ``premount``: mounting right after CreateFunction, so the first invocation finds the
   root ready (in the background, under the worker's supervisor);
 - ``spec``: the sandbox of one instance: the image's root layout (mounted on first use
@@ -27,6 +28,7 @@ from typing import Any
 
 from warmstart.errors import InvalidParameter
 from warmstart.functions.models import HANDLER_RE, FunctionRecord, ImageSource
+from warmstart.images.access import AccessPolicy, RegistryCredential
 from warmstart.images.manager import ImageManager
 from warmstart.kinds import QoSClass
 from warmstart.lifecycle import Supervisor
@@ -63,6 +65,10 @@ class ImageFunctions:
                 insecure=s.insecure_registries,
                 background_fetch=s.image_background_fetch,
                 blob_source=self.blob_source,
+                access=AccessPolicy(
+                    require_deployer_credentials=s.require_deployer_credentials,
+                    ttl_s=s.registry_access_ttl_s,
+                ),
             )
         return self._manager
 
@@ -88,13 +94,19 @@ class ImageFunctions:
         return self._manager.snapshot() if self._manager is not None else {}
 
     # -- deploy ----------------------------------------------------------------------------
-    async def inspect(self, uri: str, overrides: dict[str, Any]) -> ImageSource:
-        """Resolve an image for a function; its CMD (or ImageConfig.Command) names the handler."""
+    async def inspect(
+        self,
+        uri: str,
+        overrides: dict[str, Any],
+        credential: RegistryCredential | None = None,
+    ) -> ImageSource:
+        """Resolve an image for a function; its CMD (or ImageConfig.Command) names the
+        handler.  ``credential``: the deployer's, checked against the registry first."""
         if self.sandboxes.isolation is not Isolation.LINUX:
             raise InvalidParameter(
                 "PackageType=Image needs linux isolation (run warmstart serve as root on Linux)"
             )
-        image = await self.manager.inspect(uri, overrides)
+        image = await self.manager.inspect(uri, overrides, credential)
         if not image.command or not HANDLER_RE.match(image.command[0]):
             raise InvalidParameter(
                 f"Image {uri}: the handler comes from ImageConfig.Command or the image's CMD, "

@@ -54,6 +54,10 @@ class Settings:
     image_budget_mb: int = 20480  # the content store's disk budget (LRU beyond it)
     insecure_registries: tuple[str, ...] = ()  # hosts reached over plain HTTP
     image_background_fetch: bool = True  # lazy mounts fetch the rest after the start
+    # Deploys without the deployer's registry credentials: False = the node's own pull
+    # them (single tenant); True = only images anonymous pulls may read.
+    require_deployer_credentials: bool = False
+    registry_access_ttl_s: float = 60.0  # a deployer's successful access check is reused
     # Colocation (differentiated SLO).
     qos: bool = True  # the QoS loop: reclaimed capacity, BE suppression, LS burst, eviction
     qos_config: QoSConfig = field(default_factory=QoSConfig)

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from warmstart.errors import PlatformError
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore
 from warmstart.functions.models import ImageSource
+from warmstart.images.access import RegistryCredential
 from warmstart.kinds import QoSClass
 from warmstart.lifecycle import Supervisor, close_all
 from warmstart.packages import InstallCache, parse_pins
@@ -257,9 +258,16 @@ class Worker:
     ) -> FunctionRecord:
         return await self._registry.create(name, config, code)
 
-    async def inspect_image(self, uri: str, overrides: dict[str, Any]) -> ImageSource:
-        """Resolve an image for a function; its CMD (or ImageConfig.Command) names the handler."""
-        return await self._images.inspect(uri, overrides)
+    async def inspect_image(
+        self,
+        uri: str,
+        overrides: dict[str, Any],
+        credential: RegistryCredential | None = None,
+    ) -> ImageSource:
+        """Resolve an image for a function; its CMD (or ImageConfig.Command) names the
+        handler.  ``credential``: the deployer's registry credentials (None: none given),
+        with which their access to the image is checked first."""
+        return await self._images.inspect(uri, overrides, credential)
 
     async def create_image_function(
         self, name: str, config: FunctionConfig, image: ImageSource
