@@ -303,20 +303,57 @@ class P2PBlobFetcher:
         else:
             yield from self._from_peers(ref, digest, size)
 
-    # -- back to source --------------------------------------------------------------------
-    def _from_source(self, ref: Reference, digest: str, size: int, slot: str) -> Iterator[bytes]:
-        hex_ = digest_hex(digest)
-        piece = piece_size(size)
+    # -- back to source and from peers: download ahead, unpack behind -----------------------
+    def _spooled(self, hex_: str, size: int, produce: Any) -> Iterator[bytes]:
+        """Run ``produce(out, spool)`` on a thread of its own -- it writes the blob into
+        its part file as fast as the registry or the peers give it, publishing pieces as
+        they complete -- and yield the bytes back in order as they land.  The download
+        thus never waits for the unpacker (which is slower), so the pieces reach the
+        other nodes at download speed."""
         part = self.swarm.part_path(hex_)
         (self.swarm.root / f"{hex_}.size").write_text(str(size))
         self.swarm.set_held(hex_, 0)
-        piece_hash = hashlib.sha256()
-        in_piece = 0
-        k = 0
+        spool = _Spool()
+        # Both ends opened here, before the producer starts: the reader keeps the file
+        # even once the producer has renamed it complete.
+        out = open(part, "wb")  # noqa: SIM115 (closed by the producer)
+        reader = open(part, "rb")  # noqa: SIM115 (closed below)
+
+        def run() -> None:
+            try:
+                with out:
+                    produce(out, spool)
+                os.replace(part, self.swarm.complete_path(hex_))
+                (self.swarm.root / f"{hex_}.size").unlink(missing_ok=True)
+                spool.finish()
+            except BaseException as exc:
+                spool.finish(exc)
+
+        producer = threading.Thread(target=run, name=f"p2p-{hex_[:12]}", daemon=True)
+        producer.start()
         ok = False
         try:
-            with open(part, "wb") as out:
+            with reader:
+                yield from spool.read(reader)
+            ok = True
+        finally:
+            spool.cancel()
+            producer.join()
+            if not ok or spool.error is not None:
+                part.unlink(missing_ok=True)
+                self.swarm.set_held(hex_, 0)
+
+    def _from_source(self, ref: Reference, digest: str, size: int, slot: str) -> Iterator[bytes]:
+        hex_ = digest_hex(digest)
+        piece = piece_size(size)
+
+        def produce(out: Any, spool: _Spool) -> None:
+            piece_hash = hashlib.sha256()
+            in_piece = k = 0
+            try:
                 for chunk in self.registry.stream_blob(ref, digest, size=size):
+                    if spool.cancelled:
+                        raise _Cancelled()
                     out.write(chunk)
                     self.swarm.stats.bytes_from_registry += len(chunk)
                     view = memoryview(chunk)
@@ -329,23 +366,21 @@ class P2PBlobFetcher:
                             out.flush()
                             self._piece_done(hex_, k, piece_hash.hexdigest())
                             k, in_piece, piece_hash = k + 1, 0, hashlib.sha256()
-                    yield chunk
-                if in_piece:
                     out.flush()
+                    spool.advance(len(chunk))
+                if in_piece:
                     self._piece_done(hex_, k, piece_hash.hexdigest())
                     k += 1
-            self.swarm.stats.pieces_from_registry += k
-            os.replace(part, self.swarm.complete_path(hex_))
-            (self.swarm.root / f"{hex_}.size").unlink(missing_ok=True)
-            ok = True
-        finally:
-            if not ok:
-                part.unlink(missing_ok=True)
-                self.swarm.set_held(hex_, 0)
-            try:
-                self._run(self.swarm.release(slot))
-            except (ClusterUnavailable, TimeoutError) as exc:
-                log.warning("p2p: could not release %s (it lapses with the lease): %s", slot, exc)
+                self.swarm.stats.pieces_from_registry += k
+            finally:
+                try:
+                    self._run(self.swarm.release(slot))
+                except (ClusterUnavailable, TimeoutError) as exc:
+                    log.warning(
+                        "p2p: could not release %s (it lapses with its lease): %s", slot, exc
+                    )
+
+        yield from self._spooled(hex_, size, produce)
 
     def _piece_done(self, hex_: str, k: int, sha: str) -> None:
         self.swarm.set_held(hex_, k + 1)
@@ -354,39 +389,31 @@ class P2PBlobFetcher:
         except (ClusterUnavailable, TimeoutError) as exc:
             log.warning("p2p: could not publish piece %d of %s: %s", k, hex_[:12], exc)
 
-    # -- from peers ------------------------------------------------------------------------
     def _from_peers(self, ref: Reference, digest: str, size: int) -> Iterator[bytes]:
         hex_ = digest_hex(digest)
         piece = piece_size(size)
         count = piece_count(size, piece)
-        part = self.swarm.part_path(hex_)
-        (self.swarm.root / f"{hex_}.size").write_text(str(size))
-        self.swarm.set_held(hex_, 0)
-        whole = hashlib.sha256()
-        ok = False
-        try:
-            with open(part, "wb") as out:
-                for k in range(count):
-                    length = min(piece, size - k * piece)
-                    data = self._piece(ref, digest, k, piece, length)
-                    out.write(data)
-                    out.flush()
-                    whole.update(data)
-                    self.swarm.set_held(hex_, k + 1)
-                    try:
-                        self._run(self.swarm.publish_progress(hex_, k + 1))
-                    except (ClusterUnavailable, TimeoutError) as exc:
-                        log.debug("p2p: progress of %s not published: %s", hex_[:12], exc)
-                    yield data
+
+        def produce(out: Any, spool: _Spool) -> None:
+            whole = hashlib.sha256()
+            for k in range(count):
+                if spool.cancelled:
+                    raise _Cancelled()
+                length = min(piece, size - k * piece)
+                data = self._piece(ref, digest, k, piece, length)
+                out.write(data)
+                out.flush()
+                whole.update(data)
+                self.swarm.set_held(hex_, k + 1)
+                try:
+                    self._run(self.swarm.publish_progress(hex_, k + 1))
+                except (ClusterUnavailable, TimeoutError) as exc:
+                    log.debug("p2p: progress of %s not published: %s", hex_[:12], exc)
+                spool.advance(len(data))
             if whole.hexdigest() != hex_:
                 raise DigestMismatch(f"blob {digest}: the pieces put together do not match")
-            os.replace(part, self.swarm.complete_path(hex_))
-            (self.swarm.root / f"{hex_}.size").unlink(missing_ok=True)
-            ok = True
-        finally:
-            if not ok:
-                part.unlink(missing_ok=True)
-                self.swarm.set_held(hex_, 0)
+
+        yield from self._spooled(hex_, size, produce)
 
     def _piece(self, ref: Reference, digest: str, k: int, piece: int, length: int) -> bytes:
         """Piece ``k``, verified: from the least busy peer holding it, else the registry."""
@@ -456,6 +483,52 @@ class P2PBlobFetcher:
         self.swarm.stats.pieces_from_registry += 1
         self.swarm.stats.bytes_from_registry += len(data)
         return data
+
+
+class _Cancelled(Exception):
+    """The consumer went away (its pull failed): the download stops."""
+
+
+class _Spool:
+    """A blob being written by one thread and read back, in order, by another."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._written = 0
+        self._done = False
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def advance(self, n: int) -> None:
+        with self._cond:
+            self._written += n
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._done = True
+            self.error = error
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def read(self, f: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+        offset = 0
+        while True:
+            with self._cond:
+                while self._written == offset and not self._done:
+                    self._cond.wait()
+                written, done, error = self._written, self._done, self.error
+            if written > offset:
+                data = f.read(min(chunk, written - offset))
+                offset += len(data)
+                yield data
+                continue
+            if error is not None and not isinstance(error, _Cancelled):
+                raise error
+            if done:
+                return
 
 
 def _file_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
