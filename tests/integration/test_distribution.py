@@ -7,9 +7,11 @@ retry, not a failed pull.  Registry bytes are counted from its own access log.""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 from tests import imagetools
 from tests.clustertools import needs_local_cluster
 from tests.conftest import free_port, needs_root
+from warmstart.cluster.etcd import AetcdEtcd
 from warmstart.cluster.local import LocalCluster
 
 pytestmark = [pytest.mark.integration, needs_root, needs_local_cluster]
@@ -177,3 +180,91 @@ def test_a_peer_serving_wrong_bytes_is_dropped(p2p_setup: dict[str, Any], tmp_pa
     assert resp.json() == {"image": True}
     log = (cluster.dir / f"{node3.name}.log").read_text()
     assert "served a wrong piece" in log and "node1" in log
+
+
+def test_a_peer_killed_mid_transfer_costs_a_retry_not_the_pull(
+    p2p_setup: dict[str, Any], tmp_path: Path
+) -> None:
+    """node3 pulls a 24 MiB layer from node1, the only node that has it, over a link
+    throttled to 40 Mbit/s; node1 is killed half way: node3 finishes from the registry."""
+    cluster: LocalCluster = p2p_setup["cluster"]
+    reg = p2p_setup["registry"]
+    node1, node2, node3 = cluster.nodes
+    port = reg.host.rsplit(":", 1)[1]
+    big = os.urandom(24 << 20)  # six 4 MiB pieces
+    imagetools.build_image(
+        tmp_path / "build",
+        [{"var/task/app.py": HANDLER}, {"var/task/big.bin": big}],
+        ref=f"127.0.0.1:{port}/p2p/big:1",
+        base=imagetools.debian_layout(),
+        cmd=["app.handler"],
+        workingdir="/var/task",
+    )
+    big_digest = (
+        "sha256:"
+        + __import__("hashlib")
+        .sha256(
+            httpx.get(
+                f"http://127.0.0.1:{port}/v2/p2p/big/blobs/"
+                + httpx.get(
+                    f"http://127.0.0.1:{port}/v2/p2p/big/manifests/1",
+                    headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+                ).json()["layers"][-1]["digest"]
+            ).content
+        )
+        .hexdigest()
+    )
+    hex_ = big_digest[7:]
+    # Only node1 runs the new function at first: it pulls the image (from the registry).
+    cluster.stop_node(node2.name)
+    cluster.stop_node(node3.name)
+    create_image_function(node1.url, "big", p2p_setup["ref"].replace("/p2p/app:1", "/p2p/big:1"))
+    run_here = {"X-Warmstart-Forwarded": "test"}
+    assert (
+        httpx.post(f"{node1.url}{API}/big/invocations", json={}, headers=run_here, timeout=300)
+    ).status_code == 200
+    cluster.start_node(node3.name)
+    # node1 sends slowly from now on.
+    tc = cluster.run_in(
+        node1.name,
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        "eth0",
+        "root",
+        "tbf",
+        "rate",
+        "40mbit",
+        "burst",
+        "64kb",
+        "latency",
+        "500ms",
+    )
+    assert tc.returncode == 0, tc.stderr
+
+    async def held_by_node3() -> int:
+        store = AetcdEtcd([cluster.etcd_url], "/warmstart/")
+        try:
+            kv = await store.get(f"blobs/{hex_}/holders/{node3.name}")
+            return int(kv.value) if kv is not None else 0
+        finally:
+            await store.close()
+
+    result: list[httpx.Response] = []
+    pull = threading.Thread(
+        target=lambda: result.append(
+            httpx.post(f"{node3.url}{API}/big/invocations", json={}, headers=run_here, timeout=300)
+        )
+    )
+    pull.start()
+    held = wait_until(lambda: asyncio.run(held_by_node3()), "node3 to get a first piece", 120)
+    cluster.kill_node(node1.name)
+    assert 0 < held < 6, f"node3 held {held} of 6 pieces when node1 died"
+    pull.join(300)
+    assert result and result[0].status_code == 200, result and result[0].text
+    log = (cluster.dir / f"{node3.name}.log").read_text()
+    assert "from the registry" in log
+    # The node comes back for the other tests.
+    cluster.start_node(node1.name)
+    cluster.start_node(node2.name)
