@@ -117,7 +117,7 @@ def test_entries_are_pinned_where_they_select_and_unpinned_where_not() -> None:
         a.publish()
         got = await b.cache.get("web")  # any node reads every node's published state
         assert got is not None and got["ready"] and got["nodes"]["a"]["state"] == "pinned"
-        assert got["selector"] == {"zone": "1"}
+        assert got["spec"] == {"image": IMAGE, "selector": {"zone": "1"}}
         assert b.store.pulls == 0
         # Every node now: b pins it too; changing the selector away from a unpins it there.
         _, created = await b.cache.put("web", {"image": IMAGE, "selector": {"zone": "2"}})

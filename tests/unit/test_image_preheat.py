@@ -163,7 +163,7 @@ def spec(**body: Any) -> PreheatSpec:
     ("body", "message"),
     [
         ({}, "image is required"),
-        ({"image": "UPPER/case"}, "invalid repository"),
+        ({"image": "UPPER/case"}, "not a valid image reference.*invalid repository"),
         ({"image": IMAGE, "nodes": ["a"], "selector": {"k": "v"}}, "not both"),
         ({"image": IMAGE, "nodes": []}, "non-empty list"),
         ({"image": IMAGE, "nodes": ["Bad_Name"]}, "not a node name"),

@@ -199,7 +199,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     from warmstart.cli import images
 
     if full:
-        images.add_parser(sub, default_data_dir())
+        images.add_parser(sub, default_data_dir(), DEFAULT_ENDPOINT)
     else:
         sub.add_parser("image", help=images.HELP)
     from warmstart.cli import cluster

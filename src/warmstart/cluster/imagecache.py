@@ -40,10 +40,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from warmstart.cluster.etcd import ClusterUnavailable, Etcd
 from warmstart.cluster.preheat import iso
-from warmstart.cluster.selection import NodeView, Selection, labels_of
+from warmstart.cluster.selection import NodeView, Selection, check_image, labels_of
 from warmstart.errors import InvalidParameter
 from warmstart.images.preheat import ByteProgress, Pulled, permanent
-from warmstart.images.reference import Reference
 from warmstart.lifecycle import Supervisor
 
 if TYPE_CHECKING:
@@ -108,7 +107,7 @@ class CacheSpec:
         image = body.get("image")
         if not isinstance(image, str) or not image:
             raise InvalidParameter('image is required: {"image": "registry/repository:tag"}')
-        Reference.parse(image)
+        check_image(image)
         return cls(name, image, Selection.from_json(body), now, now)
 
     def to_json(self) -> bytes:
@@ -141,7 +140,7 @@ class CacheSpec:
         return {
             "name": self.name,
             "image": self.image,
-            **self.selection.to_json(),
+            "spec": {"image": self.image, **self.selection.to_json()},
             "created": iso(self.created),
             "updated": iso(self.updated),
         }

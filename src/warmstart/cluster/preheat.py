@@ -57,10 +57,9 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from warmstart.cluster.etcd import TXN_MAX_OPS, ClusterUnavailable, Delete, Etcd, Op, Put
-from warmstart.cluster.selection import NodeView, Selection
+from warmstart.cluster.selection import NodeView, Selection, check_image
 from warmstart.errors import InvalidParameter
 from warmstart.images.preheat import ByteProgress, Pulled, permanent
-from warmstart.images.reference import Reference
 from warmstart.lifecycle import Supervisor
 
 log = logging.getLogger(__name__)
@@ -155,7 +154,7 @@ class PreheatSpec:
         image = body.get("image")
         if not isinstance(image, str) or not image:
             raise InvalidParameter('image is required: {"image": "registry/repository:tag"}')
-        Reference.parse(image)  # an InvalidReference is an InvalidParameter: 400
+        check_image(image)
         return cls(
             image=image,
             selection=Selection.from_json(body),

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 from warmstart.cluster.membership import Member
 from warmstart.cluster.settings import NODE_NAME_RE
 from warmstart.errors import InvalidParameter
+from warmstart.images.errors import InvalidReference
+from warmstart.images.reference import Reference
 
 # A label key or value as ``--label`` takes them (Kubernetes' syntax, prefix included).
 LABEL_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
@@ -118,6 +120,15 @@ def parse_selector(text: str) -> dict[str, str]:
             raise InvalidParameter(f"selector: {item.strip()!r} is not key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+def check_image(image: str) -> str:
+    """``image`` if it is an image reference; else a 400 that says why."""
+    try:
+        Reference.parse(image)
+    except InvalidReference as exc:
+        raise InvalidParameter(f"image {image!r} is not a valid image reference: {exc}") from exc
+    return image
 
 
 def labels_of(view: NodeView) -> dict[str, str]:
