@@ -6,6 +6,7 @@ warmstart invoke N ['{"json": "event"}'] [--log]
 warmstart ls | rm N | logs N | top
 warmstart job submit F FILE [--wait] | job status ID [--wait] | job results ID
 warmstart image pull REF | image convert SRC DST [--profile]
+warmstart image preheat REF [--nodes|--selector] [--wait] | image cache put NAME REF | cache ls
 warmstart cluster up --nodes N | cluster down [--purge] | cluster status | cluster nodes
 
 Client commands talk to a running server over HTTP; user errors (a missing file, an

@@ -329,6 +329,7 @@ class PreheatJobs:
         self.retry_base_s = retry_base_s
         self._wake = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}  # job id -> this node's pull
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # job id -> wake for a retry
         self.pulls = 0  # attempts started here
         self.failures = 0  # attempts failed here
 
@@ -508,6 +509,8 @@ class PreheatJobs:
                 await self._act(job, *mine)
             await self._sweep(job, entries)
             await self._complete(job, kv.value)
+        for job_id in [j for j in self._timers if j not in jobs]:
+            self._timers.pop(job_id).cancel()
         for job_id, task in list(self._running.items()):
             if job_id not in jobs:
                 log.info("preheat %s: the job was deleted; stopping this node's pull", job_id[:8])
@@ -534,7 +537,14 @@ class PreheatJobs:
         if entry.state is not NodeState.PENDING:
             return
         if now < entry.retry_at:
-            asyncio.get_running_loop().call_later(entry.retry_at - now, self.wake)
+            # One wake-up per job, at its retry time (not one more on every look).
+            loop = asyncio.get_running_loop()
+            due = loop.time() + entry.retry_at - now
+            timer = self._timers.get(job.id)
+            if timer is None or timer.when() <= loop.time() or timer.when() > due + 0.01:
+                if timer is not None:
+                    timer.cancel()
+                self._timers[job.id] = loop.call_at(due, self.wake)
             return
         slot = await self._take_slot(job)
         if slot is None:
@@ -727,5 +737,7 @@ class PreheatJobs:
     async def close(self) -> None:
         """Stop this node's pulls (their entries are retried as interrupted after a
         restart, or failed by the others if this node does not come back)."""
+        for timer in self._timers.values():
+            timer.cancel()
         for task in list(self._running.values()):
             task.cancel()
