@@ -38,7 +38,7 @@ def serve(
     def client(args: Any) -> httpx.Client:
         return httpx.Client(base_url=args.endpoint, transport=httpx.MockTransport(handler))
 
-    monkeypatch.setattr(cli, "_client", client)
+    monkeypatch.setattr("warmstart.cli.client.client", client)
 
 
 def test_preheat_sends_the_job_and_follows_it_line_by_line(

@@ -227,25 +227,25 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _preheat(args: argparse.Namespace) -> int:
-    from warmstart.cli.main import CLIError, _check, _client
+    from warmstart.cli.client import CLIError, check, client
 
     what = args.what
-    with _client(args) as c:
+    with client(args) as c:
         if what[0] in PREHEAT_COMMANDS:
             command, rest = what[0], what[1:]
             if command == "ls":
                 if rest:
                     raise CLIError("preheat ls takes no arguments")
-                for job in _check(c.get("/images/preheat")).json()["jobs"]:
+                for job in check(c.get("/images/preheat")).json()["jobs"]:
                     print(_job_line(job))
                 return 0
             if len(rest) != 1:
                 raise CLIError(f"preheat {command} takes a job id")
             if command == "rm":
-                _check(c.delete(f"/images/preheat/{rest[0]}"))
+                check(c.delete(f"/images/preheat/{rest[0]}"))
                 print(f"preheat job {rest[0]} deleted")
                 return 0
-            job = _check(c.get(f"/images/preheat/{rest[0]}")).json()
+            job = check(c.get(f"/images/preheat/{rest[0]}")).json()
             if not args.wait:
                 print(json.dumps(job, indent=2))
                 return 0
@@ -261,7 +261,7 @@ def _preheat(args: argparse.Namespace) -> int:
         ):
             if getattr(args, option) is not None:
                 body[key] = getattr(args, option)
-        job = _check(c.post("/images/preheat", json=body)).json()
+        job = check(c.post("/images/preheat", json=body)).json()
         print(f"preheat job {job['id']}: {job['image']} on {job['desired']} node(s)", flush=True)
         if not args.wait:
             print(f"(warmstart image preheat status {job['id']} [--wait] to follow it)")
@@ -279,10 +279,10 @@ def _job_line(job: dict[str, Any]) -> str:
 def _follow_preheat(c: Any, job_id: str, interval: float = 0.5) -> int:
     """Each node's progress until the job is done: a bar per node on a terminal, a line
     per change otherwise.  1 if a node failed."""
-    from warmstart.cli.main import _check
+    from warmstart.cli.client import check
 
     def read() -> dict[str, Any]:
-        job: dict[str, Any] = _check(c.get(f"/images/preheat/{job_id}")).json()
+        job: dict[str, Any] = check(c.get(f"/images/preheat/{job_id}")).json()
         return job
 
     job = read()
@@ -358,11 +358,11 @@ def _preheat_lines(read: Any, job: dict[str, Any], interval: float) -> dict[str,
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from warmstart.cli.main import _check, _client
+    from warmstart.cli.client import check, client
 
-    with _client(args) as c:
+    with client(args) as c:
         if args.cache_command == "put":
-            resp = _check(
+            resp = check(
                 c.put(f"/images/cache/{args.name}", json={"image": args.ref, **_selection(args)})
             )
             entry = resp.json()
@@ -372,15 +372,15 @@ def _cache(args: argparse.Namespace) -> int:
                 f"{entry['desired']} node(s)"
             )
         elif args.cache_command == "ls":
-            for entry in _check(c.get("/images/cache")).json()["entries"]:
+            for entry in check(c.get("/images/cache")).json()["entries"]:
                 print(
                     f"{entry['name']}  {entry['pinned']}/{entry['desired']} pinned  "
                     f"{entry['image']}"
                 )
         elif args.cache_command == "get":
-            print(json.dumps(_check(c.get(f"/images/cache/{args.name}")).json(), indent=2))
+            print(json.dumps(check(c.get(f"/images/cache/{args.name}")).json(), indent=2))
         else:
-            _check(c.delete(f"/images/cache/{args.name}"))
+            check(c.delete(f"/images/cache/{args.name}"))
             print(f"image cache entry {args.name} removed")
     return 0
 

@@ -26,6 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from warmstart.cli.client import CLIError
+from warmstart.cli.client import check as _check
+from warmstart.cli.client import client as _client
+
 FALLBACK_ENDPOINT = "http://127.0.0.1:8080"
 DEFAULT_ENDPOINT = os.environ.get("WARMSTART_ENDPOINT") or FALLBACK_ENDPOINT
 API = "/2015-03-31/functions"
@@ -34,10 +38,6 @@ API = "/2015-03-31/functions"
 _SETTINGS_COMMANDS = ("serve", "image")
 
 log = logging.getLogger("warmstart.cli")
-
-
-class CLIError(Exception):
-    """A user error: printed as one line on stderr, exit status 2."""
 
 
 def default_data_dir() -> Path:
@@ -606,24 +606,6 @@ async def _deploy_demo(worker: Any) -> None:
 
     with contextlib.suppress(Conflict):  # deployed by an earlier run: keep it
         await worker.create_function("hello", FunctionConfig(handler="hello.handler"), hello_zip())
-
-
-def _client(args: argparse.Namespace) -> Any:
-    import httpx
-
-    return httpx.Client(base_url=args.endpoint, timeout=960)
-
-
-def _check(resp: Any) -> Any:
-    if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            msg = body.get("message") or body.get("Message") or resp.text
-        except ValueError:
-            msg = resp.text
-        code = resp.headers.get("x-amzn-ErrorType", f"HTTP {resp.status_code}")
-        raise CLIError(f"{code}: {msg}")
-    return resp
 
 
 def _config_args(args: argparse.Namespace) -> dict[str, Any]:
