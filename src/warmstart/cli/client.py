@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+FALLBACK_ENDPOINT = "http://127.0.0.1:8080"  # without --endpoint and $WARMSTART_ENDPOINT
+
 
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""

@@ -111,7 +111,7 @@ def add_parser(sub: Any, data_dir: Path, endpoint: str = "http://127.0.0.1:8080"
 
 
 def _add_endpoint(sp: Any, endpoint: str) -> None:
-    from warmstart.cli.main import FALLBACK_ENDPOINT
+    from warmstart.cli.client import FALLBACK_ENDPOINT
 
     sp.add_argument(
         "--endpoint",

@@ -26,11 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from warmstart.cli.client import CLIError
+from warmstart.cli.client import FALLBACK_ENDPOINT, CLIError
 from warmstart.cli.client import check as _check
 from warmstart.cli.client import client as _client
 
-FALLBACK_ENDPOINT = "http://127.0.0.1:8080"
 DEFAULT_ENDPOINT = os.environ.get("WARMSTART_ENDPOINT") or FALLBACK_ENDPOINT
 API = "/2015-03-31/functions"
 # Commands whose options take their defaults from the worker's Settings (importing it
