@@ -330,8 +330,6 @@ class PreheatJobs:
         self._wake = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}  # job id -> this node's pull
         self._timers: dict[str, asyncio.TimerHandle] = {}  # job id -> wake for a retry
-        self.pulls = 0  # attempts started here
-        self.failures = 0  # attempts failed here
 
     # -- the API -------------------------------------------------------------------------------
     async def create(self, spec: PreheatSpec) -> dict[str, Any]:
@@ -559,7 +557,6 @@ class PreheatJobs:
         if not await self.etcd.replace(key, raw, new.to_json()):
             await self.etcd.delete(slot)  # changed meanwhile (deleted, or marked failed)
             return
-        self.pulls += 1
         log.info("preheat %s: pulling %s (attempt %d)", job.id[:8], job.spec.image, new.attempts)
         self._running[job.id] = self.tasks.spawn(
             self._pull(job, slot, new), f"preheat {job.id[:8]} {job.spec.image}"
@@ -656,7 +653,6 @@ class PreheatJobs:
             )
             log.info("preheat %s: %s pulled (%s)", job.id[:8], job.spec.image, pulled.digest)
         else:
-            self.failures += 1
             reason = f"{type(error).__name__}: {error}"
             if (error is not None and permanent(error)) or entry.attempts > job.spec.backoff_limit:
                 new = replace(entry, state=NodeState.FAILED, message=reason, completion_time=now)
@@ -714,6 +710,7 @@ class PreheatJobs:
         )
         slots, _ = await self.etcd.range(f"{SLOTS}{job.id}/")
         leftovers: list[Op] = [Delete(kv.key) for kv in slots]
+        lease = 0
         if job.spec.ttl_s == 0:
             keys = [_entry_key(job.id, n) for n in entries]
             ops: list[Op] = [Delete(JOBS + job.id), *(Delete(k) for k in keys)]
@@ -723,6 +720,8 @@ class PreheatJobs:
             ops += [Put(_entry_key(job.id, n), v, lease=lease) for n, (v, _) in entries.items()]
         ops += leftovers
         if not await self.etcd.commit(ops[:TXN_MAX_OPS], if_value=(JOBS + job.id, raw)):
+            if lease:
+                await self.etcd.revoke(lease)  # unused: no key is under it
             return  # another node completed it first (or it was deleted)
         for start in range(TXN_MAX_OPS, len(ops), TXN_MAX_OPS):
             await self.etcd.commit(ops[start : start + TXN_MAX_OPS])

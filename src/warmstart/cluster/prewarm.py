@@ -44,7 +44,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from warmstart.cluster.etcd import ClusterUnavailable, Etcd
 from warmstart.cluster.membership import Member
@@ -226,6 +226,3 @@ class Prewarm:
             with contextlib.suppress(ClusterUnavailable):
                 await self.etcd.delete(key)
             self._preparing.pop(key, None)
-
-    def statistics(self) -> dict[str, Any]:
-        return {"requests": self.requests, "prepared": self.prepared}
