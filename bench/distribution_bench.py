@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.dir
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    reg = imagetools.start_registry(work / "registry", port=port, host="0.0.0.0", log_level="info")
+    reg = imagetools.start_registry(work / "registry", port=port, address="0.0.0.0", log_level="info")
     results: dict[str, Any] = {"machine": machine_info(), "scenarios": []}
     try:
         built, image_bytes = build(reg, work)

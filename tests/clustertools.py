@@ -8,7 +8,7 @@ lock: two test sessions at once get different ones), and takes every one down af
 test, failed or not::
 
     def test_something(local_cluster_factory):
-        cluster = local_cluster_factory(2, "--no-zygotes")
+        cluster = local_cluster_factory(2, "--no-zygotes", node_args={"node1": ("--label", "a=b")})
         node1, node2 = cluster.nodes
         httpx.get(f"{node1.url}/healthz")
         cluster.kill_node(node1.name); cluster.start_node(node1.name)
@@ -48,10 +48,17 @@ def local_cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     require(_MISSING is None, SKIP_REASON)
     started: list[LocalCluster] = []
 
-    def factory(nodes: int = 2, *serve_args: str, timeout: float = 120.0) -> LocalCluster:
+    def factory(
+        nodes: int = 2,
+        *serve_args: str,
+        timeout: float = 120.0,
+        node_args: dict[str, tuple[str, ...]] | None = None,
+    ) -> LocalCluster:
         cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
         started.append(cluster)
-        cluster.up(nodes, subnet=None, serve_args=serve_args, timeout=timeout)
+        cluster.up(
+            nodes, subnet=None, serve_args=serve_args, timeout=timeout, node_args=node_args
+        )
         return cluster
 
     yield factory

@@ -44,7 +44,7 @@ def free_port() -> int:
 class Registry:
     """A running ``docker-registry`` (the reference distribution implementation)."""
 
-    host: str  # "127.0.0.1:PORT": image references start with it
+    host: str  # "127.0.0.1:PORT" (or the address given): image references start with it
     root: Path
     proc: subprocess.Popen[bytes]
     log_path: Path
@@ -109,12 +109,12 @@ def start_registry(
     port: int | None = None,
     log_level: str = "warn",
     detached: bool = False,
-    host: str = "127.0.0.1",
+    address: str = "127.0.0.1",
 ) -> Registry:
     """Start a registry storing under ``root``; ``auth_yaml`` is an indented ``auth:`` block.
     ``detached``: in a session of its own, to outlive the caller (scripts/local-registry).
-    ``host``: the address it listens on (a local cluster's nodes reach the host only at
-    its bridge address)."""
+    ``address``: where it listens (a local cluster's nodes reach this machine at its
+    bridge's address, ``cluster.plan.gateway``)."""
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config = root / "config.yml"
@@ -124,12 +124,12 @@ def start_registry(
         "storage:\n"
         f"  filesystem:\n    rootdirectory: {root / 'data'}\n"
         "  delete:\n    enabled: true\n"
-        f"http:\n  addr: {host}:{port}\n"
+        f"http:\n  addr: {address}:{port}\n"
         + (f"auth:\n{auth_yaml}" if auth_yaml else "")
     )
     log_path = root / "registry.log"
     proc = _spawn_registry(config, log_path, detached)
-    reg = Registry(f"{host}:{port}", root, proc, log_path, config)
+    reg = Registry(f"{address}:{port}", root, proc, log_path, config)
     _wait_registry(reg)
     return reg
 

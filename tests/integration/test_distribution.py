@@ -61,7 +61,7 @@ def p2p_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     subnet, gateway = "10.77.250.0/24", "10.77.250.1"
     work = tmp_path_factory.mktemp("p2p")
     port = free_port()
-    reg = imagetools.start_registry(work / "registry", port=port, host="0.0.0.0", log_level="info")
+    reg = imagetools.start_registry(work / "registry", port=port, address="0.0.0.0", log_level="info")
     host = f"{gateway}:{port}"
     big = os.urandom(12 << 20)  # three 4 MiB pieces that do not compress
     ref_local = f"127.0.0.1:{port}/p2p/app:1"

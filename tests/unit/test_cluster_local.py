@@ -96,7 +96,9 @@ def test_a_subnet_overlapping_a_route_is_in_use() -> None:
 def _state(tmp_path: Path) -> ClusterState:
     p = plan(tmp_path / "c", "10.77.4.0/24", 2)
     return (
-        ClusterState(p, "/usr/bin/python3", ("--no-zygotes",))
+        ClusterState(
+            p, "/usr/bin/python3", ("--no-zygotes",), node_args={"node2": ("--label", "a=b")}
+        )
         .with_process("etcd", Process("etcd", 100, 5000, ("etcd", "--name", "x")))
         .with_process("node1", Process("node1", 101, 5001, ("nsenter", "--net=/run/netns/a")))
     )
@@ -111,6 +113,7 @@ def test_the_state_file_round_trips(tmp_path: Path) -> None:
     assert data["subnet"] == "10.77.4.0/24"
     assert data["nodes"][0]["url"] == "http://10.77.4.11:8080"
     assert data["etcd"]["url"] == "http://10.77.4.1:2379"
+    assert data["node_args"] == {"node2": ["--label", "a=b"]}
     assert not list(tmp_path.glob(".*.tmp"))
 
 

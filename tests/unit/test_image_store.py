@@ -415,3 +415,36 @@ def test_kept_blobs_are_stored_and_collected(tmp_path: Path, fake: FakeRegistry)
     assert blob.read_bytes() == fake.blobs[layer[0].digest]
     store.remove(ref)
     assert not blob.exists()
+
+
+def test_a_pinned_image_survives_gc_and_restarts_until_unpinned(
+    tmp_path: Path, fake: FakeRegistry
+) -> None:
+    refs = [fake.image(f"img{i}:1", [fake.layer({f"own{i}": bytes([i]) * 30_000})]) for i in range(3)]
+    one = len(tar_of({"own0": b"0" * 30_000}))
+    store = make_store(tmp_path, fake, one * 2 + one // 2)  # room for two images
+    pinned = store.pull(refs[0])
+    store.pin("cache-a", pinned.id, refs[0])
+    with pytest.raises(ImageError, match="not in the store"):
+        store.pin("cache-b", "sha256:" + "1" * 64, "x")
+    store.close()
+    # The pin is persistent: a new process (a restarted node) honours it.
+    store = make_store(tmp_path, fake, one * 2 + one // 2)
+    assert [(p.name, p.image_id, p.ref) for p in store.pins()] == [
+        ("cache-a", pinned.id, refs[0])
+    ]
+    others = [store.pull(refs[1]), store.pull(refs[2])]
+    # Over budget: the least recently used image goes -- the pinned one is older, but kept.
+    kept = {i.id for i in store.list_images()}
+    assert kept == {pinned.id, others[1].id}
+    with pytest.raises(ImageError, match="pinned by cache-a"):
+        store.remove(pinned.id)
+    # Re-pinning a name to another image and dropping the old pin (a moved tag).
+    store.pin("cache-a", others[1].id, refs[2])
+    assert store.unpin("cache-a", keep=others[1].id) == 1
+    assert {p.image_id for p in store.pins()} == {others[1].id}
+    store.pull(refs[1])  # the old pinned image is an ordinary LRU candidate again
+    assert {i.id for i in store.list_images()} == {others[0].id, others[1].id}
+    assert store.unpin("cache-a") == 1
+    assert store.pins() == []
+    store.close()

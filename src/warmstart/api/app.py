@@ -22,6 +22,7 @@ from warmstart.api.lambda_api import (
     result_headers,
 )
 from warmstart.errors import InvalidParameter, NotFound, WarmstartError
+from warmstart.lifecycle import close_all
 from warmstart.worker import Worker
 
 if TYPE_CHECKING:
@@ -183,18 +184,35 @@ def create_app(worker: Worker, cluster: ClusterNode | None = None) -> Starlette:
     (which owns ``worker``): invocations are placed across the cluster, and the cluster's
     own routes are served."""
 
+    from warmstart.api.images_api import ImagesAPI
+    from warmstart.cluster.imageops import ImageOps, LocalImageOps
+
+    # Preheat jobs and the image cache: the cluster's, or this node's alone.
+    local_images: LocalImageOps | None = None
+    images: ImageOps
+    if cluster is not None:
+        images = cluster.images
+    else:
+        images = local_images = LocalImageOps.for_worker(worker)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         owner = cluster if cluster is not None else worker
         await owner.start()
         try:
+            if local_images is not None:
+                await local_images.start()
             yield
         finally:
-            await owner.close()
+            await close_all(
+                ("image operations", local_images.close if local_images else lambda: None),
+                ("node", owner.close),
+            )
 
     routes: list[Any] = [
         *LambdaAPI(worker, cluster).routes(),
         *NativeAPI(worker, cluster).routes(),
+        *ImagesAPI(images).routes(),
     ]
     if cluster is not None:
         from warmstart.api.cluster_api import ClusterAPI

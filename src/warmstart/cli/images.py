@@ -1,4 +1,9 @@
-"""``warmstart image ...``: pull an image into this node's store, convert one to eStargz."""
+"""``warmstart image ...``: pull an image into this node's store, convert one to eStargz,
+preheat an image on the nodes of a cluster, keep images cached there.
+
+``pull`` and ``convert`` work on this machine; ``preheat`` and ``cache`` are clients of a
+running node's API (``--endpoint``), in a cluster or on a node alone.
+"""
 
 from __future__ import annotations
 
@@ -36,11 +41,13 @@ handler(json.loads(sys.argv[2]), Context())
 """
 
 
-HELP = "container images: pull into this node's store, convert to eStargz"
+HELP = "container images: pull, convert to eStargz, preheat on the nodes, keep cached"
+PREHEAT_COMMANDS = ("status", "ls", "rm")
 
 
-def add_parser(sub: Any, data_dir: Path) -> None:
-    """``image``'s subcommands; ``data_dir`` is the node's default data directory."""
+def add_parser(sub: Any, data_dir: Path, endpoint: str = "http://127.0.0.1:8080") -> None:
+    """``image``'s subcommands; ``data_dir`` is the node's default data directory,
+    ``endpoint`` the default server URL of the client subcommands."""
     from warmstart.worker.settings import Settings
 
     im = sub.add_parser(
@@ -99,12 +106,283 @@ def add_parser(sub: Any, data_dir: Path) -> None:
             help="reach HOST over plain HTTP (repeatable; loopback registries always are; "
             "default: none)",
         )
+    _add_preheat(isub, endpoint)
+    _add_cache(isub, endpoint)
+
+
+def _add_endpoint(sp: Any, endpoint: str) -> None:
+    from warmstart.cli.client import FALLBACK_ENDPOINT
+
+    sp.add_argument(
+        "--endpoint",
+        default=endpoint,
+        help=f"a node's URL (default $WARMSTART_ENDPOINT, else {FALLBACK_ENDPOINT})",
+    )
+
+
+def _add_nodes(sp: Any) -> None:
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument(
+        "--nodes",
+        metavar="NAME[,NAME...]",
+        help="exactly these nodes (default: every live node; a cluster only)",
+    )
+    which.add_argument(
+        "--selector",
+        metavar="KEY=VALUE[,...]",
+        help="the nodes whose labels (serve --label) include all of these (default: every "
+        "live node; a cluster only)",
+    )
+
+
+def _add_preheat(isub: Any, endpoint: str) -> None:
+    from warmstart.cluster.preheat import DEFAULT_BACKOFF_LIMIT, DEFAULT_TIMEOUT_S, DEFAULT_TTL_S
+
+    ph = isub.add_parser(
+        "preheat",
+        help="pull an image onto the nodes now, before anything needs it (a preheat job)",
+        description="Make a preheat job: every selected node pulls REF in full into its "
+        "content store. 'preheat status ID' shows a job, 'preheat ls' lists jobs, "
+        "'preheat rm ID' deletes one (an image whose name is one of these words must be "
+        "written in full, e.g. docker.io/library/status).",
+    )
+    ph.add_argument(
+        "what",
+        nargs="+",
+        metavar="ARG",
+        help="REF, the image to preheat (e.g. registry:5000/fn:1); or status ID, ls, rm ID",
+    )
+    _add_nodes(ph)
+    ph.add_argument(
+        "--parallelism",
+        type=int,
+        metavar="N",
+        help="at most N nodes pull at once (default: every selected node)",
+    )
+    ph.add_argument(
+        "--timeout",
+        type=int,
+        metavar="SECONDS",
+        help=f"one attempt on one node may take this long (default {DEFAULT_TIMEOUT_S})",
+    )
+    ph.add_argument(
+        "--backoff-limit",
+        type=int,
+        metavar="N",
+        help=f"retries of a failed attempt on a node (default {DEFAULT_BACKOFF_LIMIT})",
+    )
+    ph.add_argument(
+        "--ttl",
+        type=int,
+        metavar="SECONDS",
+        help=f"keep the finished job this long (default {DEFAULT_TTL_S}, a day)",
+    )
+    ph.add_argument(
+        "--wait",
+        action="store_true",
+        help="show each node's progress until the job is done; exit 1 if a node failed (off)",
+    )
+    _add_endpoint(ph, endpoint)
+
+
+def _add_cache(isub: Any, endpoint: str) -> None:
+    ca = isub.add_parser(
+        "cache",
+        help="images the nodes keep: pulled where selected, never evicted, followed by "
+        "nodes that join later",
+        description="Image cache entries: each names an image that the selected nodes "
+        "pull and pin (the store's LRU never evicts it) until the entry is removed.",
+    )
+    csub = ca.add_subparsers(dest="cache_command", required=True, metavar="CACHECOMMAND")
+    put = csub.add_parser("put", help="create or change an entry")
+    put.add_argument("name", help="the entry's name (lower-case letters, digits, '-', '.')")
+    put.add_argument("ref", help="the image, e.g. registry:5000/fn:1")
+    _add_nodes(put)
+    ls = csub.add_parser("ls", help="every entry and how many of its nodes have it pinned")
+    get = csub.add_parser("get", help="an entry and each selected node's state, as JSON")
+    get.add_argument("name", help="the entry's name")
+    rm = csub.add_parser("rm", help="remove an entry: the nodes unpin its image")
+    rm.add_argument("name", help="the entry's name")
+    for sp in (put, ls, get, rm):
+        _add_endpoint(sp, endpoint)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.image_command == "pull":
         return _pull(args)
+    if args.image_command == "preheat":
+        return _preheat(args)
+    if args.image_command == "cache":
+        return _cache(args)
     return _convert(args)
+
+
+# -- preheat and cache: clients of a node's API ----------------------------------------------------
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    if args.nodes:
+        return {"nodes": [n.strip() for n in args.nodes.split(",") if n.strip()]}
+    if args.selector:
+        return {"selector": args.selector}
+    return {}
+
+
+def _preheat(args: argparse.Namespace) -> int:
+    from warmstart.cli.client import CLIError, check, client
+
+    what = args.what
+    with client(args) as c:
+        if what[0] in PREHEAT_COMMANDS:
+            command, rest = what[0], what[1:]
+            if command == "ls":
+                if rest:
+                    raise CLIError("preheat ls takes no arguments")
+                for job in check(c.get("/images/preheat")).json()["jobs"]:
+                    print(_job_line(job))
+                return 0
+            if len(rest) != 1:
+                raise CLIError(f"preheat {command} takes a job id")
+            if command == "rm":
+                check(c.delete(f"/images/preheat/{rest[0]}"))
+                print(f"preheat job {rest[0]} deleted")
+                return 0
+            job = check(c.get(f"/images/preheat/{rest[0]}")).json()
+            if not args.wait:
+                print(json.dumps(job, indent=2))
+                return 0
+            return _follow_preheat(c, job["id"])
+        if len(what) != 1:
+            raise CLIError("preheat takes one image reference (or status ID, ls, rm ID)")
+        body: dict[str, Any] = {"image": what[0], **_selection(args)}
+        for option, key in (
+            ("parallelism", "parallelism"),
+            ("timeout", "timeoutSeconds"),
+            ("backoff_limit", "backoffLimit"),
+            ("ttl", "ttlSecondsAfterFinished"),
+        ):
+            if getattr(args, option) is not None:
+                body[key] = getattr(args, option)
+        job = check(c.post("/images/preheat", json=body)).json()
+        print(f"preheat job {job['id']}: {job['image']} on {job['desired']} node(s)", flush=True)
+        if not args.wait:
+            print(f"(warmstart image preheat status {job['id']} [--wait] to follow it)")
+            return 0
+        return _follow_preheat(c, job["id"])
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    return (
+        f"{job['id']}  {job['phase']:<9}  {job['succeeded']}/{job['desired']} succeeded"
+        f"  {job['failed']} failed  {job['image']}"
+    )
+
+
+def _follow_preheat(c: Any, job_id: str, interval: float = 0.5) -> int:
+    """Each node's progress until the job is done: a bar per node on a terminal, a line
+    per change otherwise.  1 if a node failed."""
+    from warmstart.cli.client import check
+
+    def read() -> dict[str, Any]:
+        job: dict[str, Any] = check(c.get(f"/images/preheat/{job_id}")).json()
+        return job
+
+    job = read()
+    if sys.stdout.isatty():
+        job = _preheat_bars(read, job, interval)
+    else:
+        job = _preheat_lines(read, job, interval)
+    failed = ", ".join(job["failedNodes"])
+    print(
+        f"preheat job {job['id']}: {job['phase']}: {job['succeeded']} of {job['desired']} "
+        f"node(s) succeeded" + (f", failed: {failed}" if failed else "")
+    )
+    for node in job["failedNodes"]:
+        print(f"  {node}: {job['nodes'][node]['message']}")
+    return 1 if job["failed"] else 0
+
+
+def _preheat_bars(read: Any, job: dict[str, Any], interval: float) -> dict[str, Any]:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    width = max(len(n) for n in job["nodes"]) if job["nodes"] else 8
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+    ) as progress:
+        tasks: dict[str, Any] = {}
+        while True:
+            for name, node in job["nodes"].items():
+                label = f"{name:<{width}}  {node['state']:<9}"
+                total = node["bytesTotal"] or None
+                if name not in tasks:
+                    tasks[name] = progress.add_task(label, total=total)
+                progress.update(
+                    tasks[name], description=label, total=total, completed=node["bytesDone"]
+                )
+            if job["completionTime"]:
+                return job
+            time.sleep(interval)
+            job = read()
+
+
+def _preheat_lines(read: Any, job: dict[str, Any], interval: float) -> dict[str, Any]:
+    seen: dict[str, tuple[str, int]] = {}
+    last_progress = 0.0
+    while True:
+        now = time.monotonic()
+        for name, node in job["nodes"].items():
+            state = node["state"]
+            shown = seen.get(name)
+            report = shown is None or shown[0] != state
+            if (
+                state == "pulling"
+                and now - last_progress >= 5
+                and shown != (state, node["bytesDone"])
+            ):
+                report = True
+            if report:
+                extra = ""
+                if state == "pulling" and node["bytesTotal"]:
+                    extra = f" {node['bytesDone'] / 1e6:.1f}/{node['bytesTotal'] / 1e6:.1f} MB"
+                elif state == "failed":
+                    extra = f": {node['message']}"
+                print(f"{name}: {state}{extra}", flush=True)
+                seen[name] = (state, node["bytesDone"])
+        if now - last_progress >= 5:
+            last_progress = now
+        if job["completionTime"]:
+            return job
+        time.sleep(interval)
+        job = read()
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from warmstart.cli.client import check, client
+
+    with client(args) as c:
+        if args.cache_command == "put":
+            resp = check(
+                c.put(f"/images/cache/{args.name}", json={"image": args.ref, **_selection(args)})
+            )
+            entry = resp.json()
+            verb = "created" if resp.status_code == 201 else "changed"
+            print(
+                f"image cache entry {entry['name']} {verb}: {entry['image']} on "
+                f"{entry['desired']} node(s)"
+            )
+        elif args.cache_command == "ls":
+            for entry in check(c.get("/images/cache")).json()["entries"]:
+                print(
+                    f"{entry['name']}  {entry['pinned']}/{entry['desired']} pinned  "
+                    f"{entry['image']}"
+                )
+        elif args.cache_command == "get":
+            print(json.dumps(check(c.get(f"/images/cache/{args.name}")).json(), indent=2))
+        else:
+            check(c.delete(f"/images/cache/{args.name}"))
+            print(f"image cache entry {args.name} removed")
+    return 0
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -7,6 +7,7 @@ warmstart invoke N ['{"json": "event"}'] [--log]
 warmstart ls | rm N | logs N | top
 warmstart job submit F FILE [--wait] | job status ID [--wait] | job results ID
 warmstart image pull REF | image convert SRC DST [--profile]
+warmstart image preheat REF [--nodes|--selector] [--wait] | image cache put NAME REF | cache ls
 warmstart cluster up --nodes N | cluster down [--purge] | cluster status | cluster nodes
 
 Client commands talk to a running server over HTTP; user errors (a missing file, an
@@ -26,7 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FALLBACK_ENDPOINT = "http://127.0.0.1:8080"
+from warmstart.cli.client import FALLBACK_ENDPOINT, CLIError
+from warmstart.cli.client import check as _check
+from warmstart.cli.client import client as _client
+
 DEFAULT_ENDPOINT = os.environ.get("WARMSTART_ENDPOINT") or FALLBACK_ENDPOINT
 API = "/2015-03-31/functions"
 # Commands whose options take their defaults from the worker's Settings (importing it
@@ -34,10 +38,6 @@ API = "/2015-03-31/functions"
 _SETTINGS_COMMANDS = ("serve", "image")
 
 log = logging.getLogger("warmstart.cli")
-
-
-class CLIError(Exception):
-    """A user error: printed as one line on stderr, exit status 2."""
 
 
 def default_data_dir() -> Path:
@@ -225,7 +225,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     from warmstart.cli import images
 
     if full:
-        images.add_parser(sub, default_data_dir())
+        images.add_parser(sub, default_data_dir(), DEFAULT_ENDPOINT)
     else:
         sub.add_parser("image", help=images.HELP)
     from warmstart.cli import cluster
@@ -668,24 +668,6 @@ async def _deploy_demo(worker: Any) -> None:
 
     with contextlib.suppress(Conflict):  # deployed by an earlier run: keep it
         await worker.create_function("hello", FunctionConfig(handler="hello.handler"), hello_zip())
-
-
-def _client(args: argparse.Namespace) -> Any:
-    import httpx
-
-    return httpx.Client(base_url=args.endpoint, timeout=960)
-
-
-def _check(resp: Any) -> Any:
-    if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            msg = body.get("message") or body.get("Message") or resp.text
-        except ValueError:
-            msg = resp.text
-        code = resp.headers.get("x-amzn-ErrorType", f"HTTP {resp.status_code}")
-        raise CLIError(f"{code}: {msg}")
-    return resp
 
 
 def _config_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,7 @@ the cluster needs are named for what they do -- ``create`` (only if absent),
 ``claim`` (create under a lease, only while another key exists), leases for liveness and
 a prefix watch.  ``AetcdEtcd`` speaks to a real etcd through the maintained ``aetcd``
 client (gRPC), trying the configured endpoints in turn; ``MemoryEtcd`` is the same
-interface in memory, for unit tests at this seam.
+interface in memory, for unit tests at this seam (and a single node's image jobs).
 
 Any failure to reach etcd is ``ClusterUnavailable`` (a ``PlatformError``: the API answers
 503), never a client library's exception.
@@ -311,8 +311,10 @@ class AetcdEtcd:
 
 # -- in memory, for unit tests ----------------------------------------------------------------
 class MemoryEtcd:
-    """``Etcd`` in memory: revisions, leases (expired by ``expire`` or their TTL on the
-    next keepalive) and watches behave as etcd's do.  ``down`` makes every call fail."""
+    """``Etcd`` in memory: revisions, leases (expired by ``expire``, ``expire_lapsed`` or
+    their TTL on the next keepalive) and watches behave as etcd's do.  ``down`` makes
+    every call fail.  Unit tests use it; so does a node running alone, for the state of
+    its image jobs (``cluster/imageops.py``)."""
 
     def __init__(self) -> None:
         self.data: dict[str, KV] = {}
@@ -433,6 +435,20 @@ class MemoryEtcd:
         self.leases.pop(lease, None)
         for key in [k for k, kv in self.data.items() if kv.lease == lease]:
             self._del(key)
+
+    def expire_lapsed(self) -> list[int]:
+        """Expire every lease whose TTL has run out without a keepalive (etcd does this
+        by itself; here whoever uses the store calls it now and then)."""
+        now = time.monotonic()
+        lapsed = [lease for lease, deadline in self.leases.items() if deadline < now]
+        for lease in lapsed:
+            self.expire(lease)
+        return lapsed
+
+    def compact(self) -> None:
+        """Forget the history (as etcd's compaction does): a watch can no longer start
+        from a revision before now.  Watches already running miss nothing."""
+        self.history.clear()
 
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         self._check()

@@ -18,6 +18,11 @@ Several clusters may run side by side, each with its own directory (the id, henc
 interface and namespace names, is derived from it) and its own subnet; a subnet that any
 route of the host already covers is refused.
 
+The nodes see this machine at the bridge's address (the gateway), and reach a registry
+listening there (or on every address) over plain HTTP: every node is started with
+``--insecure-registry <gateway>``.  Extra ``serve`` arguments go to every node, or to one
+(``node_args``: labels, say).
+
 Nodes are started with ``nsenter --net``, not ``ip netns exec``: the latter also gives
 the process a mount namespace of its own with a fresh ``/sys`` mounted over the host's,
 which hides ``/sys/fs/cgroup`` -- and a node without cgroups has no sandbox limits and no
@@ -40,7 +45,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -220,6 +225,7 @@ class ClusterState:
     python: str  # the interpreter nodes run under
     serve_args: tuple[str, ...] = ()  # extra ``serve`` arguments for every node
     processes: tuple[Process, ...] = ()
+    node_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # and for one
 
     def process(self, role: str) -> Process | None:
         for proc in self.processes:
@@ -256,6 +262,7 @@ class ClusterState:
             ],
             "python": self.python,
             "serve_args": list(self.serve_args),
+            "node_args": {name: list(args) for name, args in self.node_args.items()},
             "processes": [
                 {"role": q.role, "pid": q.pid, "start_time": q.start_time, "argv": list(q.argv)}
                 for q in self.processes
@@ -289,6 +296,7 @@ class ClusterState:
             plan=plan,
             python=data["python"],
             serve_args=tuple(data["serve_args"]),
+            node_args={n: tuple(a) for n, a in (data.get("node_args") or {}).items()},
             processes=tuple(
                 Process(q["role"], int(q["pid"]), int(q["start_time"]), tuple(q["argv"]))
                 for q in data["processes"]
@@ -486,12 +494,14 @@ class LocalCluster:
         subnet: str | None = DEFAULT_SUBNET,
         serve_args: Sequence[str] = (),
         timeout: float = 120.0,
+        node_args: Mapping[str, Sequence[str]] | None = None,
     ) -> ClusterPlan:
         """Start etcd and ``nodes`` nodes; return once every node answers ``/healthz``.
-        ``subnet=None`` picks a free /24 in 10.77.0.0/16.  On failure, whatever was
-        started is stopped and removed again (the logs stay) and LocalClusterError says
-        why."""
-        for arg in serve_args:
+        ``subnet=None`` picks a free /24 in 10.77.0.0/16.  ``serve_args`` go to every
+        node, ``node_args[name]`` to that node only.  On failure, whatever was started
+        is stopped and removed again (the logs stay) and LocalClusterError says why."""
+        per_node = {n: tuple(a) for n, a in (node_args or {}).items()}
+        for arg in (*serve_args, *(a for args in per_node.values() for a in args)):
             if arg.split("=", 1)[0] in RESERVED_SERVE_OPTIONS:
                 raise LocalClusterError(
                     f"{arg}: the cluster sets {', '.join(RESERVED_SERVE_OPTIONS)} for each node"
@@ -510,7 +520,7 @@ class LocalCluster:
                     )
                 self._down()  # whatever a crash or a half-finished up left
             try:
-                self._up(nodes, subnet, tuple(serve_args), timeout)
+                self._up(nodes, subnet, tuple(serve_args), timeout, per_node)
             except BaseException:
                 if self.state is not None:
                     self._say("start-up failed: stopping what was started (logs stay)")
@@ -526,7 +536,12 @@ class LocalCluster:
         return self.plan
 
     def _up(
-        self, nodes: int, subnet: str | None, serve_args: tuple[str, ...], timeout: float
+        self,
+        nodes: int,
+        subnet: str | None,
+        serve_args: tuple[str, ...],
+        timeout: float,
+        node_args: dict[str, tuple[str, ...]],
     ) -> None:
         with _locked(NET_LOCK):
             if subnet is None:
@@ -543,7 +558,10 @@ class LocalCluster:
                 if link_exists(name):
                     raise LocalClusterError(f"a network interface named {name} exists already")
             # Recorded before anything is created: down finds what a crash left.
-            self.state = ClusterState(the_plan, self.python, serve_args)
+            unknown = sorted(set(node_args) - {n.name for n in the_plan.nodes})
+            if unknown:
+                raise LocalClusterError(f"node_args names no node of the plan: {unknown}")
+            self.state = ClusterState(the_plan, self.python, serve_args, node_args=node_args)
             self._save()
             self._say(f"bridge {the_plan.bridge} {the_plan.gateway}/{the_plan.prefixlen}")
             _ip("link", "add", the_plan.bridge, "type", "bridge")
@@ -670,7 +688,9 @@ class LocalCluster:
             "--cluster", self.plan.etcd_url,
             "--node-name", node.name,
             "--advertise", node.url,
+            "--insecure-registry", self.plan.gateway,
             *state.serve_args,
+            *state.node_args.get(node.name, ()),
         ]  # fmt: skip
         self._say(f"{node.name}: {node.url} (log {node.log})")
         _, self._offsets[node.name] = self._spawn(node.name, argv, node.log)

@@ -4,8 +4,9 @@
 (``EtcdCatalog``), code bundles replicated between nodes (``ClusterCode``), the work
 queue in etcd with claims (``EtcdQueue``) -- and runs, under its own supervisor, what
 keeps the node in the cluster: the membership loop (lease, published state), the watch
-of the other nodes, and the catalog's watch.  The API asks it where an invocation runs
-(``place``) and forwards there when it is another node.
+of the other nodes, and the catalog's watch; and the image operations: preheat jobs and
+the image cache (``ImageOps``), demand-based prewarm (``Prewarm``).  The API asks it
+where an invocation runs (``place``) and forwards there when it is another node.
 
 Start order: etcd reachable (a node does not start without it) and the cluster's token
 read (or made, by the first node); the worker started (functions loaded from etcd);
@@ -30,14 +31,17 @@ from warmstart.cluster.catalog import EtcdCatalog
 from warmstart.cluster.code import ClusterCode
 from warmstart.cluster.distribution import P2PBlobFetcher, Swarm
 from warmstart.cluster.etcd import AetcdEtcd, ClusterUnavailable, Etcd
-from warmstart.cluster.membership import Membership
+from warmstart.cluster.imageops import ImageOps
+from warmstart.cluster.membership import NODES, Membership
 from warmstart.cluster.peer import PeerClient
+from warmstart.cluster.prewarm import Prewarm
 from warmstart.cluster.queue import EtcdQueue
 from warmstart.cluster.router import Placement, Router, share
 from warmstart.cluster.settings import ClusterSettings
 from warmstart.functions import FunctionRecord, FunctionStore
 from warmstart.images.lazyfs.chunks import ChunkCache
 from warmstart.images.lazyfs.peers import PEERS_FILE
+from warmstart.images.preheat import Preheater
 from warmstart.lifecycle import Supervisor, close_all
 from warmstart.worker import Settings, Worker
 
@@ -82,6 +86,16 @@ class ClusterNode:
         if self.cluster.p2p:
             self.worker.set_blob_source(self._blob_source)
         self.router = Router(self.membership, self.worker.has_idle, self.worker.inflight)
+        self.images = ImageOps(
+            self.etcd,
+            self.membership,
+            Preheater(self.worker.image_store, opened=self.worker.image_store_opened),
+            self.tasks,
+            alive=self._alive,
+        )
+        self.prewarm = Prewarm(
+            self.etcd, self.membership, self.worker, self.tasks, limit=self._limit
+        )
         self.membership.on_join(self.code.announce_all)
         self.membership.on_join(self.swarm.announce_all)
         self.membership.on_join(self._joined)
@@ -109,6 +123,9 @@ class ClusterNode:
         self.tasks.loop("members", self.membership.watch)
         self.tasks.loop("catalog", lambda: self.catalog.follow(self.worker.registry))
         self.tasks.loop("artifacts", self._artifacts_loop)
+        self.images.start_loops()
+        self.tasks.loop("prewarm", self.prewarm.run)
+        self.tasks.loop("prewarm-watch", self.prewarm.watch)
         self._started = True
         log.info(
             "cluster: node %s serving at %s; %d node(s) live",
@@ -143,6 +160,7 @@ class ClusterNode:
     async def close(self) -> None:
         await self.tasks.stop_loops()
         await close_all(
+            ("image operations", self.images.close),
             ("worker", self.worker.close),
             ("cluster membership", self.membership.leave),
             ("cluster tasks", self.tasks.close),
@@ -171,9 +189,20 @@ class ClusterNode:
         names = [m.name for m in self.membership.live()]
         return share(reserved, names, self.name)
 
+    def _limit(self, rec: FunctionRecord) -> int:
+        """This node's concurrency limit for ``rec`` (its share of a reserved one)."""
+        if rec.reserved_concurrency is not None:
+            return self._share(rec.reserved_concurrency)
+        return self.settings.max_concurrency
+
+    async def _alive(self, name: str) -> bool:
+        """Whether node ``name`` holds its key (asks etcd: the table may be a second old)."""
+        return await self.etcd.get(NODES + name) is not None
+
     def _members_changed(self) -> None:
         if self._started:
             self.worker.set_reserved_limit(self._share)
+            self.images.preheat.wake()  # a node that left may hold up a job
         self._write_peers()
 
     def _write_peers(self) -> None:
@@ -199,6 +228,7 @@ class ClusterNode:
     def _state(self) -> dict[str, Any]:
         state = self.worker.published_state()
         state["code"] = sorted(self.code.held)
+        state["pins"] = self.images.cache.published()
         state.update(self._artifacts)
         state["uploads"] = self.swarm.stats.uploads
         state["p2p"] = dict(self.swarm.stats.__dict__)

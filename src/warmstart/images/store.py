@@ -2,7 +2,8 @@
 
 Layout under ``root``::
 
-    index.db             SQLite: images, their layers (the reference counts), tags, LRU times
+    index.db             SQLite: images, their layers (the reference counts), tags, LRU
+                         times, persistent pins
     layers/<hex>/        one unpacked layer (an overlayfs lower directory), by diff-id
     blobs/sha256/<hex>   compressed layer blobs, only when ``keep_blobs`` is set
     empty/               an empty lower directory (overlayfs wants two lowers without upper)
@@ -19,8 +20,11 @@ them: concurrent pulls needing the same layer download it once (single-flight by
 
 An image's layers are referenced by its row in the index; a layer no image references is
 garbage. Images are kept LRU within ``budget_bytes`` of unpacked data; an image is never
-evicted while it is pinned (``acquire``) or mounted. Every method is thread-safe: the
-worker calls in from ``asyncio.to_thread``.
+evicted while it is held (``acquire``, in memory, for as long as this process uses it),
+mounted, or pinned. A *pin* is persistent (the ``pins`` table): a name (an image cache
+entry's, say) keeps an image in the store across restarts until ``unpin`` drops it;
+an image pinned by no name is an ordinary LRU candidate again. Every method is
+thread-safe: the worker calls in from ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -99,6 +103,13 @@ CREATE TABLE IF NOT EXISTS tags (
     ref TEXT PRIMARY KEY,
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE
 );
+CREATE TABLE IF NOT EXISTS pins (
+    name TEXT NOT NULL,
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    ref TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (name, image_id)
+);
 """
 
 
@@ -151,6 +162,16 @@ class Image:
     def size(self) -> int:
         """Compressed size of the layers (what a pull downloads)."""
         return sum(layer.size for layer in self.manifest.layers)
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A persistent pin: ``name`` keeps image ``image_id`` (pulled as ``ref``) in the store."""
+
+    name: str
+    image_id: str
+    ref: str
+    created: float
 
 
 @dataclass(frozen=True)
@@ -706,9 +727,10 @@ class ImageStore:
             self._emit(fn, digest, desc.size, desc.size)
         return result
 
-    # -- pins, mounts ------------------------------------------------------------------------
+    # -- holds, pins, mounts -----------------------------------------------------------------
     def acquire(self, image_id: str) -> None:
-        """Pin an image: it is not garbage-collected until a matching ``release``."""
+        """Hold an image (in memory): it is not garbage-collected until a matching
+        ``release``."""
         with self._lock:
             if self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone():
                 self._pins[image_id] += 1
@@ -723,9 +745,45 @@ class ImageStore:
             if self._pins[image_id] <= 0:
                 del self._pins[image_id]
 
+    def pin(self, name: str, image_id: str, ref: str) -> None:
+        """Pin ``image_id`` under ``name`` (persistently: it survives restarts) so that
+        garbage collection never evicts it; ``ref`` is what the pin asked for."""
+        with self._exclusive():
+            if not self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone():
+                raise ImageError(f"image {image_id} is not in the store")
+            self._db.execute(
+                "INSERT INTO pins (name, image_id, ref, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name, image_id) DO UPDATE SET ref = excluded.ref",
+                (name, image_id, ref, time.time()),
+            )
+            self._touch_image(image_id)
+
+    def unpin(self, name: str, *, keep: str | None = None) -> int:
+        """Drop ``name``'s pins (but the one of image ``keep``); the images become
+        ordinary LRU candidates. Returns how many pins went."""
+        with self._exclusive():
+            cur = self._db.execute(
+                "DELETE FROM pins WHERE name = ? AND image_id != ?", (name, keep or "")
+            )
+            return int(cur.rowcount)
+
+    def pins(self) -> list[Pin]:
+        """Every persistent pin, by name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, image_id, ref, created FROM pins ORDER BY name, created"
+            ).fetchall()
+        return [Pin(str(n), str(i), str(r), float(c)) for n, i, r, c in rows]
+
+    def _pin_names(self, image_id: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT name FROM pins WHERE image_id = ? ORDER BY name", (image_id,)
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def mount_rootfs(self, image: Image, target: Path) -> None:
         """Mount the image's layers at ``target`` as one read-only overlay (top layer wins,
-        whiteouts and opaque directories applied by overlayfs). The image stays pinned
+        whiteouts and opaque directories applied by overlayfs). The image stays held
         until ``unmount``."""
         target = Path(target)
         dirs = list(image.layer_dirs)
@@ -768,13 +826,16 @@ class ImageStore:
     # -- removal and garbage collection -----------------------------------------------------
     def remove(self, ref_or_id: str) -> bool:
         """Forget an image (its layers go when no other image uses them). Refused while
-        the image is pinned or mounted."""
+        the image is held, mounted or pinned."""
         with self._exclusive():
             image_id = self._lookup(ref_or_id)
             if image_id is None:
                 return False
             if self._pins[image_id] > 0:
                 raise ImageError(f"image {image_id} is in use")
+            names = self._pin_names(image_id)
+            if names:
+                raise ImageError(f"image {image_id} is pinned by {', '.join(names)}")
             if self._image_layers(image_id) in self._mounted_stacks():
                 raise ImageError(f"image {image_id} is in use (mounted)")
             self._db.execute("DELETE FROM images WHERE id = ?", (image_id,))
@@ -782,9 +843,9 @@ class ImageStore:
         return True
 
     def gc(self, budget_bytes: int | None = None, *, keep: set[str] | None = None) -> int:
-        """Delete unreferenced layers, then least recently used images (not pinned, not in
-        ``keep``) and their layers until the store fits ``budget_bytes`` (default: the
-        store's budget). Returns the bytes freed."""
+        """Delete unreferenced layers, then least recently used images (not held, mounted
+        or pinned, not in ``keep``) and their layers until the store fits ``budget_bytes``
+        (default: the store's budget). Returns the bytes freed."""
         budget = self.budget_bytes if budget_bytes is None else budget_bytes
         keep = keep or set()
         doomed: list[tuple[int, Path]] = []
@@ -792,6 +853,7 @@ class ImageStore:
             stacks = self._mounted_stacks()
             mounted = set().union(*stacks)
             self._collect_unreferenced(doomed, mounted)
+            pinned = {str(r[0]) for r in self._db.execute("SELECT DISTINCT image_id FROM pins")}
             if self.disk_bytes() > budget:
                 candidates = [
                     r[0]
@@ -800,7 +862,7 @@ class ImageStore:
                 for image_id in candidates:
                     if self.disk_bytes() <= budget:
                         break
-                    if image_id in keep or self._pins[image_id] > 0:
+                    if image_id in keep or self._pins[image_id] > 0 or image_id in pinned:
                         continue
                     if self._image_layers(image_id) in stacks:
                         continue  # mounted, maybe by another process

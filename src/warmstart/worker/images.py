@@ -72,6 +72,11 @@ class ImageFunctions:
             )
         return self._manager
 
+    @property
+    def opened(self) -> bool:
+        """Whether the image manager (and its content store) exists yet."""
+        return self._manager is not None
+
     def recover(self) -> int:
         """At start: unmount what a crashed worker left mounted (linux isolation only)."""
         return self.manager.recover()

@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -55,6 +55,9 @@ from warmstart.worker.registry import (
 )
 from warmstart.worker.settings import Settings
 from warmstart.zygote.cache import ZygoteCache
+
+if TYPE_CHECKING:
+    from warmstart.images.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +452,21 @@ class Worker:
         """Where full image pulls fetch layer blobs (a cluster: peers first); set before
         the worker starts."""
         self._images.blob_source = source
+
+    async def prepare(self, rec: FunctionRecord) -> None:
+        """Make ``rec`` ready to start here without starting it: its bundle and packages
+        (fetched and installed), or its image (mounted), as its first start would."""
+        if rec.image is not None:
+            await self._images.layout(rec.image)
+        else:
+            await self._registry.ensure_code(rec)
+
+    def image_store(self) -> ImageStore:
+        """This node's content store (made with the image manager on first use)."""
+        return self._images.manager.store
+
+    def image_store_opened(self) -> bool:
+        return self._images.opened
 
     def held_artifacts(self) -> dict[str, Any]:
         """Image layers and lazy chunks held here (reads disk and SQLite: on a thread)."""
