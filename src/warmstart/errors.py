@@ -7,6 +7,7 @@
     ├── PreconditionFailed    the caller's RevisionId is not the current one
     ├── TooManyRequests       concurrency and queue limits are exhausted
     ├── InvalidRequestContent the invocation payload is not JSON
+    ├── RequestTooLarge       a request body over one of the node's size limits (413)
     └── PlatformError         something on our side failed (sandbox, cgroup, spawner)
         ├── SandboxError      a sandbox could not be created or controlled
         └── ServiceUnavailable  a dependency is unreachable for now (cluster: etcd), 503
@@ -16,6 +17,8 @@ the CLI into one clear line. Causes are chained with ``raise ... from exc``.
 """
 
 from __future__ import annotations
+
+from warmstart.kinds import SizeLimit
 
 
 class WarmstartError(Exception):
@@ -48,6 +51,22 @@ class TooManyRequests(WarmstartError):
 
 class InvalidRequestContent(WarmstartError):
     pass
+
+
+class RequestTooLarge(WarmstartError):
+    """A request body over a size limit of the node's, refused before it was read in full.
+
+    ``error_type`` is Lambda's name for it (``RequestTooLargeException`` for an invocation's
+    payload; ``RequestEntityTooLargeException`` for a deploy's request); ``limit`` says
+    which limit was hit, for the node's metrics.
+    """
+
+    def __init__(
+        self, message: str, *, limit: SizeLimit, error_type: str = "RequestTooLargeException"
+    ) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.error_type = error_type
 
 
 class PlatformError(WarmstartError):

@@ -1,4 +1,5 @@
-"""Words every layer shares: a unit of work's QoS class, and how an instance started.
+"""Words every layer shares: a unit of work's QoS class, how an instance started, and
+which size limit a request met.
 
 A leaf (standard library only), so the sandbox, the QoS manager, the worker and the API
 can all speak of them without importing one another.
@@ -30,3 +31,16 @@ class StartKind(enum.Enum):
     WARM = "warm"  # an idle instance, thawed if it was frozen
     COLD = "cold"  # a fresh interpreter in a fresh sandbox
     FORK = "fork"  # forked from a zygote that had imported the function's packages
+
+
+class SizeLimit(enum.Enum):
+    """Which of the node's size limits a request body met (the label of
+    ``warmstart_requests_too_large_total``; ``Settings`` holds the sizes)."""
+
+    INVOKE = "invoke"  # a synchronous invocation's payload (Invoke, /run)
+    EVENT = "event"  # an Event invocation's payload
+    JOB = "job"  # a job's whole input
+    JOB_INPUT = "job_input"  # one item of a job
+    CODE = "code"  # a deploy carrying a zip (CreateFunction, UpdateFunctionCode)
+    CONTROL = "control"  # any other API request with a body
+    BUNDLE = "bundle"  # a code bundle sent by a peer (cluster mode)

@@ -82,8 +82,11 @@ class FakeInvoker:
         self.calls: list[tuple[str, bytes, QoSClass]] = []
         self.evicted: list[list[str]] = []
 
-    async def invoke(self, name: str, payload: bytes, *, qos_class: QoSClass) -> InvokeResult:
+    async def invoke(
+        self, name: str, payload: bytes, *, qos_class: QoSClass, max_response: int
+    ) -> InvokeResult:
         self.calls.append((name, payload, qos_class))
+        self.max_response = max_response
         return await self.behaviour(name, payload)
 
     def be_memory_mb(self) -> int:

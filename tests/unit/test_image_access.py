@@ -328,6 +328,7 @@ def test_a_forwarded_invocation_does_not_carry_registry_credentials() -> None:
     from types import SimpleNamespace
 
     from warmstart.api.forwarding import ForwardingMiddleware
+    from warmstart.worker.settings import Settings
 
     sent_headers: list[list[tuple[bytes, bytes]]] = []
 
@@ -342,7 +343,7 @@ def test_a_forwarded_invocation_does_not_carry_registry_credentials() -> None:
     rec = SimpleNamespace(config=SimpleNamespace(timeout_s=3))
     node = SimpleNamespace(
         name="n1",
-        worker=SimpleNamespace(get=lambda name: rec),
+        worker=SimpleNamespace(get=lambda name: rec, settings=Settings()),
         place=lambda rec: SimpleNamespace(local=False, url="http://10.0.0.2:8080", node="n2"),
         peers=SimpleNamespace(forward=forward),
     )

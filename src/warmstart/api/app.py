@@ -15,13 +15,16 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from warmstart import __version__
+from warmstart.api.bodies import BodyLimit, read_body
 from warmstart.api.lambda_api import (
     LambdaAPI,
     error_response,
     function_name,
     result_headers,
+    sync_payload_limit,
 )
-from warmstart.errors import InvalidParameter, NotFound, WarmstartError
+from warmstart.errors import InvalidParameter, NotFound, RequestTooLarge, WarmstartError
+from warmstart.kinds import SizeLimit
 from warmstart.lifecycle import close_all
 from warmstart.worker import Worker
 
@@ -30,13 +33,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_JOB_BODY = 64 << 20
-
 
 class NativeAPI:
     def __init__(self, worker: Worker, cluster: ClusterNode | None = None) -> None:
         self.worker = worker
         self.cluster = cluster
+        self.request_limit = sync_payload_limit(worker)
+        self.job_limit = BodyLimit(worker.settings.max_job_bytes, SizeLimit.JOB, "SubmitJob")
 
     def routes(self) -> list[Route]:
         return [
@@ -57,7 +60,7 @@ class NativeAPI:
     async def run(self, request: Request) -> Response:
         """POST /run/<fn>: JSON event in, handler result out (502 if the handler failed)."""
         name, _ = function_name(request.path_params["name"])
-        result = await self.worker.invoke(name, await request.body())
+        result = await self.worker.invoke(name, await read_body(request, self.request_limit))
         status = 200
         if result.function_error:
             status = 504 if b"Sandbox.Timedout" in result.payload else 502
@@ -103,10 +106,9 @@ class NativeAPI:
         return JSONResponse(self.worker.zygotes())
 
     async def submit_job(self, request: Request) -> Response:
-        """POST /jobs: {"function": F, "inputs": [...]}, or JSON lines with ?function=F."""
-        raw = await request.body()
-        if len(raw) > MAX_JOB_BODY:
-            raise InvalidParameter(f"a job's inputs may take at most {MAX_JOB_BODY} bytes")
+        """POST /jobs: {"function": F, "inputs": [...]}, or JSON lines with ?function=F.
+        The body takes at most ``max_job_bytes``, each input ``max_event_bytes``."""
+        raw = await read_body(request, self.job_limit)
         if (
             "ndjson" in request.headers.get("content-type", "")
             or "function" in request.query_params
@@ -120,6 +122,7 @@ class NativeAPI:
                     json.loads(line)
                 except ValueError:
                     raise InvalidParameter(f"input line {n} is not JSON") from None
+                self._check_input(f"input line {n}", line)
                 inputs.append(line)
         else:
             try:
@@ -130,9 +133,21 @@ class NativeAPI:
                 raise InvalidParameter('expected {"function": NAME, "inputs": [...]}')
             name = str(body.get("function", ""))
             inputs = [json.dumps(item).encode() for item in body["inputs"]]
+            for n, item in enumerate(inputs):
+                self._check_input(f"inputs[{n}]", item)
         name, _ = function_name(name)
         job_id = await self.worker.submit_job(name, inputs)
         return JSONResponse({"JobId": job_id, "total": len(inputs)}, status_code=202)
+
+    def _check_input(self, where: str, item: bytes) -> None:
+        """A job's item is an Event payload: it takes at most ``max_event_bytes``."""
+        limit = self.worker.settings.max_event_bytes
+        if len(item) > limit:
+            raise RequestTooLarge(
+                f"{where} takes {len(item)} bytes: a job's input must be smaller than "
+                f"{limit} bytes (the node's Event payload limit)",
+                limit=SizeLimit.JOB_INPUT,
+            )
 
     async def list_jobs(self, request: Request) -> Response:
         return JSONResponse({"jobs": await self.worker.jobs()})
@@ -164,6 +179,8 @@ class NativeAPI:
 
 async def _warmstart_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, WarmstartError):
+        if isinstance(exc, RequestTooLarge):
+            request.app.state.worker.count_too_large(exc.limit)
         if not isinstance(exc, (NotFound, InvalidParameter)):
             log.info("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return error_response(exc)

@@ -17,8 +17,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from warmstart.api.bodies import ENTITY_TOO_LARGE, BodyLimit, read_body
 from warmstart.cluster.code import TOKEN_HEADER
 from warmstart.errors import InvalidParameter, NotFound
+from warmstart.kinds import SizeLimit
 
 if TYPE_CHECKING:
     from warmstart.cluster.node import ClusterNode
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_BUNDLE = 256 << 20
+BUNDLE_LIMIT = BodyLimit(MAX_BUNDLE, SizeLimit.BUNDLE, "PutCode", ENTITY_TOO_LARGE)
 
 
 class ClusterAPI:
@@ -78,10 +81,6 @@ class ClusterAPI:
 
     async def put_code(self, request: Request) -> Response:
         sha = self._check_peer(request)
-        data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_BUNDLE:
-                raise InvalidParameter(f"a bundle may take at most {MAX_BUNDLE} bytes")
-        await self.node.code.receive(sha, bytes(data))
+        data = await read_body(request, BUNDLE_LIMIT)
+        await self.node.code.receive(sha, data)
         return Response(status_code=204)

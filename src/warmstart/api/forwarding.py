@@ -11,6 +11,11 @@ routing, request objects and middleware of the application off the forwarding pa
 
 A target that cannot be reached is skipped and the call runs here; one that fails after
 the request went out is a 502 ``ServiceException`` that says the call may have run.
+
+A forwarded call's payload is held to the node's synchronous limit before it leaves: a
+``Content-Length`` over it is a 413 here, without reading the body, and a body without
+one is read only up to the limit (``api/bodies.py``).  The target checks it again with
+its own limits, as it does every request: a forwarded call is trusted with nothing.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from warmstart.api.bodies import bounded_chunks, declared_length
+from warmstart.api.lambda_api import error_response, sync_payload_limit
 from warmstart.cluster.peer import PeerFailed, PeerUnreachable
 from warmstart.cluster.router import FORWARDED_HEADER, NODE_HEADER
-from warmstart.errors import WarmstartError
+from warmstart.errors import RequestTooLarge, WarmstartError
 from warmstart.images.access import REGISTRY_AUTH_HEADER
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 
+    from warmstart.api.bodies import BodyLimit
     from warmstart.cluster.node import ClusterNode
 
     Scope = MutableMapping[str, Any]
@@ -81,6 +89,7 @@ class ForwardingMiddleware:
     def __init__(self, app: ASGIApp, node: ClusterNode) -> None:
         self.app = app
         self.node = node
+        self.limit = sync_payload_limit(node.worker)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -110,25 +119,31 @@ class ForwardingMiddleware:
             target += "?" + scope["query_string"].decode("latin-1")
         out_headers = [(k, v) for k, v in headers if k not in _HOP]
         out_headers.append((_FORWARDED, self.node.name.encode()))
-        length = _content_length(headers)
+        length = declared_length(headers)
         timeout = rec.config.timeout_s + 10.0
         try:
             if length is not None:  # the body streams through as it arrives
+                if length > self.limit.size:
+                    raise self.limit.error()
                 resp = await self.node.peers.forward(
                     host,
                     port,
                     "POST",
                     target,
                     out_headers,
-                    _body(receive),
+                    bounded_chunks(_body(receive), self.limit),
                     length,
                     timeout=timeout,
                 )
-            else:  # no length given (chunked): read it first
-                body = await _read_body(receive)
+            else:  # no length given (chunked): read it first, up to the limit
+                body = await _read_body(receive, self.limit)
                 resp = await self.node.peers.request(
                     host, port, "POST", target, out_headers, body, timeout=timeout
                 )
+        except RequestTooLarge as exc:
+            self.node.worker.count_too_large(exc.limit)
+            await error_response(exc)(scope, receive, send)
+            return
         except PeerUnreachable as exc:
             # Nothing was sent, and (with a length) nothing read yet: the app reads the
             # request itself; without a length it gets the body read above.
@@ -152,16 +167,6 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname or "", parts.port or 80
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for key, value in headers:
-        if key == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
     """The request body as it arrives."""
     while True:
@@ -175,16 +180,10 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
+async def _read_body(receive: Receive, limit: BodyLimit) -> bytes:
+    """The whole body, if it is within ``limit`` (else ``limit.error()``, raised at the
+    chunk that crosses it)."""
+    return b"".join([chunk async for chunk in bounded_chunks(_body(receive), limit)])
 
 
 def _replay(body: bytes) -> Receive:

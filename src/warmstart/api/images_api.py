@@ -14,7 +14,7 @@
 In a cluster the controllers are the ``ClusterNode``'s (``cluster/imageops.py``); on a
 node alone the same API pulls and pins on that node.  Errors take the API's usual
 shapes: 400 for a bad request (with what is wrong), 404 for an unknown job or entry,
-503 when etcd cannot be reached.
+413 for a body over 64 KB, 503 when etcd cannot be reached.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from warmstart.api.bodies import ENTITY_TOO_LARGE, BodyLimit, read_body
 from warmstart.errors import InvalidParameter, NotFound
+from warmstart.kinds import SizeLimit
 
 if TYPE_CHECKING:
     from warmstart.cluster.imageops import ImageOps
 
-MAX_BODY = 64 << 10
+BODY_LIMIT = BodyLimit(64 << 10, SizeLimit.CONTROL, "image", ENTITY_TOO_LARGE)
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise InvalidParameter(f"the body may take at most {MAX_BODY} bytes")
+    raw = await read_body(request, BODY_LIMIT)
     try:
         return json.loads(raw or b"null")
     except ValueError as exc:

@@ -23,12 +23,20 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from warmstart.api.bodies import (
+    CODE_REQUEST_BYTES,
+    CONTROL_REQUEST_BYTES,
+    ENTITY_TOO_LARGE,
+    BodyLimit,
+    read_body,
+)
 from warmstart.errors import (
     Conflict,
     InvalidParameter,
     InvalidRequestContent,
     NotFound,
     PreconditionFailed,
+    RequestTooLarge,
     ServiceUnavailable,
     TooManyRequests,
     WarmstartError,
@@ -36,6 +44,7 @@ from warmstart.errors import (
 from warmstart.functions import FunctionConfig, FunctionRecord
 from warmstart.functions.models import NETWORK_TAG
 from warmstart.images.access import REGISTRY_AUTH_HEADER, RegistryCredential
+from warmstart.kinds import SizeLimit
 from warmstart.worker import InvokeResult, Worker
 
 if TYPE_CHECKING:
@@ -66,6 +75,8 @@ def error_response(exc: WarmstartError) -> JSONResponse:
     """A ``WarmstartError`` in Lambda's shape; anything not the caller's fault (a
     ``PlatformError`` and whatever else) is a ``ServiceException``: 503 when a dependency
     is unreachable for now (the cluster's etcd), else 500."""
+    if isinstance(exc, RequestTooLarge):
+        return lambda_error(413, exc.error_type, str(exc))
     for kind, status, code in _LAMBDA_ERRORS:
         if isinstance(exc, kind):
             extra = {"Reason": exc.reason} if isinstance(exc, TooManyRequests) else {}
@@ -100,13 +111,23 @@ def function_name(raw: str) -> tuple[str, str | None]:
     return rest[0], (rest[1] if len(rest) == 2 else None)
 
 
+def sync_payload_limit(worker: Worker) -> BodyLimit:
+    """A synchronous invocation's payload limit (Invoke, ``/run``, forwarded calls)."""
+    return BodyLimit(worker.settings.max_request_bytes, SizeLimit.INVOKE, "InvokeFunction")
+
+
 def check_qualifier(qualifier: str | None) -> None:
     if qualifier not in (None, "", "$LATEST"):
         raise NotFound(f"Function not found: qualifier {qualifier!r} (only $LATEST is served)")
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def json_body(
+    request: Request, operation: str, limit: int = CONTROL_REQUEST_BYTES
+) -> dict[str, Any]:
+    """A control-plane request's JSON object body, of at most ``limit`` bytes (else 413
+    ``RequestEntityTooLargeException``, as Lambda says it for ``operation``)."""
+    what = SizeLimit.CODE if limit == CODE_REQUEST_BYTES else SizeLimit.CONTROL
+    raw = await read_body(request, BodyLimit(limit, what, operation, ENTITY_TOO_LARGE))
     if not raw:
         return {}
     try:
@@ -210,6 +231,10 @@ class LambdaAPI:
     def __init__(self, worker: Worker, cluster: ClusterNode | None = None) -> None:
         self.worker = worker
         self.cluster = cluster
+        self.request_limit = sync_payload_limit(worker)
+        self.event_limit = BodyLimit(
+            worker.settings.max_event_bytes, SizeLimit.EVENT, "InvokeFunction"
+        )
 
     def routes(self) -> list[Route]:
         p = "/2015-03-31/functions"
@@ -243,7 +268,7 @@ class LambdaAPI:
         return self.worker.get(name)
 
     async def create_function(self, request: Request) -> Response:
-        body = await json_body(request)
+        body = await json_body(request, "CreateFunction", CODE_REQUEST_BYTES)
         name = body.get("FunctionName")
         if not isinstance(name, str):
             raise InvalidParameter("FunctionName is required")
@@ -342,7 +367,7 @@ class LambdaAPI:
 
     async def update_configuration(self, request: Request) -> Response:
         rec = self._rec(request)
-        body = await json_body(request)
+        body = await json_body(request, "UpdateFunctionConfiguration")
         self._check_revision(rec, body)
         cfg = rec.config
         changes: dict[str, Any] = {}
@@ -375,7 +400,7 @@ class LambdaAPI:
 
     async def update_code(self, request: Request) -> Response:
         rec = self._rec(request)
-        body = await json_body(request)
+        body = await json_body(request, "UpdateFunctionCode", CODE_REQUEST_BYTES)
         self._check_revision(rec, body)
         if isinstance(body.get("ImageUri"), str):
             overrides = dict(rec.image.overrides) if rec.image is not None else {}
@@ -401,7 +426,7 @@ class LambdaAPI:
 
     async def put_concurrency(self, request: Request) -> Response:
         rec = self._rec(request)
-        body = await json_body(request)
+        body = await json_body(request, "PutFunctionConcurrency")
         value = body.get("ReservedConcurrentExecutions")
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidParameter("ReservedConcurrentExecutions must be an integer >= 0")
@@ -423,7 +448,8 @@ class LambdaAPI:
         name, qualifier = function_name(request.path_params["name"])
         check_qualifier(qualifier or request.query_params.get("Qualifier"))
         kind = request.headers.get("x-amz-invocation-type", "RequestResponse")
-        payload = await request.body()
+        limit = self.event_limit if kind == "Event" else self.request_limit
+        payload = await read_body(request, limit)
         if kind == "DryRun":
             self.worker.get(name)
             return Response(status_code=204, headers={"X-Amz-Executed-Version": "$LATEST"})

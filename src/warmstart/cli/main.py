@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 def _add_serve(sub: Any) -> None:
     """``serve``'s options.  Their defaults are read from :class:`Settings`, the one place
     they are written (importing it loads the worker, so only ``serve`` builds these)."""
-    from warmstart.worker.settings import Settings
+    from warmstart.runtime.protocol import MAX_PAYLOAD
+    from warmstart.worker.settings import EVENT_BYTES_MAX, Settings
 
     d = Settings()
     s = sub.add_parser(
@@ -345,6 +347,43 @@ def _add_serve(sub: Any) -> None:
         default=d.be_concurrency,
         help="best-effort (event, job) invocations at once at most (default 2 per CPU, "
         "here %(default)s)",
+    )
+    lim = s.add_argument_group(
+        "payload limits",
+        "Bodies over a limit are refused with 413 (RequestTooLargeException) before they "
+        "are read; a result over its limit is a Function.ResponseSizeTooLarge error. The "
+        "defaults are AWS Lambda's.",
+    )
+    lim.add_argument(
+        "--max-request-bytes",
+        metavar="BYTES",
+        type=_byte_count(MAX_PAYLOAD),
+        default=d.max_request_bytes,
+        help="a synchronous invocation's payload (Invoke, POST /run) at most "
+        "(default %(default)s: 6 MB)",
+    )
+    lim.add_argument(
+        "--max-response-bytes",
+        metavar="BYTES",
+        type=_byte_count(MAX_PAYLOAD),
+        default=d.max_response_bytes,
+        help="what a synchronous invocation may return (default %(default)s: 6 MB and the "
+        "100 bytes Lambda allows on top)",
+    )
+    lim.add_argument(
+        "--max-event-bytes",
+        metavar="BYTES",
+        type=_byte_count(EVENT_BYTES_MAX),
+        default=d.max_event_bytes,
+        help="an Event invocation's payload, a job's input item, and the result kept for "
+        "each, at most; up to 1048576 (default %(default)s: 256 KB)",
+    )
+    lim.add_argument(
+        "--max-job-bytes",
+        metavar="BYTES",
+        type=_byte_count(None),
+        default=d.max_job_bytes,
+        help="a job's whole input (POST /jobs) at most (default %(default)s: 64 MB)",
     )
     s.add_argument(
         "--no-zygotes",
@@ -497,6 +536,22 @@ def _add_serve(sub: Any) -> None:
     )
 
 
+def _byte_count(most: int | None) -> Callable[[str], int]:
+    """An argparse type: a positive number of bytes, at most ``most``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of bytes: {text!r}") from None
+        if n <= 0 or (most is not None and n > most):
+            bound = "a positive number" if most is None else f"between 1 and {most}"
+            raise argparse.ArgumentTypeError(f"{n} bytes: must be {bound}")
+        return n
+
+    return parse
+
+
 def _qos_config(text: str) -> Any:
     """--qos-config: a JSON object inline (it starts with ``{``) or in a file."""
     from warmstart.qos.policy import QoSConfig
@@ -578,6 +633,10 @@ def _serve(args: argparse.Namespace) -> int:
         qos=args.qos,
         min_be_concurrency=args.min_be_concurrency,
         be_concurrency=args.be_concurrency,
+        max_request_bytes=args.max_request_bytes,
+        max_response_bytes=args.max_response_bytes,
+        max_event_bytes=args.max_event_bytes,
+        max_job_bytes=args.max_job_bytes,
         **({} if args.qos_config is None else {"qos_config": _qos_config(args.qos_config)}),
         cluster=_cluster_settings(args),
     )

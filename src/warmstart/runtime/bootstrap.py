@@ -246,6 +246,7 @@ class Runtime:
         context = LambdaContext(
             request_id, meta["deadline_ms"], meta.get("arn", ""), meta.get("client_context")
         )
+        limit = meta.get("max_response")
         try:
             result = handler(event, context)
         except Exception as exc:
@@ -254,7 +255,7 @@ class Runtime:
             import traceback
 
             traceback.print_exception(exc)  # Lambda logs the failure too
-            self.send({"type": "error"}, json.dumps(err).encode())
+            self.reply("error", json.dumps(err).encode(), limit)
             return
         try:
             body = json.dumps(result).encode()
@@ -267,7 +268,23 @@ class Runtime:
             }
             self.send({"type": "error"}, json.dumps(err).encode())
             return
-        self.send({"type": "result"}, body)
+        self.reply("result", body, limit)
+
+    def reply(self, kind: str, body: bytes, limit: int | None) -> None:
+        """Send an invocation's outcome -- or, when it is over the worker's ``limit``
+        (``max_response`` in the request's meta), Lambda's error for that instead: the
+        worker would not read it anyway, and this instance stays usable."""
+        if limit is not None and len(body) > limit:
+            message = (
+                f"Response payload size ({len(body)} bytes) exceeded maximum allowed "
+                f"payload size ({limit} bytes)."
+            )
+            print(message, file=sys.stderr)
+            kind = "response_too_large"
+            body = json.dumps(
+                {"errorMessage": message, "errorType": "Function.ResponseSizeTooLarge"}
+            ).encode()
+        self.send({"type": kind}, body)
 
 
 def oneshot(event_json: str) -> int:

@@ -5,11 +5,15 @@ by those three byte strings.  *meta* is a small JSON object; *payload* is passed
 untouched (the event going in, the handler's JSON result coming out), so the worker never
 parses or re-encodes user data on the hot path; *logs* is what the handler printed.
 
-Worker → runtime:  meta ``{"id", "deadline_ms", "arn", "client_context"?}``, payload=event
+Worker → runtime:  meta ``{"id", "deadline_ms", "arn", "max_response", "client_context"?}``,
+                   payload=event
 Runtime → worker:  meta ``{"type": "ready"}`` once the handler module is imported, or
                    ``{"type": "init_error"}`` with the error JSON as payload;
                    then per invocation ``{"type": "result"}`` / ``{"type": "error"}`` /
-                   ``{"type": "invalid_event"}``, payload = result or error JSON.
+                   ``{"type": "invalid_event"}``, payload = result or error JSON; or
+                   ``{"type": "response_too_large"}`` (Lambda's error JSON) instead of a
+                   payload over the request's ``max_response`` bytes, which the worker
+                   would refuse to read (it reads no payload over that limit).
 """
 
 from __future__ import annotations

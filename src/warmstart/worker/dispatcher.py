@@ -159,7 +159,10 @@ class Dispatcher:
 
     async def _run_event(self, event_id: str, fn: str, payload: bytes, attempts: int) -> None:
         try:
-            result = await self.invoker.invoke(fn, payload, qos_class=QoSClass.BE)
+            # What is kept for it in the queue is bounded like its payload.
+            result = await self.invoker.invoke(
+                fn, payload, qos_class=QoSClass.BE, max_response=self.settings.max_event_bytes
+            )
         except NotFound as exc:
             if fn in self.registry:  # the function is there; something it needs is not
                 log.warning("event %s for %s failed: %s", event_id, fn, exc)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from warmstart.kinds import StartKind
-from warmstart.runtime.protocol import HEADER, check_sizes, encode
+from warmstart.runtime.protocol import HEADER, MAX_PAYLOAD, check_sizes, encode
 
 if TYPE_CHECKING:
     from warmstart.sandbox import Sandbox
@@ -29,9 +29,20 @@ class InstanceDied(Exception):
     """The runtime closed its socket (exited, crashed, was killed)."""
 
 
+class ReplyTooLarge(InstanceDied):
+    """The runtime announced a reply payload over the limit it was given.  Nothing past
+    the frame's header was read, so the socket is mid-frame: the instance is as good as
+    dead and must go (whoever catches only ``InstanceDied`` treats it so)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"reply payload of {size} bytes, over the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class Reply:
-    kind: str  # ready | init_error | result | error | invalid_event
+    kind: str  # ready | init_error | result | error | invalid_event | response_too_large
     payload: bytes
     logs: bytes
 
@@ -66,13 +77,17 @@ class Instance:
     async def connect(self) -> None:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sandbox.sock)
 
-    async def read_reply(self) -> Reply:
+    async def read_reply(self, max_payload: int = MAX_PAYLOAD) -> Reply:
+        """The runtime's next frame.  One whose payload is over ``max_payload`` is not
+        read: ``ReplyTooLarge`` (the worker never buffers more than the limit)."""
         if self._reader is None:
             raise InstanceDied("not connected")
         try:
             head = await self._reader.readexactly(HEADER.size)
             meta_len, payload_len, logs_len = HEADER.unpack(head)
-            check_sizes(meta_len, payload_len, logs_len)
+            check_sizes(meta_len, 0, logs_len)
+            if payload_len > max_payload:
+                raise ReplyTooLarge(payload_len, max_payload)
             body = await self._reader.readexactly(meta_len + payload_len + logs_len)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             raise InstanceDied(str(exc)) from exc

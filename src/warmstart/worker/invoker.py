@@ -26,7 +26,7 @@ from warmstart.errors import InvalidRequestContent, TooManyRequests
 from warmstart.functions import FunctionRecord
 from warmstart.kinds import QoSClass, StartKind
 from warmstart.sandbox.memory import memory_of
-from warmstart.worker.instance import Instance, InstanceDied, Reply, State
+from warmstart.worker.instance import Instance, InstanceDied, Reply, ReplyTooLarge, State
 from warmstart.worker.instances import InitFailed, InstanceFactory
 from warmstart.worker.logs import LOG_TAIL_BYTES, FunctionLogs
 from warmstart.worker.metrics import Metrics
@@ -55,6 +55,15 @@ class Evicted(Exception):
 
 def _error_payload(error_type: str, message: str) -> bytes:
     return json.dumps({"errorMessage": message, "errorType": error_type}).encode()
+
+
+def response_too_large(size: int, limit: int) -> bytes:
+    """Lambda's ``Function.ResponseSizeTooLarge`` (the runtime words it the same way)."""
+    return _error_payload(
+        "Function.ResponseSizeTooLarge",
+        f"Response payload size ({size} bytes) exceeded maximum allowed payload size "
+        f"({limit} bytes).",
+    )
 
 
 class Invoker:
@@ -177,10 +186,16 @@ class Invoker:
         *,
         client_context: Any = None,
         qos_class: QoSClass = QoSClass.LS,
+        max_response: int | None = None,
     ) -> InvokeResult:
         """Invoke ``name`` in ``qos_class`` (LS for synchronous calls, BE for Event
-        invocations and job items), unless the function's ``warmstart:qos`` tag pins one."""
+        invocations and job items), unless the function's ``warmstart:qos`` tag pins one.
+
+        A result over ``max_response`` bytes (default: the node's ``max_response_bytes``)
+        is a ``Function.ResponseSizeTooLarge`` error: the runtime refuses to send it, and
+        one that sends it anyway is not read past its frame's header and is destroyed."""
         rec = self.registry.get(name)
+        limit = self.settings.max_response_bytes if max_response is None else max_response
         # The function's ``warmstart:qos`` tag, if it pins a class, wins.
         qos_class = rec.config.qos_class or qos_class
         pool = self.pool(rec, qos_class)
@@ -208,6 +223,7 @@ class Invoker:
             "id": request_id,
             "deadline_ms": int(time.time() * 1000) + timeout * 1000,
             "arn": self.registry.arn(name),
+            "max_response": limit,
         }
         if client_context:
             meta["client_context"] = client_context
@@ -216,7 +232,7 @@ class Invoker:
         try:
             await inst.send(json.dumps(meta).encode(), payload)
             async with asyncio.timeout(timeout):
-                reply: Reply = await inst.read_reply()
+                reply: Reply = await inst.read_reply(limit)
         except TimeoutError:
             pool.discard(inst)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -228,6 +244,18 @@ class Invoker:
                 start,
                 "timeout",
                 _error_payload("Sandbox.Timedout", msg),
+                "Unhandled",
+                b"",
+            )
+        except ReplyTooLarge as exc:
+            pool.discard(inst)
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                start,
+                "response_too_large",
+                response_too_large(exc.size, exc.limit),
                 "Unhandled",
                 b"",
             )
@@ -260,6 +288,17 @@ class Invoker:
         if reply.kind == "result":
             return self._finish(
                 rec, request_id, t0, start, "success", reply.payload, None, reply.logs
+            )
+        if reply.kind == "response_too_large":
+            return self._finish(
+                rec,
+                request_id,
+                t0,
+                start,
+                "response_too_large",
+                reply.payload,
+                "Unhandled",
+                reply.logs,
             )
         if reply.kind == "invalid_event":
             self.metrics.invocations.labels(name, "invalid_request").inc()

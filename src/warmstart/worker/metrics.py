@@ -91,4 +91,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.too_large = Counter(
+            "warmstart_requests_too_large",
+            "Requests refused with 413 for their body's size, by the limit they met",
+            ["limit"],
+            registry=self.registry,
+        )
         self.registry.register(_NodeCollector(snapshot))

@@ -8,6 +8,14 @@ from pathlib import Path
 
 from warmstart.cluster.settings import ClusterSettings
 from warmstart.qos.policy import QoSConfig
+from warmstart.runtime.protocol import MAX_PAYLOAD
+
+# Lambda's payload quotas.  The response limit is 100 bytes above the request limit: that
+# is the figure Lambda enforces and names in Function.ResponseSizeTooLarge.
+SYNC_REQUEST_BYTES = 6 << 20  # 6,291,456
+SYNC_RESPONSE_BYTES = (6 << 20) + 100  # 6,291,556
+EVENT_BYTES = 256 << 10  # 262,144
+EVENT_BYTES_MAX = 1 << 20  # an Event payload may be raised to 1 MB, no further
 
 
 def _physical_memory_mb() -> int:
@@ -40,6 +48,11 @@ class Settings:
     init_timeout_s: float = 10.0
     event_retries: int = 2  # Lambda's MaximumRetryAttempts default
     be_concurrency: int = 2 * (os.cpu_count() or 1)  # Event invocations and job items at once
+    # Payload limits: a body over them is refused with 413 before it is read in full.
+    max_request_bytes: int = SYNC_REQUEST_BYTES  # a synchronous invocation's payload
+    max_response_bytes: int = SYNC_RESPONSE_BYTES  # what a synchronous invocation returns
+    max_event_bytes: int = EVENT_BYTES  # an Event payload or job item, and its kept result
+    max_job_bytes: int = 64 << 20  # a job's whole input
     # The install cache.
     index_url: str | None = None  # None: the installer's default (PyPI)
     find_links: tuple[Path, ...] = ()  # local wheel directories
@@ -64,3 +77,25 @@ class Settings:
     min_be_concurrency: int = 1  # best-effort instances allowed even with nothing reclaimed
     # Cluster mode (None: a single node, state in SQLite).
     cluster: ClusterSettings | None = None
+
+    def __post_init__(self) -> None:
+        limits = {
+            "max_request_bytes": self.max_request_bytes,
+            "max_response_bytes": self.max_response_bytes,
+            "max_event_bytes": self.max_event_bytes,
+            "max_job_bytes": self.max_job_bytes,
+        }
+        for name, value in limits.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be a positive number of bytes, not {value}")
+        if self.max_event_bytes > EVENT_BYTES_MAX:
+            raise ValueError(
+                f"max_event_bytes may be at most {EVENT_BYTES_MAX} (1 MB), "
+                f"not {self.max_event_bytes}"
+            )
+        for name in ("max_request_bytes", "max_response_bytes"):
+            if limits[name] > MAX_PAYLOAD:
+                raise ValueError(
+                    f"{name} may be at most {MAX_PAYLOAD} (what an instance's socket carries), "
+                    f"not {limits[name]}"
+                )

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from warmstart.errors import PlatformError
+from warmstart.errors import PlatformError, RequestTooLarge
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore
 from warmstart.functions.models import ImageSource
 from warmstart.images.access import RegistryCredential
-from warmstart.kinds import QoSClass
+from warmstart.kinds import QoSClass, SizeLimit
 from warmstart.lifecycle import Supervisor, close_all
 from warmstart.packages import InstallCache, parse_pins
 from warmstart.qos.manager import QoSManager
@@ -320,19 +320,27 @@ class Worker:
         client_context: Any = None,
         qos_class: QoSClass = QoSClass.LS,
     ) -> InvokeResult:
-        """A synchronous invocation (RequestResponse, or the native ``/run``)."""
+        """A synchronous invocation (RequestResponse, or the native ``/run``); its result
+        is bounded by ``max_response_bytes``."""
+        _check_size(payload, self.settings.max_request_bytes, SizeLimit.INVOKE)
         return await self._invoker.invoke(
             name, payload, client_context=client_context, qos_class=qos_class
         )
 
     async def invoke_async(self, name: str, payload: bytes) -> str:
-        """An Event invocation: queued durably, run on best-effort capacity; its id."""
+        """An Event invocation: queued durably, run on best-effort capacity; its id.  The
+        payload, and the result kept for it, take at most ``max_event_bytes``."""
+        _check_size(payload, self.settings.max_event_bytes, SizeLimit.EVENT)
         return await self._dispatcher.enqueue(name, payload)
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
         return await self._dispatcher.event(event_id)
 
     async def submit_job(self, name: str, inputs: list[bytes]) -> str:
+        """A job: each input (and the result kept for it) takes at most
+        ``max_event_bytes``, like an Event payload."""
+        for item in inputs:
+            _check_size(item, self.settings.max_event_bytes, SizeLimit.JOB_INPUT)
         return await self._dispatcher.submit_job(name, inputs)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
@@ -356,6 +364,10 @@ class Worker:
     @property
     def metrics_registry(self) -> CollectorRegistry:
         return self._metrics.registry
+
+    def count_too_large(self, limit: SizeLimit) -> None:
+        """A request was refused (413) for its body's size: ``/metrics`` counts it."""
+        self._metrics.too_large.labels(limit.value).inc()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -508,3 +520,13 @@ class Worker:
                 **self._images.snapshot(),
             },
         }
+
+
+def _check_size(payload: bytes, limit: int, what: SizeLimit) -> None:
+    """The API refuses an oversized body before reading it; this holds the line for any
+    other caller (a cluster peer, the CLI's demo deploy, tests)."""
+    if len(payload) > limit:
+        raise RequestTooLarge(
+            f"Request must be smaller than {limit} bytes for the InvokeFunction operation",
+            limit=what,
+        )
