@@ -49,8 +49,15 @@ class Runtime:
         body = self.rfile.read(a + b + c)
         return json.loads(body[:a]), body[a : a + b], body[a + b :]
 
-    def invoke(self, event: bytes, request_id: str = "r1") -> tuple[dict[str, Any], bytes, bytes]:
-        meta = {"id": request_id, "deadline_ms": int(time.time() * 1000) + 5000, "arn": "arn:x"}
+    def invoke(
+        self, event: bytes, request_id: str = "r1", **extra: Any
+    ) -> tuple[dict[str, Any], bytes, bytes]:
+        meta = {
+            "id": request_id,
+            "deadline_ms": int(time.time() * 1000) + 5000,
+            "arn": "arn:x",
+            **extra,
+        }
         self.sock.sendall(encode(json.dumps(meta).encode(), event))
         return self.read()
 
@@ -75,6 +82,10 @@ def code(tmp_path: Path) -> Path:
         "        raise ValueError('boom')\n"
         "    if event.get('bad'):\n"
         "        return object()\n"
+        "    if event.get('big'):\n"
+        "        return 'x' * event['big']\n"
+        "    if event.get('big_error'):\n"
+        "        raise ValueError('x' * event['big_error'])\n"
         "    return {'n': N, 'id': context.aws_request_id, 'left': context.get_remaining_time_in_millis()}\n"
     )
     (tmp_path / "broken.py").write_text("def handler(:\n")
@@ -117,6 +128,24 @@ def test_errors_have_lambda_shape(rt: Runtime) -> None:
     assert meta["type"] == "invalid_event"
     meta, payload, _ = rt.invoke(b"{}")
     assert meta["type"] == "result", "the instance survives all of the above"
+
+
+def test_a_result_over_the_limit_is_refused_by_the_runtime(rt: Runtime) -> None:
+    rt.read()
+    meta, payload, logs = rt.invoke(b'{"big": 2000}', max_response=1000)
+    assert meta == {"type": "response_too_large"}
+    assert json.loads(payload) == {
+        "errorType": "Function.ResponseSizeTooLarge",
+        "errorMessage": "Response payload size (2002 bytes) exceeded maximum allowed payload "
+        "size (1000 bytes).",
+    }
+    assert b"printed 1" in logs and b"exceeded maximum allowed payload size" in logs
+    meta, payload, _ = rt.invoke(b'{"big_error": 2000}', max_response=1000)
+    assert meta == {"type": "response_too_large"}, "an error over the limit too"
+    meta, payload, _ = rt.invoke(b'{"big": 998}', max_response=1000)
+    assert meta == {"type": "result"} and len(payload) == 1000, "the limit itself is allowed"
+    meta, payload, _ = rt.invoke(b'{"big": 2000}')
+    assert meta == {"type": "result"}, "no limit given: none applied"
 
 
 @pytest.mark.parametrize(
