@@ -7,6 +7,7 @@
     ├── PreconditionFailed    the caller's RevisionId is not the current one
     ├── TooManyRequests       concurrency and queue limits are exhausted
     ├── InvalidRequestContent the invocation payload is not JSON
+    ├── EntityTooLarge        a deploy's request or code zip is over Lambda's size limit
     └── PlatformError         something on our side failed (sandbox, cgroup, spawner)
         ├── SandboxError      a sandbox could not be created or controlled
         └── ServiceUnavailable  a dependency is unreachable for now (cluster: etcd), 503
@@ -47,6 +48,10 @@ class TooManyRequests(WarmstartError):
 
 
 class InvalidRequestContent(WarmstartError):
+    pass
+
+
+class EntityTooLarge(WarmstartError):
     pass
 
 

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from warmstart.errors import (
     Conflict,
+    EntityTooLarge,
     InvalidParameter,
     InvalidRequestContent,
     NotFound,
@@ -34,7 +35,8 @@ from warmstart.errors import (
     WarmstartError,
 )
 from warmstart.functions import FunctionConfig, FunctionRecord
-from warmstart.functions.models import NETWORK_TAG
+from warmstart.functions.bundle import MAX_ZIP_BYTES
+from warmstart.functions.models import DEFAULT_EPHEMERAL, NETWORK_TAG
 from warmstart.images.access import REGISTRY_AUTH_HEADER, RegistryCredential
 from warmstart.worker import InvokeResult, Worker
 
@@ -57,6 +59,7 @@ _LAMBDA_ERRORS: tuple[tuple[type[WarmstartError], int, str], ...] = (
     (InvalidParameter, 400, "InvalidParameterValueException"),
     (InvalidRequestContent, 400, "InvalidRequestContentException"),
     (Conflict, 409, "ResourceConflictException"),
+    (EntityTooLarge, 413, "RequestEntityTooLargeException"),
     (PreconditionFailed, 412, "PreconditionFailedException"),
     (TooManyRequests, 429, "TooManyRequestsException"),
 )
@@ -105,8 +108,34 @@ def check_qualifier(qualifier: str | None) -> None:
         raise NotFound(f"Function not found: qualifier {qualifier!r} (only $LATEST is served)")
 
 
+# A deploy's request body: a zip of MAX_ZIP_BYTES in base64, as Lambda counts it.
+MAX_DEPLOY_BODY = -(-MAX_ZIP_BYTES * 4 // 3)
+
+
+async def deploy_body(request: Request, operation: str) -> dict[str, Any]:
+    """The JSON body of CreateFunction / UpdateFunctionCode, read no further than
+    MAX_DEPLOY_BODY bytes: a larger request is refused before it is buffered."""
+    too_large = EntityTooLarge(
+        f"Request must be smaller than {MAX_DEPLOY_BODY} bytes for the {operation} operation"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_DEPLOY_BODY:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_DEPLOY_BODY:
+            raise too_large
+        chunks.append(chunk)
+    return parse_json_body(b"".join(chunks))
+
+
 async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    return parse_json_body(await request.body())
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not raw:
         return {}
     try:
@@ -148,7 +177,7 @@ def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
         "LastUpdateStatus": "Successful",
         "PackageType": rec.package_type,
         "Architectures": ["x86_64"],
-        "EphemeralStorage": {"Size": worker.settings.tmp_mb},
+        "EphemeralStorage": {"Size": cfg.ephemeral_mb},
     }
     if rec.image is not None:
         # Image functions have no Runtime or Handler of their own in Lambda's shapes.
@@ -181,6 +210,15 @@ def _env(body: dict[str, Any], default: dict[str, str]) -> dict[str, str]:
     if not isinstance(env, dict) or not isinstance(env.get("Variables", {}), dict):
         raise InvalidParameter("Environment must be {'Variables': {...}}")
     return dict(env.get("Variables") or {})
+
+
+def _ephemeral(body: dict[str, Any], default: int) -> int:
+    raw = body.get("EphemeralStorage")
+    if raw is None:
+        return default
+    if not isinstance(raw, dict) or "Size" not in raw:
+        raise InvalidParameter("EphemeralStorage must be {'Size': MB}")
+    return _int(raw, "Size", default)
 
 
 def _image_config(body: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +281,7 @@ class LambdaAPI:
         return self.worker.get(name)
 
     async def create_function(self, request: Request) -> Response:
-        body = await json_body(request)
+        body = await deploy_body(request, "CreateFunction")
         name = body.get("FunctionName")
         if not isinstance(name, str):
             raise InvalidParameter("FunctionName is required")
@@ -272,6 +310,7 @@ class LambdaAPI:
             memory_mb=_int(body, "MemorySize", 128),
             timeout_s=_int(body, "Timeout", 3),
             environment=_env(body, {}),
+            ephemeral_mb=_ephemeral(body, DEFAULT_EPHEMERAL),
             description=str(body.get("Description", "")),
             role=str(body.get("Role") or "arn:aws:iam::000000000000:role/warmstart"),
             network=str(tags.get(NETWORK_TAG, "none")),
@@ -366,6 +405,8 @@ class LambdaAPI:
             changes["timeout_s"] = _int(body, "Timeout", cfg.timeout_s)
         if "Environment" in body:
             changes["environment"] = _env(body, cfg.environment)
+        if "EphemeralStorage" in body:
+            changes["ephemeral_mb"] = _ephemeral(body, cfg.ephemeral_mb)
         if "Description" in body:
             changes["description"] = str(body["Description"])
         if "Role" in body:
@@ -375,7 +416,7 @@ class LambdaAPI:
 
     async def update_code(self, request: Request) -> Response:
         rec = self._rec(request)
-        body = await json_body(request)
+        body = await deploy_body(request, "UpdateFunctionCode")
         self._check_revision(rec, body)
         if isinstance(body.get("ImageUri"), str):
             overrides = dict(rec.image.overrides) if rec.image is not None else {}

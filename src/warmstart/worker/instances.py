@@ -25,7 +25,7 @@ from warmstart.worker.images import ImageFunctions
 from warmstart.worker.instance import Instance, InstanceDied, State
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import HandlerCache
-from warmstart.worker.registry import FunctionRegistry
+from warmstart.worker.registry import NODE_RUNTIMES, FunctionRegistry
 from warmstart.worker.settings import Settings
 from warmstart.zygote.cache import ZygoteCache
 from warmstart.zygote.launcher import Zygote
@@ -80,13 +80,16 @@ class InstanceFactory:
             "_HANDLER": rec.config.handler,
             "AWS_REGION": s.region,
             "AWS_DEFAULT_REGION": s.region,
-            "AWS_EXECUTION_ENV": f"AWS_Lambda_{rec.config.runtime}",
             "AWS_LAMBDA_FUNCTION_NAME": rec.name,
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(rec.config.memory_mb),
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{rec.name}",
             "AWS_LAMBDA_LOG_STREAM_NAME": f"warmstart/{rec.revision_id}",
         }
+        if rec.image is None:
+            # What runs: the node's interpreter (``check_runtime`` refuses any other at deploy).  An
+            # image's Python is its own; its base image may set this variable itself.
+            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{NODE_RUNTIMES[0]}"
         env.update(rec.config.environment)
         return env
 
