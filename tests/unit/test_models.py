@@ -90,7 +90,7 @@ def test_environment_at_the_size_limit_is_accepted() -> None:
 
 @pytest.mark.parametrize("size", [511, 10241])
 def test_ephemeral_storage_range(size: int) -> None:
-    with pytest.raises(InvalidParameter, match="ephemeralStorage.size"):
+    with pytest.raises(InvalidParameter, match=r"ephemeralStorage\.size"):
         FunctionConfig(handler="a.b", ephemeral_mb=size)
 
 

@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import signal
 import socket
 import struct
 
@@ -391,3 +392,15 @@ def close_fds_except(*keep: int) -> None:
             os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 1 << 20)
+
+
+def describe_exit(status: int) -> str:
+    """A wait status in the words Lambda uses: "exit status 3", "signal: killed"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.strsignal(sig) or f"signal {sig}"
+        except ValueError:
+            name = f"signal {sig}"
+        return f"signal: {name.lower()}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -35,6 +35,9 @@ RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py", "syscalls.py")
 DEV_FILES = ("null", "zero", "full", "random", "urandom")
 TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
+# Where a sandbox sees the interpreter's prefix when it is not under /usr (as Lambda's
+# /var/lang): tracebacks then name /var/lang/lib/python3.X/..., not a host directory.
+LANG_ROOT = "/var/lang"
 LOCK_WAIT_S = 10.0  # how long a starting worker waits for a dying one's data-dir lock
 CGROUP_TOP = "warmstart"  # warmstart/<hash>/ls: latency-sensitive instances and zygotes
 # Best-effort instances: warmstart-be/<hash>/, a subtree of its own at the hierarchy's
@@ -95,6 +98,51 @@ class Sandbox:
     sock: socket.socket
     cgroup: Cgroup | None
     forked: bool = False  # forked from a zygote (vs. a fresh interpreter)
+    # Until the runtime is ready: our reference to the memfd its stdout/stderr go to,
+    # and the read end of the pipe on which its parent says how it ended.
+    output: int = -1
+    exit_status: int = -1
+
+    def output_tail(self, limit: int = 4096) -> bytes:
+        """The last ``limit`` bytes the runtime wrote (while we hold its output)."""
+        if self.output < 0:
+            return b""
+        try:
+            size = os.fstat(self.output).st_size
+            return os.pread(self.output, min(size, limit), max(0, size - limit))
+        except OSError:
+            return b""
+
+    async def exit_reason(self, timeout: float) -> str:
+        """How the runtime ended ("exit status 3", "signal: killed"), as its parent
+        reports it; "" when nobody reported within ``timeout`` seconds."""
+        fd = self.exit_status
+        if fd < 0:
+            return ""
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            async with asyncio.timeout(timeout):
+                await readable
+            return os.read(fd, 256).decode(errors="replace")
+        except (TimeoutError, OSError):
+            return ""
+        finally:
+            loop.remove_reader(fd)
+
+    def release_start_fds(self) -> None:
+        """Drop what only a start that fails needs (the runtime is ready)."""
+        for fd in (self.output, self.exit_status):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.output = self.exit_status = -1
 
     def freeze(self) -> None:
         if self.cgroup is not None:
@@ -410,7 +458,10 @@ class SandboxManager:
         mounts += [("/usr", "/usr", "ro"), ("/etc", "/etc", "ro")]
         prefix = os.path.realpath(sys.base_prefix)
         if not prefix.startswith("/usr/"):
+            # Also at its own path: the installer runs the host's path, and the
+            # interpreter's RUNPATH names its shared library there.
             mounts.append((prefix, prefix, "ro"))
+            mounts.append((prefix, LANG_ROOT, "ro"))
         mounts.append((str(self.runtime_dir), RUNTIME_ROOT, "ro"))
         mounts += [(f"/dev/{d}", f"/dev/{d}", "rw") for d in DEV_FILES]
         return mounts, links
@@ -448,7 +499,20 @@ class SandboxManager:
 
     @property
     def host_layout(self) -> RootLayout:
-        return RootLayout(tuple(self._base_mounts), tuple(self._symlinks), self.python)
+        return RootLayout(tuple(self._base_mounts), tuple(self._symlinks), self.sandbox_python)
+
+    @property
+    def sandbox_python(self) -> str:
+        """The interpreter as functions run it: under /var/lang when its prefix is not
+        under /usr, so that it computes its prefix (and its frames' paths) from there."""
+        prefix = os.path.realpath(sys.base_prefix)
+        if (
+            self.isolation is not Isolation.LINUX
+            or prefix.startswith("/usr/")
+            or not self.python.startswith(prefix + "/")
+        ):
+            return self.python
+        return LANG_ROOT + self.python[len(prefix) :]
 
     def _start_spawner(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -520,7 +584,8 @@ class SandboxManager:
         env["LAMBDA_TASK_ROOT"] = task_root
         env["LAMBDA_RUNTIME_DIR"] = runtime_dir
         code = (
-            f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; bootstrap.main()"
+            f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; "
+            "bootstrap.main(4)"  # the spawner's OUTPUT_FD
         )
         mounts = list(layout.mounts)
         if spec.code_dir is not None:
@@ -553,27 +618,35 @@ class SandboxManager:
             self._parked.discard(cgroup)  # its parked parent becomes this sandbox's C1
             self._maybe_refill()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        output = os.memfd_create("warmstart-output", os.MFD_CLOEXEC)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             reply = await self._request(
-                {"cmd": "spawn", "spec": self._spec_for(spec, sandbox_id, cgroup)}, theirs.fileno()
+                {"cmd": "spawn", "spec": self._spec_for(spec, sandbox_id, cgroup)},
+                theirs.fileno(),
+                output,
+                status_w,
             )
+            if "error" in reply:
+                raise SandboxError(f"cannot create sandbox: {reply['error']}")
         except BaseException:
             ours.close()
+            os.close(output)
+            os.close(status_r)
             if cgroup is not None:
                 await self._recycle(cgroup)
             raise
         finally:
             theirs.close()
-        if "error" in reply:
-            ours.close()
-            if cgroup is not None:
-                await self._recycle(cgroup)
-            raise SandboxError(f"cannot create sandbox: {reply['error']}")
+            os.close(status_w)
         ours.setblocking(False)
-        return Sandbox(sandbox_id, int(reply["pid"]), ours, cgroup)
+        return Sandbox(
+            sandbox_id, int(reply["pid"]), ours, cgroup, output=output, exit_status=status_r
+        )
 
     async def destroy(self, sandbox: Sandbox) -> None:
         sandbox.sock.close()
+        sandbox.release_start_fds()
         if sandbox.cgroup is not None:
             # Forks move their child in themselves; only fresh sandboxes want a parked parent.
             await self._recycle(sandbox.cgroup, repark=not sandbox.forked)
@@ -777,7 +850,7 @@ class SandboxManager:
         finally:
             self._refilling = False
 
-    async def _request(self, msg: dict[str, Any], fd: int | None = None) -> dict[str, Any]:
+    async def _request(self, msg: dict[str, Any], *fds: int) -> dict[str, Any]:
         async with self._lock:
             if self._closing:
                 raise SandboxError("the sandbox manager is shutting down")
@@ -794,7 +867,7 @@ class SandboxManager:
             loop = asyncio.get_running_loop()
             raw = json.dumps(msg).encode()
             try:
-                socket.send_fds(self._sock, [raw], [] if fd is None else [fd])
+                socket.send_fds(self._sock, [raw], list(fds))
                 async with asyncio.timeout(30):
                     data = await loop.sock_recv(self._sock, 65536)
             except (OSError, TimeoutError) as exc:
