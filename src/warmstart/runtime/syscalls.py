@@ -293,6 +293,14 @@ def clone_tree_readonly(path: str) -> int:
     return fd
 
 
+def clone_tree(path: str) -> int:
+    """A detached copy of the mount at ``path`` as it is (writable if it is), as a file
+    descriptor for ``attach_tree``; it keeps the filesystem mounted while it lives."""
+    return _syscall(
+        _NR_OPEN_TREE, f"open_tree {path}", AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+    )
+
+
 def attach_tree(fd: int, target: str) -> None:
     _syscall(
         _NR_MOVE_MOUNT, f"move_mount {target}", fd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH

@@ -276,6 +276,7 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
         if not trees:
             raise OSError("no output memfd from the worker")
         output = trees.pop(0)  # the worker's memfd for our stdout/stderr
+        tmp = trees.pop(0) if setup.get("tmp_tree") else -1  # our /tmp, on disk
         for std in (1, 2):
             os.dup2(output, std)
         sc.set_name("ws-instance")
@@ -286,13 +287,17 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
         for name in ("proc", "tmp"):
             os.makedirs(f"{root}/{name}", exist_ok=True)
         sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-        sc.mount(
-            "tmpfs",
-            root + "/tmp",
-            "tmpfs",
-            sc.MS_NOSUID | sc.MS_NODEV,
-            f"size={setup['tmp_bytes']},mode=1777",
-        )
+        if tmp >= 0:
+            sc.attach_tree(tmp, root + "/tmp")
+            os.close(tmp)
+        else:
+            sc.mount(
+                "tmpfs",
+                root + "/tmp",
+                "tmpfs",
+                sc.MS_NOSUID | sc.MS_NODEV,
+                f"size={setup['tmp_bytes']},mode=1777",
+            )
         for name, target in (
             ("fd", "/proc/self/fd"),
             ("stdin", "/proc/self/fd/0"),

@@ -26,6 +26,7 @@ from warmstart.kinds import QoSClass
 from warmstart.lifecycle import Supervisor
 from warmstart.sandbox import cgroups
 from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap, set_best_effort
+from warmstart.sandbox.ephemeral import EphemeralStorage
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class SandboxSpec:
     qos_class: QoSClass = QoSClass.LS  # BE: a cgroup in the best-effort subtree
     layout: RootLayout | None = None  # None: the host layout
     workdir: str = TASK_ROOT  # the handler's directory (LAMBDA_TASK_ROOT)
+    tmp_mb: int = 512  # /tmp: the function's EphemeralStorage.Size
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,10 @@ class SandboxManager:
         self._parked: set[Cgroup] = set()  # free cgroups with a parent parked in them
         self._base_mounts: list[tuple[str, str, str]] = []
         self._symlinks: list[tuple[str, str]] = []
+        # Instances' /tmp, on disk and apart from their memory (None: a tmpfs, as
+        # without linux isolation or without mkfs.ext4).
+        self.ephemeral: EphemeralStorage | None = None
+        self.tmp_mb = tmp_mb
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -404,6 +410,12 @@ class SandboxManager:
                 d.mkdir(exist_ok=True)
                 d.chmod(0o755)
             self._base_mounts, self._symlinks = self._host_layout()
+            ephemeral = EphemeralStorage(self.data_dir / "ephemeral", self.tasks)
+            try:
+                ephemeral.start((self.tmp_mb,))
+                self.ephemeral = ephemeral
+            except SandboxError as exc:
+                log.warning("/tmp is a tmpfs charged to each instance's memory: %s", exc)
             log.info(
                 "sandboxes: linux isolation, cgroup %s at %s (%s)",
                 driver.version.value,
@@ -539,6 +551,8 @@ class SandboxManager:
     async def close(self) -> None:
         """Stop the background work, the spawner and the cgroup pools; release the lock."""
         self._closing = True  # requests to the spawner fail from here on
+        if self.ephemeral is not None:
+            self.ephemeral.close()
         await self.tasks.close()
         if self._sock is not None:
             self._sock.close()
@@ -596,7 +610,7 @@ class SandboxManager:
             "root": str(self.root_mountpoint),
             "mounts": mounts,
             "symlinks": list(layout.symlinks),
-            "tmp_bytes": self.tmp_bytes,
+            "tmp_bytes": spec.tmp_mb << 20,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "cgroup_key": cgroup.rel if cgroup else "",
             "hostname": "warmstart",
@@ -617,6 +631,12 @@ class SandboxManager:
             )
             self._parked.discard(cgroup)  # its parked parent becomes this sandbox's C1
             self._maybe_refill()
+        try:
+            tmp = await self.take_tmp(spec.tmp_mb)
+        except BaseException:
+            if cgroup is not None:
+                await self._recycle(cgroup)
+            raise
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         output = os.memfd_create("warmstart-output", os.MFD_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -626,6 +646,7 @@ class SandboxManager:
                 theirs.fileno(),
                 output,
                 status_w,
+                *([tmp] if tmp >= 0 else []),
             )
             if "error" in reply:
                 raise SandboxError(f"cannot create sandbox: {reply['error']}")
@@ -639,10 +660,19 @@ class SandboxManager:
         finally:
             theirs.close()
             os.close(status_w)
+            if tmp >= 0:
+                os.close(tmp)  # the sandbox has its own reference now (or none: failed)
         ours.setblocking(False)
         return Sandbox(
             sandbox_id, int(reply["pid"]), ours, cgroup, output=output, exit_status=status_r
         )
+
+    async def take_tmp(self, size_mb: int) -> int:
+        """A fresh /tmp of ``size_mb`` MB (a detached mount tree the caller owns), or -1:
+        the sandbox then mounts a tmpfs of that size."""
+        if self.ephemeral is None:
+            return -1
+        return await self.ephemeral.take(size_mb)
 
     async def destroy(self, sandbox: Sandbox) -> None:
         sandbox.sock.close()

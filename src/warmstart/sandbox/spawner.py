@@ -22,10 +22,11 @@ the instance's end of a socketpair (SCM_RIGHTS).  For each request::
   they vanish with the sandbox: there is nothing to unmount after a crash.
 * Errors in C1/C2 are written to a pipe whose write end is close-on-exec; the spawner
   reads it to EOF, so an empty read means the runtime was exec()ed.
-* A function's sandbox also gets two fds from the worker: the memfd the runtime's
-  stdout/stderr go to (fd 4 as well, so the runtime keeps using it), and the write end
-  of a pipe on which C2 says how the runtime ended ("exit status 3", "signal: killed").
-  The worker reads both when a runtime dies before it is ready.
+* A function's sandbox also gets fds from the worker: the memfd the runtime's
+  stdout/stderr go to (fd 4 as well, so the runtime keeps using it), the write end of a
+  pipe on which C2 says how the runtime ended ("exit status 3", "signal: killed") --
+  the worker reads both when a runtime dies before it is ready -- and its /tmp, a
+  detached mount tree (``sandbox/ephemeral.py``) that C2 attaches.
 
 This module imports only the standard library, so the fork is cheap.
 """
@@ -48,7 +49,7 @@ MAX_REQUEST = 1 << 20
 
 
 def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 4)
+    msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 8)
     if not msg:
         for fd in fds:
             os.close(fd)
@@ -56,16 +57,18 @@ def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | Non
     return json.loads(msg), fds
 
 
-def _make_root(spec: dict[str, Any]) -> None:
+def _make_root(spec: dict[str, Any], tmp_fd: int = -1) -> None:
     """In C2: assemble the sandbox root under spec['root'] and chroot into it."""
-    _build_root(spec, with_proc=True)
+    _build_root(spec, with_proc=True, tmp_fd=tmp_fd)
     os.chdir(spec["root"])
     os.chroot(".")
     os.chdir("/")
 
 
-def _build_root(spec: dict[str, Any], *, with_proc: bool) -> None:
-    """Assemble a root under spec['root'] in our (new, private) mount namespace."""
+def _build_root(spec: dict[str, Any], *, with_proc: bool, tmp_fd: int = -1) -> None:
+    """Assemble a root under spec['root'] in our (new, private) mount namespace.  /tmp is
+    the worker's ephemeral storage when it sent one (``tmp_fd``, a detached mount
+    tree), else a tmpfs of spec['tmp_bytes']."""
     root = spec["root"]
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
@@ -93,13 +96,17 @@ def _build_root(spec: dict[str, Any], *, with_proc: bool) -> None:
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
         sc.bind_mount(src, path, readonly=(mode == "ro"))
     os.makedirs(root + "/tmp", exist_ok=True)
-    sc.mount(
-        "tmpfs",
-        root + "/tmp",
-        "tmpfs",
-        sc.MS_NOSUID | sc.MS_NODEV,
-        f"size={spec['tmp_bytes']},mode=1777",
-    )
+    if tmp_fd >= 0:
+        sc.attach_tree(tmp_fd, root + "/tmp")
+        os.close(tmp_fd)
+    else:
+        sc.mount(
+            "tmpfs",
+            root + "/tmp",
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV,
+            f"size={spec['tmp_bytes']},mode=1777",
+        )
     os.makedirs(root + "/proc", exist_ok=True)
     if with_proc:
         sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
@@ -153,7 +160,9 @@ def _fail(err_w: int, stage: str, exc: BaseException) -> None:
         os._exit(127)
 
 
-def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int, out_fd: int, status_fd: int) -> None:
+def _c2_init(
+    spec: dict[str, Any], inst_fd: int, err_w: int, out_fd: int, status_fd: int, tmp_fd: int
+) -> None:
     """pid 1 of the sandbox: build the root, start the runtime, then watch and reap.
 
     pid 1 keeps its own reference to the runtime's socket and exits as soon as the
@@ -164,7 +173,7 @@ def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int, out_fd: int, status
     """
     try:
         sc.set_name("ws-init")
-        _make_root(spec)
+        _make_root(spec, tmp_fd)
         sc.sethostname(spec["hostname"])
         if spec["network"] == "none":
             sc.loopback_up()
@@ -219,6 +228,7 @@ def _c1(
     joined: bool = False,
     out_fd: int = -1,
     status_fd: int = -1,
+    tmp_fd: int = -1,
 ) -> None:
     """Host side of a new sandbox: joins the cgroup and creates the namespaces.
 
@@ -226,7 +236,7 @@ def _c1(
     with the spawner (the parent-death signal set here survives exec).
     """
     try:
-        sc.close_fds_except(inst_fd, err_w, out_fd, status_fd)
+        sc.close_fds_except(inst_fd, err_w, out_fd, status_fd, tmp_fd)
         sc.set_name("ws-sandbox")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -244,7 +254,7 @@ def _c1(
         _fail(err_w, "sandbox namespaces", exc)
     child = os.fork()
     if child == 0:
-        _c2_init(spec, inst_fd, err_w, out_fd, status_fd)
+        _c2_init(spec, inst_fd, err_w, out_fd, status_fd, tmp_fd)
     # C1's work is done: pid 1 now lives on its own (reparented to the spawner, a
     # subreaper that lets the kernel reap it) and watches the worker's socket.
     os._exit(0)
@@ -269,9 +279,17 @@ def _parked_c1(procs_files: list[str], sock: socket.socket) -> None:
         os._exit(0)
     spec, fds = req
     sock.close()
-    if len(fds) not in (2, 4):
+    if len(fds) not in (2, 4, 5):
         os._exit(1)
-    _c1(spec, fds[0], fds[1], joined=True, out_fd=_at(fds, 2), status_fd=_at(fds, 3))
+    _c1(
+        spec,
+        fds[0],
+        fds[1],
+        joined=True,
+        out_fd=_at(fds, 2),
+        status_fd=_at(fds, 3),
+        tmp_fd=_at(fds, 4),
+    )
 
 
 def _at(fds: list[int], i: int) -> int:
@@ -379,7 +397,12 @@ class Spawner:
             entry[1].close()  # the parked C1 reads EOF and exits
 
     def spawn(
-        self, spec: dict[str, Any], inst_fd: int, out_fd: int = -1, status_fd: int = -1
+        self,
+        spec: dict[str, Any],
+        inst_fd: int,
+        out_fd: int = -1,
+        status_fd: int = -1,
+        tmp_fd: int = -1,
     ) -> dict[str, Any]:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -388,7 +411,7 @@ class Spawner:
             if parked is not None:
                 pid, psock = parked
                 try:
-                    extra = [out_fd, status_fd] if out_fd >= 0 else []
+                    extra = [fd for fd in (out_fd, status_fd, tmp_fd) if fd >= 0]
                     socket.send_fds(
                         psock, [json.dumps(spec).encode()], [inst_fd, err_w, *extra]
                     )
@@ -401,7 +424,14 @@ class Spawner:
                 if pid == 0:
                     try:
                         os.close(err_r)
-                        _c1(spec, inst_fd, err_w, out_fd=out_fd, status_fd=status_fd)
+                        _c1(
+                            spec,
+                            inst_fd,
+                            err_w,
+                            out_fd=out_fd,
+                            status_fd=status_fd,
+                            tmp_fd=tmp_fd,
+                        )
                     finally:
                         os._exit(127)
         finally:
@@ -465,9 +495,9 @@ class Spawner:
                 return {"error": f"expected 1 fd, got {len(fds)}"}
             return self.zygote(req["spec"], fds[0])
         if cmd == "spawn":
-            if len(fds) not in (1, 3):
-                return {"error": f"expected 1 or 3 fds, got {len(fds)}"}
-            return self.spawn(req["spec"], fds[0], _at(fds, 1), _at(fds, 2))
+            if len(fds) not in (1, 3, 4):
+                return {"error": f"expected 1, 3 or 4 fds, got {len(fds)}"}
+            return self.spawn(req["spec"], fds[0], _at(fds, 1), _at(fds, 2), _at(fds, 3))
         if cmd == "park":
             return self.park(req["key"], req["cgroup_procs"])
         if cmd == "unpark":

@@ -170,6 +170,7 @@ class InstanceFactory:
             network=rec.config.network,
             extra_ro_mounts=mounts,
             qos_class=qos,
+            tmp_mb=rec.config.ephemeral_mb,
         )
 
     async def _await_ready(self, inst: Instance, t0: float) -> Instance:

@@ -405,7 +405,9 @@ class ZygoteLauncher:
         trees: list[int] = []
         # Its stdout/stderr: ours to read should it die before it is ready.
         output = os.memfd_create("warmstart-output", os.MFD_CLOEXEC)
+        tmp = -1
         try:
+            tmp = await m.take_tmp(spec.tmp_mb)
             spare.cgroup.set_limits(m.limits_for(spec.memory_mb, spec.qos_class))
             have = {dst for _, dst in zygote.packages}
             mounts = [] if spec.code_dir is None else [(str(spec.code_dir), TASK_ROOT)]
@@ -415,14 +417,16 @@ class ZygoteLauncher:
                 "env": spec.env,
                 "mounts": [dst for _, dst in mounts],
                 "hostname": "warmstart",
-                "tmp_bytes": m.tmp_bytes,
+                "tmp_bytes": spec.tmp_mb << 20,
+                "tmp_tree": tmp >= 0,
                 "uid": m.uid,
                 "gid": m.gid,
                 "cwd": spec.workdir,
             }
             frame = encode(json.dumps(setup).encode())
             # A stream socket may take only part of a large setup: send the rest after.
-            sent = socket.send_fds(spare.sock, [frame], [output, *trees])
+            fds = [output, *([tmp] if tmp >= 0 else []), *trees]
+            sent = socket.send_fds(spare.sock, [frame], fds)
             if sent < len(frame):
                 await asyncio.get_running_loop().sock_sendall(spare.sock, frame[sent:])
         except BaseException as exc:
@@ -435,6 +439,8 @@ class ZygoteLauncher:
         finally:
             for fd in trees:
                 os.close(fd)
+            if tmp >= 0:
+                os.close(tmp)
         return Sandbox(
             m.new_sandbox_id(),
             spare.pid,
