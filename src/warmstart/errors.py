@@ -8,6 +8,7 @@
     ├── TooManyRequests       concurrency and queue limits are exhausted
     ├── InvalidRequestContent the invocation payload is not JSON
     ├── RequestTooLarge       a request body over one of the node's size limits (413)
+    │   └── EntityTooLarge  a deploy's request or its code zip is over Lambda's limit
     └── PlatformError         something on our side failed (sandbox, cgroup, spawner)
         ├── SandboxError      a sandbox could not be created or controlled
         └── ServiceUnavailable  a dependency is unreachable for now (cluster: etcd), 503
@@ -67,6 +68,14 @@ class RequestTooLarge(WarmstartError):
         super().__init__(message)
         self.limit = limit
         self.error_type = error_type
+
+
+class EntityTooLarge(RequestTooLarge):
+    """A deploy's request or its code zip over Lambda's size limit
+    (``RequestEntityTooLargeException``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, limit=SizeLimit.CODE, error_type="RequestEntityTooLargeException")
 
 
 class PlatformError(WarmstartError):

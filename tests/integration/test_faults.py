@@ -626,6 +626,43 @@ def test_init_errors_have_lambda_error_types(shared_server: Server, label: str) 
     assert r.json()["errorType"] == error_type
 
 
+DIES_BEFORE_READY = {  # label: (handler module, words the error message must carry)
+    "os-exit": ("import os\nos._exit(3)\n", "Runtime exited with error: exit status 3"),
+    "sys-exit": ("import sys\nsys.exit(4)\n", "Runtime exited with error: exit status 4"),
+    "segfault": (  # a signal the kernel delivers even to pid 1 of a namespace
+        "import ctypes\nctypes.string_at(0)\n",
+        "Runtime exited with error: signal: segmentation fault",
+    ),
+    "says-why": (
+        "import os, sys\nsys.stderr.write('cannot reach the config store\\n')\n"
+        "sys.stderr.flush()\nos._exit(1)\n",
+        "cannot reach the config store",
+    ),
+}
+
+
+@pytest.mark.parametrize("label", list(DIES_BEFORE_READY))
+def test_a_runtime_that_dies_before_ready_says_why(shared_server: Server, label: str) -> None:
+    """The error names how the runtime ended and what it wrote last, and the function's
+    log keeps its output; nothing waits for the init timeout."""
+    server, lam = shared_server, shared_server.lambda_client()
+    module, words = DIES_BEFORE_READY[label]
+    name = f"dies-{label}"
+    deploy(lam, name, {"handler.py": module + "def handler(e, c):\n    return 1\n"})
+    resp = lam.invoke(FunctionName=name, Payload=b"{}", LogType="Tail")
+    err = json.loads(resp["Payload"].read())
+    assert resp["FunctionError"] == "Unhandled"
+    assert err["errorType"] == "Runtime.ExitError", err
+    assert words in err["errorMessage"], err
+    if label == "says-why":
+        import base64
+
+        assert "cannot reach the config store" in base64.b64decode(resp["LogResult"]).decode()
+        with server.http() as http:
+            log = http.get(f"/functions/{name}/logs").text
+        assert "cannot reach the config store" in log
+
+
 # -- 10. the worker is SIGKILLed with idle (frozen) instances --------------------------------
 
 

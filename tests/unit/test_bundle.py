@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_zip
-from warmstart.errors import InvalidParameter
+from warmstart.errors import EntityTooLarge, InvalidParameter
 from warmstart.functions import bundle
 
 
@@ -75,3 +75,14 @@ def test_zip_directory_skips_caches(tmp_path: Path) -> None:
     (tmp_path / "src" / "__pycache__" / "hello.cpython-311.pyc").write_bytes(b"junk")
     names = zipfile.ZipFile(io.BytesIO(bundle.zip_directory(tmp_path / "src"))).namelist()
     assert names == ["hello.py"]
+
+
+def test_a_zip_over_the_zipped_limit_is_too_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zip's own size is its own error (413), not the unzipped size's."""
+    monkeypatch.setattr(bundle, "MAX_ZIP_BYTES", 1000)
+    data = make_zip({"handler.py": "X = '" + "y" * 5000 + "'\n"})
+    data += b"\0" * max(0, 1001 - len(data))
+    with pytest.raises(EntityTooLarge, match="Zipped size must be smaller than 1000 bytes"):
+        bundle.unpack(data, tmp_path)

@@ -58,3 +58,49 @@ def test_check_name() -> None:
     assert FunctionRecord.check_name("ok-name_1") == "ok-name_1"
     with pytest.raises(InvalidParameter):
         FunctionRecord.check_name("bad name")
+
+
+@pytest.mark.parametrize(
+    ("environment", "reason"),
+    [
+        ({f"K{i}": "v" for i in range(10_000)}, "exceeded the 4KB limit"),
+        ({"BIG": "x" * 200_000}, "exceeded the 4KB limit"),
+        ({"A=B": "1"}, "regular expression pattern"),
+        ({"A": "1"}, "regular expression pattern"),  # at least two characters
+        ({"1ABC": "1"}, "regular expression pattern"),
+        ({"AWS_REGION": "eu-west-1"}, "Reserved keys used in this request: AWS_REGION"),
+        ({"AWS_SECRET_ACCESS_KEY": "k"}, "AWS_SECRET_ACCESS_KEY"),
+        ({"_HANDLER": "x.y"}, "_HANDLER"),
+        ({"OK": 1}, "string keys with string values"),
+    ],
+)
+def test_environment_is_validated_as_lambda_does(
+    environment: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(InvalidParameter, match=reason):
+        FunctionConfig(handler="a.b", environment=environment)  # type: ignore[arg-type]
+
+
+def test_environment_at_the_size_limit_is_accepted() -> None:
+    # {"KEY":"…"} in JSON: 2 braces + 5 for "KEY" + 1 colon + 2 quotes around the value.
+    FunctionConfig(handler="a.b", environment={"KEY": "v" * (4096 - 10)})
+    with pytest.raises(InvalidParameter, match="4KB"):
+        FunctionConfig(handler="a.b", environment={"KEY": "v" * (4096 - 9)})
+
+
+@pytest.mark.parametrize("size", [511, 10241])
+def test_ephemeral_storage_range(size: int) -> None:
+    with pytest.raises(InvalidParameter, match=r"ephemeralStorage\.size"):
+        FunctionConfig(handler="a.b", ephemeral_mb=size)
+
+
+def test_stored_configs_are_not_validated_again() -> None:
+    """A rule added since a function was deployed must not make the node lose it."""
+    from warmstart.functions.store import record_from_json, record_json
+
+    rec = FunctionRecord.new("f", FunctionConfig(handler="a.b"), "00", 1)
+    raw = record_json(rec).replace('"environment": {}', '"environment": {"A=B": "1"}')
+    raw = raw.replace(', "ephemeral_mb": 512', "")
+    back = record_from_json(raw)
+    assert back.config.environment == {"A=B": "1"}
+    assert back.config.ephemeral_mb == 512

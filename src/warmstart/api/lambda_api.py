@@ -42,7 +42,7 @@ from warmstart.errors import (
     WarmstartError,
 )
 from warmstart.functions import FunctionConfig, FunctionRecord
-from warmstart.functions.models import NETWORK_TAG
+from warmstart.functions.models import DEFAULT_EPHEMERAL, NETWORK_TAG
 from warmstart.images.access import REGISTRY_AUTH_HEADER, RegistryCredential
 from warmstart.kinds import SizeLimit
 from warmstart.worker import InvokeResult, Worker
@@ -169,7 +169,7 @@ def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
         "LastUpdateStatus": "Successful",
         "PackageType": rec.package_type,
         "Architectures": ["x86_64"],
-        "EphemeralStorage": {"Size": worker.settings.tmp_mb},
+        "EphemeralStorage": {"Size": cfg.ephemeral_mb},
     }
     if rec.image is not None:
         # Image functions have no Runtime or Handler of their own in Lambda's shapes.
@@ -202,6 +202,15 @@ def _env(body: dict[str, Any], default: dict[str, str]) -> dict[str, str]:
     if not isinstance(env, dict) or not isinstance(env.get("Variables", {}), dict):
         raise InvalidParameter("Environment must be {'Variables': {...}}")
     return dict(env.get("Variables") or {})
+
+
+def _ephemeral(body: dict[str, Any], default: int) -> int:
+    raw = body.get("EphemeralStorage")
+    if raw is None:
+        return default
+    if not isinstance(raw, dict) or "Size" not in raw:
+        raise InvalidParameter("EphemeralStorage must be {'Size': MB}")
+    return _int(raw, "Size", default)
 
 
 def _image_config(body: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +306,7 @@ class LambdaAPI:
             memory_mb=_int(body, "MemorySize", 128),
             timeout_s=_int(body, "Timeout", 3),
             environment=_env(body, {}),
+            ephemeral_mb=_ephemeral(body, DEFAULT_EPHEMERAL),
             description=str(body.get("Description", "")),
             role=str(body.get("Role") or "arn:aws:iam::000000000000:role/warmstart"),
             network=str(tags.get(NETWORK_TAG, "none")),
@@ -391,6 +401,8 @@ class LambdaAPI:
             changes["timeout_s"] = _int(body, "Timeout", cfg.timeout_s)
         if "Environment" in body:
             changes["environment"] = _env(body, cfg.environment)
+        if "EphemeralStorage" in body:
+            changes["ephemeral_mb"] = _ephemeral(body, cfg.ephemeral_mb)
         if "Description" in body:
             changes["description"] = str(body["Description"])
         if "Role" in body:

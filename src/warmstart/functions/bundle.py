@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from warmstart.errors import InvalidParameter
+from warmstart.errors import EntityTooLarge, InvalidParameter
 
 MAX_ZIP_BYTES = 50 << 20
 MAX_UNZIPPED_BYTES = 250 << 20
@@ -47,8 +47,9 @@ def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
 def unpack(data: bytes, code_root: Path) -> tuple[str, Path]:
     """Validate and unpack a zip; returns (sha256 hex, directory).  Idempotent per digest."""
     if len(data) > MAX_ZIP_BYTES:
-        raise InvalidParameter(
-            f"Unzipped size must be smaller than {MAX_ZIP_BYTES} bytes (zip is {len(data)})"
+        raise EntityTooLarge(
+            f"Zipped size must be smaller than {MAX_ZIP_BYTES} bytes for a direct upload "
+            f"(the zip is {len(data)} bytes)"
         )
     sha = digest(data)
     final = code_root / sha

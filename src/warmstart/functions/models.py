@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING as dataclass_missing
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from warmstart.errors import InvalidParameter
@@ -14,23 +16,65 @@ from warmstart.kinds import QoSClass
 NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 HANDLER_RE = re.compile(r"^[^\s]+\.[^\s.]+$")
 RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13", "python3.14")
+# The variables Lambda sets itself and refuses in a function's configuration.
 RESERVED_ENV = frozenset(
     {
         "_HANDLER",
         "_X_AMZN_TRACE_ID",
+        "AWS_ACCESS_KEY",
+        "AWS_ACCESS_KEY_ID",
         "AWS_DEFAULT_REGION",
-        "AWS_REGION",
         "AWS_EXECUTION_ENV",
-        "AWS_LAMBDA_FUNCTION_NAME",
         "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_FUNCTION_NAME",
         "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_INITIALIZATION_TYPE",
         "AWS_LAMBDA_LOG_GROUP_NAME",
         "AWS_LAMBDA_LOG_STREAM_NAME",
         "AWS_LAMBDA_RUNTIME_API",
-        "LAMBDA_TASK_ROOT",
+        "AWS_REGION",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
         "LAMBDA_RUNTIME_DIR",
+        "LAMBDA_TASK_ROOT",
+        "TZ",
     }
 )
+ENV_KEY_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]+")
+# Lambda's quota: the variables' total size, measured as the JSON of the map.
+MAX_ENV_BYTES = 4096
+# EphemeralStorage.Size: /tmp, in MB.
+MIN_EPHEMERAL, MAX_EPHEMERAL, DEFAULT_EPHEMERAL = 512, 10240, 512
+_ENV_ERROR = "Lambda was unable to configure your environment variables because "
+
+
+def check_environment(env: dict[str, str]) -> None:
+    """Lambda's rules for Environment.Variables; ``InvalidParameter`` says which failed."""
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidParameter(
+                _ENV_ERROR + "the environment variables must be string keys with string values"
+            )
+        if not ENV_KEY_RE.fullmatch(key):
+            raise InvalidParameter(
+                _ENV_ERROR + f"the key {key[:64]!r} failed to satisfy the constraint: Member "
+                "must satisfy regular expression pattern: [a-zA-Z]([a-zA-Z0-9_])+"
+            )
+    bad = sorted(RESERVED_ENV.intersection(env))
+    if bad:
+        raise InvalidParameter(
+            _ENV_ERROR + "the environment variables you have provided contain reserved keys "
+            "that are currently not supported for modification. Reserved keys used in this "
+            f"request: {', '.join(bad)}"
+        )
+    size = len(json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_ENV_BYTES:
+        raise InvalidParameter(
+            _ENV_ERROR + f"the environment variables you have provided exceeded the 4KB limit "
+            f"({size} bytes measured over {len(env)} variables; at most {MAX_ENV_BYTES})"
+        )
+
+
 MIN_MEMORY, MAX_MEMORY = 128, 10240
 
 
@@ -57,6 +101,7 @@ class FunctionConfig:
     role: str = "arn:aws:iam::000000000000:role/warmstart"
     network: str = "none"  # "none": loopback only; "host": the host's network
     tags: dict[str, str] = field(default_factory=dict)
+    ephemeral_mb: int = DEFAULT_EPHEMERAL  # EphemeralStorage.Size: /tmp's own limit
 
     def __post_init__(self) -> None:
         if not HANDLER_RE.match(self.handler) or len(self.handler) > 128:
@@ -76,18 +121,18 @@ class FunctionConfig:
             raise InvalidParameter(
                 f"Timeout {self.timeout_s} must be between 1 and {MAX_TIMEOUT} seconds"
             )
-        bad = sorted(RESERVED_ENV.intersection(self.environment))
-        if bad:
+        if not isinstance(self.environment, dict):
+            raise InvalidParameter("Environment.Variables must be a map of strings")
+        check_environment(self.environment)
+        if (
+            not isinstance(self.ephemeral_mb, int)
+            or not MIN_EPHEMERAL <= self.ephemeral_mb <= MAX_EPHEMERAL
+        ):
             raise InvalidParameter(
-                f"Lambda was unable to configure your environment variables because the environment "
-                f"variables you have provided contains reserved keys that are currently not supported "
-                f"for modification. Reserved keys used in this request: {', '.join(bad)}"
+                f"1 validation error detected: Value {self.ephemeral_mb} at "
+                "'ephemeralStorage.size' failed to satisfy constraint: Member must have value "
+                f"between {MIN_EPHEMERAL} and {MAX_EPHEMERAL} (MB)"
             )
-        for key, value in self.environment.items():
-            if not isinstance(key, str) or not isinstance(value, str) or not key:
-                raise InvalidParameter(
-                    "Environment variables must be string keys and string values"
-                )
         if QOS_TAG in self.tags:
             try:
                 QoSClass.parse(self.tags[QOS_TAG])
@@ -98,6 +143,22 @@ class FunctionConfig:
 
     def updated(self, **changes: Any) -> FunctionConfig:
         return replace(self, **changes)
+
+    @classmethod
+    def stored(cls, raw: dict[str, Any]) -> FunctionConfig:
+        """A configuration read back from the store: validated when it was written, so
+        not again (a rule added since must not make a node lose its functions).  Fields
+        added since take their defaults."""
+        config = cls.__new__(cls)
+        for f in fields(cls):
+            if f.name in raw:
+                value = raw[f.name]
+            elif f.default_factory is not dataclass_missing:
+                value = f.default_factory()
+            else:
+                value = f.default
+            object.__setattr__(config, f.name, value)
+        return config
 
     @property
     def qos_class(self) -> QoSClass | None:

@@ -73,7 +73,7 @@ def record_json(rec: FunctionRecord) -> str:
 
 def record_from_json(text: str | bytes) -> FunctionRecord:
     raw: dict[str, Any] = json.loads(text)
-    raw["config"] = FunctionConfig(**raw["config"])
+    raw["config"] = FunctionConfig.stored(raw["config"])
     raw["packages"] = tuple(raw.get("packages", ()))
     if raw.get("image"):
         img = raw["image"]

@@ -7,7 +7,9 @@ benchmark runs the very same code).  It follows AWS Lambda's Python conventions:
 
 Output: fds 1 and 2 point at one memfd for the instance's life.  After each invocation
 the runtime reads what was written (by print, logging, C extensions or child processes
-alike), hands it to the worker with the result, and truncates the memfd.
+alike), hands it to the worker with the result, and truncates the memfd.  The worker
+makes that memfd and keeps a reference until the runtime is ready, so whatever a runtime
+that dies before then wrote is still there to say why.
 """
 
 from __future__ import annotations
@@ -152,7 +154,12 @@ def load_handler(spec: str) -> tuple[Any, dict[str, Any] | None]:
         return None, _error(
             exc, "Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}"
         )
-    except Exception as exc:
+    except SystemExit as exc:  # sys.exit() at import: the runtime would exit
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return None, _error(
+            exc, "Runtime.ExitError", f"Runtime exited with error: exit status {code}"
+        )
+    except BaseException as exc:
         return None, _error(
             exc, "Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}"
         )
@@ -170,10 +177,11 @@ class Runtime:
     """Serves invocations over fd 3 with plain reads and writes (no socket module: it
     costs ~2 ms of import on every cold start)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, output: int | None = None):
         self.fd = fd
         self.rfile = open(fd, "rb", buffering=65536, closefd=False)  # noqa: SIM115
-        self.out = os.memfd_create("warmstart-output", os.MFD_CLOEXEC)
+        # The worker's memfd when it passed one (it reads it if we die before ready).
+        self.out = os.memfd_create("warmstart-output", os.MFD_CLOEXEC) if output is None else output
         for fd in (1, 2):
             os.dup2(self.out, fd)
         # Unbuffered-by-line text streams over the shared memfd.
@@ -298,11 +306,14 @@ def oneshot(event_json: str) -> int:
     return 0
 
 
-def main() -> None:
+def main(output: int | None = None) -> None:
+    """Serve on RUNTIME_FD; ``output``: the worker's output memfd, if it passed one."""
     if len(sys.argv) > 2 and sys.argv[1] == "--oneshot":
         sys.exit(oneshot(sys.argv[2]))
     os.set_inheritable(RUNTIME_FD, False)
-    Runtime(RUNTIME_FD).run()
+    if output is not None:
+        os.set_inheritable(output, False)
+    Runtime(RUNTIME_FD, output).run()
 
 
 if __name__ == "__main__":

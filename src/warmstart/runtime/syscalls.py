@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import signal
 import socket
 import struct
 
@@ -292,6 +293,14 @@ def clone_tree_readonly(path: str) -> int:
     return fd
 
 
+def clone_tree(path: str) -> int:
+    """A detached copy of the mount at ``path`` as it is (writable if it is), as a file
+    descriptor for ``attach_tree``; it keeps the filesystem mounted while it lives."""
+    return _syscall(
+        _NR_OPEN_TREE, f"open_tree {path}", AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+    )
+
+
 def attach_tree(fd: int, target: str) -> None:
     _syscall(
         _NR_MOVE_MOUNT, f"move_mount {target}", fd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH
@@ -391,3 +400,15 @@ def close_fds_except(*keep: int) -> None:
             os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 1 << 20)
+
+
+def describe_exit(status: int) -> str:
+    """A wait status in the words Lambda uses: "exit status 3", "signal: killed"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.strsignal(sig) or f"signal {sig}"
+        except ValueError:
+            name = f"signal {sig}"
+        return f"signal: {name.lower()}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -22,6 +22,11 @@ A forked child, still privileged inside the user namespace:
    the sandbox uid with no_new_privs;
 6. runs the ordinary runtime loop (bootstrap.Runtime) on its socket.
 
+Each ``fork`` request also brings the write end of a pipe the worker reads: the zygote,
+the child's parent, keeps it while the child lives and writes there how the child ended
+("exit status 3", "signal: killed") -- the only way the worker can learn why a runtime
+died before it was ready.
+
 Standard library only.  The zygote and its children share one trust domain: a
 malicious package imported here could reach every instance forked from it.
 """
@@ -53,6 +58,23 @@ else:
 CTL_FD = 3
 CHILD_ROOT = "/.c"
 _ctl_fd = CTL_FD  # this zygote's control socket (a child zygote's is elsewhere)
+_exit_pipes: dict[int, int] = {}  # child pid -> where to say how it ended
+
+
+def _reap(_signum: int = 0, _frame: object = None) -> None:
+    """SIGCHLD: reap every child that ended; report each instance's end to the worker."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = _exit_pipes.pop(pid, -1)
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(fd, sc.describe_exit(status).encode())
+            os.close(fd)
 
 
 def _recv_ctl(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -122,7 +144,7 @@ def main() -> None:
     sys.path[0:0] = extra
     modules = [m for m in os.environ.get("WARMSTART_PRELOAD", "").split(",") if m]
     imported, skipped = preload(modules)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    signal.signal(signal.SIGCHLD, _reap)
     serve(socket.socket(fileno=CTL_FD), layout, imported, skipped)
 
 
@@ -139,7 +161,9 @@ def serve(
         if msg is None:
             os._exit(0)  # the worker closed the control socket
         op = msg.get("op")
-        if op == "fork" and len(fds) == 1:
+        if op == "fork" and len(fds) in (1, 2):
+            # SIGCHLD waits until the child's pipe is on record: it may die at once.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
             try:
                 sc.unshare(sc.CLONE_NEWPID)  # our next child starts a new pid namespace
                 try:
@@ -149,8 +173,12 @@ def serve(
                         _child(fds[0], layout)
                 finally:
                     sc.setns(pidns, sc.CLONE_NEWPID)
+                if len(fds) == 2:
+                    _exit_pipes[pid] = fds.pop()  # kept (not closed below) while it lives
             except OSError:
                 pass  # the worker sees the socket close without a hello
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         elif op == "zygote" and len(fds) == 1 + len(msg.get("mounts", ())):
             try:
                 if os.fork() == 0:
@@ -171,6 +199,7 @@ def _child_zygote(
     global _ctl_fd
     _ctl_fd = ctl_fd
     ctl = socket.socket(fileno=ctl_fd)
+    _exit_pipes.clear()  # our parent's children's: closed just below
     try:
         sc.close_fds_except(ctl_fd, *trees)
         # Say hello (the kernel adds our pid) and wait until the worker has moved us into
@@ -221,10 +250,12 @@ def _recv_setup(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 
 def _child(fd: int, layout: dict[str, Any]) -> None:
+    output = -1
     try:
-        sc.close_fds_except(fd)
+        sc.close_fds_except(fd)  # our parent's exit pipes too: they are not ours
         sc.set_name("ws-spare")  # until a function is assigned
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         sock = socket.socket(fileno=fd)
         creds = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
         sock.sendmsg([b"H"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
@@ -242,6 +273,12 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
                 os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
             sc.mount(path, dst, None, sc.MS_BIND | sc.MS_REC)  # copies stay locked read-only
         setup, trees = _recv_setup(sock)
+        if not trees:
+            raise OSError("no output memfd from the worker")
+        output = trees.pop(0)  # the worker's memfd for our stdout/stderr
+        tmp = trees.pop(0) if setup.get("tmp_tree") else -1  # our /tmp, on disk
+        for std in (1, 2):
+            os.dup2(output, std)
         sc.set_name("ws-instance")
         for target, tree in zip(setup["mounts"], trees, strict=True):
             os.makedirs(root + target, exist_ok=True)
@@ -250,13 +287,17 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
         for name in ("proc", "tmp"):
             os.makedirs(f"{root}/{name}", exist_ok=True)
         sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-        sc.mount(
-            "tmpfs",
-            root + "/tmp",
-            "tmpfs",
-            sc.MS_NOSUID | sc.MS_NODEV,
-            f"size={setup['tmp_bytes']},mode=1777",
-        )
+        if tmp >= 0:
+            sc.attach_tree(tmp, root + "/tmp")
+            os.close(tmp)
+        else:
+            sc.mount(
+                "tmpfs",
+                root + "/tmp",
+                "tmpfs",
+                sc.MS_NOSUID | sc.MS_NODEV,
+                f"size={setup['tmp_bytes']},mode=1777",
+            )
         for name, target in (
             ("fd", "/proc/self/fd"),
             ("stdin", "/proc/self/fd/0"),
@@ -286,7 +327,7 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
         finally:
             os._exit(1)
     try:
-        bootstrap.Runtime(fd).run()
+        bootstrap.Runtime(fd, output).run()
     finally:
         os._exit(0)
 

@@ -26,6 +26,7 @@ from warmstart.kinds import QoSClass
 from warmstart.lifecycle import Supervisor
 from warmstart.sandbox import cgroups
 from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap, set_best_effort
+from warmstart.sandbox.ephemeral import EphemeralStorage
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ RUNTIME_FILES = ("bootstrap.py", "protocol.py", "zygote.py", "syscalls.py")
 DEV_FILES = ("null", "zero", "full", "random", "urandom")
 TASK_ROOT = "/var/task"
 RUNTIME_ROOT = "/var/runtime"
+# Where a sandbox sees the interpreter's prefix when it is not under /usr (as Lambda's
+# /var/lang): tracebacks then name /var/lang/lib/python3.X/..., not a host directory.
+LANG_ROOT = "/var/lang"
 LOCK_WAIT_S = 10.0  # how long a starting worker waits for a dying one's data-dir lock
 CGROUP_TOP = "warmstart"  # warmstart/<hash>/ls: latency-sensitive instances and zygotes
 # Best-effort instances: warmstart-be/<hash>/, a subtree of its own at the hierarchy's
@@ -78,6 +82,7 @@ class SandboxSpec:
     qos_class: QoSClass = QoSClass.LS  # BE: a cgroup in the best-effort subtree
     layout: RootLayout | None = None  # None: the host layout
     workdir: str = TASK_ROOT  # the handler's directory (LAMBDA_TASK_ROOT)
+    tmp_mb: int = 512  # /tmp: the function's EphemeralStorage.Size
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,51 @@ class Sandbox:
     sock: socket.socket
     cgroup: Cgroup | None
     forked: bool = False  # forked from a zygote (vs. a fresh interpreter)
+    # Until the runtime is ready: our reference to the memfd its stdout/stderr go to,
+    # and the read end of the pipe on which its parent says how it ended.
+    output: int = -1
+    exit_status: int = -1
+
+    def output_tail(self, limit: int = 4096) -> bytes:
+        """The last ``limit`` bytes the runtime wrote (while we hold its output)."""
+        if self.output < 0:
+            return b""
+        try:
+            size = os.fstat(self.output).st_size
+            return os.pread(self.output, min(size, limit), max(0, size - limit))
+        except OSError:
+            return b""
+
+    async def exit_reason(self, timeout: float) -> str:
+        """How the runtime ended ("exit status 3", "signal: killed"), as its parent
+        reports it; "" when nobody reported within ``timeout`` seconds."""
+        fd = self.exit_status
+        if fd < 0:
+            return ""
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            async with asyncio.timeout(timeout):
+                await readable
+            return os.read(fd, 256).decode(errors="replace")
+        except (TimeoutError, OSError):
+            return ""
+        finally:
+            loop.remove_reader(fd)
+
+    def release_start_fds(self) -> None:
+        """Drop what only a start that fails needs (the runtime is ready)."""
+        for fd in (self.output, self.exit_status):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.output = self.exit_status = -1
 
     def freeze(self) -> None:
         if self.cgroup is not None:
@@ -233,6 +283,10 @@ class SandboxManager:
         self._parked: set[Cgroup] = set()  # free cgroups with a parent parked in them
         self._base_mounts: list[tuple[str, str, str]] = []
         self._symlinks: list[tuple[str, str]] = []
+        # Instances' /tmp, on disk and apart from their memory (None: a tmpfs, as
+        # without linux isolation or without mkfs.ext4).
+        self.ephemeral: EphemeralStorage | None = None
+        self.tmp_mb = tmp_mb
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -356,6 +410,12 @@ class SandboxManager:
                 d.mkdir(exist_ok=True)
                 d.chmod(0o755)
             self._base_mounts, self._symlinks = self._host_layout()
+            ephemeral = EphemeralStorage(self.data_dir / "ephemeral", self.tasks)
+            try:
+                ephemeral.start((self.tmp_mb,))
+                self.ephemeral = ephemeral
+            except SandboxError as exc:
+                log.warning("/tmp is a tmpfs charged to each instance's memory: %s", exc)
             log.info(
                 "sandboxes: linux isolation, cgroup %s at %s (%s)",
                 driver.version.value,
@@ -410,7 +470,10 @@ class SandboxManager:
         mounts += [("/usr", "/usr", "ro"), ("/etc", "/etc", "ro")]
         prefix = os.path.realpath(sys.base_prefix)
         if not prefix.startswith("/usr/"):
+            # Also at its own path: the installer runs the host's path, and the
+            # interpreter's RUNPATH names its shared library there.
             mounts.append((prefix, prefix, "ro"))
+            mounts.append((prefix, LANG_ROOT, "ro"))
         mounts.append((str(self.runtime_dir), RUNTIME_ROOT, "ro"))
         mounts += [(f"/dev/{d}", f"/dev/{d}", "rw") for d in DEV_FILES]
         return mounts, links
@@ -448,7 +511,20 @@ class SandboxManager:
 
     @property
     def host_layout(self) -> RootLayout:
-        return RootLayout(tuple(self._base_mounts), tuple(self._symlinks), self.python)
+        return RootLayout(tuple(self._base_mounts), tuple(self._symlinks), self.sandbox_python)
+
+    @property
+    def sandbox_python(self) -> str:
+        """The interpreter as functions run it: under /var/lang when its prefix is not
+        under /usr, so that it computes its prefix (and its frames' paths) from there."""
+        prefix = os.path.realpath(sys.base_prefix)
+        if (
+            self.isolation is not Isolation.LINUX
+            or prefix.startswith("/usr/")
+            or not self.python.startswith(prefix + "/")
+        ):
+            return self.python
+        return LANG_ROOT + self.python[len(prefix) :]
 
     def _start_spawner(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -475,6 +551,8 @@ class SandboxManager:
     async def close(self) -> None:
         """Stop the background work, the spawner and the cgroup pools; release the lock."""
         self._closing = True  # requests to the spawner fail from here on
+        if self.ephemeral is not None:
+            self.ephemeral.close()
         await self.tasks.close()
         if self._sock is not None:
             self._sock.close()
@@ -520,7 +598,8 @@ class SandboxManager:
         env["LAMBDA_TASK_ROOT"] = task_root
         env["LAMBDA_RUNTIME_DIR"] = runtime_dir
         code = (
-            f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; bootstrap.main()"
+            f"import sys; sys.path.insert(0, {runtime_dir!r}); import bootstrap; "
+            "bootstrap.main(4)"  # the spawner's OUTPUT_FD
         )
         mounts = list(layout.mounts)
         if spec.code_dir is not None:
@@ -531,7 +610,7 @@ class SandboxManager:
             "root": str(self.root_mountpoint),
             "mounts": mounts,
             "symlinks": list(layout.symlinks),
-            "tmp_bytes": self.tmp_bytes,
+            "tmp_bytes": spec.tmp_mb << 20,
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "cgroup_key": cgroup.rel if cgroup else "",
             "hostname": "warmstart",
@@ -552,28 +631,52 @@ class SandboxManager:
             )
             self._parked.discard(cgroup)  # its parked parent becomes this sandbox's C1
             self._maybe_refill()
+        try:
+            tmp = await self.take_tmp(spec.tmp_mb)
+        except BaseException:
+            if cgroup is not None:
+                await self._recycle(cgroup)
+            raise
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        output = os.memfd_create("warmstart-output", os.MFD_CLOEXEC)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             reply = await self._request(
-                {"cmd": "spawn", "spec": self._spec_for(spec, sandbox_id, cgroup)}, theirs.fileno()
+                {"cmd": "spawn", "spec": self._spec_for(spec, sandbox_id, cgroup)},
+                theirs.fileno(),
+                output,
+                status_w,
+                *([tmp] if tmp >= 0 else []),
             )
+            if "error" in reply:
+                raise SandboxError(f"cannot create sandbox: {reply['error']}")
         except BaseException:
             ours.close()
+            os.close(output)
+            os.close(status_r)
             if cgroup is not None:
                 await self._recycle(cgroup)
             raise
         finally:
             theirs.close()
-        if "error" in reply:
-            ours.close()
-            if cgroup is not None:
-                await self._recycle(cgroup)
-            raise SandboxError(f"cannot create sandbox: {reply['error']}")
+            os.close(status_w)
+            if tmp >= 0:
+                os.close(tmp)  # the sandbox has its own reference now (or none: failed)
         ours.setblocking(False)
-        return Sandbox(sandbox_id, int(reply["pid"]), ours, cgroup)
+        return Sandbox(
+            sandbox_id, int(reply["pid"]), ours, cgroup, output=output, exit_status=status_r
+        )
+
+    async def take_tmp(self, size_mb: int) -> int:
+        """A fresh /tmp of ``size_mb`` MB (a detached mount tree the caller owns), or -1:
+        the sandbox then mounts a tmpfs of that size."""
+        if self.ephemeral is None:
+            return -1
+        return await self.ephemeral.take(size_mb)
 
     async def destroy(self, sandbox: Sandbox) -> None:
         sandbox.sock.close()
+        sandbox.release_start_fds()
         if sandbox.cgroup is not None:
             # Forks move their child in themselves; only fresh sandboxes want a parked parent.
             await self._recycle(sandbox.cgroup, repark=not sandbox.forked)
@@ -777,7 +880,7 @@ class SandboxManager:
         finally:
             self._refilling = False
 
-    async def _request(self, msg: dict[str, Any], fd: int | None = None) -> dict[str, Any]:
+    async def _request(self, msg: dict[str, Any], *fds: int) -> dict[str, Any]:
         async with self._lock:
             if self._closing:
                 raise SandboxError("the sandbox manager is shutting down")
@@ -794,7 +897,7 @@ class SandboxManager:
             loop = asyncio.get_running_loop()
             raw = json.dumps(msg).encode()
             try:
-                socket.send_fds(self._sock, [raw], [] if fd is None else [fd])
+                socket.send_fds(self._sock, [raw], list(fds))
                 async with asyncio.timeout(30):
                     data = await loop.sock_recv(self._sock, 65536)
             except (OSError, TimeoutError) as exc:

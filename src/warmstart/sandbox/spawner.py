@@ -22,6 +22,11 @@ the instance's end of a socketpair (SCM_RIGHTS).  For each request::
   they vanish with the sandbox: there is nothing to unmount after a crash.
 * Errors in C1/C2 are written to a pipe whose write end is close-on-exec; the spawner
   reads it to EOF, so an empty read means the runtime was exec()ed.
+* A function's sandbox also gets fds from the worker: the memfd the runtime's
+  stdout/stderr go to (fd 4 as well, so the runtime keeps using it), the write end of a
+  pipe on which C2 says how the runtime ended ("exit status 3", "signal: killed") --
+  the worker reads both when a runtime dies before it is ready -- and its /tmp, a
+  detached mount tree (``sandbox/ephemeral.py``) that C2 attaches.
 
 This module imports only the standard library, so the fork is cheap.
 """
@@ -44,7 +49,7 @@ MAX_REQUEST = 1 << 20
 
 
 def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
-    msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 4)
+    msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 8)
     if not msg:
         for fd in fds:
             os.close(fd)
@@ -52,16 +57,18 @@ def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | Non
     return json.loads(msg), fds
 
 
-def _make_root(spec: dict[str, Any]) -> None:
+def _make_root(spec: dict[str, Any], tmp_fd: int = -1) -> None:
     """In C2: assemble the sandbox root under spec['root'] and chroot into it."""
-    _build_root(spec, with_proc=True)
+    _build_root(spec, with_proc=True, tmp_fd=tmp_fd)
     os.chdir(spec["root"])
     os.chroot(".")
     os.chdir("/")
 
 
-def _build_root(spec: dict[str, Any], *, with_proc: bool) -> None:
-    """Assemble a root under spec['root'] in our (new, private) mount namespace."""
+def _build_root(spec: dict[str, Any], *, with_proc: bool, tmp_fd: int = -1) -> None:
+    """Assemble a root under spec['root'] in our (new, private) mount namespace.  /tmp is
+    the worker's ephemeral storage when it sent one (``tmp_fd``, a detached mount
+    tree), else a tmpfs of spec['tmp_bytes']."""
     root = spec["root"]
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
@@ -89,13 +96,17 @@ def _build_root(spec: dict[str, Any], *, with_proc: bool) -> None:
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
         sc.bind_mount(src, path, readonly=(mode == "ro"))
     os.makedirs(root + "/tmp", exist_ok=True)
-    sc.mount(
-        "tmpfs",
-        root + "/tmp",
-        "tmpfs",
-        sc.MS_NOSUID | sc.MS_NODEV,
-        f"size={spec['tmp_bytes']},mode=1777",
-    )
+    if tmp_fd >= 0:
+        sc.attach_tree(tmp_fd, root + "/tmp")
+        os.close(tmp_fd)
+    else:
+        sc.mount(
+            "tmpfs",
+            root + "/tmp",
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV,
+            f"size={spec['tmp_bytes']},mode=1777",
+        )
     os.makedirs(root + "/proc", exist_ok=True)
     if with_proc:
         sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
@@ -118,17 +129,26 @@ def _drop_privileges(spec: dict[str, Any]) -> None:
     sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _exec_runtime(spec: dict[str, Any], inst_fd: int) -> None:
+OUTPUT_FD = 4  # the worker's output memfd, as the runtime finds it (bootstrap.main)
+
+
+def _exec_runtime(spec: dict[str, Any], inst_fd: int, out_fd: int = -1) -> None:
+    # Out of the way of the fds they are about to become.
+    inst_fd = fcntl.fcntl(inst_fd, fcntl.F_DUPFD, 10)
+    if out_fd >= 0:
+        out_fd = fcntl.fcntl(out_fd, fcntl.F_DUPFD, 10)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     if spec.get("stdio") == "socket":  # a command: its output goes to the worker
         os.dup2(inst_fd, 1)
         os.dup2(inst_fd, 2)
-    if inst_fd != 3:
-        os.dup2(inst_fd, 3)
+    elif out_fd >= 0:  # a runtime: what it writes before it is ready survives it
+        for fd in (1, 2, OUTPUT_FD):
+            os.dup2(out_fd, fd)
+    os.dup2(inst_fd, 3)
     os.set_inheritable(3, True)
-    os.closerange(4, 65536)
+    os.closerange(OUTPUT_FD + 1 if out_fd >= 0 else OUTPUT_FD, 65536)
     os.chdir(spec["cwd"])
     os.execve(spec["argv"][0], spec["argv"], spec["env"])
 
@@ -140,7 +160,9 @@ def _fail(err_w: int, stage: str, exc: BaseException) -> None:
         os._exit(127)
 
 
-def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
+def _c2_init(
+    spec: dict[str, Any], inst_fd: int, err_w: int, out_fd: int, status_fd: int, tmp_fd: int
+) -> None:
     """pid 1 of the sandbox: build the root, start the runtime, then watch and reap.
 
     pid 1 keeps its own reference to the runtime's socket and exits as soon as the
@@ -151,7 +173,7 @@ def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
     """
     try:
         sc.set_name("ws-init")
-        _make_root(spec)
+        _make_root(spec, tmp_fd)
         sc.sethostname(spec["hostname"])
         if spec["network"] == "none":
             sc.loopback_up()
@@ -160,11 +182,15 @@ def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
     runtime = os.fork()
     if runtime == 0:
         try:
+            if status_fd >= 0:
+                os.close(status_fd)
             _drop_privileges(spec)
-            _exec_runtime(spec, inst_fd)
+            _exec_runtime(spec, inst_fd, out_fd)
         except BaseException as exc:
             _fail(err_w, "runtime exec", exc)
     os.close(err_w)
+    if out_fd >= 0:
+        os.close(out_fd)
     with contextlib.suppress(OSError):
         _drop_privileges(spec)
     pidfd = os.pidfd_open(runtime)
@@ -181,6 +207,9 @@ def _c2_init(spec: dict[str, Any], inst_fd: int, err_w: int) -> None:
             if pid == 0:
                 break
             if pid == runtime:
+                if status_fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.write(status_fd, sc.describe_exit(status).encode())
                 os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
         if events.get(inst_fd, 0) & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
             os._exit(0)  # the worker is gone: take the whole sandbox down
@@ -192,14 +221,22 @@ def _join_cgroup(procs_files: list[str]) -> None:
             f.write("0")
 
 
-def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) -> None:
+def _c1(
+    spec: dict[str, Any],
+    inst_fd: int,
+    err_w: int,
+    joined: bool = False,
+    out_fd: int = -1,
+    status_fd: int = -1,
+    tmp_fd: int = -1,
+) -> None:
     """Host side of a new sandbox: joins the cgroup and creates the namespaces.
 
     Without isolation it simply exec()s the runtime in a new session, which then dies
     with the spawner (the parent-death signal set here survives exec).
     """
     try:
-        sc.close_fds_except(inst_fd, err_w)
+        sc.close_fds_except(inst_fd, err_w, out_fd, status_fd, tmp_fd)
         sc.set_name("ws-sandbox")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -212,12 +249,12 @@ def _c1(spec: dict[str, Any], inst_fd: int, err_w: int, joined: bool = False) ->
             sc.unshare(flags)
         else:
             os.setsid()
-            _exec_runtime(spec, inst_fd)
+            _exec_runtime(spec, inst_fd, out_fd)
     except BaseException as exc:
         _fail(err_w, "sandbox namespaces", exc)
     child = os.fork()
     if child == 0:
-        _c2_init(spec, inst_fd, err_w)
+        _c2_init(spec, inst_fd, err_w, out_fd, status_fd, tmp_fd)
     # C1's work is done: pid 1 now lives on its own (reparented to the spawner, a
     # subreaper that lets the kernel reap it) and watches the worker's socket.
     os._exit(0)
@@ -242,9 +279,21 @@ def _parked_c1(procs_files: list[str], sock: socket.socket) -> None:
         os._exit(0)
     spec, fds = req
     sock.close()
-    if len(fds) != 2:
+    if len(fds) not in (2, 4, 5):
         os._exit(1)
-    _c1(spec, fds[0], fds[1], joined=True)
+    _c1(
+        spec,
+        fds[0],
+        fds[1],
+        joined=True,
+        out_fd=_at(fds, 2),
+        status_fd=_at(fds, 3),
+        tmp_fd=_at(fds, 4),
+    )
+
+
+def _at(fds: list[int], i: int) -> int:
+    return fds[i] if i < len(fds) else -1
 
 
 # What a zygote keeps while untrusted package code runs in it: just enough to build
@@ -347,7 +396,14 @@ class Spawner:
         if entry is not None:
             entry[1].close()  # the parked C1 reads EOF and exits
 
-    def spawn(self, spec: dict[str, Any], inst_fd: int) -> dict[str, Any]:
+    def spawn(
+        self,
+        spec: dict[str, Any],
+        inst_fd: int,
+        out_fd: int = -1,
+        status_fd: int = -1,
+        tmp_fd: int = -1,
+    ) -> dict[str, Any]:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             parked = self.parked.pop(spec.get("cgroup_key") or "", None)
@@ -355,7 +411,10 @@ class Spawner:
             if parked is not None:
                 pid, psock = parked
                 try:
-                    socket.send_fds(psock, [json.dumps(spec).encode()], [inst_fd, err_w])
+                    extra = [fd for fd in (out_fd, status_fd, tmp_fd) if fd >= 0]
+                    socket.send_fds(
+                        psock, [json.dumps(spec).encode()], [inst_fd, err_w, *extra]
+                    )
                 except OSError:
                     pid = -1  # it died (its cgroup was killed): fork a fresh one
                 finally:
@@ -365,7 +424,14 @@ class Spawner:
                 if pid == 0:
                     try:
                         os.close(err_r)
-                        _c1(spec, inst_fd, err_w)
+                        _c1(
+                            spec,
+                            inst_fd,
+                            err_w,
+                            out_fd=out_fd,
+                            status_fd=status_fd,
+                            tmp_fd=tmp_fd,
+                        )
                     finally:
                         os._exit(127)
         finally:
@@ -429,9 +495,9 @@ class Spawner:
                 return {"error": f"expected 1 fd, got {len(fds)}"}
             return self.zygote(req["spec"], fds[0])
         if cmd == "spawn":
-            if len(fds) != 1:
-                return {"error": f"expected 1 fd, got {len(fds)}"}
-            return self.spawn(req["spec"], fds[0])
+            if len(fds) not in (1, 3, 4):
+                return {"error": f"expected 1, 3 or 4 fds, got {len(fds)}"}
+            return self.spawn(req["spec"], fds[0], _at(fds, 1), _at(fds, 2), _at(fds, 3))
         if cmd == "park":
             return self.park(req["key"], req["cgroup_procs"])
         if cmd == "unpark":

@@ -179,6 +179,7 @@ class ImageFunctions:
             qos_class=qos_class,
             layout=layout,
             workdir=workdir,
+            tmp_mb=rec.config.ephemeral_mb,
         )
 
     def fresh_start(self, image: ImageSource, report: bytes) -> None:

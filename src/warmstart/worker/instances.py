@@ -25,10 +25,20 @@ from warmstart.worker.images import ImageFunctions
 from warmstart.worker.instance import Instance, InstanceDied, State
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import HandlerCache
-from warmstart.worker.registry import FunctionRegistry
+from warmstart.worker.registry import NODE_RUNTIMES, FunctionRegistry
 from warmstart.worker.settings import Settings
 from warmstart.zygote.cache import ZygoteCache
 from warmstart.zygote.launcher import Zygote
+
+# How long a dead runtime's parent may take to report how it ended (it reaps the child
+# as soon as the kernel tells it; the worker saw the socket close a moment before).
+EXIT_REASON_WAIT_S = 1.0
+
+
+def _last_line(output: bytes) -> str:
+    """": <the last line the runtime wrote>", or "" when it wrote nothing."""
+    lines = output.decode(errors="replace").strip().splitlines()
+    return f": {lines[-1][-300:]}" if lines else ""
 
 
 class InitFailed(Exception):
@@ -80,13 +90,16 @@ class InstanceFactory:
             "_HANDLER": rec.config.handler,
             "AWS_REGION": s.region,
             "AWS_DEFAULT_REGION": s.region,
-            "AWS_EXECUTION_ENV": f"AWS_Lambda_{rec.config.runtime}",
             "AWS_LAMBDA_FUNCTION_NAME": rec.name,
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(rec.config.memory_mb),
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{rec.name}",
             "AWS_LAMBDA_LOG_STREAM_NAME": f"warmstart/{rec.revision_id}",
         }
+        if rec.image is None:
+            # What runs: the node's interpreter (``check_runtime`` refuses any other at deploy).  An
+            # image's Python is its own; its base image may set this variable itself.
+            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{NODE_RUNTIMES[0]}"
         env.update(rec.config.environment)
         return env
 
@@ -157,6 +170,7 @@ class InstanceFactory:
             network=rec.config.network,
             extra_ro_mounts=mounts,
             qos_class=qos,
+            tmp_mb=rec.config.ephemeral_mb,
         )
 
     async def _await_ready(self, inst: Instance, t0: float) -> Instance:
@@ -164,16 +178,21 @@ class InstanceFactory:
             await inst.connect()
             async with asyncio.timeout(self.settings.init_timeout_s):
                 reply = await inst.read_reply()
-        except (InstanceDied, TimeoutError) as exc:
+        except InstanceDied as exc:
+            raise await self._died_before_ready(inst) from exc
+        except TimeoutError as exc:
+            output = inst.sandbox.output_tail()
             self.destroy(inst)
             raise InitFailed(
                 "Runtime.ExitError",
-                f"Runtime exited before it was ready: {exc or 'timed out'}",
-                b"",
+                f"Runtime did not get ready within {self.settings.init_timeout_s:g} seconds"
+                + _last_line(output),
+                output,
             ) from exc
         except BaseException:
             self.destroy(inst)
             raise
+        inst.sandbox.release_start_fds()
         if reply.kind != "ready":
             self.destroy(inst)
             err = json.loads(reply.payload or b"{}")
@@ -187,6 +206,28 @@ class InstanceFactory:
         inst.state = State.BUSY
         inst.ready_payload = reply.payload
         return inst
+
+    async def _died_before_ready(self, inst: Instance) -> InitFailed:
+        """Why a runtime died before it was ready: how it ended (its parent says, within
+        a moment of its death), what it wrote last, and whether the OOM killer did it."""
+        sandbox = inst.sandbox
+        try:
+            reason = await sandbox.exit_reason(timeout=EXIT_REASON_WAIT_S)
+            output = sandbox.output_tail()
+            oom = sandbox.oom_killed()
+        finally:
+            self.destroy(inst)
+        if oom:
+            return InitFailed(
+                "Runtime.OutOfMemory",
+                f"Runtime exited with error: {reason or 'signal: killed'} "
+                f"(out of memory: MemorySize is {inst.memory_mb} MB)",
+                output,
+            )
+        what = f"Runtime exited with error: {reason}" if reason else "Runtime exited"
+        return InitFailed(
+            "Runtime.ExitError", f"{what} before it was ready" + _last_line(output), output
+        )
 
     # -- stop ------------------------------------------------------------------------------
     def destroy(self, inst: Instance) -> None:

@@ -13,14 +13,29 @@ deploy leaves the function as it was and no trace of the attempt.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from warmstart.errors import Conflict, NotFound
+from warmstart.errors import Conflict, InvalidParameter, NotFound
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore
 from warmstart.functions.models import ImageSource
 from warmstart.packages import InstallCache, parse_pins
+
+# The runtimes this node serves: zip functions run on the interpreter the worker runs on
+# (its packages are installed for it, its zygotes import with it).  Image functions bring
+# their own Python and are not bound by this.
+NODE_RUNTIMES = (f"python{sys.version_info.major}.{sys.version_info.minor}",)
+
+
+def check_runtime(config: FunctionConfig) -> None:
+    """Refuse a zip function's runtime this node cannot serve (``InvalidParameter``)."""
+    if config.runtime not in NODE_RUNTIMES:
+        raise InvalidParameter(
+            f"Runtime {config.runtime} is not available on this node; "
+            f"available: {', '.join(NODE_RUNTIMES)}"
+        )
 
 
 class FunctionCatalog(Protocol):
@@ -176,6 +191,7 @@ class FunctionRegistry:
     # -- changes made here -------------------------------------------------------------------
     async def create(self, name: str, config: FunctionConfig, code: bytes) -> FunctionRecord:
         self._check_new(name)
+        check_runtime(config)
         sha, packages = await self._prepare_code(code)
         rec = FunctionRecord.new(name, config, sha, len(code), packages=packages)
         self._check_new(name)  # a concurrent create may have won while we installed
@@ -199,7 +215,7 @@ class FunctionRegistry:
 
     async def update_code(self, name: str, code: bytes) -> FunctionRecord:
         """A new revision with this zip (replacing an image, if the function had one)."""
-        self.get(name)
+        check_runtime(self.get(name).config)
         sha, packages = await self._prepare_code(code)
         # The revision current now: a change that landed while the packages installed
         # is kept, not overwritten by the record read before.
@@ -227,7 +243,10 @@ class FunctionRegistry:
 
     async def update_config(self, name: str, **changes: Any) -> FunctionRecord:
         rec = self.get(name)
-        return await self._change(name, config=rec.config.updated(**changes))
+        config = rec.config.updated(**changes)
+        if rec.image is None and "runtime" in changes:
+            check_runtime(config)
+        return await self._change(name, config=config)
 
     async def put_concurrency(self, name: str, reserved: int | None) -> FunctionRecord:
         return await self._change(name, reserved_concurrency=reserved)

@@ -55,6 +55,13 @@ class Spare:
     pid: int
     sock: socket.socket
     cgroup: Cgroup
+    exit_status: int = -1  # read end of the pipe on which the zygote reports its end
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.exit_status >= 0:
+            os.close(self.exit_status)
+            self.exit_status = -1
 
 
 @dataclass(eq=False)
@@ -160,7 +167,8 @@ class ZygoteLauncher:
         self._seq += 1
         if image is None:
             mounts, layout = self._layout(packages)
-            python, flags, runtime_root = m.python, ["-E", "-s", "-S"], "/var/runtime"
+            python, flags = m.host_layout.python, ["-E", "-s", "-S"]
+            runtime_root = "/var/runtime"
             owned = [["/var/packages", self.uid]]
             symlinks = list(m.host_layout.symlinks)
         else:
@@ -309,7 +317,7 @@ class ZygoteLauncher:
     async def stop(self, zygote: Zygote) -> None:
         zygote.alive = False
         for spare in zygote.spares:
-            spare.sock.close()  # the child reads EOF instead of a setup and exits
+            spare.close()  # the child reads EOF instead of a setup and exits
             await self.m.release_cgroup(spare.cgroup, repark=False)
         zygote.spares.clear()
         with contextlib.suppress(ValueError, OSError):
@@ -334,15 +342,20 @@ class ZygoteLauncher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         ours.setblocking(False)
+        # The zygote, the child's parent, writes how the child ended on this pipe.
+        status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             try:
                 async with zygote.lock:
-                    socket.send_fds(zygote.ctl, [b'{"op": "fork"}'], [theirs.fileno()])
+                    socket.send_fds(
+                        zygote.ctl, [b'{"op": "fork"}'], [theirs.fileno(), status_w]
+                    )
             except OSError as exc:
                 zygote.alive = False
                 raise SandboxError(f"zygote {zygote.id} is gone: {exc}") from exc
             finally:
                 theirs.close()
+                os.close(status_w)
             msg, anc = await _recvmsg(ours, 1, socket.CMSG_SPACE(CREDS.size), timeout)
             pid = _creds_pid(anc)
             if msg != b"H" or pid <= 0:
@@ -353,11 +366,12 @@ class ZygoteLauncher:
             await asyncio.to_thread(cgroup.driver.add, cgroup.rel, pid)
         except BaseException as exc:
             ours.close()
+            os.close(status_r)
             await m.release_cgroup(cgroup, repark=False)
             if isinstance(exc, (OSError, TimeoutError)):
                 raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
             raise
-        return Spare(pid, ours, cgroup)
+        return Spare(pid, ours, cgroup, status_r)
 
     async def refill(self, zygote: Zygote) -> None:
         """Keep ``spares`` forked children waiting in the zygote's stock."""
@@ -382,14 +396,18 @@ class ZygoteLauncher:
             if _still_waiting(candidate.sock):
                 spare = candidate
                 break
-            candidate.sock.close()
+            candidate.close()
             await m.release_cgroup(candidate.cgroup, repark=False)
         if self.spares:
             self.tasks.spawn(self.refill(zygote), f"spares of {zygote.id}")
         if spare is None:
             spare = await self._spare(zygote, qos_class=spec.qos_class)
         trees: list[int] = []
+        # Its stdout/stderr: ours to read should it die before it is ready.
+        output = os.memfd_create("warmstart-output", os.MFD_CLOEXEC)
+        tmp = -1
         try:
+            tmp = await m.take_tmp(spec.tmp_mb)
             spare.cgroup.set_limits(m.limits_for(spec.memory_mb, spec.qos_class))
             have = {dst for _, dst in zygote.packages}
             mounts = [] if spec.code_dir is None else [(str(spec.code_dir), TASK_ROOT)]
@@ -399,14 +417,21 @@ class ZygoteLauncher:
                 "env": spec.env,
                 "mounts": [dst for _, dst in mounts],
                 "hostname": "warmstart",
-                "tmp_bytes": m.tmp_bytes,
+                "tmp_bytes": spec.tmp_mb << 20,
+                "tmp_tree": tmp >= 0,
                 "uid": m.uid,
                 "gid": m.gid,
                 "cwd": spec.workdir,
             }
-            socket.send_fds(spare.sock, [encode(json.dumps(setup).encode())], trees)
+            frame = encode(json.dumps(setup).encode())
+            # A stream socket may take only part of a large setup: send the rest after.
+            fds = [output, *([tmp] if tmp >= 0 else []), *trees]
+            sent = socket.send_fds(spare.sock, [frame], fds)
+            if sent < len(frame):
+                await asyncio.get_running_loop().sock_sendall(spare.sock, frame[sent:])
         except BaseException as exc:
-            spare.sock.close()
+            spare.close()
+            os.close(output)
             await m.release_cgroup(spare.cgroup, repark=False)
             if isinstance(exc, OSError):
                 raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
@@ -414,7 +439,17 @@ class ZygoteLauncher:
         finally:
             for fd in trees:
                 os.close(fd)
-        return Sandbox(m.new_sandbox_id(), spare.pid, spare.sock, spare.cgroup, forked=True)
+            if tmp >= 0:
+                os.close(tmp)
+        return Sandbox(
+            m.new_sandbox_id(),
+            spare.pid,
+            spare.sock,
+            spare.cgroup,
+            forked=True,
+            output=output,
+            exit_status=spare.exit_status,
+        )
 
 
 def _still_waiting(sock: socket.socket) -> bool:

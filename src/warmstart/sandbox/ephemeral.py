@@ -1,0 +1,201 @@
+"""Ephemeral storage: each instance's ``/tmp``, a small ext4 of its own on a loop device.
+
+Lambda gives a function ``EphemeralStorage.Size`` MB of ``/tmp`` (512 to 10240), apart
+from its memory.  A tmpfs cannot do that: its pages are charged to the memory cgroup of
+whoever writes them, so writing 128 MB to /tmp with MemorySize=128 ends in the OOM
+killer, not in ENOSPC.  Here /tmp is a filesystem on disk of exactly the function's size:
+
+* a sparse file under the data dir (it takes only the blocks written), formatted ext4
+  without a journal (nothing in /tmp outlives the instance), attached to a free loop
+  device with direct I/O -- so the backing file's pages are not cached twice -- and with
+  autoclear, so the device detaches itself when its filesystem is last unmounted;
+* the file is unlinked at once (the loop device holds it) and the filesystem is mounted
+  only for as long as it takes to clone it into a detached mount tree (``open_tree``),
+  then unmounted on the host.  The pool holds that tree's fd; the sandbox attaches it at
+  /tmp inside its own mount namespace.  When the sandbox dies the last reference goes,
+  the filesystem is unmounted, the loop device detaches and the blocks are freed: a
+  crashed worker leaves nothing behind but the ``.tmp-*`` files start-up removes.
+
+Writes to /tmp still go through the page cache, charged to the instance, but dirty file
+pages are written back and reclaimed under the memory limit instead of pinning memory
+as tmpfs pages do.  Making one costs ~15 ms (truncate, mkfs, loop, mount, clone,
+unmount), so a few are kept ready per size, made on a thread, off the start path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+from warmstart.errors import SandboxError
+from warmstart.lifecycle import Supervisor
+from warmstart.runtime import syscalls as sc
+
+log = logging.getLogger(__name__)
+
+_LOOP_CTL_GET_FREE = 0x4C82
+_LOOP_CONFIGURE = 0x4C0A
+_LO_FLAGS_AUTOCLEAR = 4
+_LO_FLAGS_DIRECT_IO = 16
+# struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 8 reserved u64.
+_LOOP_CONFIG = struct.Struct("=II232x64x")
+_LO_FLAGS_OFFSET = 8 + 52  # loop_config.info.lo_flags
+# ext4 keeps some of a small filesystem for itself (inode tables, bitmaps): the file is a
+# little larger than the size promised, so that all of it is usable.
+_OVERHEAD = 1.05
+_MIN_OVERHEAD_MB = 16
+
+
+def _image_bytes(size_mb: int) -> int:
+    return max(int(size_mb * _OVERHEAD), size_mb + _MIN_OVERHEAD_MB) << 20
+
+
+class EphemeralStorage:
+    """Per-size stocks of ready /tmp filesystems (detached mount trees, as fds)."""
+
+    def __init__(self, work_dir: Path, tasks: Supervisor, *, stock: int = 2) -> None:
+        self.work_dir = work_dir  # sparse backing files (unlinked once attached)
+        self.staging = work_dir / "mnt"  # where each is mounted for a moment
+        self.tasks = tasks
+        self.stock = stock
+        self._ready: dict[int, list[int]] = {}
+        self._filling: set[int] = set()
+        self._lock = threading.Lock()  # one mount at the staging point at a time
+        self._seq = 0
+        self._closed = False
+
+    def start(self, sizes: tuple[int, ...] = ()) -> None:
+        """Clear what a crashed worker left, check the tools, and stock ``sizes``."""
+        if shutil.which("mkfs.ext4") is None:
+            raise SandboxError("mkfs.ext4 (e2fsprogs) is needed for ephemeral storage")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(exist_ok=True)
+        while sc.is_mount_point(str(self.staging)):
+            sc.umount(str(self.staging), sc.MNT_DETACH)
+        for p in self.work_dir.glob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        for size in sizes:
+            self._refill(size)
+
+    async def take(self, size_mb: int) -> int:
+        """A fresh /tmp of ``size_mb`` MB as a detached mount tree; the caller owns it."""
+        with self._lock:
+            stock = self._ready.get(size_mb)
+            fd = stock.pop() if stock else -1
+        self._refill(size_mb)
+        if fd < 0:
+            fd = await asyncio.to_thread(self.make, size_mb)
+        return fd
+
+    def _refill(self, size_mb: int) -> None:
+        if self._closed or size_mb in self._filling:
+            return
+        if len(self._ready.get(size_mb, ())) >= self.stock:
+            return
+        self._filling.add(size_mb)
+        self.tasks.spawn(self._fill(size_mb), f"ephemeral storage {size_mb} MB")
+
+    async def _fill(self, size_mb: int) -> None:
+        try:
+            while not self._closed and len(self._ready.get(size_mb, ())) < self.stock:
+                fd = await asyncio.to_thread(self.make, size_mb)
+                with self._lock:
+                    if self._closed:
+                        os.close(fd)
+                        return
+                    self._ready.setdefault(size_mb, []).append(fd)
+        finally:
+            self._filling.discard(size_mb)
+
+    def make(self, size_mb: int) -> int:
+        """Make one (blocking: ~15 ms for any size, the file being sparse)."""
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        image = self.work_dir / f".tmp-{os.getpid()}-{seq}"
+        try:
+            with open(image, "wb") as f:
+                f.truncate(_image_bytes(size_mb))
+            done = subprocess.run(
+                [
+                    "mkfs.ext4",
+                    "-q",
+                    "-F",
+                    "-m",
+                    "0",
+                    "-O",
+                    "^has_journal,^resize_inode",
+                    "-E",
+                    "lazy_itable_init=1,nodiscard,root_owner=0:0",
+                    str(image),
+                ],
+                capture_output=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise SandboxError(
+                    f"mkfs.ext4 failed: {done.stderr.decode(errors='replace').strip()}"
+                )
+            device, loop = _attach_loop(image)
+            try:
+                image.unlink()  # the loop device holds it: freed when the device detaches
+                with self._lock:
+                    sc.mount(device, str(self.staging), "ext4", sc.MS_NOSUID | sc.MS_NODEV, "")
+                    try:
+                        os.chmod(self.staging, 0o1777)
+                        return sc.clone_tree(str(self.staging))
+                    finally:
+                        sc.umount(str(self.staging), sc.MNT_DETACH)
+            finally:
+                os.close(loop)  # from here the mount tree is the device's only user
+        except OSError as exc:
+            raise SandboxError(f"cannot make ephemeral storage of {size_mb} MB: {exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                image.unlink()
+
+    def close(self) -> None:
+        """Drop the stock (each filesystem and its loop device go with its fd)."""
+        with self._lock:
+            self._closed = True
+            for fds in self._ready.values():
+                for fd in fds:
+                    os.close(fd)
+            self._ready.clear()
+
+
+def _attach_loop(image: Path) -> tuple[str, int]:
+    """Attach ``image`` to a free loop device (direct I/O, autoclear): its path and an
+    open fd of it.  Autoclear detaches the device when its last user goes, so the caller
+    keeps the fd until the filesystem on it is mounted."""
+    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        config = bytearray(_LOOP_CONFIG.size)
+        struct.pack_into("=II", config, 0, backing, 0)
+        struct.pack_into("=I", config, _LO_FLAGS_OFFSET, _LO_FLAGS_AUTOCLEAR | _LO_FLAGS_DIRECT_IO)
+        for _attempt in range(8):  # another process may take the free device first
+            with open("/dev/loop-control", "rb") as ctl:
+                number = fcntl.ioctl(ctl, _LOOP_CTL_GET_FREE)
+            device = f"/dev/loop{number}"
+            loop = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(loop, _LOOP_CONFIGURE, bytes(config))
+            except OSError as exc:
+                os.close(loop)
+                if exc.errno == errno.EBUSY:
+                    continue
+                raise
+            return device, loop
+        raise OSError(errno.EBUSY, "no free loop device")
+    finally:
+        os.close(backing)
