@@ -91,3 +91,12 @@ def test_the_operator_may_allow_sources() -> None:
     reqs = parse_requirements(text, allow_sources=True)
     assert reqs.text == text
     assert reqs.names == ("pkg", "six")
+
+
+def test_installer_failures_name_only_the_callers_own_requirements() -> None:
+    from warmstart.packages.cache import _first_named
+
+    output = "Failed to fetch: http://10.0.0.5/listed_elsewhere-1.0-py3-none-any.whl (foo-bar)"
+    assert _first_named(["foo", "listed-elsewhere"], output) == "listed-elsewhere"
+    assert _first_named(["zope-interface"], "zope.interface==5 conflicts") == "zope-interface"
+    assert _first_named(["foo"], output) is None  # foo-bar is another project

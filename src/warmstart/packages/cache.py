@@ -305,9 +305,14 @@ def _seal(directory: Path) -> None:
 
 def _first_named(names: Iterable[str], output: str) -> str | None:
     """The first of the caller's own requirements the installer's output mentions (the
-    caller wrote those names: saying one back tells nothing about the index)."""
-    words = {w.rstrip("._-") for w in re.findall(r"[a-z0-9][a-z0-9._-]*", output.lower())}
-    return next((name for name in names if name in words), None)
+    caller wrote those names: saying one back tells nothing about the index).  A name
+    matches however its separators are spelt (``a-b``, ``a_b`` in a file name...)."""
+    text = output.lower()
+    for name in names:
+        spelt = r"[-_.]".join(re.escape(part) for part in name.split("-"))
+        if re.search(rf"(?<![a-z0-9]){spelt}(?![a-z0-9]|[-_.][a-z])", text):
+            return name
+    return None
 
 
 def _find_uv() -> str:
