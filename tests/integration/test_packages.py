@@ -9,6 +9,8 @@ import sys
 import tarfile
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +187,156 @@ def test_offline_wheelhouse(server_factory: Any, tmp_path: Path) -> None:
     assert json.loads(lam.invoke(FunctionName="off", Payload=b"{}")["Payload"].read()) == "1.17.0"
     with pytest.raises(ClientError):  # not in the wheelhouse, and the network is off limits
         deploy(lam, "off2", {"handler.py": "x = 1\n", "requirements.txt": "requests\n"})
+
+
+# -- egress: what a requirements.txt may make the node fetch -----------------------------------
+class Recorder(ThreadingHTTPServer):
+    """A host-local HTTP server that records every request that reaches it."""
+
+    hits: list[str]
+    pages: dict[str, tuple[int, dict[str, str], bytes]]
+
+
+class _Recording(BaseHTTPRequestHandler):
+    server: Recorder
+
+    def do_GET(self) -> None:
+        self.server.hits.append(self.path)
+        status, headers, body = self.server.pages.get(self.path, (404, {}, b"secret 404"))
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def recorders() -> Iterator[Callable[[], Recorder]]:
+    started: list[Recorder] = []
+
+    def start() -> Recorder:
+        server = Recorder(("127.0.0.1", 0), _Recording)
+        server.hits, server.pages = [], {}
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown()
+        server.server_close()
+
+
+def _deploy_error(lam: Any, reqs: str) -> str:
+    with pytest.raises(ClientError) as err:
+        deploy(lam, "egress", {"handler.py": "x = 1\n", "requirements.txt": reqs})
+    assert err.value.response["Error"]["Code"] == "InvalidParameterValueException"
+    message: str = err.value.response["Error"]["Message"]
+    return message
+
+
+def test_requirement_sources_are_refused_and_nothing_is_fetched(
+    server: Server, lam: Any, recorders: Callable[[], Recorder]
+) -> None:
+    local = recorders()
+    port = local.server_address[1]
+    for reqs in (
+        f"six\n--index-url http://127.0.0.1:{port}/\n",
+        f"--extra-index-url http://localhost:{port}/simple\nsix\n",
+        f"pkg @ http://127.0.0.1:{port}/pkg-1.0-py3-none-any.whl\n",
+        f"http://127.0.0.1:{port}/pkg-1.0-py3-none-any.whl\n",
+        f"-f http://127.0.0.1:{port}/\nsix\n",
+    ):
+        message = _deploy_error(lam, reqs)
+        assert "requirements.txt line " in message and "--allow-requirement-sources" in message
+    with pytest.raises(ClientError):
+        lam.get_function(FunctionName="egress")
+    assert local.hits == []
+
+
+def _wheel_index(index: Recorder, files: Recorder) -> None:
+    """An index that lists a file on another host-local port, and sends another project
+    there by a redirect."""
+    elsewhere = f"localhost:{files.server_address[1]}"
+    index.pages["/simple/listed-elsewhere/"] = (
+        200,
+        {"Content-Type": "text/html"},
+        f'<a href="http://{elsewhere}/listed_elsewhere-1.0-py3-none-any.whl">'
+        "listed_elsewhere-1.0-py3-none-any.whl</a>".encode(),
+    )
+    index.pages["/simple/redirected/"] = (302, {"Location": f"http://{elsewhere}/simple/x/"}, b"")
+
+
+def _probing_sdist(directory: Path, ports: list[int]) -> None:
+    """An sdist whose setup.py reaches for host-local ports, directly and through the
+    proxy it is given, says what it got, and fails."""
+    setup = (
+        "import socket, sys, urllib.request\n"
+        f"for port in {ports!r}:\n"
+        "    for host in ('127.0.0.1', 'localhost'):\n"
+        "        try:\n"
+        "            socket.create_connection((host, port), timeout=10).close()\n"
+        "            print('probe: connected', host, port, file=sys.stderr)\n"
+        "        except OSError as exc:\n"
+        "            print('probe: no direct connection', exc, file=sys.stderr)\n"
+        "        try:\n"
+        "            urllib.request.urlopen(f'http://{host}:{port}/probe', timeout=10)\n"
+        "            print('probe: fetched', host, port, file=sys.stderr)\n"
+        "        except Exception as exc:\n"
+        "            print('probe: not fetched', exc, file=sys.stderr)\n"
+        "raise SystemExit('probe: done')\n"
+    )
+    pkg_info = "Metadata-Version: 2.1\nName: warmstart-probe\nVersion: 1.0\n"
+    with tarfile.open(directory / "warmstart_probe-1.0.tar.gz", "w:gz") as tf:
+        for name, text in (("setup.py", setup), ("PKG-INFO", pkg_info)):
+            data = text.encode()
+            info = tarfile.TarInfo(f"warmstart_probe-1.0/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_an_index_cannot_send_the_installer_to_host_local_ports(
+    server_factory: Any, recorders: Callable[[], Recorder]
+) -> None:
+    index, files = recorders(), recorders()
+    _wheel_index(index, files)
+    server = server_factory("--index-url", f"http://127.0.0.1:{index.server_address[1]}/simple/")
+    lam = server.lambda_client()
+    for project in ("listed-elsewhere", "redirected"):
+        message = _deploy_error(lam, f"{project}\n")
+        assert message.startswith(f"requirements.txt: {project} could not be resolved from the")
+        assert "secret" not in message and str(files.server_address[1]) not in message
+    assert "/simple/listed-elsewhere/" in index.hits and "/simple/redirected/" in index.hits
+    assert files.hits == []
+    assert "refused a connection to localhost:" in server.log()
+
+
+def test_the_installer_reaches_no_host_local_port_even_with_sources_allowed(
+    server_factory: Any, tmp_path: Path, recorders: Callable[[], Recorder]
+) -> None:
+    local = recorders()
+    port = local.server_address[1]
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _probing_sdist(wheels, [port])
+    server = server_factory("--allow-requirement-sources", "--find-links", str(wheels))
+    lam = server.lambda_client()
+    for reqs in (
+        f"--index-url http://127.0.0.1:{port}/simple/\nsix\n",
+        f"--extra-index-url http://localhost:{port}/simple/\nsix\n",
+        f"--index-url http://[::ffff:127.0.0.1]:{port}/simple/\nsix\n",
+        f"pkg @ http://localhost:{port}/pkg-1.0-py3-none-any.whl\n",
+        "warmstart-probe==1.0\n",  # code that runs in the installer's sandbox
+    ):
+        message = _deploy_error(lam, reqs)
+        assert "could not be resolved from the configured index" in message, message
+        assert "secret" not in message and str(port) not in message
+    assert local.hits == []
+    log = server.log()
+    assert f"refused a connection to localhost:{port}" in log
+    probes = [line for line in log.splitlines() if "probe:" in line]
+    assert any("no direct connection" in line for line in probes), log[-3000:]
+    assert not any("probe: connected" in ln or "probe: fetched" in ln for ln in probes)

@@ -417,8 +417,9 @@ def _add_serve(sub: Any) -> None:
     s.add_argument(
         "--index-url",
         metavar="URL",
-        default=d.index_url,
-        help="package index for requirements.txt (default: the installer's configured index)",
+        default=d.index_url or _configured_index(),
+        help="package index for requirements.txt (default: $UV_DEFAULT_INDEX or "
+        "$UV_INDEX_URL, else the installer's own default)",
     )
     s.add_argument(
         "--find-links",
@@ -433,6 +434,24 @@ def _add_serve(sub: Any) -> None:
         action="store_true",
         default=d.offline,
         help="install packages from --find-links only, never from the network (default: off)",
+    )
+    s.add_argument(
+        "--allow-requirement-sources",
+        action="store_true",
+        default=d.allow_requirement_sources,
+        help="let requirements.txt name its own sources (-i/--index-url, --extra-index-url, "
+        "-f/--find-links, --trusted-host, -r/-c, -e, 'name @ URL'); by default a deploy "
+        "that does is refused and packages come only from --index-url. The installer "
+        "still reaches only public addresses and the hosts allowed here (default: off)",
+    )
+    s.add_argument(
+        "--installer-allow-host",
+        action="append",
+        default=list(d.installer_allow_hosts),
+        metavar="HOST[:PORT]",
+        help="a host the package installer may reach even on a private or host-local "
+        "address or a port other than 80 and 443 (repeatable; --index-url's host is "
+        "always allowed; default: none)",
     )
     s.add_argument(
         "--image-pull",
@@ -599,6 +618,23 @@ def _cluster_settings(args: argparse.Namespace) -> Any:
         raise CLIError(str(exc)) from exc
 
 
+def _configured_index() -> str | None:
+    """The index uv is configured with in this environment (the sandboxed installer runs
+    with an environment of its own, so it is passed on explicitly)."""
+    return os.environ.get("UV_DEFAULT_INDEX") or os.environ.get("UV_INDEX_URL") or None
+
+
+def _installer_hosts(hosts: list[str]) -> tuple[str, ...]:
+    from warmstart.packages.egress import parse_allowed_host
+
+    for host in hosts:
+        try:
+            parse_allowed_host(host)
+        except ValueError as exc:
+            raise CLIError(f"--installer-allow-host: {exc}") from exc
+    return tuple(hosts)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -620,6 +656,8 @@ def _serve(args: argparse.Namespace) -> int:
         index_url=args.index_url,
         find_links=tuple(args.find_links),
         offline=args.offline,
+        allow_requirement_sources=args.allow_requirement_sources,
+        installer_allow_hosts=_installer_hosts(args.installer_allow_host),
         zygotes=args.zygotes,
         zygote_after=args.zygote_after,
         zygote_budget_mb=args.zygote_budget_mb,

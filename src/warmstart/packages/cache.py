@@ -14,6 +14,13 @@ Resolving and installing run *inside a sandbox* (uid 65534, memory and pids limi
 the target and cache directories writable): building an sdist runs its setup.py, and a
 setup.py is code.  uv is used for both steps: on this machine it installs numpy from a warm
 cache in ~0.1 s against ~2.6 s for pip (docs/benchmarks.md).
+
+What the installer reaches is the operator's choice, not the caller's: requirements.txt is
+checked first (``requirements.py``: no options that name an index, links, hosts or other
+files, no URLs), uv runs with the operator's settings only (its configuration files off, an
+environment of our own), and the sandbox's network is loopback plus the egress proxy
+(``egress.py``), which refuses host-local and private destinations.  When the installer
+fails, the caller learns which package and no more; what uv said goes to the node's log.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmstart.errors import InvalidParameter, PlatformError
-from warmstart.sandbox import SandboxManager
+from warmstart.packages.egress import SOCKET_NAME, EgressPolicy, open_egress
+from warmstart.packages.requirements import parse_requirements
+from warmstart.sandbox import CommandResult, SandboxManager
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,8 @@ class InstallCache:
         find_links: Iterable[Path] = (),
         offline: bool = False,
         memory_mb: int = 2048,
+        allow_requirement_sources: bool = False,
+        allow_hosts: Iterable[str] = (),
     ) -> None:
         self.root = root
         self.sandboxes = sandboxes
@@ -86,6 +97,8 @@ class InstallCache:
         self.find_links = [p.resolve() for p in find_links]
         self.offline = offline
         self.memory_mb = memory_mb
+        self.allow_requirement_sources = allow_requirement_sources
+        self.egress = EgressPolicy.for_installer(index_url, allow_hosts)
         self.uv = _find_uv()
         self._locks: dict[str, asyncio.Lock] = {}
         self.installs = 0  # installs actually run (not served from the cache)
@@ -94,6 +107,11 @@ class InstallCache:
         self.cache_dir = root / ".uv-cache"
         self.cache_dir.mkdir(exist_ok=True)
         os.chown(self.cache_dir, sandboxes.uid, sandboxes.gid)
+        # The relay runs as the sandbox's user: a copy it can read, whatever the umask
+        # of the tree warmstart is installed in.
+        self.relay = root / ".egress-relay.py"
+        shutil.copyfile(Path(__file__).with_name("relay.py"), self.relay)
+        self.relay.chmod(0o644)
         for partial in root.glob(".tmp-*"):
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -123,9 +141,11 @@ class InstallCache:
             args += ["--offline"]
         return args
 
-    def _mounts(self, work: Path, target: str) -> list[tuple[str, str, str]]:
+    def _mounts(self, work: Path, target: str, egress: Path) -> list[tuple[str, str, str]]:
         mounts = [
             (self.uv, "/opt/warmstart/uv", "ro"),
+            (str(self.relay), "/opt/warmstart/relay.py", "ro"),
+            (str(egress), "/run/egress", "ro"),
             (str(self.cache_dir), "/var/uv-cache", "rw"),
             (str(work), target, "rw"),
         ]
@@ -141,19 +161,39 @@ class InstallCache:
             "SSL_CERT_DIR": "/etc/ssl/certs",
         }
 
+    async def _run_uv(self, uv_args: list[str], work: Path, target: str) -> CommandResult:
+        """uv in a sandbox whose only way out is an egress proxy with the node's policy."""
+        async with open_egress(self.egress) as (_proxy, egress):
+            return await self.sandboxes.run(
+                [
+                    self.python,
+                    "-I",
+                    "/opt/warmstart/relay.py",
+                    "/run/egress/" + SOCKET_NAME,
+                    "--",
+                    "/opt/warmstart/uv",
+                    *uv_args,
+                    *self._uv_args(),
+                ],
+                mounts=self._mounts(work, target, egress),
+                env=self._env(),
+                memory_mb=self.memory_mb,
+                network="none",
+            )
+
     async def resolve(self, requirements: str) -> list[Pin]:
         """Resolve requirements.txt to exact versions (InvalidParameter when impossible)."""
         if len(requirements) > MAX_REQUIREMENTS:
             raise InvalidParameter("requirements.txt is too large")
-        if not requirements.strip():
+        reqs = parse_requirements(requirements, allow_sources=self.allow_requirement_sources)
+        if not reqs.text.strip():
             return []
         work = Path(tempfile.mkdtemp(prefix=".tmp-resolve-", dir=self.root))
         try:
-            (work / "requirements.in").write_text(requirements)
+            (work / "requirements.in").write_text(reqs.text)
             os.chown(work, self.sandboxes.uid, self.sandboxes.gid)
-            result = await self.sandboxes.run(
+            result = await self._run_uv(
                 [
-                    "/opt/warmstart/uv",
                     "pip",
                     "compile",
                     "/work/requirements.in",
@@ -161,15 +201,19 @@ class InstallCache:
                     "--no-annotate",
                     "-o",
                     "/work/requirements.txt",
-                    *self._uv_args(),
                 ],
-                mounts=self._mounts(work, "/work"),
-                env=self._env(),
-                memory_mb=self.memory_mb,
+                work,
+                "/work",
             )
             if result.exit_code != 0:
+                log.warning("resolving requirements.txt failed: %s", result.output.strip())
+                named = _first_named(reqs.names, result.output)
                 raise InvalidParameter(
-                    "Could not resolve requirements.txt: " + _last_lines(result.output)
+                    f"requirements.txt: {named} could not be resolved from the configured "
+                    "index (the node's log has the installer's output)"
+                    if named
+                    else "requirements.txt could not be resolved from the configured index "
+                    "(the node's log has the installer's output)"
                 )
             try:
                 return parse_pins((work / "requirements.txt").read_text())
@@ -212,9 +256,8 @@ class InstallCache:
         try:
             os.chown(work, self.sandboxes.uid, self.sandboxes.gid)
             log.info("installing %s into the install cache", pin)
-            result = await self.sandboxes.run(
+            result = await self._run_uv(
                 [
-                    "/opt/warmstart/uv",
                     "pip",
                     "install",
                     "--no-deps",
@@ -224,14 +267,16 @@ class InstallCache:
                     "--target",
                     "/target",
                     str(pin),
-                    *self._uv_args(),
                 ],
-                mounts=self._mounts(work, "/target"),
-                env=self._env(),
-                memory_mb=self.memory_mb,
+                work,
+                "/target",
             )
             if result.exit_code != 0:
-                raise InvalidParameter(f"Could not install {pin}: " + _last_lines(result.output))
+                log.warning("installing %s failed: %s", pin, result.output.strip())
+                raise InvalidParameter(
+                    f"requirements.txt: {pin} could not be installed from the configured "
+                    "index (the node's log has the installer's output)"
+                )
             _seal(work)
             work.rename(final)
             self.installs += 1
@@ -258,9 +303,16 @@ def _seal(directory: Path) -> None:
     os.chmod(directory, 0o555)
 
 
-def _last_lines(text: str, n: int = 8) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return " ".join(lines[-n:])[:2000] or "the installer failed without output"
+def _first_named(names: Iterable[str], output: str) -> str | None:
+    """The first of the caller's own requirements the installer's output mentions (the
+    caller wrote those names: saying one back tells nothing about the index).  A name
+    matches however its separators are spelt (``a-b``, ``a_b`` in a file name...)."""
+    text = output.lower()
+    for name in names:
+        spelt = r"[-_.]".join(re.escape(part) for part in name.split("-"))
+        if re.search(rf"(?<![a-z0-9]){spelt}(?![a-z0-9]|[-_.][a-z])", text):
+            return name
+    return None
 
 
 def _find_uv() -> str:

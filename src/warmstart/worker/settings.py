@@ -57,6 +57,12 @@ class Settings:
     index_url: str | None = None  # None: the installer's default (PyPI)
     find_links: tuple[Path, ...] = ()  # local wheel directories
     offline: bool = False  # never touch the network: wheelhouse only
+    # requirements.txt may name its own sources (indexes, links, URLs, includes); the
+    # installer's egress rules apply all the same.
+    allow_requirement_sources: bool = False
+    # HOST or HOST:PORT the installer may reach whatever they resolve to (besides the
+    # index's own host and public addresses on web ports).
+    installer_allow_hosts: tuple[str, ...] = ()
     # The import cache (zygotes).
     zygotes: bool = True  # fork cold starts from pre-initialised zygotes (linux isolation)
     zygote_after: int = 2  # cold starts of a package set before it gets its own zygote

@@ -102,6 +102,8 @@ class Worker:
             index_url=s.index_url,
             find_links=s.find_links,
             offline=s.offline,
+            allow_requirement_sources=s.allow_requirement_sources,
+            allow_hosts=s.installer_allow_hosts,
         )
         self._registry = FunctionRegistry(
             catalog if catalog is not None else SqliteCatalog(store),
