@@ -740,8 +740,8 @@ def test_worker_sigkill_then_restart_on_the_same_data_dir(
 
 
 def test_worker_sigkill_takes_busy_sandboxes_with_it(server_factory: Any, tmp_path: Path) -> None:
-    """Nothing outlives a killed worker except frozen instances: a busy sandbox's pid 1 sees
-    the worker's end of the socket hang up and takes its namespace down."""
+    """A busy sandbox's pid 1 sees the worker's end of the socket hang up and takes its
+    namespace down (frozen ones are the guardian's: see below)."""
     import threading
 
     data_dir = tmp_path / "data"
@@ -780,6 +780,126 @@ def test_worker_sigkill_takes_busy_sandboxes_with_it(server_factory: Any, tmp_pa
         second.stop()
         assert not any(is_alive(p, t) for p, t in busy.items())
         assert cgroup_dirs(data_dir) == []
+
+
+def descendants(ancestor: int) -> dict[int, int | None]:
+    """Every process below ``ancestor``, with its start time."""
+    out: dict[int, int | None] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != ancestor:
+            pid = int(entry.name)
+            if descends_from(pid, ancestor):
+                out[pid] = proc_start_time(pid)
+    return out
+
+
+def guardian_pid(server: Server) -> int:
+    for pid in descendants(server.proc.pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"warmstart.sandbox.guardian" in cmdline and ppid(pid) == server.proc.pid:
+                return pid
+    raise AssertionError("no guardian process under the server")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_worker_sigkill_takes_every_sandbox_with_it_frozen_ones_included(
+    kind: str, server_factory: Any, tmp_path: Path
+) -> None:
+    """kill -9 of the worker alone, no restart: frozen instances, a busy one, the zygotes,
+    the spawner and every other helper go, the cgroups are removed, and the guardian says
+    what it killed and exits."""
+    import threading
+
+    data_dir = tmp_path / "data"
+    server = server_factory("--freeze-after-ms", "0", *KINDS[kind], data_dir=data_dir)
+    lam = server.lambda_client()
+    deploy(lam, "alpha", {"handler.py": COUNTER})
+    deploy(lam, "beta", {"handler.py": COUNTER}, MemorySize=256)
+    deploy(lam, "spin", {"handler.py": COUNTER}, Timeout=600)
+    for name in ("alpha", "beta", "spin"):
+        resp, body, _ = invoke(lam, name)
+        assert_ok(resp, body)
+
+    def states() -> dict[str, str]:
+        with server.http() as http:
+            listed = http.get("/instances").json()["instances"]
+        return {i["function"]: i["state"] for i in listed}
+
+    wait_until(
+        lambda: states() == {"alpha": "frozen", "beta": "frozen", "spin": "frozen"},
+        what="the idle instances to be frozen",
+    )
+
+    def long_call() -> None:
+        with contextlib.suppress(Exception):  # the server is killed under it
+            server.lambda_client().invoke(FunctionName="spin", Payload=b'{"sleep": 600}')
+
+    caller = threading.Thread(target=long_call, daemon=True)
+    caller.start()
+    wait_until(lambda: "spin" not in states(), what="the instance to be busy")
+
+    guard = guardian_pid(server)
+    guard_started = proc_start_time(guard)
+    # Neither Ctrl-C in the worker's terminal nor a signal to its process group reaches it.
+    assert os.getsid(guard) != os.getsid(server.proc.pid)
+    assert os.getpgid(guard) != os.getpgid(server.proc.pid)
+    before = {
+        **descendants(server.proc.pid),
+        **{p: proc_start_time(p) for p in cgroup_pids(data_dir)},
+    }
+    before.pop(guard)
+    frozen = [p for p in sandbox_pids(data_dir) if _freezer_state(p) == "FROZEN"]
+    assert len(frozen) >= 2, frozen
+    comms = {_comm(p) for p in before}
+    assert "ws-spawner" in comms
+    if kind == "forked":
+        assert "ws-zygote" in comms
+
+    server.stop(signal.SIGKILL)
+    assert server.proc.returncode == -signal.SIGKILL
+    try:
+        wait_until(
+            lambda: [p for p, t in before.items() if is_alive(p, t)] == [],
+            what="every process of the killed worker to go",
+        )
+        wait_until(lambda: cgroup_dirs(data_dir) == [], what="the cgroups to be removed")
+        wait_until(lambda: not is_alive(guard, guard_started), what="the guardian to exit")
+        assert f"guardian: worker pid {server.proc.pid} is gone; killed" in server.log()
+    finally:
+        caller.join(timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_clean_shutdown_stands_the_guardian_down(
+    sig: int, server_factory: Any, tmp_path: Path
+) -> None:
+    """SIGTERM, or Ctrl-C's SIGINT: the worker cleans up itself and the guardian exits
+    without a sweep."""
+    data_dir = tmp_path / "data"
+    server = server_factory("--freeze-after-ms", "0", data_dir=data_dir)
+    lam = server.lambda_client()
+    deploy(lam, "alpha", {"handler.py": COUNTER})
+    resp, body, _ = invoke(lam, "alpha")
+    assert_ok(resp, body)
+    guard = guardian_pid(server)
+    guard_started = proc_start_time(guard)
+    members = {p: proc_start_time(p) for p in cgroup_pids(data_dir)}
+    assert members
+
+    server.stop(sig)
+    assert server.proc.returncode in (0, -sig, 128 + sig), server.log()[-3000:]
+    wait_until(lambda: not is_alive(guard, guard_started), what="the guardian to exit")
+    assert not any(is_alive(p, t) for p, t in members.items())
+    assert cgroup_dirs(data_dir) == []
+    assert "guardian: worker pid" not in server.log()
 
 
 # -- 11. the spawner is SIGKILLed -----------------------------------------------------------

@@ -41,3 +41,16 @@ def test_the_runtime_needs_nothing_but_the_standard_library() -> None:
         "warmstart.runtime.protocol",
         "warmstart.runtime.syscalls",
     }
+
+
+def test_the_guardian_imports_only_the_standard_library_and_the_cgroup_drivers() -> None:
+    loaded = _modules_after("import warmstart.sandbox.guardian")
+    ours = [m for m in loaded if m.startswith("warmstart")]
+    assert ours == [
+        "warmstart",
+        "warmstart.errors",
+        "warmstart.sandbox",
+        "warmstart.sandbox.cgroups",
+        "warmstart.sandbox.guardian",
+    ]
+    assert "asyncio" not in loaded

@@ -24,7 +24,7 @@ from typing import Any
 from warmstart.errors import SandboxError
 from warmstart.kinds import QoSClass
 from warmstart.lifecycle import Supervisor
-from warmstart.sandbox import cgroups
+from warmstart.sandbox import cgroups, guardian
 from warmstart.sandbox.cgpool import Cgroup, CgroupPool, reap, set_best_effort
 from warmstart.sandbox.ephemeral import EphemeralStorage
 
@@ -271,6 +271,10 @@ class SandboxManager:
         self.root_mountpoint = lock_dir / "roots" / digest
         self.python = _runtime_python()
         self._spawner: subprocess.Popen[bytes] | None = None
+        # The guardian (``warmstart.sandbox.guardian``) and the write end of its pipe:
+        # when this process dies, the kernel closes it and the guardian sweeps our cgroups.
+        self._guardian: subprocess.Popen[bytes] | None = None
+        self._guardian_w = -1
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
         self._seq = 0
@@ -396,6 +400,9 @@ class SandboxManager:
             self.reaped += reap(be_driver, self.be_parent)
             with contextlib.suppress(SandboxError):
                 be_driver.remove(self.be_parent)
+            # Before the first cgroup is created: from here on, whatever we start in our
+            # subtrees dies with this process, frozen or not.
+            self._start_guardian()
             self.driver, self.be_driver = driver, be_driver
             # Two classes, two subtrees: latency-sensitive instances (and zygotes) under
             # warmstart/<hash>/ls/, best-effort ones under warmstart-be/<hash>/ at the
@@ -526,6 +533,61 @@ class SandboxManager:
             return self.python
         return LANG_ROOT + self.python[len(prefix) :]
 
+    @property
+    def guardian_pid(self) -> int | None:
+        return self._guardian.pid if self._guardian is not None else None
+
+    def _start_guardian(self) -> None:
+        """Start the guardian: it holds the read end of a pipe whose write end only this
+        process holds (non-inheritable, so no child of ours gets it) and a duplicate of
+        the data-dir lock, and sweeps our cgroup subtrees when the pipe reads EOF."""
+        watch_r, watch_w = os.pipe()
+        try:
+            self._guardian = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-m",
+                    "warmstart.sandbox.guardian",
+                    "--watch-fd",
+                    str(watch_r),
+                    "--lock-fd",
+                    str(self._lock_fd),
+                    "--worker-pid",
+                    str(os.getpid()),
+                    "--cgroup-root",
+                    str(self._cgroup_root),
+                    "--subtree",
+                    self.cgroup_parent(),
+                    "--cpuset-subtree",
+                    self.be_parent,
+                ],
+                pass_fds=[watch_r, self._lock_fd],
+                stdin=subprocess.DEVNULL,
+                # Its own session: Ctrl-C in our terminal, or a signal to our process
+                # group, must not take it down with us.
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(watch_w)
+            raise
+        finally:
+            os.close(watch_r)
+        self._guardian_w = watch_w
+
+    async def _release_guardian(self, *, stand_down: bool) -> None:
+        """Hang up on the guardian and wait for it to exit; with ``stand_down``, tell it
+        first that our sandboxes are gone (it then exits at once, touching nothing)."""
+        if self._guardian_w >= 0:
+            if stand_down:
+                with contextlib.suppress(OSError):
+                    os.write(self._guardian_w, guardian.STAND_DOWN)
+            os.close(self._guardian_w)
+            self._guardian_w = -1
+        if self._guardian is not None:
+            await asyncio.to_thread(self._guardian.wait)
+            self._guardian = None
+
     def _start_spawner(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._spawner = subprocess.Popen(
@@ -549,7 +611,17 @@ class SandboxManager:
         return self._closing
 
     async def close(self) -> None:
-        """Stop the background work, the spawner and the cgroup pools; release the lock."""
+        """Stop the background work, the spawner and the cgroup pools; release the lock;
+        stand the guardian down.  If a step failed, the guardian sweeps what is left
+        instead (the lock is still ours then, so no new worker meets the sweep)."""
+        try:
+            await self._close()
+        except BaseException:
+            await self._release_guardian(stand_down=False)
+            raise
+        await self._release_guardian(stand_down=True)
+
+    async def _close(self) -> None:
         self._closing = True  # requests to the spawner fail from here on
         if self.ephemeral is not None:
             self.ephemeral.close()

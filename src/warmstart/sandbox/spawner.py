@@ -14,8 +14,9 @@ the instance's end of a socketpair (SCM_RIGHTS).  For each request::
 * C2 stays as the namespace's init.  It holds a reference to the runtime's socket and
   exits when the worker's end hangs up -- the worker died, or dropped the instance --
   and the kernel then kills the whole pid namespace.  So nothing outlives the worker
-  except frozen instances (they cannot run), which start-up reaping kills through their
-  cgroup; and a crashed spawner takes no running sandbox with it.  C2 also reaps
+  except frozen instances (they cannot run), which the guardian
+  (``warmstart.sandbox.guardian``) thaws and kills through their cgroups; and a crashed
+  spawner takes no running sandbox with it.  C2 also reaps
   orphans, so a handler's children never pile up as zombies, and exits with the
   runtime's status.
 * Every mount happens inside the new mount namespace, so the host never sees them and
