@@ -222,3 +222,14 @@ def test_unknown_inodes_are_enoent(tmp_path: Path, cache: ChunkCache) -> None:
     with pytest.raises(FileNotFoundError) as info:
         tree.get(12345)
     assert info.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("name", [".wh.", "d/.wh.", ".wh..", ".wh..."])
+def test_a_whiteout_that_names_no_entry_hides_nothing(
+    tmp_path: Path, cache: ChunkCache, name: str
+) -> None:
+    # ".wh." at the top used to make the layer's root opaque: every lower layer vanished
+    lower = [Member("d", "dir", mode=0o755), Member("d/kept.txt", data=b"kept\n")]
+    tree = stack(tmp_path, cache, lower, [Member(name, data=b"")])
+    assert listing(tree, "") == ["d"]
+    assert listing(tree, "d") == ["kept.txt"]

@@ -130,8 +130,11 @@ class TOCLayer:
                 self.opaques.add(parent)
                 continue
             if base.startswith(WHITEOUT_PREFIX):
-                if not base.startswith(WHITEOUT_PREFIX * 2):  # other .wh..wh.* are aufs metadata
-                    self.whiteouts.add(join_path(parent, base[len(WHITEOUT_PREFIX) :]))
+                hidden = base[len(WHITEOUT_PREFIX) :]
+                # other .wh..wh.* are aufs metadata; ".wh." alone names nothing (and would
+                # otherwise whiteout its own directory: at the top, every lower layer)
+                if not base.startswith(WHITEOUT_PREFIX * 2) and hidden not in ("", ".", ".."):
+                    self.whiteouts.add(join_path(parent, hidden))
                 continue
             if e.type == "hardlink":
                 links[e.name] = e.link_name
