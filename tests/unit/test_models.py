@@ -58,3 +58,19 @@ def test_check_name() -> None:
     assert FunctionRecord.check_name("ok-name_1") == "ok-name_1"
     with pytest.raises(InvalidParameter):
         FunctionRecord.check_name("bad name")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        '{"name": "f"}',
+        '{"name": "f", "config": {"handler": "no-dot"}}',  # InvalidParameter before
+        '{"name": "f", "config": {"handler": "m.h"}, "image": [1]}',  # AttributeError before
+    ],
+)
+def test_a_record_that_is_not_one_is_a_value_error(text: str) -> None:
+    from warmstart.functions.store import record_from_json
+
+    with pytest.raises(ValueError, match="not a function record"):
+        record_from_json(text)
