@@ -30,11 +30,32 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.clustertools import local_cluster_factory  # noqa: F401 (a fixture)
 from tests.imagetools import unmount_under
 
 pytest_plugins = ["pytester"]
+
+# -- property-based tests (tests/fuzz) -------------------------------------------------------
+# "ci" (the default) keeps the whole fuzz suite to well under a minute on two cores; "soak"
+# digs deeper for a local run: HYPOTHESIS_PROFILE=soak pytest tests/fuzz.  No deadline: the
+# machine is shared and an example's time says nothing about its correctness.
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile(
+    "soak",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -86,3 +86,76 @@ def test_a_zip_over_the_zipped_limit_is_too_large(
     data += b"\0" * max(0, 1001 - len(data))
     with pytest.raises(EntityTooLarge, match="Zipped size must be smaller than 1000 bytes"):
         bundle.unpack(data, tmp_path)
+
+
+# -- archives the fuzz tests (tests/fuzz/test_code_zips.py) found answered with a 500 --------
+def _zip_bytes(*members: tuple[str, bytes]) -> bytearray:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+    return bytearray(buf.getvalue())
+
+
+def _central(data: bytearray) -> int:
+    return data.rfind(b"PK\x01\x02")
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [("a", b"file"), ("a/b.py", b"")],  # a file where a directory is needed
+        [("a/b.py", b""), ("a", b"file")],  # and the reverse
+        [("x" * 300 + ".py", b"")],  # a name no filesystem takes
+    ],
+)
+def test_names_that_cannot_coexist_are_invalid(
+    tmp_path: Path, members: list[tuple[str, bytes]]
+) -> None:
+    with pytest.raises(InvalidParameter, match="Could not unzip"):
+        bundle.unpack(bytes(_zip_bytes(*members)), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_bad_crc_or_corrupt_data_is_invalid(tmp_path: Path) -> None:
+    data = _zip_bytes(("a.py", b"hello world" * 100))
+    data[_central(data) + 16] ^= 0xFF  # the CRC the data is checked against
+    with pytest.raises(InvalidParameter, match="corrupt"):
+        bundle.unpack(bytes(data), tmp_path)
+    data = _zip_bytes(("a.py", b"hello world" * 100))
+    data[40] ^= 0xFF  # inside the deflated data
+    with pytest.raises(InvalidParameter, match="corrupt"):
+        bundle.unpack(bytes(data), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "match"),
+    [
+        (8, 1, "encrypted"),  # general purpose flag: encrypted
+        (8, 1 << 5, "unsupported"),  # compressed patched data
+        (10, 99, "unsupported compression"),  # compression method
+        (6, 64, "Could not unzip uploaded file"),  # "version needed to extract": 6.4
+    ],
+)
+def test_what_zipfile_cannot_read_is_invalid(
+    tmp_path: Path, offset: int, value: int, match: str
+) -> None:
+    data = _zip_bytes(("a.py", b"x"))
+    start = _central(data)
+    data[start + offset : start + offset + 2] = value.to_bytes(2, "little")
+    with pytest.raises(InvalidParameter, match=match):
+        bundle.unpack(bytes(data), tmp_path)
+
+
+def test_an_entry_without_a_name_is_invalid(tmp_path: Path) -> None:
+    data = _zip_bytes(("a", b"x"))
+    start = _central(data)
+    data[start + 28 : start + 30] = b"\0\0"  # file name length 0: the name becomes data
+    data[start + 46 : start + 47] = b""
+    # the end record's central directory size shrinks by the byte removed
+    end = data.rfind(b"PK\x05\x06")
+    size = int.from_bytes(data[end + 12 : end + 16], "little") - 1
+    data[end + 12 : end + 16] = size.to_bytes(4, "little")
+    with pytest.raises(InvalidParameter, match="without a name"):
+        bundle.unpack(bytes(data), tmp_path)

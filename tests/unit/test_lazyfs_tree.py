@@ -4,17 +4,21 @@ attributes, lookups and listings, answered by :class:`Tree` in plain records."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from tests.conftest import IS_ROOT, needs
 from tests.lazyfs_blobs import BASE, MTIME, UPPER, Member, blob_layer, make_local_layer
-from warmstart.images.errors import ImageError
+from warmstart.images.errors import EStargzError, ImageError
+from warmstart.images.estargz import parse_toc
 from warmstart.images.lazyfs.chunks import ChunkCache
-from warmstart.images.lazyfs.layers import WHITEOUT, DirLayer, Layer, local_xattrs
+from warmstart.images.lazyfs.layers import WHITEOUT, DirLayer, Layer, TOCLayer, local_xattrs
+from warmstart.images.lazyfs.sources import BlobSource
 from warmstart.images.lazyfs.tree import BLOCK_SIZE, ROOT_INODE, Node, Tree
 
 
@@ -222,3 +226,57 @@ def test_unknown_inodes_are_enoent(tmp_path: Path, cache: ChunkCache) -> None:
     with pytest.raises(FileNotFoundError) as info:
         tree.get(12345)
     assert info.value.errno == errno.ENOENT
+
+
+@pytest.mark.parametrize("name", [".wh.", "d/.wh.", ".wh..", ".wh..."])
+def test_a_whiteout_that_names_no_entry_hides_nothing(
+    tmp_path: Path, cache: ChunkCache, name: str
+) -> None:
+    # ".wh." at the top used to make the layer's root opaque: every lower layer vanished
+    lower = [Member("d", "dir", mode=0o755), Member("d/kept.txt", data=b"kept\n")]
+    tree = stack(tmp_path, cache, lower, [Member(name, data=b"")])
+    assert listing(tree, "") == ["d"]
+    assert listing(tree, "d") == ["kept.txt"]
+
+
+def test_hard_links_in_a_directory_a_later_entry_replaced_are_gone(
+    tmp_path: Path, cache: ChunkCache
+) -> None:
+    # these TOCs used to fail to load (KeyError) instead of mounting
+    tree = stack(
+        tmp_path,
+        cache,
+        [Member("b/c", "hardlink", link="missing"), Member("b", data=b"y")],
+    )
+    assert listing(tree, "") == ["b"] and not at(tree, "b").is_dir
+    tree = stack(
+        tmp_path,
+        cache,
+        [
+            Member("a", data=b"x"),
+            Member("b", "hardlink", link="a"),
+            Member("b/c", "hardlink", link="missing"),
+        ],
+    )
+    assert listing(tree, "") == ["a", "b"] and not at(tree, "b").is_dir
+
+
+def test_toc_times_and_ids_the_kernel_cannot_take(tmp_path: Path) -> None:
+    toc = parse_toc(
+        json.dumps(
+            {
+                "version": 1,
+                "entries": [{"name": "old", "type": "dir", "modtime": "0001-01-01T00:00:00Z"}],
+            }
+        ).encode(),
+        100,
+    )
+    layer = TOCLayer(toc, cast(BlobSource, None))
+    assert layer.entries["old"].mtime_ns == 0  # Go's zero time is 1970, as when unpacked
+    for field_, value in (("uid", 1 << 32), ("gid", (1 << 32) - 1), ("devMajor", 1 << 40)):
+        doc = {"version": 1, "entries": [{"name": "c", "type": "char", field_: value}]}
+        with pytest.raises(EStargzError, match=field_):
+            parse_toc(json.dumps(doc).encode(), 100)
+    doc = {"version": 1, "entries": [{"name": "f", "type": "dir", "xattrs": {"user.a": "\x80"}}]}
+    with pytest.raises(EStargzError, match="not base64"):
+        parse_toc(json.dumps(doc).encode(), 100)

@@ -104,3 +104,19 @@ def test_stored_configs_are_not_validated_again() -> None:
     back = record_from_json(raw)
     assert back.config.environment == {"A=B": "1"}
     assert back.config.ephemeral_mb == 512
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        '{"name": "f"}',
+        '{"name": "f", "config": {"handler": "no-dot"}}',  # InvalidParameter before
+        '{"name": "f", "config": {"handler": "m.h"}, "image": [1]}',  # AttributeError before
+    ],
+)
+def test_a_record_that_is_not_one_is_a_value_error(text: str) -> None:
+    from warmstart.functions.store import record_from_json
+
+    with pytest.raises(ValueError, match="not a function record"):
+        record_from_json(text)

@@ -348,6 +348,33 @@ def test_whiteout_through_a_symlink_is_refused(tmp_path: Path, outside: Path) ->
         do_unpack(tmp_path, [member("../.wh.outside", b"")])
 
 
+@pytest.mark.parametrize("name", [".wh.", "a/.wh.", ".wh..", "a/.wh..."])
+def test_a_whiteout_that_names_no_entry_is_refused(tmp_path: Path, name: str) -> None:
+    # ".wh." at the top used to delete the unpack target and leave a device in its place
+    dest = tmp_path / "layer"
+    with pytest.raises(UnsafeLayer, match="names no entry"):
+        unpack(io.BytesIO(make_tar([member("a/b", b"x"), member(name, b"")])), dest)
+    assert dest.is_dir() and not dest.is_symlink()
+
+
+@pytest.mark.parametrize(
+    "pax",
+    [{"mtime": "inf"}, {"mtime": "1e20"}, {"mtime": "nan"}, {"mtime": "-1e20"}],
+)
+def test_times_beyond_what_utime_takes_are_clamped(tmp_path: Path, pax: dict[str, str]) -> None:
+    dest = do_unpack(tmp_path, [member("f", b"x", pax=pax), d("dir", pax=pax)])
+    for path in (dest / "f", dest / "dir"):
+        assert path.stat().st_mtime_ns in (0, (1 << 63) - 1)
+
+
+@pytest.mark.parametrize(
+    "pax", [{"uid": "-2"}, {"gid": "4294967296"}, {"uid": "4294967295"}, {"uid": "-1"}]
+)
+def test_owners_that_are_no_ids_are_corrupt(tmp_path: Path, pax: dict[str, str]) -> None:
+    with pytest.raises(CorruptLayer, match="is not an id"):
+        do_unpack(tmp_path, [member("f", b"x", pax=pax)])
+
+
 # -- compression -------------------------------------------------------------------------
 FILES = [d("app/"), member("app/main.py", b"print('hi')\n" * 1000), sym("app/link", "main.py")]
 

@@ -9,13 +9,16 @@ visible, and a crash leaves only a ``.tmp-*`` directory that start-up removes.
 from __future__ import annotations
 
 import compileall
+import errno
 import hashlib
 import io
+import lzma
 import os
 import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from warmstart.errors import EntityTooLarge, InvalidParameter
@@ -23,6 +26,22 @@ from warmstart.errors import EntityTooLarge, InvalidParameter
 MAX_ZIP_BYTES = 50 << 20
 MAX_UNZIPPED_BYTES = 250 << 20
 MAX_ENTRIES = 20_000
+_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA})
+# What reading a member raises when the archive lies or is damaged (bad CRC, truncated or
+# corrupt compressed data; bz2 reports it as an OSError without errno) or asks for what
+# zipfile cannot do (patched data, strong encryption, a newer format version), or has a
+# local header whose name is not the UTF-8 it claims (a ValueError) ...
+_CORRUPT = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    EOFError,
+    NotImplementedError,
+    ValueError,
+)
+# ... and what writing it raises when its name cannot exist beside the others (a file
+# where another member needs a directory, or the reverse) or on this filesystem.
+_ENTRY_ERRNOS = frozenset({errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG})
 
 
 def digest(data: bytes) -> str:
@@ -30,10 +49,19 @@ def digest(data: bytes) -> str:
 
 
 def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
+    if not info.filename:
+        raise InvalidParameter("Code zip has an entry without a name")
     name = info.filename.replace("\\", "/")
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or name.startswith("/"):
         raise InvalidParameter(f"Code zip has an unsafe path: {info.filename!r}")
+    if info.flag_bits & 0x1:
+        raise InvalidParameter(f"Code zip has an encrypted entry: {info.filename!r}")
+    if info.compress_type not in _METHODS:
+        raise InvalidParameter(
+            f"Code zip entry {info.filename!r} uses an unsupported compression method "
+            f"({info.compress_type})"
+        )
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         raise InvalidParameter(
@@ -58,7 +86,7 @@ def unpack(data: bytes, code_root: Path) -> tuple[str, Path]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:
         raise InvalidParameter(
             "Could not unzip uploaded file. Please check your file, then try to upload again."
         ) from exc
@@ -69,23 +97,7 @@ def unpack(data: bytes, code_root: Path) -> tuple[str, Path]:
     code_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=code_root))
     try:
-        written = 0
-        for info in infos:
-            rel = _safe_member(info)
-            if rel is None:
-                continue
-            target = tmp.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > MAX_UNZIPPED_BYTES:  # the sizes in the directory can lie
-                        raise InvalidParameter(
-                            f"Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes"
-                        )
-                    dst.write(chunk)
-            executable = (info.external_attr >> 16) & 0o111
-            target.chmod(0o755 if executable else 0o644)
+        _extract(zf, infos, tmp)
         # Byte-compile now: the sandbox sees the code read-only and could never cache it.
         compileall.compile_dir(str(tmp), quiet=2, workers=1)
         for dirpath, dirnames, _ in os.walk(tmp):
@@ -108,6 +120,36 @@ def unpack(data: bytes, code_root: Path) -> tuple[str, Path]:
     finally:
         zf.close()
     return sha, final
+
+
+def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], tmp: Path) -> None:
+    written = 0
+    for info in infos:
+        rel = _safe_member(info)
+        if rel is None:
+            continue
+        target = tmp.joinpath(*rel.parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > MAX_UNZIPPED_BYTES:  # the sizes in the directory can lie
+                        raise InvalidParameter(
+                            f"Unzipped size must be smaller than {MAX_UNZIPPED_BYTES} bytes"
+                        )
+                    dst.write(chunk)
+        except _CORRUPT as exc:
+            raise InvalidParameter(
+                f"Could not unzip {info.filename!r}: the archive is corrupt or unsupported ({exc})"
+            ) from exc
+        except OSError as exc:
+            if exc.errno is not None and exc.errno not in _ENTRY_ERRNOS:
+                raise  # the disk failed, not the archive
+            reason = exc.strerror or str(exc)
+            raise InvalidParameter(f"Could not unzip {info.filename!r}: {reason}") from exc
+        executable = (info.external_attr >> 16) & 0o111
+        target.chmod(0o755 if executable else 0o644)
 
 
 def clean_partial(code_root: Path) -> int:

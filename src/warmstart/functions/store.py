@@ -72,15 +72,20 @@ def record_json(rec: FunctionRecord) -> str:
 
 
 def record_from_json(text: str | bytes) -> FunctionRecord:
-    raw: dict[str, Any] = json.loads(text)
-    raw["config"] = FunctionConfig.stored(raw["config"])
-    raw["packages"] = tuple(raw.get("packages", ()))
-    if raw.get("image"):
-        img = raw["image"]
-        for key in ("command", "entrypoint", "env"):
-            img[key] = tuple(img.get(key, ()))
-        raw["image"] = ImageSource(**img)
-    return FunctionRecord(**raw)
+    """The record ``record_json`` wrote; ``ValueError`` for anything else (a cluster's
+    catalog logs and skips such a record rather than failing on it)."""
+    try:
+        raw: dict[str, Any] = json.loads(text)
+        raw["config"] = FunctionConfig.stored(raw["config"])
+        raw["packages"] = tuple(raw.get("packages", ()))
+        if raw.get("image"):
+            img = raw["image"]
+            for key in ("command", "entrypoint", "env"):
+                img[key] = tuple(img.get(key, ()))
+            raw["image"] = ImageSource(**img)
+        return FunctionRecord(**raw)
+    except (TypeError, KeyError, AttributeError, RecursionError, InvalidParameter) as exc:
+        raise ValueError(f"not a function record: {type(exc).__name__}: {exc}") from exc
 
 
 class FunctionStore:

@@ -18,7 +18,6 @@ used to convert images.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hashlib
 import itertools
@@ -212,12 +211,17 @@ def _parse_time(text: str) -> float:
     return t
 
 
-def _int_field(raw: dict[str, Any], key: str, *, minimum: int = 0) -> int:
+_MAX_ID = (1 << 32) - 2  # uid_t/gid_t, without -1 ("no change")
+_MAX_DEV = (1 << 32) - 1  # a device number's major or minor part
+_MAX_OFFSET = (1 << 63) - 1  # sizes and offsets: what off_t holds
+
+
+def _int_field(raw: dict[str, Any], key: str, *, maximum: int = _MAX_OFFSET) -> int:
     value = raw.get(key, 0)
     if value is None:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise EStargzError(f"TOC field {key!r} must be an integer >= {minimum}: {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise EStargzError(f"TOC field {key!r} must be an integer in [0, {maximum}]: {value!r}")
     return value
 
 
@@ -255,7 +259,7 @@ def _entry_from_json(raw: Any) -> TOCEntry:
             raise EStargzError(f"xattr {key!r} of {name!r} is not base64 text")
         try:
             xattrs[key] = base64.b64decode(val, validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or text that is not even ASCII
             raise EStargzError(f"xattr {key!r} of {name!r} is not base64") from exc
     modtime = _str_field(raw, "modtime")
     return TOCEntry(
@@ -267,12 +271,12 @@ def _entry_from_json(raw: Any) -> TOCEntry:
         mode=_int_field(raw, "mode") & 0o7777
         if "mode" in raw
         else (0o755 if type_ == "dir" else 0o644),
-        uid=_int_field(raw, "uid"),
-        gid=_int_field(raw, "gid"),
+        uid=_int_field(raw, "uid", maximum=_MAX_ID),
+        gid=_int_field(raw, "gid", maximum=_MAX_ID),
         mtime=_parse_time(modtime) if modtime else 0.0,
         link_name=link_name,
-        dev_major=_int_field(raw, "devMajor"),
-        dev_minor=_int_field(raw, "devMinor"),
+        dev_major=_int_field(raw, "devMajor", maximum=_MAX_DEV),
+        dev_minor=_int_field(raw, "devMinor", maximum=_MAX_DEV),
         xattrs=xattrs,
         digest=_str_field(raw, "digest"),
         offset=_int_field(raw, "offset"),

@@ -290,6 +290,8 @@ def open_layer(path: Path, media_type: str = "") -> BinaryIO:
 # file data as large slices, and hashes the stream (the diff-id) as it goes.
 
 BLOCK = 512
+_NO_ID = (1 << 32) - 1  # uid_t -1: chown's "leave unchanged", and the end of the id range
+_MAX_NS = (1 << 63) - 1
 _REGULAR = (b"0", b"\0", b"7")
 
 
@@ -534,6 +536,8 @@ class TarReader:
             raise CorruptLayer(f"malformed PAX value in header of {entry.name!r}") from None
         if entry.size < 0:
             raise CorruptLayer(f"negative size for {entry.name!r}")
+        if not (0 <= entry.uid < _NO_ID and 0 <= entry.gid < _NO_ID):
+            raise CorruptLayer(f"owner {entry.uid}:{entry.gid} of {entry.name!r} is not an id")
 
 
 # -- writing a layer directory -------------------------------------------------------------
@@ -568,7 +572,14 @@ def _umask() -> int:
 
 
 def _ns(mtime: float) -> int:
-    return int(mtime * 1_000_000_000) if mtime > 0 else 0
+    """Nanoseconds for ``utime``: before 1970 (or NaN) is 1970, and a time past what a
+    64-bit count of nanoseconds holds (infinity included: PAX times are decimal text) is
+    the last one it does."""
+    if not mtime > 0:
+        return 0
+    if mtime >= _MAX_NS / 1_000_000_000:
+        return _MAX_NS
+    return int(mtime * 1_000_000_000)
 
 
 def _safe_mode(mode: int) -> int:
@@ -770,6 +781,9 @@ class _Unpacker:
             self.skipped += 1  # other AUFS metadata (.wh..wh.plnk …): meaningless here
             return
         hidden = base[len(WHITEOUT_PREFIX) :]
+        if hidden in ("", ".", ".."):
+            # ".wh." alone would delete the directory it is in: at the top, the target
+            raise UnsafeLayer(f"whiteout {original!r} names no entry")
         target = f"{parent}/{hidden}" if parent else hidden
         if target in self.explicit:
             return  # a whiteout never hides an entry of its own layer (OCI image spec)

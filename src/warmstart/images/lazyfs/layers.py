@@ -62,6 +62,17 @@ _TOC_KINDS = {
 }
 
 
+_MAX_NS = (1 << 63) - 1
+
+
+def _mtime_ns(mtime: float) -> int:
+    """A TOC's time as the kernel takes it, the way an unpacked layer has it: before 1970
+    (Go writes year 1 for a zero time) is 1970, past 2262 is the last time there is."""
+    if not mtime > 0:
+        return 0
+    return min(int(mtime * 1_000_000_000), _MAX_NS)
+
+
 def join_path(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -130,8 +141,11 @@ class TOCLayer:
                 self.opaques.add(parent)
                 continue
             if base.startswith(WHITEOUT_PREFIX):
-                if not base.startswith(WHITEOUT_PREFIX * 2):  # other .wh..wh.* are aufs metadata
-                    self.whiteouts.add(join_path(parent, base[len(WHITEOUT_PREFIX) :]))
+                hidden = base[len(WHITEOUT_PREFIX) :]
+                # other .wh..wh.* are aufs metadata; ".wh." alone names nothing (and would
+                # otherwise whiteout its own directory: at the top, every lower layer)
+                if not base.startswith(WHITEOUT_PREFIX * 2) and hidden not in ("", ".", ".."):
+                    self.whiteouts.add(join_path(parent, hidden))
                 continue
             if e.type == "hardlink":
                 links[e.name] = e.link_name
@@ -141,11 +155,16 @@ class TOCLayer:
             entry = self._entry(e)
             if entry.kind == stat.S_IFDIR:
                 self.kids.setdefault(e.name, {})
-            else:
+            elif e.name in self.kids:  # a directory replaced: hard links in it go too
                 self._drop_subtree(e.name)
+                prefix = e.name + "/"
+                for gone in [n for n in links if n.startswith(prefix)]:
+                    del links[gone]
             self.entries[e.name] = entry
             self.kids[parent][base] = None
         for name, target in links.items():
+            if split_path(name)[0] not in self.kids:
+                continue  # its directory was replaced by a later entry (or another link)
             resolved = target
             for _ in range(64):
                 if resolved not in links:
@@ -189,7 +208,7 @@ class TOCLayer:
             size=e.size
             if kind == stat.S_IFREG
             else (len(os.fsencode(e.link_name)) if kind == stat.S_IFLNK else 0),
-            mtime_ns=int(e.mtime * 1_000_000_000),
+            mtime_ns=_mtime_ns(e.mtime),
             rdev=os.makedev(e.dev_major, e.dev_minor)
             if kind in (stat.S_IFCHR, stat.S_IFBLK)
             else 0,
