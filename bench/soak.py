@@ -198,12 +198,12 @@ class Kills:
             self.pending.setdefault(fn, []).append(t)
 
     def consume(self, fn: str, t: float) -> float | None:
-        """The kill of an instance of ``fn`` (before ``t``, within KILL_EXPLAINS_S) that
-        explains an error at ``t``; each kill explains one error."""
+        """The latest kill of an instance of ``fn`` (before ``t``, within KILL_EXPLAINS_S)
+        that explains an error at ``t``; each kill explains one error."""
         with self.lock:
             kills = self.pending.get(fn, [])
-            for i, tk in enumerate(kills):
-                if tk <= t <= tk + KILL_EXPLAINS_S:
+            for i in reversed(range(len(kills))):  # the latest kill first
+                if kills[i] <= t <= kills[i] + KILL_EXPLAINS_S:
                     return kills.pop(i)
         return None
 
