@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import threading
 from typing import Any
 
@@ -115,12 +117,21 @@ def test_invocation_types_and_errors(lam: Any, server: Server) -> None:
     assert resp["StatusCode"] == 204
     resp = lam.invoke(FunctionName="kinds", InvocationType="Event", Payload=b'{"async": true}')
     assert resp["StatusCode"] == 202
-    # The queued event runs in the background and shows up in the function's log.
+    # The queued event runs in the background and shows up in the function's log; its
+    # request id is the event's, which GET /events/<id> follows to its result.
+    event_id = resp["ResponseMetadata"]["RequestId"]
     with server.http() as http:
         wait_until(
             lambda: "'async': True" in http.get("/functions/kinds/logs").text,
             "the Event invocation to run",
         )
+        wait_until(
+            lambda: http.get(f"/events/{event_id}").json()["status"] == "succeeded",
+            "the Event invocation's outcome",
+        )
+        event = http.get(f"/events/{event_id}").json()
+    assert event["function"] == "kinds"
+    assert event["result"]["event"] == {"async": True}
 
     with pytest.raises(ClientError) as err:
         lam.invoke(FunctionName="nope", Payload=b"{}")
@@ -287,6 +298,35 @@ def test_frozen_instance_is_thawed(server_factory: Any) -> None:
         resp = http.post("/run/frz", content=b"{}")
         assert resp.headers["X-Warmstart-Start"] == "warm"
         assert resp.json()["count"] == 2
+
+
+@needs_root
+@pytest.mark.parametrize("freeze_after_ms", ["0", "60000"])
+def test_killed_idle_instance_is_replaced(server_factory: Any, freeze_after_ms: str) -> None:
+    """GET /instances names each idle instance's processes; SIGKILL them and the next call
+    either starts a new instance or, when the kill had not landed yet (a frozen instance
+    dies when it is thawed), fails with Runtime.ExitError; the call after that succeeds."""
+    server = server_factory("--freeze-after-ms", freeze_after_ms)
+    lam = server.lambda_client()
+    deploy(lam, "victim", {"handler.py": HELLO})
+    with server.http() as http:
+        assert http.post("/run/victim", content=b"{}").json()["count"] == 1
+        (idle,) = http.get("/instances").json()["instances"]
+        assert idle["function"] == "victim" and idle["pids"]
+        for pid in idle["pids"]:
+            os.kill(pid, signal.SIGKILL)
+        resp = http.post("/run/victim", content=b"{}")
+        if resp.status_code == 200:
+            assert resp.headers["X-Warmstart-Start"] != "warm"
+        else:
+            assert resp.status_code == 502
+            assert resp.json()["errorType"] == "Runtime.ExitError"
+        resp = http.post("/run/victim", content=b"{}")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["count"] == 1  # a new instance
+        assert not set(idle["pids"]) & {
+            pid for i in http.get("/instances").json()["instances"] for pid in i["pids"]
+        }
 
 
 def test_state_survives_restart(server_factory: Any, tmp_path: Any) -> None:

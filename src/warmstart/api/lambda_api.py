@@ -466,8 +466,9 @@ class LambdaAPI:
             self.worker.get(name)
             return Response(status_code=204, headers={"X-Amz-Executed-Version": "$LATEST"})
         if kind == "Event":
-            await self.worker.invoke_async(name, payload)
-            return Response(status_code=202)
+            # The request id is the queued event's: GET /events/<id> follows it.
+            event_id = await self.worker.invoke_async(name, payload)
+            return Response(status_code=202, headers={"x-amzn-RequestId": event_id})
         if kind != "RequestResponse":
             raise InvalidParameter(f"Unknown InvocationType {kind!r}")
         cc = request.headers.get("x-amz-client-context")

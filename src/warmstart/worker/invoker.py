@@ -390,6 +390,7 @@ def describe_instances(instances: list[Instance]) -> list[dict[str, Any]]:
                 "state": inst.state.value,
                 "start": inst.start_kind.value,
                 "invocations": inst.invocations,
+                "pids": pids,  # host pids of the sandbox's processes
                 "memory": {"cgroup": inst.memory_bytes, "pss": pss, "uss": uss},
             }
         )
