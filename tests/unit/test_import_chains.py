@@ -49,6 +49,7 @@ def test_the_guardian_imports_only_the_standard_library_and_the_cgroup_drivers()
     assert ours == [
         "warmstart",
         "warmstart.errors",
+        "warmstart.kinds",
         "warmstart.sandbox",
         "warmstart.sandbox.cgroups",
         "warmstart.sandbox.guardian",
