@@ -9,6 +9,7 @@ poll with a generous deadline.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -18,6 +19,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -661,6 +663,107 @@ def test_a_runtime_that_dies_before_ready_says_why(shared_server: Server, label:
         with server.http() as http:
             log = http.get(f"/functions/{name}/logs").text
         assert "cannot reach the config store" in log
+
+
+# A handler that names its process (its comm) after the event's "name", says so on stderr,
+# then waits for whatever the event asks: to be killed, or to exit with a status.
+DIES_MID_INVOCATION = """\
+import ctypes, os, sys, time
+
+def handler(event, context):
+    ctypes.CDLL(None).prctl(15, event["name"].encode(), 0, 0, 0)  # PR_SET_NAME
+    sys.stderr.write("working on " + event["name"] + "\\n")
+    sys.stderr.flush()
+    if "exit" in event:
+        os._exit(event["exit"])
+    time.sleep(60)
+    return "not killed"
+"""
+
+
+def _pid_named(data_dir: Path, comm: str) -> int | None:
+    for pid in cgroup_pids(data_dir):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                return pid
+    return None
+
+
+def _invoke_tail(lam: Any, name: str, event: Any) -> tuple[dict[str, Any], Any, str]:
+    resp = lam.invoke(FunctionName=name, Payload=json.dumps(event).encode(), LogType="Tail")
+    return resp, json.loads(resp["Payload"].read()), base64.b64decode(resp["LogResult"]).decode()
+
+
+def test_a_busy_instance_killed_says_signal_killed(server: Server, lam: Any) -> None:
+    """An operator's SIGKILL of a runtime mid-invocation: Runtime.ExitError naming the
+    signal as Lambda does, the runtime's last output in the log, a fresh instance next."""
+    deploy(lam, "busy-victim", {"handler.py": DIES_MID_INVOCATION}, Timeout=60)
+    comm = f"victim{time.monotonic_ns() % 10**6}"
+    result: list[tuple[dict[str, Any], Any, str]] = []
+    caller = threading.Thread(
+        target=lambda: result.append(_invoke_tail(lam, "busy-victim", {"name": comm}))
+    )
+    caller.start()
+    try:
+        pid = wait_until(lambda: _pid_named(server.data_dir, comm), "the handler to run")
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        caller.join(60)
+    ((resp, err, log_tail),) = result
+    assert resp["FunctionError"] == "Unhandled"
+    assert err["errorType"] == "Runtime.ExitError", err
+    assert "Error: Runtime exited with error: signal: killed" in err["errorMessage"], err
+    assert err["errorMessage"].startswith(f"RequestId: {resp['ResponseMetadata']['RequestId']}")
+    assert f"working on {comm}" in log_tail
+    assert "Runtime exited with error: signal: killed" in log_tail
+    resp, body, start = invoke(lam, "busy-victim", {"name": "survivor", "exit": 0})
+    assert resp["FunctionError"] == "Unhandled"  # os._exit(0) mid-invocation is a death too
+    assert body["errorMessage"].endswith("Runtime exited with error: exit status 0"), body
+    assert start in ("cold", "fork")  # the killed instance was not reused
+
+
+def test_a_runtime_that_exits_mid_invocation_says_its_status(server: Server, lam: Any) -> None:
+    deploy(lam, "exits-7", {"handler.py": DIES_MID_INVOCATION})
+    resp, err, log_tail = _invoke_tail(lam, "exits-7", {"name": "exiter", "exit": 7})
+    assert resp["FunctionError"] == "Unhandled"
+    assert err["errorType"] == "Runtime.ExitError", err
+    assert "Error: Runtime exited with error: exit status 7" in err["errorMessage"], err
+    assert "working on exiter" in log_tail
+    with server.http() as http:
+        assert "working on exiter" in http.get("/functions/exits-7/logs").text
+    healthy(server, lam)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_frozen_instance_killed_while_idle_is_replaced_unseen(
+    server_factory: Any, kind: str
+) -> None:
+    """SIGKILL of a frozen idle instance's processes: the next call learns it when the
+    request cannot reach the runtime (the socket is closed, or the runtime's end closes
+    with the request unread), so the handler cannot have run, and a new instance takes
+    the call: no error."""
+    server = server_factory("--freeze-after-ms", "0", *KINDS[kind])
+    lam = server.lambda_client()
+    deploy(lam, "frozen-victim", {"handler.py": COUNTER})
+    for round_ in range(3):
+        resp, body, _ = invoke(lam, "frozen-victim")
+        assert_ok(resp, body)
+        with server.http() as http:
+            (idle,) = wait_until(
+                lambda: [
+                    i
+                    for i in http.get("/instances").json()["instances"]
+                    if i["state"] == "frozen"
+                ],
+                "the instance to freeze",
+            )
+        for pid in idle["pids"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        resp, body, start = invoke(lam, "frozen-victim")
+        assert_ok(resp, body)
+        assert body["calls"] == 1, (round_, body)  # a new instance
+        assert start in ("cold", "fork")
 
 
 # -- 10. the worker is SIGKILLed with idle (frozen) instances --------------------------------

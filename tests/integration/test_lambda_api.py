@@ -304,8 +304,8 @@ def test_frozen_instance_is_thawed(server_factory: Any) -> None:
 @pytest.mark.parametrize("freeze_after_ms", ["0", "60000"])
 def test_killed_idle_instance_is_replaced(server_factory: Any, freeze_after_ms: str) -> None:
     """GET /instances names each idle instance's processes; SIGKILL them and the next call
-    either starts a new instance or, when the kill had not landed yet (a frozen instance
-    dies when it is thawed), fails with Runtime.ExitError; the call after that succeeds."""
+    starts a new instance: one the worker had not yet seen die (a frozen instance dies
+    when it is thawed) never reads the request, and the call goes to another."""
     server = server_factory("--freeze-after-ms", freeze_after_ms)
     lam = server.lambda_client()
     deploy(lam, "victim", {"handler.py": HELLO})
@@ -316,13 +316,8 @@ def test_killed_idle_instance_is_replaced(server_factory: Any, freeze_after_ms: 
         for pid in idle["pids"]:
             os.kill(pid, signal.SIGKILL)
         resp = http.post("/run/victim", content=b"{}")
-        if resp.status_code == 200:
-            assert resp.headers["X-Warmstart-Start"] != "warm"
-        else:
-            assert resp.status_code == 502
-            assert resp.json()["errorType"] == "Runtime.ExitError"
-        resp = http.post("/run/victim", content=b"{}")
         assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Warmstart-Start"] != "warm"
         assert resp.json()["count"] == 1  # a new instance
         assert not set(idle["pids"]) & {
             pid for i in http.get("/instances").json()["instances"] for pid in i["pids"]

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
+import threading
 import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import make_zip
 from warmstart.errors import EntityTooLarge, InvalidParameter
 from warmstart.functions import bundle
+from warmstart.functions.store import FunctionStore
 
 
 def test_unpack_compiles_and_is_content_addressed(tmp_path: Path) -> None:
@@ -64,8 +70,37 @@ def test_zip_bomb_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_clean_partial(tmp_path: Path) -> None:
     (tmp_path / ".tmp-abc").mkdir()
-    assert bundle.clean_partial(tmp_path) == 1
-    assert not (tmp_path / ".tmp-abc").exists()
+    (tmp_path / ".tmp-def-x.zip").write_bytes(b"half a zip")
+    assert bundle.clean_partial(tmp_path) == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_same_bundle_stored_twice_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deploys of the same bytes store its zip at the same moment (each on a thread):
+    both succeed and one zip is left, whichever renames first."""
+    data = make_zip({"handler.py": "def handler(e, c):\n    return 1\n"})
+    store = FunctionStore(tmp_path)
+    both_written = threading.Barrier(2, timeout=30)
+    real_rename, real_replace = os.rename, os.replace
+
+    def when_both_wrote(real: Callable[..., None]) -> Callable[..., None]:
+        def move(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            if str(dst).endswith(".zip"):
+                both_written.wait()  # neither has put its zip in place yet
+            real(src, dst, *args, **kwargs)
+
+        return move
+
+    monkeypatch.setattr(os, "rename", when_both_wrote(real_rename))
+    monkeypatch.setattr(os, "replace", when_both_wrote(real_replace))
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: store.put_code(data), range(2)))
+    sha = results[0][0]
+    assert results[0] == results[1]
+    assert (tmp_path / "code" / f"{sha}.zip").read_bytes() == data
+    assert sorted(p.name for p in (tmp_path / "code").iterdir()) == [sha, f"{sha}.zip"]
 
 
 def test_zip_directory_skips_caches(tmp_path: Path) -> None:

@@ -153,11 +153,14 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], tmp: Path) -> No
 
 
 def clean_partial(code_root: Path) -> int:
-    """Remove unpack directories a crash left behind."""
+    """Remove unpack directories and partly written zips a crash left behind."""
     n = 0
     if code_root.is_dir():
         for p in code_root.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             n += 1
     return n
 

@@ -12,10 +12,13 @@ and the store is written only when something changes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import os
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -126,9 +129,20 @@ class FunctionStore:
         sha, directory = bundle.unpack(data, self.code_root)
         zip_path = self.code_root / f"{sha}.zip"
         if not zip_path.exists():
-            tmp = zip_path.with_suffix(".zip.part")
-            tmp.write_bytes(data)
-            tmp.rename(zip_path)
+            # A name of its own: two deploys of the same bytes run this at once (on
+            # threads), and a shared temporary name let one rename the other's file away
+            # (FileNotFoundError).  Both renames succeed; the bytes are the same.
+            with tempfile.NamedTemporaryFile(
+                dir=self.code_root, prefix=f".tmp-{sha}-", suffix=".zip", delete=False
+            ) as tmp:
+                tmp.write(data)
+            try:
+                os.chmod(tmp.name, 0o644)
+                os.replace(tmp.name, zip_path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp.name)
+                raise
         return sha, directory
 
     def code_dir(self, rec: FunctionRecord) -> Path:

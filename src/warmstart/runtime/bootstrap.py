@@ -8,8 +8,8 @@ benchmark runs the very same code).  It follows AWS Lambda's Python conventions:
 Output: fds 1 and 2 point at one memfd for the instance's life.  After each invocation
 the runtime reads what was written (by print, logging, C extensions or child processes
 alike), hands it to the worker with the result, and truncates the memfd.  The worker
-makes that memfd and keeps a reference until the runtime is ready, so whatever a runtime
-that dies before then wrote is still there to say why.
+makes that memfd and keeps a reference for the runtime's life, so whatever a runtime that
+dies (before it is ready, or mid-invocation) wrote last is still there to say why.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ A forked child, still privileged inside the user namespace:
 Each ``fork`` request also brings the write end of a pipe the worker reads: the zygote,
 the child's parent, keeps it while the child lives and writes there how the child ended
 ("exit status 3", "signal: killed") -- the only way the worker can learn why a runtime
-died before it was ready.
+died, before it was ready or during an invocation.
 
 Standard library only.  The zygote and its children share one trust domain: a
 malicious package imported here could reach every instance forked from it.

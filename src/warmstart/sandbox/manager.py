@@ -100,13 +100,15 @@ class Sandbox:
     sock: socket.socket
     cgroup: Cgroup | None
     forked: bool = False  # forked from a zygote (vs. a fresh interpreter)
-    # Until the runtime is ready: our reference to the memfd its stdout/stderr go to,
-    # and the read end of the pipe on which its parent says how it ended.
+    # For the sandbox's life: our reference to the memfd its stdout/stderr go to (the
+    # runtime empties it after each invocation), and the read end of the pipe on which
+    # its parent says how it ended.  Read only once the runtime is found dead.
     output: int = -1
     exit_status: int = -1
 
     def output_tail(self, limit: int = 4096) -> bytes:
-        """The last ``limit`` bytes the runtime wrote (while we hold its output)."""
+        """The last ``limit`` bytes the runtime wrote since it last sent a reply (all a
+        runtime that died before it was ready wrote, or what a dying invocation wrote)."""
         if self.output < 0:
             return b""
         try:
@@ -138,8 +140,8 @@ class Sandbox:
         finally:
             loop.remove_reader(fd)
 
-    def release_start_fds(self) -> None:
-        """Drop what only a start that fails needs (the runtime is ready)."""
+    def close_exit_fds(self) -> None:
+        """Drop the output memfd and the exit pipe (the sandbox is being destroyed)."""
         for fd in (self.output, self.exit_status):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -748,7 +750,7 @@ class SandboxManager:
 
     async def destroy(self, sandbox: Sandbox) -> None:
         sandbox.sock.close()
-        sandbox.release_start_fds()
+        sandbox.close_exit_fds()
         if sandbox.cgroup is not None:
             # Forks move their child in themselves; only fresh sandboxes want a parked parent.
             await self._recycle(sandbox.cgroup, repark=not sandbox.forked)

@@ -26,7 +26,8 @@ the instance's end of a socketpair (SCM_RIGHTS).  For each request::
 * A function's sandbox also gets fds from the worker: the memfd the runtime's
   stdout/stderr go to (fd 4 as well, so the runtime keeps using it), the write end of a
   pipe on which C2 says how the runtime ended ("exit status 3", "signal: killed") --
-  the worker reads both when a runtime dies before it is ready -- and its /tmp, a
+  the worker reads both when it finds the runtime dead, before it was ready or during
+  an invocation -- and its /tmp, a
   detached mount tree (``sandbox/ephemeral.py``) that C2 attaches.
 
 This module imports only the standard library, so the fork is cheap.

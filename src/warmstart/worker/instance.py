@@ -29,6 +29,12 @@ class InstanceDied(Exception):
     """The runtime closed its socket (exited, crashed, was killed)."""
 
 
+class NotDelivered(InstanceDied):
+    """The runtime is gone and never read the request whole: writing it met a closed
+    socket, or the runtime's end was closed with it unread.  Its handler did not run with
+    it, so whoever catches this may give the call to another instance."""
+
+
 class ReplyTooLarge(InstanceDied):
     """The runtime announced a reply payload over the limit it was given.  Nothing past
     the frame's header was read, so the socket is mid-frame: the instance is as good as
@@ -89,6 +95,12 @@ class Instance:
             if payload_len > max_payload:
                 raise ReplyTooLarge(payload_len, max_payload)
             body = await self._reader.readexactly(meta_len + payload_len + logs_len)
+        except ConnectionResetError as exc:
+            # ECONNRESET, not EOF: the kernel says so when the last holder of the
+            # runtime's end closed it with data still unread there.  All we ever send
+            # unanswered is the current request, so the runtime never read it whole: it
+            # died before the request reached it (killed while frozen, say).
+            raise NotDelivered(f"the runtime ended with the request unread ({exc})") from exc
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             raise InstanceDied(str(exc)) from exc
         meta = json.loads(body[:meta_len])
@@ -97,14 +109,21 @@ class Instance:
         )
 
     async def send(self, meta: bytes, payload: bytes) -> None:
+        """Write one request frame; ``NotDelivered`` when the runtime's end was closed
+        before the whole frame was in its socket."""
         if self._writer is None:
             raise InstanceDied("not connected")
+        transport = self._writer.transport
         try:
             self._writer.write(encode(meta, payload))
-            if self._writer.transport.get_write_buffer_size():
+            if transport.get_write_buffer_size():
                 await self._writer.drain()
-        except ConnectionError as exc:
-            raise InstanceDied(str(exc)) from exc
+        except ConnectionError as exc:  # a later part of the frame met EPIPE
+            raise NotDelivered(str(exc)) from exc
+        # asyncio does not raise when the first send() fails (EPIPE: the peer's end is
+        # closed): it closes the transport and drops the data.  No syscall to ask.
+        if transport.is_closing():
+            raise NotDelivered("the runtime's end of the socket was closed")
 
     def close(self) -> None:
         self.state = State.DEAD

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 
 from warmstart.errors import TooManyRequests
 from warmstart.functions import FunctionRecord
@@ -39,6 +40,15 @@ def _last_line(output: bytes) -> str:
     """": <the last line the runtime wrote>", or "" when it wrote nothing."""
     lines = output.decode(errors="replace").strip().splitlines()
     return f": {lines[-1][-300:]}" if lines else ""
+
+
+@dataclass(frozen=True)
+class RuntimeEnd:
+    """How a runtime that died ended, as far as the worker can tell."""
+
+    reason: str  # its parent's words ("exit status 7", "signal: killed"); "" if none came
+    output: bytes  # what it wrote last (since its last reply), up to 4 KB
+    oom: bool  # the cgroup's OOM killer killed a process of the sandbox
 
 
 class InitFailed(Exception):
@@ -192,7 +202,6 @@ class InstanceFactory:
         except BaseException:
             self.destroy(inst)
             raise
-        inst.sandbox.release_start_fds()
         if reply.kind != "ready":
             self.destroy(inst)
             err = json.loads(reply.payload or b"{}")
@@ -208,26 +217,33 @@ class InstanceFactory:
         return inst
 
     async def _died_before_ready(self, inst: Instance) -> InitFailed:
-        """Why a runtime died before it was ready: how it ended (its parent says, within
-        a moment of its death), what it wrote last, and whether the OOM killer did it."""
-        sandbox = inst.sandbox
+        """Why a runtime died before it was ready."""
         try:
-            reason = await sandbox.exit_reason(timeout=EXIT_REASON_WAIT_S)
-            output = sandbox.output_tail()
-            oom = sandbox.oom_killed()
+            end = await self.ended(inst)
         finally:
             self.destroy(inst)
-        if oom:
+        if end.oom:
             return InitFailed(
                 "Runtime.OutOfMemory",
-                f"Runtime exited with error: {reason or 'signal: killed'} "
+                f"Runtime exited with error: {end.reason or 'signal: killed'} "
                 f"(out of memory: MemorySize is {inst.memory_mb} MB)",
-                output,
+                end.output,
             )
-        what = f"Runtime exited with error: {reason}" if reason else "Runtime exited"
+        what = f"Runtime exited with error: {end.reason}" if end.reason else "Runtime exited"
         return InitFailed(
-            "Runtime.ExitError", f"{what} before it was ready" + _last_line(output), output
+            "Runtime.ExitError",
+            f"{what} before it was ready" + _last_line(end.output),
+            end.output,
         )
+
+    async def ended(self, inst: Instance) -> RuntimeEnd:
+        """How the runtime of ``inst``, found dead, ended: its parent's report (which
+        comes within a moment of the death: wait at most EXIT_REASON_WAIT_S for it), what
+        it wrote last, and whether the OOM killer did it.  Call before ``destroy``: the
+        sandbox's exit pipe and output go with it."""
+        sandbox = inst.sandbox
+        reason = await sandbox.exit_reason(timeout=EXIT_REASON_WAIT_S)
+        return RuntimeEnd(reason, sandbox.output_tail(), sandbox.oom_killed())
 
     # -- stop ------------------------------------------------------------------------------
     def destroy(self, inst: Instance) -> None:

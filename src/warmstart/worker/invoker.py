@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -26,13 +27,22 @@ from warmstart.errors import InvalidRequestContent, TooManyRequests
 from warmstart.functions import FunctionRecord
 from warmstart.kinds import QoSClass, StartKind
 from warmstart.sandbox.memory import memory_of
-from warmstart.worker.instance import Instance, InstanceDied, Reply, ReplyTooLarge, State
+from warmstart.worker.instance import (
+    Instance,
+    InstanceDied,
+    NotDelivered,
+    Reply,
+    ReplyTooLarge,
+    State,
+)
 from warmstart.worker.instances import InitFailed, InstanceFactory
 from warmstart.worker.logs import LOG_TAIL_BYTES, FunctionLogs
 from warmstart.worker.metrics import Metrics
 from warmstart.worker.pool import FunctionPool, HandlerCache
 from warmstart.worker.registry import FunctionRegistry
 from warmstart.worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -201,87 +211,87 @@ class Invoker:
         pool = self.pool(rec, qos_class)
         request_id = str(uuid.uuid4())
         t0 = time.perf_counter()
-        try:
-            inst, cold = await pool.acquire()
-        except InitFailed as exc:
-            return self._finish(
-                rec,
-                request_id,
-                t0,
-                StartKind.COLD,
-                "init_error",
-                exc.error_payload(),
-                "Unhandled",
-                exc.logs,
-            )
-        except TooManyRequests:
-            self.metrics.invocations.labels(name, "throttled").inc()
-            raise
-        start = inst.start_kind if cold else StartKind.WARM
         timeout = rec.config.timeout_s
-        meta: dict[str, Any] = {
-            "id": request_id,
-            "deadline_ms": int(time.time() * 1000) + timeout * 1000,
-            "arn": self.registry.arn(name),
-            "max_response": limit,
-        }
-        if client_context:
-            meta["client_context"] = client_context
-        if qos_class is QoSClass.BE:
-            self.running_be[inst] = pool
-        try:
-            await inst.send(json.dumps(meta).encode(), payload)
-            async with asyncio.timeout(timeout):
-                reply: Reply = await inst.read_reply(limit)
-        except TimeoutError:
-            pool.discard(inst)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            msg = f"{stamp} {request_id} Task timed out after {timeout:.2f} seconds"
-            return self._finish(
-                rec,
-                request_id,
-                t0,
-                start,
-                "timeout",
-                _error_payload("Sandbox.Timedout", msg),
-                "Unhandled",
-                b"",
-            )
-        except ReplyTooLarge as exc:
-            pool.discard(inst)
-            return self._finish(
-                rec,
-                request_id,
-                t0,
-                start,
-                "response_too_large",
-                response_too_large(exc.size, exc.limit),
-                "Unhandled",
-                b"",
-            )
-        except InstanceDied:
-            if inst.evicted:
-                raise Evicted(f"best-effort instance of {name} was evicted") from None
-            oom = inst.sandbox.oom_killed()
-            pool.discard(inst)
-            kind = "Runtime.OutOfMemory" if oom else "Runtime.ExitError"
-            why = "signal: killed" if oom else "the runtime exited unexpectedly"
-            msg = f"RequestId: {request_id} Error: Runtime exited with error: {why}"
-            if oom:
-                msg += f" (memory limit of {rec.config.memory_mb} MB exceeded)"
-            return self._finish(
-                rec,
-                request_id,
-                t0,
-                start,
-                "oom" if oom else "crash",
-                _error_payload(kind, msg),
-                "Unhandled",
-                b"",
-            )
-        except BaseException:
-            pool.discard(inst)
-            raise
+        # An instance that turns out to have died before the request reached it (killed
+        # while frozen, say: nothing saw it die until now) gets the request only once:
+        # the call goes to another instance, once.
+        for attempt in range(2):
+            try:
+                inst, cold = await pool.acquire()
+            except InitFailed as exc:
+                return self._finish(
+                    rec,
+                    request_id,
+                    t0,
+                    StartKind.COLD,
+                    "init_error",
+                    exc.error_payload(),
+                    "Unhandled",
+                    exc.logs,
+                )
+            except TooManyRequests:
+                self.metrics.invocations.labels(name, "throttled").inc()
+                raise
+            start = inst.start_kind if cold else StartKind.WARM
+            meta: dict[str, Any] = {
+                "id": request_id,
+                "deadline_ms": int(time.time() * 1000) + timeout * 1000,
+                "arn": self.registry.arn(name),
+                "max_response": limit,
+            }
+            if client_context:
+                meta["client_context"] = client_context
+            if qos_class is QoSClass.BE:
+                self.running_be[inst] = pool
+            try:
+                await inst.send(json.dumps(meta).encode(), payload)
+                async with asyncio.timeout(timeout):
+                    reply: Reply = await inst.read_reply(limit)
+            except TimeoutError:
+                pool.discard(inst)
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                msg = f"{stamp} {request_id} Task timed out after {timeout:.2f} seconds"
+                return self._finish(
+                    rec,
+                    request_id,
+                    t0,
+                    start,
+                    "timeout",
+                    _error_payload("Sandbox.Timedout", msg),
+                    "Unhandled",
+                    b"",
+                )
+            except ReplyTooLarge as exc:
+                pool.discard(inst)
+                return self._finish(
+                    rec,
+                    request_id,
+                    t0,
+                    start,
+                    "response_too_large",
+                    response_too_large(exc.size, exc.limit),
+                    "Unhandled",
+                    b"",
+                )
+            except InstanceDied as exc:
+                if inst.evicted:
+                    raise Evicted(f"best-effort instance of {name} was evicted") from None
+                if isinstance(exc, NotDelivered) and attempt == 0:
+                    log.info(
+                        "instance %s of %s had died before request %s reached it (%s); "
+                        "another instance takes it",
+                        inst.id,
+                        name,
+                        request_id,
+                        exc,
+                    )
+                    pool.discard(inst)
+                    continue
+                return await self._died(rec, pool, inst, request_id, t0, start)
+            except BaseException:
+                pool.discard(inst)
+                raise
+            break
         inst.invocations += 1
         self.running_be.pop(inst, None)
         pool.release(inst)
@@ -308,6 +318,46 @@ class Invoker:
             )
         return self._finish(
             rec, request_id, t0, start, "error", reply.payload, "Unhandled", reply.logs
+        )
+
+    async def _died(
+        self,
+        rec: FunctionRecord,
+        pool: FunctionPool,
+        inst: Instance,
+        request_id: str,
+        t0: float,
+        start: StartKind,
+    ) -> InvokeResult:
+        """The runtime died during the invocation: the error says how it ended (Lambda's
+        words), and the log keeps what it wrote last."""
+        try:
+            end = await self.factory.ended(inst)
+        finally:
+            pool.discard(inst)
+        if end.oom:
+            kind = "Runtime.OutOfMemory"
+            why = f"{end.reason or 'signal: killed'} "
+            why += f"(memory limit of {rec.config.memory_mb} MB exceeded)"
+        else:
+            kind = "Runtime.ExitError"
+            why = end.reason or ""
+        said = f"Runtime exited with error: {why}" if why else ""
+        msg = f"RequestId: {request_id} Error: " + (
+            said or "Runtime exited without providing a reason"
+        )
+        output = end.output
+        if output and not output.endswith(b"\n"):
+            output += b"\n"
+        return self._finish(
+            rec,
+            request_id,
+            t0,
+            start,
+            "oom" if end.oom else "crash",
+            _error_payload(kind, msg),
+            "Unhandled",
+            output + f"{msg}\n{kind}\n".encode(),
         )
 
     def _finish(
