@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +187,17 @@ def test_the_demo_waits_for_nothing_once_the_server_is_stopping() -> None:
     args = argparse.Namespace(host="127.0.0.1", port=1)
     server = FakeServer(started=False, should_exit=True)
     asyncio.run(asyncio.wait_for(cli._demo_when_up(server, FailingWorker(), args), 5))
+
+
+def test_serve_raises_the_open_files_limit_to_the_hard_one() -> None:
+    """A shell's soft limit (1024) would cap a node at a few hundred instances."""
+    code = (
+        "import resource\n"
+        "from warmstart.cli.main import _raise_open_files_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "_raise_open_files_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

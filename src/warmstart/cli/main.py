@@ -635,6 +635,29 @@ def _installer_hosts(hosts: list[str]) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+# Each live instance holds a few of the worker's descriptors (its socket, its output and
+# exit pipes, its freezer); below this many the node warns that it cannot hold many.
+MIN_OPEN_FILES = 4096
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the worker's soft limit on open files to the hard one (a shell's default soft
+    limit of 1024 caps a node at a few hundred instances)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        logging.getLogger("warmstart").warning(
+            "the open-files limit is %d (ulimit -n): a node holds a few per live instance; "
+            "raise the hard limit (LimitNOFILE= in a systemd unit) for more than ~%d instances",
+            soft,
+            soft // 4,
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -681,6 +704,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _raise_open_files_limit()
     if settings.cluster is not None:
         from warmstart.cluster.etcd import ClusterUnavailable
         from warmstart.cluster.node import ClusterNode
