@@ -122,6 +122,7 @@ class FunctionStore:
         # Retention's lookups: standalone events by finishing time (job_id IS NULL), and
         # whether a job still has an item unfinished or finished recently.
         self.db.execute("CREATE INDEX IF NOT EXISTS events_finished ON events(job_id, finished)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created)")
         bundle.clean_partial(self.code_root)
 
     def _connect(self) -> sqlite3.Connection:
@@ -371,8 +372,10 @@ class FunctionStore:
         outcome, the last of them written before ``before``.  A job with an item still
         pending is not finished, however old."""
         rows = self.db.execute(
-            "SELECT id FROM jobs WHERE created < ? AND NOT EXISTS (SELECT 1 FROM events "
-            "WHERE job_id=jobs.id AND (finished IS NULL OR finished >= ?)) "
+            # Two NOT EXISTS rather than one with an OR: each is one seek in the index.
+            "SELECT id FROM jobs WHERE created < ? "
+            "AND NOT EXISTS (SELECT 1 FROM events WHERE job_id=jobs.id AND finished IS NULL) "
+            "AND NOT EXISTS (SELECT 1 FROM events WHERE job_id=jobs.id AND finished >= ?) "
             "ORDER BY created LIMIT ?",
             (before, before, limit),
         ).fetchall()
