@@ -139,3 +139,25 @@ def test_nothing_is_taken_without_a_lease() -> None:
         assert await a.take(5, frozenset()) == []
 
     run(body)
+
+
+def test_finished_items_and_jobs_expire_with_the_configured_retention() -> None:
+    async def body(etcd: MemoryEtcd) -> None:
+        m = FakeMembership("a", await etcd.grant(6))
+        q = EtcdQueue(etcd, m, retention_s=2 * 3600)  # type: ignore[arg-type]
+        done = await q.enqueue("fn", b"1")
+        waiting = await q.enqueue("fn", b"2")
+        job = await q.create_job("fn", [b"3"])
+        taken = await q.take(1, frozenset())
+        assert [r[0] for r in taken] == [done]
+        await q.finish(done, "succeeded", b"1", 1)
+        retention = etcd.data[f"events/{done}"].lease
+        assert retention != 0 and etcd._ttl[retention] == 2 * 3600 + 300  # 1/24 more
+        assert etcd.data[f"jobs/{job}"].lease == retention
+        assert etcd.data[f"events/{waiting}"].lease == 0  # pending work has no lease
+        assert await q.expire(0.0, 100) == 0  # etcd's leases do the deleting
+        etcd.expire(retention)
+        assert await q.event(done) is None and await q.job(job) is None
+        assert (await q.event(waiting))["status"] == "pending"  # type: ignore[index]
+
+    run(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from warmstart.packages.egress import (
     Resolver,
     is_internal,
     open_egress,
+    reap_stale_dirs,
 )
 
 ip = ipaddress.ip_address
@@ -314,3 +316,48 @@ def test_the_relay_exits_with_the_commands_status(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 7
+
+
+def _own_start_time() -> str:
+    text = Path("/proc/self/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()[19]
+
+
+def test_start_up_reaps_egress_dirs_whose_owner_is_gone(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = f"{os.getpid()}.{_own_start_time()}"
+    keep = {
+        f"ws-egress-{me}-live01",  # this process: alive
+        "ws-egress-legacy_listening",  # no owner in its name, but its socket answers
+        "other-dir",
+    }
+    gone = {
+        f"ws-egress-{dead.pid}.1-dead01",  # the process is gone
+        f"ws-egress-{os.getpid()}.1-reused",  # a pid reused by another process
+        "ws-egress-legacy_dead",  # no owner in its name, no listener
+    }
+    for name in keep | gone:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "leftover").write_text("x")
+    (tmp_path / "ws-egress-a-file").write_text("not a directory")
+    # A socket that was bound and whose process went (the file stays): no listener.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "ws-egress-legacy_dead" / SOCKET_NAME))
+    stale.close()
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(tmp_path / "ws-egress-legacy_listening" / SOCKET_NAME))
+        listening.listen()
+        assert reap_stale_dirs(tmp_path) == 3
+    assert {p.name for p in tmp_path.iterdir()} == keep | {"ws-egress-a-file"}
+
+
+def test_a_live_proxy_dir_is_named_after_its_owner_and_survives_a_reap() -> None:
+    async def main() -> None:
+        async with open_egress(EgressPolicy()) as (_proxy, directory):
+            assert directory.name.startswith(f"ws-egress-{os.getpid()}.")
+            reap_stale_dirs(directory.parent)
+            assert (directory / SOCKET_NAME).exists()
+        assert not directory.exists()
+
+    asyncio.run(main())

@@ -157,24 +157,32 @@ class NativeAPI:
         job_id = request.path_params["job_id"]
         job = await self.worker.job(job_id)
         if job is None:
-            raise NotFound(f"no such job: {job_id}")
+            raise NotFound(self._gone("job", job_id))
         return JSONResponse(job)
 
     async def job_results(self, request: Request) -> Response:
         """GET /jobs/<id>/results: each result as the JSON value the handler returned."""
         job = await self.worker.job(request.path_params["job_id"])
         if job is None:
-            raise NotFound(f"no such job: {request.path_params['job_id']}")
+            raise NotFound(self._gone("job", request.path_params["job_id"]))
         results = await self.worker.job_results(job["JobId"])
         if results is None:
-            raise NotFound(f"no such job: {job['JobId']}")
+            raise NotFound(self._gone("job", job["JobId"]))
         return JSONResponse({"JobId": job["JobId"], "results": results})
 
     async def event(self, request: Request) -> Response:
         ev = await self.worker.event(request.path_params["event_id"])
         if ev is None:
-            raise NotFound("no such event")
+            raise NotFound(self._gone("event", request.path_params["event_id"]))
         return JSONResponse(ev)
+
+    def _gone(self, what: str, ident: str) -> str:
+        """A 404's message for an event or job: unknown, or finished and deleted."""
+        hours = self.worker.settings.event_retention_hours
+        return (
+            f"no such {what}: {ident} (unknown, or it finished more than {hours:g} h ago "
+            "and its record expired)"
+        )
 
 
 async def _warmstart_error(request: Request, exc: Exception) -> Response:

@@ -385,6 +385,36 @@ def _add_serve(sub: Any) -> None:
         default=d.max_job_bytes,
         help="a job's whole input (POST /jobs) at most (default %(default)s: 64 MB)",
     )
+    keep = s.add_argument_group(
+        "retention",
+        "What the node keeps of finished work and of function logs, so its disk use stays "
+        "bounded. Queued and running work is never deleted.",
+    )
+    keep.add_argument(
+        "--event-retention-hours",
+        metavar="HOURS",
+        type=_positive(float),
+        default=d.event_retention_hours,
+        help="finished Event invocations and jobs, with their results, are deleted this "
+        "long after they finished; GET /events/ID or /jobs/ID then answers 404 "
+        "(default %(default)s)",
+    )
+    keep.add_argument(
+        "--function-log-max-mb",
+        metavar="MB",
+        type=_positive(float),
+        default=d.function_log_max_mb,
+        help="a function's log file (data/logs/NAME.log) is rotated to NAME.log.1 past this "
+        "size (default %(default)s)",
+    )
+    keep.add_argument(
+        "--function-log-backups",
+        metavar="N",
+        type=_positive(int),
+        default=d.function_log_backups,
+        help="rotated log files kept per function (NAME.log.1 ... NAME.log.N; default "
+        "%(default)s)",
+    )
     s.add_argument(
         "--no-zygotes",
         dest="zygotes",
@@ -571,6 +601,21 @@ def _byte_count(most: int | None) -> Callable[[str], int]:
     return parse
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An argparse type: a positive ``kind`` (int or float)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text}: must be positive")
+        return value
+
+    return parse
+
+
 def _qos_config(text: str) -> Any:
     """--qos-config: a JSON object inline (it starts with ``{``) or in a file."""
     from warmstart.qos.policy import QoSConfig
@@ -698,6 +743,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_response_bytes=args.max_response_bytes,
         max_event_bytes=args.max_event_bytes,
         max_job_bytes=args.max_job_bytes,
+        event_retention_hours=args.event_retention_hours,
+        function_log_max_mb=args.function_log_max_mb,
+        function_log_backups=args.function_log_backups,
         **({} if args.qos_config is None else {"qos_config": _qos_config(args.qos_config)}),
         cluster=_cluster_settings(args),
     )

@@ -71,7 +71,9 @@ class ClusterNode:
         self.membership = Membership(self.etcd, self.cluster, self._state)
         self.catalog = EtcdCatalog(self.etcd)
         self.code = ClusterCode(store, self.etcd, self.membership, self.http, "")
-        self.queue = EtcdQueue(self.etcd, self.membership)
+        self.queue = EtcdQueue(
+            self.etcd, self.membership, retention_s=settings.event_retention_hours * 3600
+        )
         self.worker = Worker(
             settings, store=store, catalog=self.catalog, code=self.code, queue=self.queue
         )

@@ -35,9 +35,10 @@ from warmstart.worker.bequeue import PendingRow
 log = logging.getLogger(__name__)
 
 EVENTS, QUEUE, CLAIMS, JOBS = "events/", "queue/", "claims/", "jobs/"
-# A finished item (and its result) is kept this long, then etcd drops it.
+# A finished item (and its result) is kept this long by default (the node setting
+# ``event_retention_hours``), then etcd drops it with the lease it was written under.
 RETENTION_S = 24 * 3600
-RETENTION_ROLL_S = 3600
+RETENTION_ROLLS = 24  # a new retention lease this many times per retention period
 # etcd takes at most 1.5 MiB a request: a larger result is recorded as an error.
 MAX_RESULT_BYTES = 1 << 20
 
@@ -49,20 +50,25 @@ def _b64(data: bytes) -> str:
 class EtcdQueue:
     """``WorkQueue`` for a cluster node."""
 
-    def __init__(self, etcd: Etcd, membership: Membership) -> None:
+    def __init__(
+        self, etcd: Etcd, membership: Membership, *, retention_s: float = RETENTION_S
+    ) -> None:
         self.etcd = etcd
         self.membership = membership
+        self.retention_s = max(1, int(retention_s))
+        self._roll_s = max(1, self.retention_s // RETENTION_ROLLS)
         self._taken: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (queue key, record)
         self._claimed: dict[str, bytes] = {}  # id -> the claim's value when it was taken
         self._retention_lease = 0
         self._retention_granted = 0.0
 
     async def _retention(self) -> int:
-        """The lease finished items are kept under: one per hour of finishing, lasting
-        RETENTION_S, so etcd does not fill with old outcomes."""
+        """The lease finished items are kept under, so etcd does not fill with old
+        outcomes: one per 1/RETENTION_ROLLS of the retention period of finishing (an hour
+        of a day), lasting the retention period and that much more."""
         now = time.monotonic()
-        if self._retention_lease == 0 or now - self._retention_granted > RETENTION_ROLL_S:
-            self._retention_lease = await self.etcd.grant(RETENTION_S + RETENTION_ROLL_S)
+        if self._retention_lease == 0 or now - self._retention_granted > self._roll_s:
+            self._retention_lease = await self.etcd.grant(self.retention_s + self._roll_s)
             self._retention_granted = now
         return self._retention_lease
 
@@ -313,6 +319,15 @@ class EtcdQueue:
 
     async def depth(self) -> int:
         return await self.etcd.count(QUEUE)
+
+    async def expire(self, before: float, limit: int) -> int:
+        """Nothing to delete: etcd drops finished items, and jobs, with the retention
+        lease they were written under (``_retention``)."""
+        return 0
+
+    async def vacuum(self, pages: int) -> int:
+        """etcd compacts its own storage."""
+        return 0
 
     async def close(self) -> None:
         """Nothing to write: outcomes are written as they come; claims go with the lease."""

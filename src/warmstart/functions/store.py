@@ -2,12 +2,19 @@
 
 State lives under the data dir::
 
-    state.db          functions, async events (SQLite, WAL)
+    state.db          functions, async events and jobs (SQLite, WAL)
     code/<sha256>/    unpacked, byte-compiled bundles (shared by every function using them)
     code/<sha256>.zip the uploaded zip, served back by GetFunction
 
 Reads on the invocation path never touch SQLite: the worker keeps the records in memory
 and the store is written only when something changes.
+
+Finished events and jobs do not stay forever: ``expire_events`` and ``expire_job`` delete
+those finished before a cutoff (``worker.retention`` calls them in small batches).  SQLite
+reuses the pages they free for new rows, so the file stops growing once the retention
+period is reached; a database created by this version also gives free pages back to the
+file system (``auto_vacuum=INCREMENTAL``, ``vacuum_some``), and the WAL is cut back to
+``WAL_SIZE_LIMIT`` after each checkpoint.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
+
+# The WAL file is truncated to this after a checkpoint (it would otherwise keep the size
+# of the largest burst of writes it ever held).
+WAL_SIZE_LIMIT = 16 << 20
 
 # A job may be named by a unique prefix of its id this long or longer (the CLI shows 8).
 MIN_JOB_ID_PREFIX = 6
@@ -102,15 +113,33 @@ class FunctionStore:
         if "job_id" not in columns:  # a job's items are events that remember their job
             self.db.execute("ALTER TABLE events ADD COLUMN job_id TEXT")
             self.db.execute("ALTER TABLE events ADD COLUMN idx INTEGER")
+        if "finished" not in columns:  # when an event got its final outcome (retention)
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.execute("ALTER TABLE events ADD COLUMN finished REAL")
+                # Outcomes written before the column existed: their age is their creation's.
+                self.db.execute(
+                    "UPDATE events SET finished=created WHERE status != 'pending'"
+                )
         self.db.execute("CREATE INDEX IF NOT EXISTS events_job ON events(job_id, idx)")
+        # Retention's lookups: standalone events by finishing time (job_id IS NULL), and
+        # whether a job still has an item unfinished or finished recently.
+        self.db.execute("CREATE INDEX IF NOT EXISTS events_finished ON events(job_id, finished)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created)")
         bundle.clean_partial(self.code_root)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(
             self.data_dir / "state.db", isolation_level=None, check_same_thread=False
         )
+        if db.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # Only a new database can take this without a full VACUUM (and only before
+            # the switch to WAL writes its first page): freed pages are then handed back
+            # to the file system by ``vacuum_some``.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         return db
 
     def another_handle(self) -> FunctionStore:
@@ -304,15 +333,22 @@ class FunctionStore:
         self,
         finished: Sequence[tuple[str, str, bytes, int]],
         retried: Sequence[tuple[str, int]] = (),
+        *,
+        now: float | None = None,
     ) -> None:
         """Record events' outcomes in one transaction: ``finished`` as (id, status, result,
-        attempts) -- final --, ``retried`` as (id, attempts) -- a failed attempt, pending
-        again.  One commit for a batch instead of one per event."""
+        attempts) -- final, stamped with ``now`` (default: the time) for retention --,
+        ``retried`` as (id, attempts) -- a failed attempt, pending again.  One commit for a
+        batch instead of one per event."""
+        stamp = time.time() if now is None else now
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany(
-                "UPDATE events SET status=?, result=?, attempts=? WHERE id=?",
-                [(status, result, attempts, i) for i, status, result, attempts in finished],
+                "UPDATE events SET status=?, result=?, attempts=?, finished=? WHERE id=?",
+                [
+                    (status, result, attempts, stamp, i)
+                    for i, status, result, attempts in finished
+                ],
             )
             self.db.executemany(
                 "UPDATE events SET attempts=? WHERE id=?",
@@ -331,3 +367,59 @@ class FunctionStore:
             "attempts": row[2],
             "result": result_value(row[3]),
         }
+
+    # -- retention ---------------------------------------------------------------------------
+    def expire_events(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` Event invocations (not job items) that finished before
+        ``before`` (a ``time.time()`` value), with their payloads and results; how many
+        went.  Pending events -- queued, or running now -- have no finishing time and are
+        never touched."""
+        cur = self.db.execute(
+            "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE job_id IS NULL "
+            "AND finished < ? AND status != 'pending' LIMIT ?)",
+            (before, limit),
+        )
+        return cur.rowcount
+
+    def expired_jobs(self, before: float, limit: int) -> list[str]:
+        """Up to ``limit`` jobs finished before ``before``: every item has its final
+        outcome, the last of them written before ``before``.  A job with an item still
+        pending is not finished, however old."""
+        rows = self.db.execute(
+            # Two NOT EXISTS rather than one with an OR: each is one seek in the index.
+            "SELECT id FROM jobs WHERE created < ? "
+            "AND NOT EXISTS (SELECT 1 FROM events WHERE job_id=jobs.id AND finished IS NULL) "
+            "AND NOT EXISTS (SELECT 1 FROM events WHERE job_id=jobs.id AND finished >= ?) "
+            "ORDER BY created LIMIT ?",
+            (before, before, limit),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def expire_job(self, job_id: str, limit: int) -> int:
+        """Delete up to ``limit`` of a finished job's items; once none is left, the job
+        itself; how many rows went (0: the job is gone).  Its row goes last, so a worker
+        stopped half way leaves an expired job that the next pass finds again, never
+        orphaned items (meanwhile the job reads as partly deleted)."""
+        with self.db:
+            self.db.execute("BEGIN")
+            deleted = self.db.execute(
+                "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE job_id=? "
+                "AND status != 'pending' LIMIT ?)",
+                (job_id, max(1, limit)),
+            ).rowcount
+            if deleted < limit:
+                left = self.db.execute(
+                    "SELECT 1 FROM events WHERE job_id=? LIMIT 1", (job_id,)
+                ).fetchone()
+                if left is None:
+                    deleted += self.db.execute("DELETE FROM jobs WHERE id=?", (job_id,)).rowcount
+        return deleted
+
+    def vacuum_some(self, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the file system; how many are still
+        free.  Only a database created with ``auto_vacuum=INCREMENTAL`` can (0 for any
+        other: it reuses free pages for new rows, and its file keeps its size)."""
+        if self.db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            return 0
+        self.db.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+        return int(self.db.execute("PRAGMA freelist_count").fetchone()[0])

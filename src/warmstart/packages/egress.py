@@ -22,6 +22,13 @@ name that resolves to loopback, or resolves differently a moment later, gets now
 A refusal is a ``403`` at once (nothing is connected, so there is no time to measure);
 the worker's log says what was refused.  Following a redirect is a new request, checked
 again.
+
+The proxy's socket lives in a directory of the temp dir (a unix socket's path must be
+short; a data dir may be deep), ``ws-egress-<pid>.<start>-<random>``, named after the
+worker that made it: its pid and that process's start time, so a pid reused by another
+process is not mistaken for it.  The worker removes it when the install is done; a worker
+killed meanwhile cannot, and the next one's start-up removes every such directory whose
+owner is gone (``reap_stale_dirs``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,6 +56,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
 SOCKET_NAME = "proxy.sock"
+DIR_PREFIX = "ws-egress-"
 MAX_HEAD = 16 * 1024  # a proxy request's line and headers
 HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 15.0
@@ -348,7 +357,7 @@ async def open_egress(policy: EgressPolicy) -> AsyncIterator[tuple[EgressProxy, 
     """Serve an EgressProxy on a unix socket in a fresh directory (yielded: mount it into
     the sandbox; the socket is ``SOCKET_NAME`` in it).  Everything goes on exit."""
     # A short path: a unix socket's address holds 107 bytes, and data dirs can be deep.
-    directory = Path(tempfile.mkdtemp(prefix="ws-egress-"))
+    directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{_owner_tag(os.getpid())}-"))
     proxy = EgressProxy(policy)
     try:
         directory.chmod(0o755)
@@ -363,3 +372,80 @@ async def open_egress(policy: EgressPolicy) -> AsyncIterator[tuple[EgressProxy, 
             await server.wait_closed()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot, ``/proc/PID/stat`` field 22), or
+    None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return "?"  # it exists; /proc does not say more
+    # The command name (field 2) is in parentheses and may hold spaces and parentheses.
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else "?"
+
+
+def _owner_tag(pid: int) -> str:
+    return f"{pid}.{_start_time(pid) or '?'}"
+
+
+def _owner_alive(tag: str) -> bool:
+    """Whether the process an egress directory's name names still runs."""
+    pid_text, _, start = tag.partition(".")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    now = _start_time(pid)
+    return now is not None and (now == start or "?" in (now, start))
+
+
+def reap_stale_dirs(root: Path | None = None) -> int:
+    """Remove the egress directories in ``root`` (the temp dir) that a worker killed
+    during a package install left: those whose owner process is gone.  How many went.
+
+    Directories named before their owner was part of the name (``ws-egress-<random>``)
+    are removed when their socket has no listener any more."""
+    base = Path(tempfile.gettempdir()) if root is None else root
+    reaped = 0
+    try:
+        entries = list(base.iterdir())
+    except OSError as exc:
+        log.warning("cannot list %s for leftover egress directories: %s", base, exc)
+        return 0
+    uid = os.getuid()
+    for entry in entries:
+        if not entry.name.startswith(DIR_PREFIX):
+            continue
+        try:
+            st = entry.lstat()
+        except OSError:
+            continue
+        # Only directories this user made: the temp dir is everyone's.
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            continue
+        tag, sep, _ = entry.name[len(DIR_PREFIX) :].rpartition("-")
+        if sep and tag[:1].isdigit():
+            if _owner_alive(tag):
+                continue
+        elif _listening(entry / SOCKET_NAME):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            reaped += 1
+    if reaped:
+        log.info("removed %d egress directory(ies) left by a stopped worker in %s", reaped, base)
+    return reaped
+
+
+def _listening(path: Path) -> bool:
+    """Whether a process listens on the unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

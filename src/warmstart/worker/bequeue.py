@@ -38,7 +38,9 @@ class WorkQueue(Protocol):
     ``take`` hands the dispatcher up to ``limit`` items to run now; every item taken ends
     in ``finish`` (final), ``retry`` (a failed attempt: pending again) or ``release``
     (not run after all -- evicted, or the node was busy: pending again, no attempt
-    counted).  A single node keeps the queue in SQLite (``BEQueue``); a cluster in etcd,
+    counted).  ``expire`` deletes some of the events and jobs that finished before a
+    time (``worker.retention`` calls it until it returns 0), and ``vacuum`` returns the space
+they took to the file system where it can.  A single node keeps the queue in SQLite (``BEQueue``); a cluster in etcd,
     where ``take`` claims items under the node's lease (``cluster.queue.EtcdQueue``).
     """
 
@@ -53,6 +55,8 @@ class WorkQueue(Protocol):
     async def job_results(self, job_id: str) -> list[dict[str, Any]] | None: ...
     async def event(self, event_id: str) -> dict[str, Any] | None: ...
     async def depth(self) -> int: ...
+    async def expire(self, before: float, limit: int) -> int: ...
+    async def vacuum(self, pages: int) -> int: ...
     async def close(self) -> None: ...
 
 
@@ -115,6 +119,24 @@ class BEQueue:
 
     async def depth(self) -> int:
         return await self.run(lambda db: db.pending_count())
+
+    async def expire(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` rows of events and jobs finished before ``before``, in
+        one or two short transactions on the queue's thread (the loop's own writes and
+        the API's reads go on between calls); how many rows went, 0 when none is left."""
+
+        def expire(db: FunctionStore) -> int:
+            deleted = db.expire_events(before, limit)
+            if deleted < limit:
+                for job_id in db.expired_jobs(before, 1):
+                    deleted += db.expire_job(job_id, limit - deleted)
+            return deleted
+
+        return await self.run(expire)
+
+    async def vacuum(self, pages: int) -> int:
+        """Give free pages back to the file system (``FunctionStore.vacuum_some``)."""
+        return await self.run(lambda db: db.vacuum_some(pages))
 
     async def pending(self, limit: int) -> list[PendingRow]:
         """Up to ``limit`` pending events, oldest first, without those whose outcome is

@@ -53,6 +53,13 @@ class Settings:
     max_response_bytes: int = SYNC_RESPONSE_BYTES  # what a synchronous invocation returns
     max_event_bytes: int = EVENT_BYTES  # an Event payload or job item, and its kept result
     max_job_bytes: int = 64 << 20  # a job's whole input
+    # Retention: finished Event invocations and jobs (with their results) are deleted
+    # this long after they finished; queued and running work is never deleted.
+    event_retention_hours: float = 24.0
+    # Function logs: data/logs/NAME.log is rotated to NAME.log.1 (and so on) past this
+    # size, keeping this many rotated files.
+    function_log_max_mb: float = 10.0
+    function_log_backups: int = 1
     # The install cache.
     index_url: str | None = None  # None: the installer's default (PyPI)
     find_links: tuple[Path, ...] = ()  # local wheel directories
@@ -98,6 +105,16 @@ class Settings:
             raise ValueError(
                 f"max_event_bytes may be at most {EVENT_BYTES_MAX} (1 MB), "
                 f"not {self.max_event_bytes}"
+            )
+        if not self.event_retention_hours > 0:
+            raise ValueError(
+                f"event_retention_hours must be positive, not {self.event_retention_hours}"
+            )
+        if not self.function_log_max_mb > 0:
+            raise ValueError(f"function_log_max_mb must be positive, not {self.function_log_max_mb}")
+        if self.function_log_backups < 1:
+            raise ValueError(
+                f"function_log_backups must be at least 1, not {self.function_log_backups}"
             )
         for name in ("max_request_bytes", "max_response_bytes"):
             if limits[name] > MAX_PAYLOAD:

@@ -7,13 +7,14 @@ The API layer talks to ``Worker`` and nothing else.  Behind it each role has a r
     InstanceFactory    the cold path: memory reservation, sandbox or zygote fork, readiness
     HandlerCache       idle instances node-wide: freezing, memory budget, LRU eviction
     Dispatcher         Event invocations and jobs: durable queue, best-effort admission
+    Retention          finished events and jobs deleted once older than the retention
     ImageFunctions     image functions: roots, specs, image zygotes, premounts
     ZygoteCache        the import cache (``warmstart.zygote``), when sandboxes are linux
     QoSManager         reclaimed capacity, BE suppression, LS burst, eviction (``warmstart.qos``)
     SandboxManager     spawner, cgroup pools, root layouts (``warmstart.sandbox``)
 
 The facade builds them, wires their callbacks, starts them in order and closes them in
-reverse: its ``Supervisor`` owns the worker's loops (dispatcher, sweeper, QoS) and every
+reverse: its ``Supervisor`` owns the worker's loops (dispatcher, sweeper, retention, QoS) and every
 task they start (events, instance teardown, premounts); the zygote cache and the sandbox
 manager own theirs.
 """
@@ -36,6 +37,7 @@ from warmstart.images.access import RegistryCredential
 from warmstart.kinds import QoSClass, SizeLimit
 from warmstart.lifecycle import Supervisor, close_all
 from warmstart.packages import InstallCache, parse_pins
+from warmstart.packages.egress import reap_stale_dirs
 from warmstart.qos.manager import QoSManager
 from warmstart.sandbox import Isolation, SandboxManager
 from warmstart.worker.bequeue import BEQueue, WorkQueue
@@ -53,6 +55,7 @@ from warmstart.worker.registry import (
     LocalCode,
     SqliteCatalog,
 )
+from warmstart.worker.retention import Retention
 from warmstart.worker.settings import Settings
 from warmstart.zygote.cache import ZygoteCache
 
@@ -117,7 +120,11 @@ class Worker:
             s.cache_budget_mb << 20, s.freeze_after_ms / 1000, s.idle_ttl_s
         )
         self._metrics = Metrics(self._snapshot)
-        self._logs = FunctionLogs(s.data_dir / "logs")
+        self._logs = FunctionLogs(
+            s.data_dir / "logs",
+            max_bytes=int(s.function_log_max_mb * (1 << 20)),
+            backups=s.function_log_backups,
+        )
         self._images = ImageFunctions(s, self._sandboxes, self.tasks)
         self._factory = InstanceFactory(
             s,
@@ -132,13 +139,9 @@ class Worker:
             s, self._registry, self._factory, self._cache, self._logs, self._metrics
         )
         # Best-effort bookkeeping (job inserts, progress, outcomes) off the event loop.
-        self._dispatcher = Dispatcher(
-            s,
-            self._registry,
-            self._invoker,
-            queue if queue is not None else BEQueue(store),
-            self.tasks,
-        )
+        queue = queue if queue is not None else BEQueue(store)
+        self._dispatcher = Dispatcher(s, self._registry, self._invoker, queue, self.tasks)
+        self._retention = Retention(queue, s.event_retention_hours * 3600)
         self._zygotes: ZygoteCache | None = None
         self._qos: QoSManager | None = None
         self._installed: set[str] = set()
@@ -171,6 +174,8 @@ class Worker:
                 "start-up reaped %d process(es) left by a previous worker",
                 self._sandboxes.reaped,
             )
+        # The package installer's proxy sockets a killed worker left in the temp dir.
+        await asyncio.to_thread(reap_stale_dirs)
         loaded = await self._registry.load()
         if linux:
             self._images.recover()  # what a crash left mounted
@@ -190,6 +195,7 @@ class Worker:
             self._dispatcher.qos = self._qos
         self.tasks.loop("dispatcher", self._dispatcher.run)
         self.tasks.loop("sweeper", self._sweep)
+        self.tasks.loop("retention", self._retention.run)
         if self._qos is not None:
             self.tasks.loop("qos", self._qos.run)
 
