@@ -140,7 +140,7 @@ def test_the_daemonset_makes_a_dns_label_of_any_node_name(node: str) -> None:
         text=True,
         check=True,
     ).stdout
-    assert NODE_NAME_RE.match(out), out
+    assert NODE_NAME_RE.fullmatch(out), out
     assert out.replace("-", ".") == node.lower().replace("-", ".")[: len(out)]
 
 

@@ -194,6 +194,8 @@ def test_a_failed_pull_is_retried_and_says_why_meanwhile() -> None:
     ("name", "body", "message"),
     [
         ("Web", {"image": IMAGE}, "must be lower-case"),
+        ("web\n", {"image": IMAGE}, "must be lower-case"),  # "$" let a trailing newline in
+        ("web", {"image": IMAGE, "nodes": ["a\n"]}, "is not a node name"),
         ("web", {"image": IMAGE, "tag": "x"}, "unknown field"),
         ("web", {"nodes": ["a"]}, "image is required"),
         ("web", {"image": IMAGE, "nodes": "a"}, "list of node names"),

@@ -25,6 +25,10 @@ def test_defaults_are_lambdas() -> None:
         {"handler": "a.b", "runtime": "nodejs20.x"},
         {"handler": "a.b", "environment": {"AWS_REGION": "x"}},
         {"handler": "a.b", "network": "bridge"},
+        {"handler": "a.b\n"},  # "$" with match() let a trailing newline through
+        {"handler": ["a.b"]},  # a JSON list from UpdateFunctionConfiguration: not a TypeError
+        {"handler": 7},
+        {"handler": None},
     ],
 )
 def test_invalid_configs(kwargs: dict[str, object]) -> None:
@@ -47,7 +51,8 @@ def test_function_names(raw: str, expected: tuple[str, str | None]) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "a/b", "x" * 65, "a:b:c", "arn:aws:lambda:us-east-1:0:layer:x"]
+    "raw",
+    ["", "a/b", "x" * 65, "a:b:c", "arn:aws:lambda:us-east-1:0:layer:x", "fn\n", "fn%0A"],
 )
 def test_bad_function_names(raw: str) -> None:
     with pytest.raises(InvalidParameter):
@@ -56,8 +61,9 @@ def test_bad_function_names(raw: str) -> None:
 
 def test_check_name() -> None:
     assert FunctionRecord.check_name("ok-name_1") == "ok-name_1"
-    with pytest.raises(InvalidParameter):
-        FunctionRecord.check_name("bad name")
+    for bad in ("bad name", "name\n", "\nname"):
+        with pytest.raises(InvalidParameter):
+            FunctionRecord.check_name(bad)
 
 
 @pytest.mark.parametrize(

@@ -10,16 +10,18 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from warmstart import __version__
-from warmstart.api.bodies import BodyLimit, read_body
+from warmstart.api.bodies import BodyLimit, parse_json, read_body
 from warmstart.api.lambda_api import (
     LambdaAPI,
     error_response,
     function_name,
+    lambda_error,
     result_headers,
     sync_payload_limit,
 )
@@ -119,14 +121,14 @@ class NativeAPI:
                 if not line.strip():
                     continue
                 try:
-                    json.loads(line)
+                    parse_json(line)
                 except ValueError:
                     raise InvalidParameter(f"input line {n} is not JSON") from None
                 self._check_input(f"input line {n}", line)
                 inputs.append(line)
         else:
             try:
-                body = json.loads(raw)
+                body = parse_json(raw)
             except ValueError:
                 raise InvalidParameter("the body must be JSON or JSON lines") from None
             if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
@@ -195,6 +197,17 @@ async def _warmstart_error(request: Request, exc: Exception) -> Response:
     raise exc
 
 
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """A path no route serves (404) or a method the path does not take (405), in the
+    API's error shape like every other refusal: ``UnknownOperationException``."""
+    if not isinstance(exc, HTTPException):
+        raise exc
+    code = "UnknownOperationException" if exc.status_code in (404, 405) else "ServiceException"
+    response = lambda_error(exc.status_code, code, exc.detail)
+    response.headers.update(exc.headers or {})
+    return response
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("internal error on %s %s", request.method, request.url.path)
     return JSONResponse(
@@ -246,7 +259,11 @@ def create_app(worker: Worker, cluster: ClusterNode | None = None) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={WarmstartError: _warmstart_error, Exception: _unexpected},
+        exception_handlers={
+            WarmstartError: _warmstart_error,
+            HTTPException: _no_route,
+            Exception: _unexpected,
+        },
     )
     app.state.worker = worker
     return app

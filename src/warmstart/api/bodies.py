@@ -5,6 +5,9 @@ a ``Content-Length`` over the limit is refused without reading a byte; without o
 chunked body) the stream is counted as it arrives and reading stops at the first chunk
 that crosses the limit.  The server drains (and drops) whatever the client still sends.
 
+``parse_json`` reads a JSON body (or a part of one) that arrived: a document nested too
+deeply for the parser is malformed like any other, not a crash.
+
 ``read_body`` serves the application's endpoints (a starlette ``Request``);
 ``bounded_chunks`` and ``declared_length`` serve an ASGI layer that works on raw
 messages (``api/forwarding.py``).  A ``BodyLimit`` says how large, and words the error as
@@ -13,9 +16,10 @@ Lambda does ("Request must be smaller than N bytes for the InvokeFunction operat
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from warmstart.errors import RequestTooLarge
 from warmstart.kinds import SizeLimit
@@ -84,3 +88,12 @@ async def read_body(request: Request, limit: BodyLimit) -> bytes:
     async for chunk in bounded_chunks(request.stream(), limit):
         data += chunk
     return bytes(data)
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """``json.loads(raw)``; a document nested deeper than the parser's recursion limit
+    raises the ``ValueError`` any other malformed document does (not ``RecursionError``)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("the JSON document is nested too deeply") from None

@@ -19,14 +19,13 @@ shapes: 400 for a bad request (with what is wrong), 404 for an unknown job or en
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from warmstart.api.bodies import ENTITY_TOO_LARGE, BodyLimit, read_body
+from warmstart.api.bodies import ENTITY_TOO_LARGE, BodyLimit, parse_json, read_body
 from warmstart.errors import InvalidParameter, NotFound
 from warmstart.kinds import SizeLimit
 
@@ -39,7 +38,7 @@ BODY_LIMIT = BodyLimit(64 << 10, SizeLimit.CONTROL, "image", ENTITY_TOO_LARGE)
 async def _json_body(request: Request) -> Any:
     raw = await read_body(request, BODY_LIMIT)
     try:
-        return json.loads(raw or b"null")
+        return parse_json(raw or b"null")
     except ValueError as exc:
         raise InvalidParameter(f"the body is not JSON: {exc}") from None
 

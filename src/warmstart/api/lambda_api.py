@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -28,6 +27,7 @@ from warmstart.api.bodies import (
     CONTROL_REQUEST_BYTES,
     ENTITY_TOO_LARGE,
     BodyLimit,
+    parse_json,
     read_body,
 )
 from warmstart.errors import (
@@ -131,7 +131,7 @@ async def json_body(
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
+        body = parse_json(raw)
     except ValueError as exc:
         raise InvalidParameter("Request body is not valid JSON") from exc
     if not isinstance(body, dict):
@@ -329,7 +329,10 @@ class LambdaAPI:
         except ValueError:
             raise InvalidParameter("MaxItems must be an integer") from None
         max_items = max(1, min(max_items, 10000))
-        start = int(marker) if marker and marker.isdigit() else 0
+        # A marker is an offset this API returned: ASCII digits ("²".isdigit() is true too).
+        if marker and not (marker.isascii() and marker.isdigit() and len(marker) <= 18):
+            raise InvalidParameter(f"Marker {marker[:64]!r} is not one this API returned")
+        start = int(marker) if marker else 0
         page = functions[start : start + max_items]
         out: dict[str, Any] = {"Functions": [configuration(self.worker, rec) for rec in page]}
         if start + max_items < len(functions):
@@ -485,7 +488,7 @@ def _client_context(raw: str | None) -> Any:
     if not raw:
         return None
     try:
-        return json.loads(base64.b64decode(raw))
+        return parse_json(base64.b64decode(raw))
     except (ValueError, binascii.Error):
         raise InvalidParameter("X-Amz-Client-Context must be base64-encoded JSON") from None
 

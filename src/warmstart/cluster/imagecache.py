@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 CACHE = "imagecache/"
 PIN_PREFIX = "imagecache/"  # the store's pin names: one namespace per kind of pin
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")  # fullmatch: no trailing newline
 TICK_S = 5.0
 RETRY_BASE_S = 5.0
 RETRY_MAX_S = 300.0
@@ -73,7 +73,7 @@ class ImagePinner(Protocol):
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidParameter(
             f"cache entry name {name!r} must be lower-case letters, digits, '-' and '.', "
             "starting and ending with a letter or digit, at most 63 characters"

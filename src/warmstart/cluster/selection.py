@@ -59,7 +59,7 @@ class Selection:
             if len(nodes) > MAX_NODES:
                 raise InvalidParameter(f"nodes may name at most {MAX_NODES} nodes")
             for name in nodes:
-                if not NODE_NAME_RE.match(name):
+                if not NODE_NAME_RE.fullmatch(name):
                     raise InvalidParameter(
                         f"nodes: {name!r} is not a node name (lower-case letters, digits, '-')"
                     )

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NODE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # fullmatch: no trailing newline
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ClusterSettings:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
                 raise ValueError(f"{url!r} is not a URL like http://HOST:PORT")
-        if not NODE_NAME_RE.match(self.node_name):
+        if not NODE_NAME_RE.fullmatch(self.node_name):
             raise ValueError(
                 f"node name {self.node_name!r} must be lower-case letters, digits and '-' "
                 "(a DNS label, at most 63 characters)"

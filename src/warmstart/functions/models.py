@@ -13,8 +13,9 @@ from typing import Any
 from warmstart.errors import InvalidParameter
 from warmstart.kinds import QoSClass
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-HANDLER_RE = re.compile(r"^[^\s]+\.[^\s.]+$")
+# Both are matched against the whole string (fullmatch): "$" would let a trailing newline in.
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+HANDLER_RE = re.compile(r"[^\s]+\.[^\s.]+")
 RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13", "python3.14")
 # The variables Lambda sets itself and refuses in a function's configuration.
 RESERVED_ENV = frozenset(
@@ -104,7 +105,11 @@ class FunctionConfig:
     ephemeral_mb: int = DEFAULT_EPHEMERAL  # EphemeralStorage.Size: /tmp's own limit
 
     def __post_init__(self) -> None:
-        if not HANDLER_RE.match(self.handler) or len(self.handler) > 128:
+        if (
+            not isinstance(self.handler, str)
+            or not HANDLER_RE.fullmatch(self.handler)
+            or len(self.handler) > 128
+        ):
             raise InvalidParameter(
                 f"Handler '{self.handler}' must look like 'module.function' (at most 128 characters)"
             )
@@ -254,7 +259,7 @@ class FunctionRecord:
 
     @staticmethod
     def check_name(name: str) -> str:
-        if not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise InvalidParameter(
                 f"1 validation error detected: Value '{name}' at 'functionName' failed to satisfy "
                 "constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9-_]+ (1-64 chars)"

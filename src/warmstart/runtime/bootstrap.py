@@ -248,7 +248,7 @@ class Runtime:
         _request_filter.maybe_install()
         try:
             event = json.loads(payload) if payload else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             self.send({"type": "invalid_event"}, json.dumps({"errorMessage": str(exc)}).encode())
             return
         context = LambdaContext(
@@ -267,7 +267,7 @@ class Runtime:
             return
         try:
             body = json.dumps(result).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             err = {
                 "errorMessage": f"Unable to marshal response: {exc}",
                 "errorType": "Runtime.MarshalError",

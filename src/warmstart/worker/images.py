@@ -112,7 +112,7 @@ class ImageFunctions:
                 "PackageType=Image needs linux isolation (run warmstart serve as root on Linux)"
             )
         image = await self.manager.inspect(uri, overrides, credential)
-        if not image.command or not HANDLER_RE.match(image.command[0]):
+        if not image.command or not HANDLER_RE.fullmatch(image.command[0]):
             raise InvalidParameter(
                 f"Image {uri}: the handler comes from ImageConfig.Command or the image's CMD, "
                 f"which must be ['module.function'] (got {list(image.command)})"
