@@ -64,12 +64,14 @@ class EphemeralStorage:
 
     def __init__(self, work_dir: Path, tasks: Supervisor, *, stock: int = 2) -> None:
         self.work_dir = work_dir  # sparse backing files (unlinked once attached)
-        self.staging = work_dir / "mnt"  # where each is mounted for a moment
+        self.staging = work_dir / "mnt"  # each is mounted for a moment at mnt/<seq>
         self.tasks = tasks
         self.stock = stock
         self._ready: dict[int, list[int]] = {}
         self._filling: set[int] = set()
-        self._lock = threading.Lock()  # one mount at the staging point at a time
+        # Guards the stock and the sequence number only (the event loop takes it): each
+        # filesystem is made and cloned at a staging point of its own, without it.
+        self._lock = threading.Lock()
         self._seq = 0
         self._closed = False
 
@@ -79,8 +81,12 @@ class EphemeralStorage:
             raise SandboxError("mkfs.ext4 (e2fsprogs) is needed for ephemeral storage")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(exist_ok=True)
-        while sc.is_mount_point(str(self.staging)):
-            sc.umount(str(self.staging), sc.MNT_DETACH)
+        for point in [self.staging, *self.staging.iterdir()]:
+            while sc.is_mount_point(str(point)):
+                sc.umount(str(point), sc.MNT_DETACH)
+            if point != self.staging:
+                with contextlib.suppress(OSError):
+                    point.rmdir()
         for p in self.work_dir.glob(".tmp-*"):
             with contextlib.suppress(OSError):
                 p.unlink()
@@ -149,13 +155,17 @@ class EphemeralStorage:
             device, loop = _attach_loop(image)
             try:
                 image.unlink()  # the loop device holds it: freed when the device detaches
-                with self._lock:
-                    sc.mount(device, str(self.staging), "ext4", sc.MS_NOSUID | sc.MS_NODEV, "")
+                staging = self.staging / str(seq)
+                staging.mkdir(exist_ok=True)
+                try:
+                    sc.mount(device, str(staging), "ext4", sc.MS_NOSUID | sc.MS_NODEV, "")
                     try:
-                        os.chmod(self.staging, 0o1777)
-                        return sc.clone_tree(str(self.staging))
+                        os.chmod(staging, 0o1777)
+                        return sc.clone_tree(str(staging))
                     finally:
-                        sc.umount(str(self.staging), sc.MNT_DETACH)
+                        sc.umount(str(staging), sc.MNT_DETACH)
+                finally:
+                    staging.rmdir()
             finally:
                 os.close(loop)  # from here the mount tree is the device's only user
         except OSError as exc:
