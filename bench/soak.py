@@ -52,7 +52,12 @@ of the samples in its first ``w`` minutes is compared with the median of those i
 with the same figures (and a least-squares slope per hour) but have no goal: SQLite grows
 with every Event and job item it keeps, logs with every call.
 
-Targets: 0 unexplained answers; worker RSS, fds and threads flat within 10%. Prints a
+The worker's fds are also reported less ``FDS_PER_INSTANCE`` (4) for each live instance
+(``GET /node``), with the same goal: the raw count follows how many instances the load
+keeps alive, the rest shows a leak.
+
+Targets: 0 unexplained answers; worker RSS, fds (raw and beyond its instances) and
+threads flat within 10%. Prints a
 Markdown table; ``--json OUT`` writes every sample and every request's outcome and latency.
 Exit status: 0 every target met, 1 one missed, 2 an error (the server died, say). The
 server is stopped (SIGTERM) and the temporary directory removed at the end, even on error.
@@ -133,10 +138,15 @@ DONE_WITHIN_S = 300.0  # an Event or a job item not done by then is a fault
 KILL_EXPLAINS_S = 300.0
 CLIENT_TIMEOUT_S = 30.0
 FLAT_WITHIN = 0.10
-GOAL_SERIES = ("worker_rss_kb", "worker_fds", "worker_threads")
+# The worker holds this many descriptors for each live instance (its socket, the output
+# memfd, the exit-status pipe, the freezer's file): its fds follow how many instances the
+# load keeps, which is not a leak; what is left beyond them should stay flat.
+FDS_PER_INSTANCE = 4
+GOAL_SERIES = ("worker_rss_kb", "worker_fds", "worker_fds_beyond", "worker_threads")
 SERIES = (
     ("worker_rss_kb", "worker RSS", "kB"),
     ("worker_fds", "worker open fds", ""),
+    ("worker_fds_beyond", f"worker fds beyond {FDS_PER_INSTANCE} per live instance", ""),
     ("worker_threads", "worker threads", ""),
     ("spawner_rss_kb", "spawner RSS", "kB"),
     ("spawner_fds", "spawner open fds", ""),
@@ -144,6 +154,7 @@ SERIES = (
     ("sandbox_procs", "processes in the server's cgroups", ""),
     ("zygotes", "zygotes", ""),
     ("idle_instances", "idle instances", ""),
+    ("instances", "live instances (GET /node)", ""),
     ("sqlite_bytes", "SQLite (state.db + WAL)", "B"),
     ("logs_bytes", "function logs", "B"),
 )
@@ -677,12 +688,16 @@ class Soak:
         sp = proc_status(spawner) if spawner else {}
         zyg = self.http.get("/zygotes").json()
         health = self.http.get("/healthz").json()
+        live = int(sum(self.http.get("/node").json().get("instances", {}).values()))
+        fds = fd_count(pid)
         data = self.server.data_dir
         return {
             "t": round(self.now(), 3),
             "worker_rss_kb": status.get("VmRSS", 0),
             "worker_threads": status.get("Threads", 0),
-            "worker_fds": fd_count(pid),
+            "worker_fds": fds,
+            "worker_fds_beyond": fds - FDS_PER_INSTANCE * live,
+            "instances": live,
             "spawner_rss_kb": sp.get("VmRSS", 0),
             "spawner_fds": fd_count(spawner) if spawner else 0,
             "worker_children": len(children),
