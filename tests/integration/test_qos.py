@@ -188,11 +188,13 @@ def test_top_shows_the_node(server: Server) -> None:
 def test_a_crashed_workers_best_effort_subtree_is_reaped(
     server_factory: Any, tmp_path: Path
 ) -> None:
-    """warmstart-be/<hash> outlives a SIGKILLed worker; the next worker on the host reaps it
-    (its lock is free), and a clean stop leaves no cgroup behind in either top."""
+    """warmstart-be/<hash> outlives a worker SIGKILLed together with its guardian (as a
+    unit manager's stop of a crashed service may do); the next worker on the host reaps
+    it (its lock is free), and a clean stop leaves no cgroup behind in either top."""
     import signal
 
     from tests.conftest import cgroup_dirs
+    from tests.integration.test_faults import guardian_pid
 
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     first: Server = server_factory(data_dir=first_dir)
@@ -201,6 +203,7 @@ def test_a_crashed_workers_best_effort_subtree_is_reaped(
         http.post("/jobs", json={"function": "slow", "inputs": [{"sleep": 30}]})
     wait_until(lambda: _node(first)["best_effort_running"] >= 1, "a running BE instance")
     assert any("/warmstart-be/" in d for d in cgroup_dirs(first_dir))
+    os.kill(guardian_pid(first), signal.SIGKILL)  # else it sweeps them: test_faults
     first.stop(signal.SIGKILL)
     assert any("/warmstart-be/" in d for d in cgroup_dirs(first_dir))
     second: Server = server_factory(data_dir=second_dir)
