@@ -307,6 +307,16 @@ def attach_tree(fd: int, target: str) -> None:
     )
 
 
+def mount_tmp(target: str, tree_fd: int, size_bytes: int) -> None:
+    """A sandbox's /tmp at ``target``: the ephemeral filesystem handed over as a detached
+    mount tree (``tree_fd``, closed here), or a tmpfs of ``size_bytes`` without one."""
+    if tree_fd >= 0:
+        attach_tree(tree_fd, target)
+        os.close(tree_fd)
+    else:
+        mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_bytes},mode=1777")
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 

@@ -287,17 +287,7 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
         for name in ("proc", "tmp"):
             os.makedirs(f"{root}/{name}", exist_ok=True)
         sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-        if tmp >= 0:
-            sc.attach_tree(tmp, root + "/tmp")
-            os.close(tmp)
-        else:
-            sc.mount(
-                "tmpfs",
-                root + "/tmp",
-                "tmpfs",
-                sc.MS_NOSUID | sc.MS_NODEV,
-                f"size={setup['tmp_bytes']},mode=1777",
-            )
+        sc.mount_tmp(root + "/tmp", tmp, setup["tmp_bytes"])
         for name, target in (
             ("fd", "/proc/self/fd"),
             ("stdin", "/proc/self/fd/0"),

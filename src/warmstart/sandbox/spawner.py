@@ -98,17 +98,7 @@ def _build_root(spec: dict[str, Any], *, with_proc: bool, tmp_fd: int = -1) -> N
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
         sc.bind_mount(src, path, readonly=(mode == "ro"))
     os.makedirs(root + "/tmp", exist_ok=True)
-    if tmp_fd >= 0:
-        sc.attach_tree(tmp_fd, root + "/tmp")
-        os.close(tmp_fd)
-    else:
-        sc.mount(
-            "tmpfs",
-            root + "/tmp",
-            "tmpfs",
-            sc.MS_NOSUID | sc.MS_NODEV,
-            f"size={spec['tmp_bytes']},mode=1777",
-        )
+    sc.mount_tmp(root + "/tmp", tmp_fd, spec["tmp_bytes"])
     os.makedirs(root + "/proc", exist_ok=True)
     if with_proc:
         sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
