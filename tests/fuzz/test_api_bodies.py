@@ -191,6 +191,12 @@ def path_of(name: str) -> str:
     return quote(name, safe="")
 
 
+def names_a_kept_function(name: str) -> bool:
+    """Whether `name` (plain, qualified or an ARN) may reach echo or configured."""
+    base = name.rsplit("function:", 1)[-1].split(":")[0].strip()
+    return base in (ECHO, CONFIGURED)
+
+
 # -- the control plane -------------------------------------------------------------------------
 _CONFIG_FIELDS: dict[str, Any] = {
     "Handler": st.sampled_from(["handler.handler", "a.b\n", "a", "a b.c", "x" * 200 + ".h"]),
@@ -279,7 +285,7 @@ def test_update_function_code(client: AppClient, body: bytes) -> None:
     ),
 )
 def test_put_function_concurrency(client: AppClient, name: str, body: bytes) -> None:
-    if name == ECHO:
+    if names_a_kept_function(name):
         name = CONFIGURED  # the echo function keeps its concurrency: it is invoked
     check(client.put(f"/2017-10-31/functions/{path_of(name)}/concurrency", content=body))
 
@@ -304,7 +310,7 @@ def test_reads_and_deletes_by_name(client: AppClient, name: str, what: str) -> N
     )
     if suffix == "DELETE":
         suffix = ""
-    if name.split(":")[0] in (ECHO, CONFIGURED) and method == "DELETE":
+    if names_a_kept_function(name) and method == "DELETE":
         name = MISSING
     prefix = {
         "/logs": "/functions",
