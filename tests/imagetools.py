@@ -150,8 +150,10 @@ class TokenServer:
     service does.  ``users`` maps a user name to its password and the repositories it may
     pull and push (fnmatch patterns); anyone may pull the ``public`` ones.  A scope beyond
     what the caller may do gets a token without it (the registry then answers 401
-    ``insufficient_scope``); wrong credentials get a 401 from here.  Every request is
-    recorded in ``requests``."""
+    ``insufficient_scope``); wrong credentials get a 401 from here.  A POST with
+    OAuth2's refresh-token grant exchanges a refresh token (``refresh_token(user)``) for an
+    access token, as Docker clients do with an identity token.  Every request is recorded
+    in ``requests``."""
 
     def __init__(
         self,
@@ -184,6 +186,7 @@ class TokenServer:
         root.mkdir(parents=True, exist_ok=True)
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self.requests: list[TokenRequest] = []
+        self.refresh_tokens: dict[str, str] = {}  # refresh token -> user
         self.lock = threading.Lock()
         server = self
 
@@ -205,6 +208,29 @@ class TokenServer:
                     return
                 token = server.token(user, scopes, service)
                 body = json.dumps({"token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                grant = form.get("grant_type", [""])[0]
+                user = server.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                scopes = tuple(form.get("scope", [""])[0].split())
+                service = form.get("service", [""])[0]
+                ok = grant == "refresh_token" and user is not None
+                with server.lock:
+                    server.requests.append(TokenRequest(user, scopes, service, not ok))
+                if not ok:
+                    self.send_response(400 if grant != "refresh_token" else 401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                token = server.token(user, scopes, service)
+                body = json.dumps({"access_token": token, "expires_in": 300}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -270,6 +296,13 @@ class TokenServer:
         }
         headers = {"x5c": [base64.b64encode(self.cert_der).decode()]}
         return jwt.encode(claims, self.key, algorithm="RS256", headers=headers)
+
+    def refresh_token(self, user: str) -> str:
+        """A refresh token for ``user`` (what ``docker login`` keeps as an identity token)."""
+        token = uuid.uuid4().hex
+        with self.lock:
+            self.refresh_tokens[token] = user
+        return token
 
     def asked_by(self, user: str) -> int:
         """How many requests named ``user`` so far (refused ones too)."""

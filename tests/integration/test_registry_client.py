@@ -573,6 +573,64 @@ def test_bearer_token_auth(token_registry: tuple[Any, str, TokenServer]) -> None
         wrong.resolve(ref)
 
 
+def install_helper(
+    bin_dir: Path, name: str, user: str, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """``docker-credential-<name>`` on PATH answering ``user``/``secret`` for any server;
+    it logs each server it is asked for to the returned file."""
+    bin_dir.mkdir(exist_ok=True)
+    log = bin_dir / f"{name}.log"
+    exe = bin_dir / f"docker-credential-{name}"
+    answer = json.dumps({"Username": user, "Secret": secret})
+    exe.write_text(f"#!/bin/sh\nread -r server\necho \"$server\" >> {log}\necho '{answer}'\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+def test_basic_auth_from_a_credential_helper(
+    basic_registry: tuple[Any, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg, ref_text = basic_registry
+    log = install_helper(tmp_path / "bin", "teststore", "alice", "s3cret", monkeypatch)
+    config = tmp_path / "config.json"
+    # As ``docker login`` leaves it with a store: an empty entry, the login in the store.
+    config.write_text(json.dumps({"auths": {reg.host: {}}, "credsStore": "teststore"}))
+    with make_client(docker_config=config) as c:
+        c.resolve(Reference.parse(ref_text))
+        c.resolve(Reference.parse(ref_text))
+    assert log.read_text().split() == [reg.host]  # asked once, for the registry's host
+    wrong = install_helper(tmp_path / "bin2", "wrongstore", "alice", "nope", monkeypatch)
+    config.write_text(json.dumps({"credHelpers": {reg.host: "wrongstore"}}))
+    with make_client(docker_config=config) as c, pytest.raises(AuthError, match="refused"):
+        c.resolve(Reference.parse(ref_text))
+    assert wrong.read_text().split()[0] == reg.host
+
+
+def test_identity_token_from_a_credential_helper(
+    token_registry: tuple[Any, str, TokenServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper answering ``<token>`` gives an identity token: exchanged at the token
+    server with the refresh-token grant, never sent to the registry as a password."""
+    reg, ref_text, tokens = token_registry
+    ref = Reference.parse(ref_text)
+    refresh = tokens.refresh_token("alice")
+    install_helper(tmp_path / "bin", "idtok", "<token>", refresh, monkeypatch)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"credHelpers": {reg.host: "idtok"}}))
+    tokens.requests.clear()
+    with make_client(docker_config=config) as c:
+        image = c.resolve(ref)
+        assert sha(c.get_blob(ref, image.layers[0].digest)) == image.layers[0].digest
+    assert [(r.user, r.scopes, r.refused) for r in tokens.requests] == [
+        ("alice", ("repository:small:pull",), False)
+    ]
+    install_helper(tmp_path / "bin2", "staletok", "<token>", "revoked", monkeypatch)
+    config.write_text(json.dumps({"credHelpers": {reg.host: "staletok"}}))
+    with make_client(docker_config=config) as c, pytest.raises(AuthError, match="identity token"):
+        c.resolve(ref)
+
+
 # -- a deployer's access, checked with their credentials only -----------------------------
 ALICE = RegistryCredential.basic("alice", "s3cret")
 BOB = RegistryCredential.basic("bob", "hunter2")

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from warmstart.errors import InvalidParameter, NotFound
+from warmstart.images.credentials import DockerCredentials
 from warmstart.images.errors import AuthError, ImageNotFound, InvalidReference
 from warmstart.images.reference import DOCKER_HUB, Reference, check_digest
 from warmstart.images.registry import (
     _merge_ranges,
     _parse_content_range,
     _parse_multipart,
-    load_docker_config,
     parse_challenge,
     select_platform,
 )
@@ -183,18 +183,18 @@ def test_docker_config(tmp_path: Path) -> None:
             }
         )
     )
-    assert load_docker_config(path) == {
+    assert DockerCredentials(path).static() == {
         "127.0.0.1:5000": ("alice", "s3:cret"),
         DOCKER_HUB: ("bob", "pw"),
         "ghcr.io": ("carol", "tok"),
     }
-    assert load_docker_config(tmp_path / "missing.json") == {}
+    assert DockerCredentials(tmp_path / "missing.json").static() == {}
     path.write_text('{"auths": {"h": {"auth": "not base64!"}}}')
     with pytest.raises(AuthError):
-        load_docker_config(path)
+        DockerCredentials(path).static()
     path.write_text("{not json")
     with pytest.raises(AuthError):
-        load_docker_config(path)
+        DockerCredentials(path).static()
 
 
 def _entry(os_: str, arch: str, variant: str | None = None, n: int = 1) -> dict[str, object]:

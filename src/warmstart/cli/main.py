@@ -115,7 +115,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "--registry-docker-config",
         action="store_true",
         help="with --image: send the credentials for the image's registry from your Docker "
-        "config ($DOCKER_CONFIG/config.json, else ~/.docker/config.json) (off)",
+        "config ($DOCKER_CONFIG/config.json, else ~/.docker/config.json), running the "
+        "credential helper it names (credHelpers, credsStore) as Docker does (off)",
     )
     d.add_argument("--name", required=True, help="function name")
     d.add_argument(
@@ -903,17 +904,25 @@ def _registry_auth(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _docker_config_credential(image: str) -> Any:
-    """The user's Docker config entry for ``image``'s registry, as a credential."""
+    """The user's Docker login for ``image``'s registry (config.json or its credential
+    helper), as a credential."""
     from warmstart.images.access import RegistryCredential
+    from warmstart.images.credentials import DockerCredentials
     from warmstart.images.reference import Reference
-    from warmstart.images.registry import default_docker_config, load_docker_config
 
     host = Reference.parse(image).registry
-    path = default_docker_config()
-    pair = load_docker_config(path).get(host)
-    if pair is None:
-        raise CLIError(f"{path} holds no credentials for {host}")
-    return RegistryCredential.basic(*pair)
+    logins = DockerCredentials()
+    login = logins.get(host)  # may run the credential helper the config names
+    if login is None:
+        helper = logins.helper_for(host)
+        where = f"docker-credential-{helper}" if helper else str(logins.path)
+        raise CLIError(f"{where} holds no credentials for {host}")
+    if login.identity_token:
+        raise CLIError(
+            f"the Docker login for {host} is an identity token; pass a user and password "
+            "or a token explicitly (--registry-user, --registry-token-stdin)"
+        )
+    return RegistryCredential.basic(login.user, login.secret)
 
 
 def _warn_if_plain_http(endpoint: str) -> None:

@@ -10,7 +10,8 @@ What it guarantees to callers:
   names it (:class:`DigestMismatch` otherwise), a streamed blob raises *before* its last
   chunk is considered delivered;
 * authentication is transparent: Basic and Bearer challenges from ``WWW-Authenticate`` are
-  answered with credentials given explicitly or found in a Docker ``config.json``;
+  answered with credentials given explicitly or found as a Docker client finds them
+  (``config.json`` and the credential helpers it names, ``images/credentials.py``);
 * a deployer's access is checked with the deployer's credentials alone
   (:meth:`RegistryClient.check_pull`), which are kept for that one request;
 * an ``Authorization`` header never follows a redirect to another host (blob downloads are
@@ -40,6 +41,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx
 
 from warmstart.images.access import CredentialKind, RegistryCredential
+from warmstart.images.credentials import DockerCredentials
 from warmstart.images.errors import (
     AuthError,
     DigestMismatch,
@@ -49,7 +51,6 @@ from warmstart.images.errors import (
     RegistryError,
 )
 from warmstart.images.reference import (
-    DOCKER_HUB,
     Reference,
     check_digest,
     new_hasher,
@@ -191,58 +192,6 @@ def manifest_from_raw(ref: Reference, manifest: RawManifest, config_raw: bytes) 
 
 
 # -- credentials ---------------------------------------------------------------------------
-def _normalise_host(key: str) -> str:
-    """``https://index.docker.io/v1/`` → ``registry-1.docker.io``; ``host:port`` unchanged."""
-    host = key.strip()
-    if "://" in host:
-        host = urlsplit(host).netloc
-    host = host.split("/", 1)[0]
-    if host.lower() in ("docker.io", "index.docker.io", DOCKER_HUB):
-        return DOCKER_HUB
-    return host
-
-
-def load_docker_config(path: Path) -> dict[str, tuple[str, str]]:
-    """Username/password pairs by registry host from a Docker ``config.json``.
-
-    Reads ``auths.<host>.auth`` (base64 of ``user:password``) and the explicit
-    ``username``/``password`` form. Credential helpers (``credsStore``) are not run.
-    """
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise AuthError(f"cannot read Docker config {path}: {exc}") from exc
-    auths = data.get("auths") if isinstance(data, dict) else None
-    out: dict[str, tuple[str, str]] = {}
-    if not isinstance(auths, dict):
-        return out
-    for key, entry in auths.items():
-        if not isinstance(entry, dict):
-            continue
-        user = password = None
-        if isinstance(entry.get("auth"), str) and entry["auth"]:
-            try:
-                decoded = base64.b64decode(entry["auth"], validate=True).decode()
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise AuthError(f"{path}: auths.{key}.auth is not base64 of user:password") from exc
-            user, sep, password = decoded.partition(":")
-            if not sep:
-                raise AuthError(f"{path}: auths.{key}.auth has no ':' between user and password")
-        elif isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
-            user, password = entry["username"], entry["password"]
-        if user is not None and password is not None:
-            out[_normalise_host(str(key))] = (user, password)
-    return out
-
-
-def default_docker_config() -> Path:
-    """``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
-    base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
-
-
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -357,9 +306,7 @@ class RegistryClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._insecure = {h.strip().lower() for h in insecure}
-        self._credentials = load_docker_config(docker_config or default_docker_config())
-        for host, pair in (credentials or {}).items():
-            self._credentials[_normalise_host(host)] = pair
+        self.logins = DockerCredentials(docker_config, overrides=credentials)
         self._timeout = timeout
         self._verify_tls = verify_tls
         self._clients: dict[str, httpx.Client] = {}
@@ -428,10 +375,12 @@ class RegistryClient:
         return None
 
     def _basic(self, host: str) -> str | None:
-        pair = self._credentials.get(host)
-        if pair is None:
+        """Basic credentials for ``host``: its login, unless that is an identity token
+        (which only a token server takes)."""
+        login = self.logins.get(host)
+        if login is None or login.identity_token:
             return None
-        return "Basic " + base64.b64encode(f"{pair[0]}:{pair[1]}".encode()).decode()
+        return "Basic " + base64.b64encode(f"{login.user}:{login.secret}".encode()).decode()
 
     def _answer_challenge(self, host: str, scope: str, header: str) -> str:
         """Turn a 401's ``WWW-Authenticate`` into an Authorization header, or raise."""
@@ -462,18 +411,53 @@ class RegistryClient:
                 cached = state.tokens.get(scope)
             if cached and cached[1] > time.monotonic():
                 return cached[0]
-            basic = self._basic(host)
-            token, expires = self._fetch_token(
-                host,
-                scope,
-                params,
-                basic,
-                whose="our credentials" if basic else "anonymous access",
-                refused=AuthError,
-            )
+            login = self.logins.get(host)
+            try:
+                if login is not None and login.identity_token:
+                    token, expires = self._refresh_token(host, scope, params, login.secret)
+                else:
+                    basic = self._basic(host)
+                    token, expires = self._fetch_token(
+                        host,
+                        scope,
+                        params,
+                        basic,
+                        whose="our credentials" if basic else "anonymous access",
+                        refused=AuthError,
+                    )
+            except AuthError:
+                self.logins.forget(host)  # a helper is asked again next time
+                raise
             with self._lock:
                 state.tokens[scope] = (token, time.monotonic() + max(expires - 5, 1))
             return token
+
+    def _refresh_token(
+        self, host: str, scope: str, params: dict[str, str], refresh: str
+    ) -> tuple[str, float]:
+        """A token for ``scope`` in exchange for an identity token (OAuth2's refresh-token
+        grant, a form POSTed to the realm, as Docker clients do)."""
+        realm = params["realm"]
+        realm_url = urlsplit(realm)
+        if realm_url.scheme != "https" and self._scheme(realm_url.netloc) != "http":
+            raise RegistryError(
+                f"registry {host}: its token realm {realm_url.netloc} is plain HTTP; "
+                "an identity token is not sent there (unless it is an insecure registry)"
+            )
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh,
+            "client_id": "warmstart",
+            "scope": scope,
+        }
+        if params.get("service"):
+            form["service"] = params["service"]
+        body = urlencode(form).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        resp = self._with_retries(
+            f"token for {host}", lambda: self._send("POST", realm, headers, lambda: body)
+        )
+        return self._token_answer(host, scope, resp, "our identity token")
 
     def _fetch_token(
         self,
@@ -509,11 +493,22 @@ class RegistryClient:
                 )
             headers["Authorization"] = basic
         resp = self._with_retries(f"token for {host}", lambda: self._send("GET", url, headers))
+        return self._token_answer(host, scope, resp, whose, refused)
+
+    @staticmethod
+    def _token_answer(
+        host: str,
+        scope: str,
+        resp: httpx.Response,
+        whose: str,
+        refused: type[ImageError] = AuthError,
+    ) -> tuple[str, float]:
+        """The token and its lifetime from a token server's answer, or the error."""
         try:
             resp.read()
         finally:
             resp.close()
-        if resp.status_code in (401, 403):
+        if resp.status_code in (400, 401, 403):
             raise refused(
                 f"registry {host}: token server refused {whose} "
                 f"for {scope} (HTTP {resp.status_code})"
