@@ -116,9 +116,18 @@ def test_converts_plain_gzip_and_zstd_layers(registry: Any, client: RegistryClie
         assert diff_id == sha(plain_tar)
         assert desc.annotations[estargz.UNCOMPRESSED_SIZE_ANNOTATION] == str(len(plain_tar))
     assert out.config_json["config"] == {"Cmd": ["app.handler"]}
-    stages = [(e.index, e.stage) for e in events]
-    for i in range(3):
-        assert [s for j, s in stages if j == i] == ["fetch", "convert", "push", "done"]
+    for i, desc in enumerate(client.resolve(src).layers):
+        mine = [e for e in events if e.index == i]
+        stages = [e.stage for e in mine]
+        # Each stage once or more, in order; bytes of the source layer only grow.
+        assert sorted(set(stages), key=stages.index) == ["fetch", "convert", "push", "done"]
+        assert stages == sorted(stages, key=["fetch", "convert", "push", "done"].index)
+        assert all(e.size == desc.size and e.total == 3 for e in mine)
+        fetched = [e.done for e in mine if e.stage == "fetch"]
+        assert fetched == sorted(fetched) and fetched[-1] == desc.size
+        assert mine[-1].done == desc.size
+    # The 10 MB layer reports while it converts, not only when it starts.
+    assert len([e for e in events if e.index == 0 and e.stage == "convert" and e.done]) >= 5
 
 
 def test_estargz_layers_are_kept_unless_reprioritized(

@@ -173,6 +173,9 @@ def test_lazy_image_function_and_recovery_after_a_crash(
         text=True,
     )
     assert res.returncode == 0, res.stderr
+    # Not a terminal: a progress line per layer and stage, on stderr.
+    layers = res.stderr.count(": fetch")
+    assert layers >= 1 and res.stderr.count(": done") == layers, res.stderr
     data_dir = tmp_path / "data"
     first: Server = server_factory(data_dir=data_dir)
     lam = first.lambda_client()

@@ -8,12 +8,15 @@ running node's API (``--endpoint``), in a cluster or on a node alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -448,10 +451,65 @@ def _convert(args: argparse.Namespace) -> int:
     if args.profile:
         prioritized = profile_image(client, src, args.handler, args.event)
         print(f"profile: {len(prioritized)} file(s) opened by the first run", file=sys.stderr)
-    digest = convert_image(client, src, dst, prioritized=prioritized)
+    with _convert_progress(sys.stderr.isatty()) as progress:
+        digest = convert_image(client, src, dst, prioritized=prioritized, progress=progress)
     print(f"converted {src} -> {dst}@{digest} in {time.perf_counter() - t0:.2f} s")
     client.close()
     return 0
+
+
+@contextlib.contextmanager
+def _convert_progress(bars: bool) -> Iterator[Callable[[Any], None]]:
+    """A convert's progress on stderr: a bar per layer on a terminal (bytes of the source
+    layer fetched, then converted), else a line per layer and stage (and every 5 s while a
+    stage runs)."""
+    if bars:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        ) as bar:
+            tasks: dict[int, Any] = {}
+            lock = threading.Lock()
+
+            def update(event: Any) -> None:
+                label = f"layer {event.index + 1}/{event.total} {event.stage:<7}"
+                with lock:
+                    if event.index not in tasks:
+                        tasks[event.index] = bar.add_task(label, total=event.size or None)
+                    bar.update(tasks[event.index], description=label, completed=event.done)
+
+            yield update
+        return
+    shown: dict[int, tuple[str, float]] = {}
+    lock = threading.Lock()
+
+    def line(event: Any) -> None:
+        now = time.monotonic()
+        with lock:
+            last = shown.get(event.index)
+            if last is not None and last[0] == event.stage and now - last[1] < 5:
+                return
+            shown[event.index] = (event.stage, now)
+        size = f" {event.done / 1e6:.1f}/{event.size / 1e6:.1f} MB" if event.size else ""
+        print(
+            f"layer {event.index + 1}/{event.total} {event.digest[7:19]}: {event.stage}{size}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    yield line
 
 
 def profile_image(client: Any, src: Any, handler: str | None, event: str) -> list[str]:

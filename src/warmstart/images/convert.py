@@ -11,6 +11,7 @@ with the (CPU-bound) conversion of the layer in between.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tempfile
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from warmstart.images.errors import ImageError, ImageNotFound
 from warmstart.images.estargz import TOC_DIGEST_ANNOTATION, write_estargz
@@ -30,7 +31,7 @@ from warmstart.images.registry import (
     ImageManifest,
     RegistryClient,
 )
-from warmstart.images.unpack import compression_of, open_layer
+from warmstart.images.unpack import compression_of, decompress_stream
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,42 @@ _GZIP_LAYER_TYPES = frozenset({OCI_LAYER_GZIP, "application/vnd.docker.image.roo
 @dataclass(frozen=True)
 class ConvertEvent:
     """Progress of one layer: ``stage`` is "fetch", "convert", "push" or "done"
-    (``index`` of ``total`` layers, bottom first)."""
+    (``index`` of ``total`` layers, bottom first); ``done`` of ``size`` bytes of the
+    source layer (compressed) went through the stage so far."""
 
     stage: str
     index: int
     total: int
     digest: str  # the source layer's digest
+    done: int = 0
+    size: int = 0
+
+
+# A converting layer reports its progress after each this many source bytes.
+PROGRESS_STEP = 1 << 20
+
+
+class _Counted(io.RawIOBase):
+    """A raw file that calls ``seen(bytes read so far)`` every ``PROGRESS_STEP`` bytes."""
+
+    def __init__(self, raw: BinaryIO, seen: Callable[[int], None]) -> None:
+        self.raw, self.seen, self.count, self.next_report = raw, seen, 0, PROGRESS_STEP
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self.count += n
+            if self.count >= self.next_report:
+                self.next_report = self.count + PROGRESS_STEP
+                self.seen(self.count)
+        return n or 0
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 Progress = Callable[[ConvertEvent], None]
@@ -123,9 +154,10 @@ def convert_image(
         if prioritized or not is_estargz_layer(desc):
             _check_convertible(desc)
 
-    def report(stage: str, index: int) -> None:
+    def report(stage: str, index: int, done: int = 0) -> None:
         if progress is not None:
-            progress(ConvertEvent(stage, index, total, manifest.layers[index].digest))
+            desc = manifest.layers[index]
+            progress(ConvertEvent(stage, index, total, desc.digest, done, desc.size))
 
     with (
         tempfile.TemporaryDirectory(prefix="warmstart-convert-", dir=workdir) as tmp,
@@ -137,7 +169,7 @@ def convert_image(
             desc = manifest.layers[index]
             report("fetch", index)
             path = tmpdir / f"src-{index}"
-            client.fetch_blob(src, desc.digest, path)
+            client.fetch_blob(src, desc.digest, path, lambda n: report("fetch", index, n))
             return path
 
         def copy_as_is(index: int) -> Descriptor:
@@ -146,14 +178,15 @@ def convert_image(
                 path = fetch(index)
                 client.push_blob(dst, path, desc.digest)
                 path.unlink()
-            report("done", index)
+            report("done", index, desc.size)
             return Descriptor(OCI_LAYER_GZIP, desc.digest, desc.size, dict(desc.annotations))
 
         def push(index: int, path: Path, desc: Descriptor) -> Descriptor:
-            report("push", index)
+            source_size = manifest.layers[index].size
+            report("push", index, source_size)
             client.push_blob(dst, path, desc.digest)
             path.unlink()
-            report("done", index)
+            report("done", index, source_size)
             return desc
 
         fetches: dict[int, Future[Path]] = {}
@@ -169,7 +202,14 @@ def convert_image(
             src_path = fetches.pop(index).result()
             report("convert", index)
             out_path = tmpdir / f"estargz-{index}"
-            with open_layer(src_path, desc.media_type) as stream, open(out_path, "wb") as out:
+            counted = _Counted(
+                open(src_path, "rb", buffering=0),  # noqa: SIM115 (closed with the stream)
+                lambda n, index=index: report("convert", index, n),  # type: ignore[misc]
+            )
+            with (
+                decompress_stream(counted, desc.media_type) as stream,  # type: ignore[arg-type]
+                open(out_path, "wb") as out,
+            ):
                 kwargs: dict[str, Any] = {"prioritized": prioritized}
                 if chunk_size:
                     kwargs["chunk_size"] = chunk_size
