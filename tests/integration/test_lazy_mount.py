@@ -151,6 +151,57 @@ def test_mount_is_shared_per_image_and_background_fetches_the_rest(
     )  # everything came from the cache
 
 
+def _walk(root: Path) -> int:
+    """stat every name under ``root`` (what ``find -ls`` does); how many there were."""
+    n = 0
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lstat(os.path.join(top, name))
+            n += 1
+    return n
+
+
+def _drop_dentries_and_inodes() -> None:
+    """Make the kernel evict unused dentries and inodes (a FUSE mount then gets FORGETs)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+
+
+def test_forgotten_inodes_leave_the_daemons_memory(
+    mounts: LazyMounts, lazy_python: LazyImage
+) -> None:
+    """A walk of the whole tree makes an inode per file in the daemon; once the kernel
+    forgets them they go, so walking it again (and again) holds no more than once."""
+    mnt = mounts.mount(lazy_python.spec())
+    baseline = mounts.stats(mnt, fresh=True)["inodes"]
+    names = _walk(mnt)
+    walked = mounts.stats(mnt, fresh=True)
+    assert names > 1000 and walked["inodes"] > names // 2, (names, walked["inodes"])
+    highs = []
+    for _ in range(2):
+        _drop_dentries_and_inodes()
+        # The kernel sends its FORGETs in batches, after the eviction: poll.
+        for _ in range(100):
+            after_drop = mounts.stats(mnt, fresh=True)
+            if after_drop["inodes"] < walked["inodes"] // 2:
+                break
+            time.sleep(0.1)
+        # Directories stay (they are few); the files' inodes went back.
+        assert after_drop["inodes"] < walked["inodes"] // 2, (after_drop, walked["inodes"])
+        assert after_drop["inodes_forgotten"] > 0
+        print(f"\nwalked {names} names: {walked['inodes']} inodes; after a drop {after_drop['inodes']}")
+        assert _walk(mnt) == names  # the same tree, the same answers
+        highs.append(mounts.stats(mnt, fresh=True)["inodes"])
+    assert highs[0] == highs[1] == walked["inodes"], (highs, walked["inodes"], baseline)
+    # Inode numbers are stable across a forget: the kernel sees the same file.
+    probe = mnt / "usr/bin/python3"
+    before = os.stat(probe).st_ino
+    _drop_dentries_and_inodes()
+    assert os.stat(probe).st_ino == before
+    res = _chroot(mnt, "import json; print(4)")
+    assert res.stdout == "4\n", res.stderr
+
+
 def test_killed_daemon_is_noticed_and_remounted_on_next_use(
     mounts: LazyMounts, lazy_python: LazyImage, caplog: pytest.LogCaptureFixture
 ) -> None:

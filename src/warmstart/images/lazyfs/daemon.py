@@ -90,6 +90,7 @@ class Daemon:
         if self.stats_path is not None:
             snap = self.stats.snapshot()
             snap["mountpoint"] = str(self.mountpoint)
+            snap["inodes"] = self.fs.inodes  # held in memory now
             # What the registry client itself counted: HTTP bodies including multipart
             # framing, and every request including retries.
             clients = {

@@ -108,6 +108,9 @@ class LazyFS(pyfuse3.Operations):
         self.cache = fetcher.cache
         self.stats = fetcher.stats
         self._attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        # How many references the kernel holds to each inode (lookups and readdir
+        # entries it was given, minus what ``forget`` gave back).
+        self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
 
@@ -135,11 +138,35 @@ class LazyFS(pyfuse3.Operations):
         if not parent.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name == b".":
-            return self._attributes(parent)
+            return self._referenced(parent)
         if name == b"..":
-            return self._attributes(self.tree.get(parent.parent))
+            return self._referenced(self.tree.get(parent.parent))
         node = self.tree.child(parent, os.fsdecode(name))
-        return self._attributes(node) if node is not None else self._negative()
+        return self._referenced(node) if node is not None else self._negative()
+
+    def _referenced(self, node: Node) -> pyfuse3.EntryAttributes:
+        """``node``'s attributes, handed to the kernel: one more reference to it."""
+        self._lookups[node.ino] = self._lookups.get(node.ino, 0) + 1
+        return self._attributes(node)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """The kernel let go of inodes: those with no reference left (and no open
+        handle) are dropped from memory.  Must not raise."""
+        open_inodes = {h.node.ino for h in self._handles.values()}
+        for ino, count in inode_list:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups.pop(ino, None)
+            if ino not in open_inodes and self.tree.drop(ino):
+                self._attrs.pop(ino, None)
+                self.stats.add(inodes_forgotten=1)
+
+    @property
+    def inodes(self) -> int:
+        """Inodes held in memory now."""
+        return len(self.tree.nodes)
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -174,6 +201,8 @@ class LazyFS(pyfuse3.Operations):
                 name, attrs = os.fsencode(names[i - 2]), self._attributes(child)
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                 break
+            if i >= 2:  # an entry the kernel took counts as a lookup ("." and ".." do not)
+                self._lookups[attrs.st_ino] = self._lookups.get(attrs.st_ino, 0) + 1
 
     async def releasedir(self, fh: int) -> None:
         return None

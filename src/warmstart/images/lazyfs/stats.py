@@ -34,6 +34,7 @@ class Stats:
     cache_hits: int = 0  # chunks a read found cached
     read_errors: int = 0
     verify_errors: int = 0
+    inodes_forgotten: int = 0  # file inodes dropped from memory once the kernel forgot them
     prefetch_done: bool = False
     prefetch_bytes: int = 0
     prefetch_chunks: int = 0
@@ -70,6 +71,7 @@ class Stats:
                 "cache_hits": self.cache_hits,
                 "read_errors": self.read_errors,
                 "verify_errors": self.verify_errors,
+                "inodes_forgotten": self.inodes_forgotten,
                 "prefetch": {
                     "done": self.prefetch_done,
                     "bytes": self.prefetch_bytes,

@@ -98,7 +98,12 @@ class Tree:
     def child(self, parent: Node, name: str) -> Node | None:
         cached = parent.kids.get(name)
         if cached is not None:
-            return self.nodes[cached] if cached else None
+            if not cached:
+                return None
+            known = self.nodes.get(cached)
+            if known is not None:
+                return known
+            # Dropped since (``drop``): made again, under the same inode number.
         node = self._resolve(parent, name)
         parent.kids[name] = node.ino if node is not None else 0
         return node
@@ -130,16 +135,29 @@ class Tree:
             return None
         key: Hashable = ("dir", path) if top.kind == stat.S_IFDIR else (top_layer, top.ident)
         ino = self._by_key.get(key)
-        if ino is not None:
+        if ino is not None and ino in self.nodes:
             return self.nodes[ino]
-        ino = self._next_ino
-        self._next_ino += 1
+        if ino is None:
+            ino = self._next_ino
+            self._next_ino += 1
         node = Node(ino, top, top_layer, path, parent=parent.ino, below=tuple(below))
         if top.chunks:
             node.starts = [c.chunk_offset for c in top.chunks]
         self.nodes[ino] = node
         self._by_key[key] = ino
         return node
+
+    def drop(self, ino: int) -> bool:
+        """Forget a file's node (the kernel holds no reference to it any more): what a
+        long-lived mount keeps stays bounded by what is in use, not by what was ever
+        looked up.  Its inode number stays reserved for its key, so a later lookup makes
+        the same inode again.  Directories stay (their children name them as parent, and
+        they are few); returns whether the node went."""
+        node = self.nodes.get(ino)
+        if node is None or node.is_dir or ino == ROOT_INODE:
+            return False
+        del self.nodes[ino]
+        return True
 
     def listing(self, d: Node) -> list[str]:
         """The names in directory ``d``, sorted (whiteouts and hidden names left out)."""
