@@ -202,6 +202,47 @@ def test_forgotten_inodes_leave_the_daemons_memory(
     assert res.stdout == "4\n", res.stderr
 
 
+def _cache_bytes(cache: Path) -> int:
+    return sum(p.stat().st_size for p in (cache / "sha256").glob("*/*"))
+
+
+def test_chunk_cache_is_trimmed_while_the_mount_runs(
+    tmp_path: Path, lazy_python: LazyImage
+) -> None:
+    """The trimmer keeps the chunk cache within its budget under a live mount; reads of
+    trimmed chunks fetch them again and get the right bytes."""
+    budget = 256 << 10
+    lm = LazyMounts(
+        tmp_path / "lazy",
+        registry=RegistrySettings(retries=1, timeout=5),
+        stop_timeout=20,
+        cache_budget_bytes=budget,
+        trim_interval=0.1,
+        keep_recent_s=0,
+    )
+    try:
+        mnt = lm.mount(lazy_python.spec())
+        code = "import json, email.parser, http.client; print(json.dumps([5]))"
+        assert _chroot(mnt, code).stdout == "[5]\n"
+        first = lm.stats(mnt, fresh=True)["bytes_fetched"]
+        deadline = time.monotonic() + 30
+        while _cache_bytes(lm.cache_dir) > budget and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _cache_bytes(lm.cache_dir) <= budget and lm.trimmed_bytes > 0
+        assert is_mounted(mnt) and lm.alive(mnt)
+        # Drop the page cache too, so the kernel asks the daemon again.
+        _drop_dentries_and_inodes()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        res = _chroot(mnt, code)
+        assert res.stdout == "[5]\n", res.stderr
+        again = lm.stats(mnt, fresh=True)
+        assert again["bytes_fetched"] > first  # trimmed chunks came back from the registry
+        assert again["read_errors"] == 0
+    finally:
+        lm.close()
+        lm.recover()
+
+
 def test_killed_daemon_is_noticed_and_remounted_on_next_use(
     mounts: LazyMounts, lazy_python: LazyImage, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -284,6 +284,12 @@ class _Mount:
     remounts: int = 0
 
 
+# While mounts run, the chunk cache is trimmed this often, sparing what was used this
+# recently.
+TRIM_INTERVAL_S = 30.0
+KEEP_RECENT_S = 60.0
+
+
 class LazyMounts:
     """The lazy mounts of one worker, under ``root``:
 
@@ -308,6 +314,9 @@ class LazyMounts:
         stop_timeout: float = 10.0,
         stats_interval: float = 0.5,
         log_level: str = "INFO",
+        cache_budget_bytes: int | None = None,
+        trim_interval: float = TRIM_INTERVAL_S,
+        keep_recent_s: float = KEEP_RECENT_S,
     ) -> None:
         self.root = root
         self.mnt_dir = root / "mnt"
@@ -328,6 +337,16 @@ class LazyMounts:
         self.spare_delay = 2.0
         self._key_locks: dict[str, threading.Lock] = {}
         self._remounts: dict[str, int] = {}
+        self.cache_budget_bytes = cache_budget_bytes
+        self.keep_recent_s = keep_recent_s
+        self.trimmed_bytes = 0  # chunk bytes removed to keep the cache within its budget
+        self._stop_trimming = threading.Event()
+        self._trimmer: threading.Thread | None = None
+        if cache_budget_bytes is not None:
+            self._trimmer = threading.Thread(
+                target=self._trim_loop, args=(trim_interval,), name="chunk-trim", daemon=True
+            )
+            self._trimmer.start()
 
     # -- mounting ----------------------------------------------------------------------------
     def mount(self, spec: MountSpec) -> Path:
@@ -502,7 +521,11 @@ class LazyMounts:
                 proc.stdin.close()
 
     def close(self) -> None:
-        """Unmount everything this object mounted, and stop the spare daemon."""
+        """Unmount everything this object mounted, and stop the spare daemon and the
+        trimmer."""
+        self._stop_trimming.set()
+        if self._trimmer is not None:
+            self._trimmer.join(timeout=30)
         with self._lock:
             self._closed = True
             spare, self._spare = self._spare, None
@@ -515,33 +538,51 @@ class LazyMounts:
         for p in paths:
             self.unmount(p)
 
-    def trim_cache(self, budget_bytes: int) -> int:
-        """Remove the oldest cached chunks until the cache fits ``budget_bytes``; returns
-        the bytes freed. Call it only while no daemon of ours runs (at start, after
-        :meth:`recover`): a chunk removed under a live reader would have to be fetched
-        again."""
+    def trim_cache(self, budget_bytes: int, *, keep_recent_s: float = 0.0) -> int:
+        """Remove the least recently used chunks until the cache fits ``budget_bytes``;
+        returns the bytes freed.  Safe while daemons run: a chunk removed under a reader
+        is fetched again; chunks used in the last ``keep_recent_s`` seconds stay (a read
+        in flight, a mount's prioritized files), even above the budget.  Leftover partial
+        writes go: all of them while nothing is mounted, else those an hour old."""
         with self._lock:
-            if any(m.proc.poll() is None for m in self._mounts.values()):
-                raise ImageError("the chunk cache is trimmed only while nothing is mounted")
+            live = any(m.proc.poll() is None for m in self._mounts.values())
         chunks: list[tuple[float, int, Path]] = []
         for path in (self.cache_dir / "sha256").glob("*/*"):
             with contextlib.suppress(OSError):
                 st = path.stat()
                 chunks.append((st.st_mtime, st.st_size, path))
+        stale = time.time() - 3600
         for leftover in (self.cache_dir / "tmp").glob("*"):  # a crashed daemon's writes
             with contextlib.suppress(OSError):
-                leftover.unlink()
+                if not live or leftover.stat().st_mtime < stale:
+                    leftover.unlink()
         total = sum(size for _, size, _ in chunks)
         freed = 0
-        for _, size, path in sorted(chunks):
-            if total - freed <= budget_bytes:
+        recent = time.time() - keep_recent_s
+        for mtime, size, path in sorted(chunks):
+            if total - freed <= budget_bytes or (keep_recent_s and mtime >= recent):
                 break
             with contextlib.suppress(OSError):
                 path.unlink()
                 freed += size
         if freed:
-            log.info("lazy chunk cache: removed %d bytes (budget %d)", freed, budget_bytes)
+            self.trimmed_bytes += freed
+            log.info(
+                "lazy chunk cache: removed %d bytes, least recently used first (budget %d)",
+                freed,
+                budget_bytes,
+            )
         return freed
+
+    def _trim_loop(self, interval: float) -> None:
+        """Keep the chunk cache within its budget while mounts run."""
+        budget = self.cache_budget_bytes
+        assert budget is not None
+        while not self._stop_trimming.wait(interval):
+            try:
+                self.trim_cache(budget, keep_recent_s=self.keep_recent_s)
+            except Exception:  # the next round tries again; reads are unaffected
+                log.exception("trimming the lazy chunk cache failed")
 
     def recover(self) -> list[Path]:
         """Detach FUSE mounts under our root that no live daemon of ours serves: what a

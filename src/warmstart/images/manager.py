@@ -76,7 +76,11 @@ class ImageManager:
         # ``blob_source(client)``: where layer blobs come from (a cluster: peers first).
         blobs = blob_source(self.client) if blob_source is not None else None
         self.store = ImageStore(self.root / "store", self.client, self.budget_bytes, blobs=blobs)
-        self.lazy = LazyMounts(self.root / "lazy", registry=RegistrySettings(insecure=insecure))
+        self.lazy = LazyMounts(
+            self.root / "lazy",
+            registry=RegistrySettings(insecure=insecure),
+            cache_budget_bytes=self.budget_bytes,
+        )
         self.background = BackgroundFetch(enabled=background_fetch)
         self.lazy.prestart()  # a lazy mount then skips the daemon's Python start
         self.stats = ImageStats()
@@ -293,4 +297,5 @@ class ImageManager:
                 if key in lazy:
                     out[f"image_lazy_{key}_total"] = float(lazy[key])
             out["image_lazy_mounted"] = float(lazy.get("mounted", 0))
+        out["image_lazy_cache_trimmed_bytes_total"] = float(self.lazy.trimmed_bytes)
         return out

@@ -1,8 +1,11 @@
 """The chunk cache: verified chunk bytes on local disk, keyed by chunk digest.
 
 Every daemon (one per mounted image) shares one cache directory, so a chunk two images
-have in common is fetched once. The worker trims the directory to its budget while no
-daemon runs (:meth:`warmstart.images.lazymount.LazyMounts.trim_cache`).
+have in common is fetched once. A chunk's modification time says when it was last used
+(a read touches it, at most once a ``TOUCH_INTERVAL_S``): the worker trims the directory
+to its budget, least recently used first, at start and every so often while mounts run
+(:meth:`warmstart.images.lazymount.LazyMounts.trim_cache`); a chunk removed under a
+reader is fetched again.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import contextlib
 import os
 import re
 import secrets
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from warmstart.images.estargz import TOCEntry
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# A read marks its chunk used (its mtime) at most this often.
+TOUCH_INTERVAL_S = 30.0
 
 
 def cache_key(entry: TOCEntry) -> str:
@@ -41,6 +47,7 @@ class ChunkCache:
         self.root = root
         self.tmp = root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._touched: dict[str, float] = {}  # digest -> when a read last marked it used
 
     def path(self, digest: str) -> Path | None:
         if not DIGEST_RE.fullmatch(digest):
@@ -68,6 +75,11 @@ class ChunkCache:
             return None
         try:
             data = os.pread(fd, length, offset)
+            now = time.monotonic()
+            if now - self._touched.get(digest, -TOUCH_INTERVAL_S) >= TOUCH_INTERVAL_S:
+                self._touched[digest] = now
+                with contextlib.suppress(OSError):
+                    os.utime(fd)  # used now: the last to go when the cache is trimmed
         finally:
             os.close(fd)
         return data if len(data) == length else None
