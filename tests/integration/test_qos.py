@@ -162,6 +162,44 @@ def test_memory_pressure_evicts_best_effort_work_and_requeues_it(
     assert "evicting best-effort" in server.log()
 
 
+def test_latency_sensitive_starts_take_memory_from_best_effort_work(
+    server_factory: Any,
+) -> None:
+    """Best-effort work holding the node's memory budget does not make a synchronous call
+    a 429: the running best-effort instance is evicted (its work requeued, no attempt
+    spent) and runs again once there is room."""
+    server: Server = server_factory("--memory-budget-mb", "400")
+    lam = server.lambda_client()
+    deploy(lam, "batch", {"handler.py": SLEEPER}, Timeout=60, MemorySize=256)
+    deploy(lam, "api", {"handler.py": SLEEPER}, Timeout=60, MemorySize=256)
+    with server.http() as http:
+        job_id = http.post("/jobs", json={"function": "batch", "inputs": [{"sleep": 3}]}).json()[
+            "JobId"
+        ]
+    wait_until(lambda: _node(server)["best_effort_running"] >= 1, "a running BE instance")
+    resp = lam.invoke(FunctionName="api", Payload=b"{}")
+    assert resp["StatusCode"] == 200 and "FunctionError" not in resp
+    assert resp["Payload"].read() == b'"done"'
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert "warmstart_be_evictions_for_ls_memory_total 1.0" in metrics, metrics[-2000:]
+    assert "latency-sensitive work needs the memory" in server.log()
+
+    def finished() -> dict[str, Any] | None:
+        with server.http() as http:
+            item: dict[str, Any] = http.get(f"/jobs/{job_id}/results").json()["results"][0]
+        return item if item["status"] == "succeeded" else None
+
+    # The evicted item runs again (the idle LS instance makes room for it) and succeeds
+    # on its first counted attempt.
+    item = wait_until(finished, "the requeued item to succeed", 120)
+    assert item["attempts"] == 1
+    # With only latency-sensitive reservations over the budget, the call is refused.
+    deploy(lam, "big", {"handler.py": SLEEPER}, Timeout=60, MemorySize=512)
+    with pytest.raises(lam.exceptions.TooManyRequestsException):
+        lam.invoke(FunctionName="big", Payload=b"{}")
+
+
 def test_top_shows_the_node(server: Server) -> None:
     wait_until(lambda: _node(server).get("usage"), "the first QoS tick")
     out = subprocess.run(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from warmstart.errors import TooManyRequests
@@ -88,6 +89,11 @@ class InstanceFactory:
         self.tasks = tasks
         self.zygotes: ZygoteCache | None = None  # set by the worker once zygotes run
         self.reserved_mb = 0  # the MemorySize of every live instance
+        self.be_starting_mb = 0  # of which best-effort instances still starting hold
+        # Evicts one running best-effort instance (the invoker's): latency-sensitive
+        # starts take memory from best-effort work.  False when there is none.
+        self.evict_be: Callable[[], bool] | None = None
+        self.be_evicted_for_ls = 0
 
     def env(self, rec: FunctionRecord) -> dict[str, str]:
         """The instance's environment: Lambda's reserved variables, then the function's."""
@@ -114,21 +120,48 @@ class InstanceFactory:
         return env
 
     # -- start -----------------------------------------------------------------------------
-    def _reserve(self, memory_mb: int) -> None:
-        while self.reserved_mb + memory_mb > self.settings.memory_budget_mb:
-            if not self.cache.evict_lru():
-                raise TooManyRequests(
-                    f"The node's memory budget ({self.settings.memory_budget_mb} MB) is in use",
-                    "ConcurrentInvocationLimitExceeded",
-                )
+    def _reserve(self, memory_mb: int, qos_class: QoSClass) -> None:
+        """Reserve ``memory_mb`` of the node's memory budget for a new instance.
+
+        Over the budget, idle instances go first (least recently used, frozen first).
+        Latency-sensitive work then takes memory from best-effort work: running
+        best-effort instances are evicted, youngest first (their work is requeued, no
+        attempt spent), and what best-effort instances still starting hold is lent to
+        latency-sensitive work (the budget is overcommitted by at most that much until
+        they are evicted in turn).  Only latency-sensitive reservations themselves make a
+        latency-sensitive start ``TooManyRequests``; best-effort starts wait for room."""
+        budget = self.settings.memory_budget_mb
+        while self.reserved_mb + memory_mb > budget:
+            if self.cache.evict_lru():
+                continue
+            if qos_class is QoSClass.LS and self.evict_be is not None and self.evict_be():
+                self.be_evicted_for_ls += 1
+                continue
+            if qos_class is QoSClass.LS and (
+                self.reserved_mb - self.be_starting_mb + memory_mb <= budget
+            ):
+                break  # the rest is best-effort instances still starting: lent, not refused
+            raise TooManyRequests(
+                f"The node's memory budget ({budget} MB) is in use",
+                "ConcurrentInvocationLimitExceeded",
+            )
         self.reserved_mb += memory_mb
+        if qos_class is QoSClass.BE:
+            self.be_starting_mb += memory_mb
 
     async def start(self, rec: FunctionRecord, qos_class: QoSClass) -> Instance:
         """A ready instance of ``rec`` (its handler imported), or ``InitFailed``."""
         if self.registry.distributed:
             await self.registry.ensure_code(rec)
         need = rec.config.memory_mb
-        self._reserve(need)
+        self._reserve(need, qos_class)
+        try:
+            return await self._start(rec, qos_class, need)
+        finally:
+            if qos_class is QoSClass.BE:
+                self.be_starting_mb -= need
+
+    async def _start(self, rec: FunctionRecord, qos_class: QoSClass, need: int) -> Instance:
         t0 = time.perf_counter()
         try:
             sandbox, zygote = await self._sandbox(rec, qos_class)

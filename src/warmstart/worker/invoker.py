@@ -394,6 +394,23 @@ class Invoker:
     def be_memory_mb(self) -> int:
         return sum(inst.memory_mb for inst in self.running_be)
 
+    def evict_youngest_be(self) -> bool:
+        """Evict the running best-effort instance that started its work last (the least
+        work lost; it is requeued) to make room for latency-sensitive work.  False when
+        none runs."""
+        if not self.running_be:
+            return False
+        victim = max(self.running_be, key=lambda inst: inst.last_used)
+        log.info(
+            "evicting best-effort instance %s of %s (%d MB): latency-sensitive work needs "
+            "the memory",
+            victim.id,
+            victim.function,
+            victim.memory_mb,
+        )
+        self.evict_be([victim.id])
+        return True
+
     def evict_be(self, ids: list[str]) -> None:
         """Kill running best-effort instances; their invocations see the instance die and
         raise ``Evicted`` (the dispatcher requeues the work)."""

@@ -138,6 +138,7 @@ class Worker:
         self._invoker = Invoker(
             s, self._registry, self._factory, self._cache, self._logs, self._metrics
         )
+        self._factory.evict_be = self._invoker.evict_youngest_be
         # Best-effort bookkeeping (job inserts, progress, outcomes) off the event loop.
         queue = queue if queue is not None else BEQueue(store)
         self._dispatcher = Dispatcher(s, self._registry, self._invoker, queue, self.tasks)
@@ -522,6 +523,7 @@ class Worker:
                 "reclaimed_memory_bytes": float(q.reclaimed.memory_bytes) if q else 0.0,
                 "be_cpu_limit_cores": (q.be_cpu_cores or 0.0) if q else 0.0,
                 "qos_evictions_total": float(q.evictions) if q else 0.0,
+                "be_evictions_for_ls_memory_total": float(self._factory.be_evicted_for_ls),
                 "best_effort_running": float(len(self._invoker.running_be)),
                 "background_task_failures_total": float(self.tasks.failures),
                 "background_loop_restarts_total": float(self.tasks.restarts),
