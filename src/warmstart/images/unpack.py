@@ -587,6 +587,12 @@ def _safe_mode(mode: int) -> int:
     return mode & 0o1777
 
 
+def _dir_mode(mode: int) -> int:
+    """A directory's permission bits: setuid cleared (setgid on a directory only makes
+    new files inherit its group: harmless, and kept)."""
+    return mode & 0o7777 & ~stat.S_ISUID
+
+
 def _user_xattrs(xattrs: dict[str, bytes]) -> list[tuple[str, bytes]]:
     return [(k, v) for k, v in xattrs.items() if k.startswith("user.")]
 
@@ -631,7 +637,7 @@ class _Unpacker:
                 raise UnsafeLayer(f"entry {original!r} would be written through symlink {cur!r}")
             if kind is not None:  # a file or whiteout where a directory is needed: replace
                 self._remove(cur)
-            os.mkdir(self._path(cur), 0o755)
+            self._make_dir(cur, 0o755)
             self.kinds[cur] = "dir"
 
     def _remove(self, rel: str) -> None:
@@ -640,16 +646,14 @@ class _Unpacker:
         if kind is None:
             return
         self.explicit.discard(rel)
+        self._delete(rel, kind)
         if kind == "dir":
-            shutil.rmtree(self._path(rel))
             prefix = rel + "/"
             for table in (self.kinds, self.dirs):
                 for key in [k for k in table if k.startswith(prefix)]:
                     del table[key]
             self.explicit = {k for k in self.explicit if not k.startswith(prefix)}
             self.dirs.pop(rel, None)
-        else:
-            os.unlink(self._path(rel))
 
     # -- entries ---------------------------------------------------------------------------
     def apply(self, reader: TarReader, entry: TarEntry) -> None:
@@ -670,13 +674,11 @@ class _Unpacker:
                 self._parent(rel, entry.name)
                 if self.kinds.get(rel) != "dir":
                     self._remove(rel)
-                    os.mkdir(self._path(rel), 0o700)
+                    self._make_dir(rel, 0o700)
                     self.kinds[rel] = "dir"
                 self.explicit.add(rel)
             self.dirs[rel] = entry
-            path = self._path(rel)
-            for name, value in _user_xattrs(entry.xattrs):
-                self._setxattr(path, name, value)
+            self._dir_xattrs(rel, _user_xattrs(entry.xattrs))
             self.entries += 1
             return
         if not rel:
@@ -686,22 +688,14 @@ class _Unpacker:
         if kind == b"1":
             self._hardlink(rel, entry)
             return
-        path = self._path(rel)
         if kind == b"2":
             self._remove(rel)
-            os.symlink(entry.linkname, path)
+            self._make_symlink(rel, entry)
             self.kinds[rel] = "link"
-            if self.can_chown:
-                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
-            os.utime(path, ns=(_ns(entry.mtime),) * 2, follow_symlinks=False)
         elif kind == b"6":
             self._remove(rel)
-            os.mkfifo(path, 0o600)
+            self._make_fifo(rel, entry)
             self.kinds[rel] = "other"
-            if self.can_chown:
-                os.chown(path, entry.uid, entry.gid)
-            os.chmod(path, _safe_mode(entry.mode))
-            os.utime(path, ns=(_ns(entry.mtime),) * 2)
         else:  # character/block devices and unknown types are never created from a layer
             log.debug("skipping %s (tar type %r)", entry.name, kind)
             self.skipped += 1
@@ -709,21 +703,70 @@ class _Unpacker:
         self.explicit.add(rel)
         self.entries += 1
 
-    def _setxattr(self, path: str, name: str, value: bytes) -> None:
-        try:
-            os.setxattr(path, name, value, follow_symlinks=False)
-        except OSError as exc:
-            log.debug("xattr %s on %s not applied: %s", name, path, exc)
-
     def _file(self, reader: TarReader, rel: str, entry: TarEntry) -> None:
         self._remove(rel)
         self.kinds[rel] = "file"
         self.explicit.add(rel)
         self.entries += 1
         self.file_bytes += entry.size
+        self._make_file(rel, entry, reader.chunks(entry.size))
+
+    # -- what the rules make, on disk (``layerimage`` records it instead) --------------------
+    def _make_dir(self, rel: str, mode: int) -> None:
+        os.mkdir(self._path(rel), mode)
+
+    def _delete(self, rel: str, kind: str) -> None:
+        if kind == "dir":
+            shutil.rmtree(self._path(rel))
+        else:
+            os.unlink(self._path(rel))
+
+    def _dir_xattrs(self, rel: str, xattrs: list[tuple[str, bytes]]) -> None:
         path = self._path(rel)
+        for name, value in xattrs:
+            self._setxattr(path, name, value)
+
+    def _make_symlink(self, rel: str, entry: TarEntry) -> None:
+        path = self._path(rel)
+        os.symlink(entry.linkname, path)
+        if self.can_chown:
+            os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+        os.utime(path, ns=(_ns(entry.mtime),) * 2, follow_symlinks=False)
+
+    def _make_fifo(self, rel: str, entry: TarEntry) -> None:
+        path = self._path(rel)
+        os.mkfifo(path, 0o600)
+        if self.can_chown:
+            os.chown(path, entry.uid, entry.gid)
+        os.chmod(path, _safe_mode(entry.mode))
+        os.utime(path, ns=(_ns(entry.mtime),) * 2)
+
+    def _make_file(self, rel: str, entry: TarEntry, data: Iterable[bytes | memoryview]) -> None:
         meta = (entry.uid, entry.gid, _safe_mode(entry.mode), _ns(entry.mtime))
-        self._write(path, reader.chunks(entry.size), meta, _user_xattrs(entry.xattrs))
+        self._write(self._path(rel), data, meta, _user_xattrs(entry.xattrs))
+
+    def _make_hardlink(self, rel: str, target: str) -> None:
+        os.link(self._path(target), self._path(rel), follow_symlinks=False)
+
+    def _make_whiteout(self, rel: str) -> None:
+        os.mknod(self._path(rel), stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+    def _mark_opaque(self, rel: str) -> None:
+        os.setxattr(self._path(rel), OPAQUE_XATTR, b"y")
+
+    def _dir_meta(self, rel: str, entry: TarEntry) -> None:
+        path = self._path(rel)
+        if self.can_chown:
+            os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+        os.chmod(path, _dir_mode(entry.mode))
+        mtime = _ns(entry.mtime)
+        os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+
+    def _setxattr(self, path: str, name: str, value: bytes) -> None:
+        try:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        except OSError as exc:
+            log.debug("xattr %s on %s not applied: %s", name, path, exc)
 
     def _write(
         self,
@@ -764,7 +807,7 @@ class _Unpacker:
         if target == rel:
             return
         self._remove(rel)
-        os.link(self._path(target), self._path(rel), follow_symlinks=False)
+        self._make_hardlink(rel, target)
         self.kinds[rel] = kind
         self.explicit.add(rel)
         self.entries += 1
@@ -774,7 +817,7 @@ class _Unpacker:
         parent = rel[:slash] if slash >= 0 else ""
         self._parent(rel, original)
         if base == OPAQUE_MARKER:
-            os.setxattr(self._path(parent), OPAQUE_XATTR, b"y")
+            self._mark_opaque(parent)
             self.entries += 1
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
@@ -788,7 +831,7 @@ class _Unpacker:
         if target in self.explicit:
             return  # a whiteout never hides an entry of its own layer (OCI image spec)
         self._remove(target)
-        os.mknod(self._path(target), stat.S_IFCHR | 0o600, os.makedev(0, 0))
+        self._make_whiteout(target)
         self.kinds[target] = "wh"
         self.entries += 1
 
@@ -798,13 +841,7 @@ class _Unpacker:
         for rel in sorted(self.dirs, key=len, reverse=True):
             if self.kinds.get(rel) != "dir":
                 continue
-            entry = self.dirs[rel]
-            path = self._path(rel)
-            if self.can_chown:
-                os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
-            os.chmod(path, entry.mode & 0o7777 & ~stat.S_ISUID)
-            mtime = _ns(entry.mtime)
-            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+            self._dir_meta(rel, self.dirs[rel])
 
 
 def unpack(stream: BinaryIO, dest: Path) -> UnpackResult:

@@ -195,6 +195,48 @@ def loopback_up() -> None:
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
 
 
+# -- loop devices (ephemeral storage, layer images) -----------------------------------------
+_LOOP_CTL_GET_FREE = 0x4C82
+_LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+_LO_FLAGS_AUTOCLEAR = 4
+_LO_FLAGS_DIRECT_IO = 16
+# struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 8 reserved u64.
+_LOOP_CONFIG = struct.Struct("=II232x64x")
+_LO_FLAGS_OFFSET = 8 + 52  # loop_config.info.lo_flags
+
+
+def attach_loop(image: str | os.PathLike[str], *, read_only: bool = False) -> tuple[str, int]:
+    """Attach ``image`` to a free loop device (direct I/O, autoclear): its path and an
+    open fd of it.  Autoclear detaches the device when its last user goes, so the caller
+    keeps the fd until the filesystem on it is mounted."""
+    backing = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        flags = _LO_FLAGS_AUTOCLEAR | _LO_FLAGS_DIRECT_IO
+        if read_only:
+            flags |= LO_FLAGS_READ_ONLY
+        config = bytearray(_LOOP_CONFIG.size)
+        struct.pack_into("=II", config, 0, backing, 0)
+        struct.pack_into("=I", config, _LO_FLAGS_OFFSET, flags)
+        mode = os.O_RDONLY if read_only else os.O_RDWR
+        for _attempt in range(8):  # another process may take the free device first
+            with open("/dev/loop-control", "rb") as ctl:
+                number = fcntl.ioctl(ctl, _LOOP_CTL_GET_FREE)
+            device = f"/dev/loop{number}"
+            loop = os.open(device, mode | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(loop, _LOOP_CONFIGURE, bytes(config))
+            except OSError as exc:
+                os.close(loop)
+                if exc.errno == errno.EBUSY:
+                    continue
+                raise
+            return device, loop
+        raise OSError(errno.EBUSY, "no free loop device")
+    finally:
+        os.close(backing)
+
+
 # -- the new mount API, namespaces and capabilities (zygotes) ------------------------------
 _libc.syscall.restype = ctypes.c_long
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -29,11 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import threading
 from pathlib import Path
@@ -44,13 +42,6 @@ from warmstart.runtime import syscalls as sc
 
 log = logging.getLogger(__name__)
 
-_LOOP_CTL_GET_FREE = 0x4C82
-_LOOP_CONFIGURE = 0x4C0A
-_LO_FLAGS_AUTOCLEAR = 4
-_LO_FLAGS_DIRECT_IO = 16
-# struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 8 reserved u64.
-_LOOP_CONFIG = struct.Struct("=II232x64x")
-_LO_FLAGS_OFFSET = 8 + 52  # loop_config.info.lo_flags
 # ext4 keeps some of a small filesystem for itself (inode tables, bitmaps): the file is a
 # little larger than the size promised, so that all of it is usable.
 _OVERHEAD = 1.05
@@ -142,7 +133,7 @@ class EphemeralStorage:
         try:
             template = self._template(size_mb)
             _copy_sparse(template, image)
-            device, loop = _attach_loop(image)
+            device, loop = sc.attach_loop(image)
             try:
                 image.unlink()  # the loop device holds it: freed when the device detaches
                 staging = self.staging / str(seq)
@@ -210,33 +201,6 @@ class EphemeralStorage:
                 for fd in fds:
                     os.close(fd)
             self._ready.clear()
-
-
-def _attach_loop(image: Path) -> tuple[str, int]:
-    """Attach ``image`` to a free loop device (direct I/O, autoclear): its path and an
-    open fd of it.  Autoclear detaches the device when its last user goes, so the caller
-    keeps the fd until the filesystem on it is mounted."""
-    backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        config = bytearray(_LOOP_CONFIG.size)
-        struct.pack_into("=II", config, 0, backing, 0)
-        struct.pack_into("=I", config, _LO_FLAGS_OFFSET, _LO_FLAGS_AUTOCLEAR | _LO_FLAGS_DIRECT_IO)
-        for _attempt in range(8):  # another process may take the free device first
-            with open("/dev/loop-control", "rb") as ctl:
-                number = fcntl.ioctl(ctl, _LOOP_CTL_GET_FREE)
-            device = f"/dev/loop{number}"
-            loop = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(loop, _LOOP_CONFIGURE, bytes(config))
-            except OSError as exc:
-                os.close(loop)
-                if exc.errno == errno.EBUSY:
-                    continue
-                raise
-            return device, loop
-        raise OSError(errno.EBUSY, "no free loop device")
-    finally:
-        os.close(backing)
 
 
 def _copy_sparse(src: Path, dst: Path) -> None:
