@@ -10,8 +10,10 @@ import contextlib
 import gzip
 import io
 import os
+import shutil
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zstandard
@@ -261,3 +263,43 @@ def test_the_sequential_gzip_child_process_agrees(members: list[Member]) -> None
             path.unlink()
         check_unpacked(a)
 
+
+
+@settings(max_examples=scaled(25))  # a tar2sqfs run and a loop mount per example
+@given(_LAYERS)
+def test_a_layer_image_holds_what_unpacking_makes(layer: Layer) -> None:
+    """The squashfs builder applies the unpacker's rules: the same refusal, or an image
+    whose mounted tree is the unpacked tree."""
+    from tests.integration.test_layer_images import snapshot
+    from warmstart.images import layerimage
+    from warmstart.runtime import syscalls
+
+    if os.geteuid() != 0 or not layerimage.available():
+        return  # the builder needs tar2sqfs, the mount root (tests/integration say so)
+    with arena() as a:
+        tar = build_tar(layer.members, str(a.outside), layer.fmt)
+        blob = layer.damage.apply(tar)
+
+        def outcome(build: Callable[[io.BytesIO], object]) -> type[Exception] | None:
+            try:
+                build(io.BytesIO(blob))
+            except (UnsafeLayer, CorruptLayer) as exc:
+                return type(exc)
+            return None
+
+        work = a.outside / "image"  # the builder's own files, removed below
+        image, mnt = work / "layer.sqfs", work / "mnt"
+        try:
+            unpacked = outcome(lambda s: unpack(s, a.target))
+            built = outcome(lambda s: layerimage.build_squashfs(s, image, workdir=work / "spool"))
+            assert built is unpacked
+            if built is not None:
+                assert not image.exists()
+                return
+            layerimage.mount_image(image, mnt)
+            try:
+                assert snapshot(mnt) == snapshot(a.target)
+            finally:
+                syscalls.umount(str(mnt), syscalls.MNT_DETACH)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

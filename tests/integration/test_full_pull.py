@@ -322,3 +322,44 @@ def test_another_process_never_collects_a_mounted_image(
         assert list((store.root / "layers").iterdir()) == []
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("layer_format", ["squashfs", "dirs"])
+def test_layer_formats_survive_a_restart_and_collection(
+    tmp_path: Path, client: RegistryClient, python_image: str, layer_format: str
+) -> None:
+    """Layers as squashfs images are loop-mounted when pulled, unmounted when the store
+    closes (no overlay using them), mounted again by the next user of the store, and
+    unmounted and deleted when collected; unpacked layers are plain directories.  The
+    same image runs from either."""
+    from warmstart.images.store import IMAGE_SUFFIX
+
+    root = tmp_path / "store"
+    first = ImageStore(root, client, 10 << 30, layer_format=layer_format)
+    image = first.pull(python_image)
+    images = [d.with_name(d.name + IMAGE_SUFFIX) for d in image.layer_dirs]
+    if layer_format == "squashfs":
+        assert all(p.is_file() for p in images)
+        assert all(mounted(d) for d in image.layer_dirs)
+    else:
+        assert not any(p.exists() for p in images)
+        assert not any(mounted(d) for d in image.layer_dirs)
+    first.close()
+    assert not any(mounted(d) for d in image.layer_dirs)
+
+    second = ImageStore(root, client, 10 << 30, layer_format=layer_format)
+    again = second.get(python_image)
+    assert again is not None and again.id == image.id
+    target = tmp_path / "root"
+    with Mount(second, again, target):
+        out = subprocess.run(
+            ["chroot", str(target), "/usr/bin/python3", "-c", "import json; print(7)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.stdout == "7\n", out.stderr
+    assert second.remove(python_image)
+    assert not any(p.exists() for p in images)
+    assert not any(d.exists() or mounted(d) for d in image.layer_dirs)
+    second.close()

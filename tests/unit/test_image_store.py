@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import threading
 import time
@@ -28,7 +29,8 @@ from warmstart.images.registry import (
     RawManifest,
     manifest_from_raw,
 )
-from warmstart.images.store import ImageStore
+from warmstart.images.store import IMAGE_SUFFIX, ImageStore
+from warmstart.runtime import syscalls
 
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -381,9 +383,7 @@ def test_start_up_removes_crash_leftovers(tmp_path: Path, fake: FakeRegistry) ->
     live = root / "tmp" / f"{os.getpid()}.{stat_fields[19]}-beef"  # this process: in use
     live.mkdir()
     (root / "layers" / ("f" * 64)).mkdir()  # unpacked but never indexed
-    import shutil
-
-    shutil.rmtree(image_b.layer_dirs[0])  # indexed but gone
+    remove_layer(image_b.layer_dirs[0])  # indexed but gone
     store = make_store(tmp_path, fake)
     assert not dead.exists()
     assert not reused.exists()
@@ -394,13 +394,22 @@ def test_start_up_removes_crash_leftovers(tmp_path: Path, fake: FakeRegistry) ->
     assert store.pull(ref_b).layer_dirs[0].is_dir()
 
 
+def remove_layer(directory: Path) -> None:
+    """Delete a stored layer behind the store's back, whichever its format: the image
+    (unmounted first) or the unpacked directory."""
+    image = directory.with_name(directory.name + IMAGE_SUFFIX)
+    if image.exists():
+        if syscalls.is_mount_point(str(directory)):
+            syscalls.umount(str(directory), syscalls.MNT_DETACH)
+        image.unlink()
+    shutil.rmtree(directory)
+
+
 def test_mount_needs_its_layers(tmp_path: Path, fake: FakeRegistry) -> None:
     ref = fake.image("fn:1", [fake.layer({"a": b"a"})])
     store = make_store(tmp_path, fake)
     image = store.pull(ref)
-    import shutil
-
-    shutil.rmtree(image.layer_dirs[0])
+    remove_layer(image.layer_dirs[0])
     with pytest.raises(ImageError, match="missing"):
         store.mount_rootfs(image, tmp_path / "root")
     assert store.remove(image.id)  # not left pinned by the failed mount

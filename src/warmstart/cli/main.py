@@ -525,6 +525,15 @@ def _add_serve(sub: Any) -> None:
         help="disk for pulled images before least recently used ones go (default %(default)s)",
     )
     s.add_argument(
+        "--image-layers",
+        choices=("auto", "squashfs", "dirs"),
+        default=d.image_layers,
+        help="how fully pulled layers are stored: squashfs, one read-only image per layer, "
+        "loop-mounted (no file created per entry; needs root, loop devices and tar2sqfs); "
+        "dirs, unpacked file by file; auto, squashfs where the node can (default "
+        "%(default)s)",
+    )
+    s.add_argument(
         "--no-background-fetch",
         dest="image_background_fetch",
         action="store_false",
@@ -734,6 +743,7 @@ def _serve(args: argparse.Namespace) -> int:
         image_pull=args.image_pull,
         insecure_registries=tuple(args.insecure_registry),
         image_budget_mb=args.image_budget_mb,
+        image_layers=args.image_layers,
         image_background_fetch=args.image_background_fetch,
         require_deployer_credentials=args.require_deployer_credentials,
         registry_access_ttl_s=args.registry_access_ttl,

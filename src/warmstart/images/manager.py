@@ -60,6 +60,7 @@ class ImageManager:
         background_fetch: bool = True,
         blob_source: Callable[[Any], Any] | None = None,
         access: AccessPolicy | None = None,
+        layer_format: str = "auto",
     ) -> None:
         if pull_mode not in PULL_MODES:
             raise ValueError(f"pull mode must be one of {PULL_MODES}, not {pull_mode!r}")
@@ -75,7 +76,13 @@ class ImageManager:
         self.budget_bytes = budget_mb << 20  # the store's, and the lazy chunk cache's
         # ``blob_source(client)``: where layer blobs come from (a cluster: peers first).
         blobs = blob_source(self.client) if blob_source is not None else None
-        self.store = ImageStore(self.root / "store", self.client, self.budget_bytes, blobs=blobs)
+        self.store = ImageStore(
+            self.root / "store",
+            self.client,
+            self.budget_bytes,
+            blobs=blobs,
+            layer_format=layer_format,
+        )
         self.lazy = LazyMounts(
             self.root / "lazy",
             registry=RegistrySettings(insecure=insecure),

@@ -4,7 +4,9 @@ Layout under ``root``::
 
     index.db             SQLite: images, their layers (the reference counts), tags, LRU
                          times, persistent pins
-    layers/<hex>/        one unpacked layer (an overlayfs lower directory), by diff-id
+    layers/<hex>/        one layer (an overlayfs lower directory), by diff-id: the mount
+                         point of ``<hex>.sqfs`` when layers are images, else unpacked
+    layers/<hex>.sqfs    the layer as a read-only squashfs image (``layerimage``)
     blobs/sha256/<hex>   compressed layer blobs, only when ``keep_blobs`` is set
     empty/               an empty lower directory (overlayfs wants two lowers without upper)
     tmp/<pid>.<start>-<rand>/  work in progress; what a dead process left here is removed
@@ -12,8 +14,13 @@ Layout under ``root``::
 
 A full pull streams each layer: bytes from the registry are hashed (the compressed digest),
 piped into a decompressor (ISA-L's igzip in a child process for gzip, zstandard for zstd)
-and unpacked as they arrive, so download, decompression and file creation overlap; layers
-go concurrently. A layer is
+and read as they arrive, so download, decompression and writing overlap; layers go
+concurrently.  Where the node can (root, loop devices, squashfs, ``tar2sqfs``), a layer
+becomes one read-only squashfs image (``layerimage``: no file is created per entry, which
+on an aged disk costs more than the download), loop-mounted at ``layers/<hex>/`` when
+published and again when an image using it is mounted after a restart; elsewhere it is
+unpacked into that directory (``unpack``).  Both apply the same rules to hostile
+archives, and a store may hold layers of both kinds.  A layer is
 published (renamed into ``layers/``) only after both its compressed digest and its diff-id
 matched, otherwise its directory is deleted. Layers are shared by every image that lists
 them: concurrent pulls needing the same layer download it once (single-flight by diff-id).
@@ -46,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from warmstart.images import layerimage
 from warmstart.images.errors import DigestMismatch, ImageError
 from warmstart.images.reference import Reference, check_digest, digest_hex
 from warmstart.images.registry import (
@@ -59,6 +67,44 @@ from warmstart.images.unpack import UnpackResult, decompress_stream, unpack
 from warmstart.runtime import syscalls
 
 log = logging.getLogger("warmstart.images.store")
+
+# How layers are stored: squashfs images (``layerimage``) or unpacked directories.
+SQUASHFS, DIRECTORIES = "squashfs", "dirs"
+LAYER_FORMATS = ("auto", SQUASHFS, DIRECTORIES)
+IMAGE_SUFFIX = ".sqfs"
+
+
+def squashfs_unavailable() -> str | None:
+    """Why this node cannot keep layers as squashfs images, or None when it can."""
+    if os.geteuid() != 0:
+        return "mounting layer images needs root"
+    if not Path("/dev/loop-control").exists():
+        return "no loop devices (/dev/loop-control)"
+    try:
+        with open("/proc/filesystems") as f:
+            if "squashfs" not in f.read().split():
+                return "the kernel has no squashfs"
+    except OSError:
+        return "cannot read /proc/filesystems"
+    if not layerimage.available():
+        return "tar2sqfs (Debian package squashfs-tools-ng) is not installed"
+    return None
+
+
+def resolve_layer_format(wanted: str) -> str:
+    """``auto``: squashfs images where the node can, else directories."""
+    if wanted not in LAYER_FORMATS:
+        raise ImageError(f"layer format must be one of {', '.join(LAYER_FORMATS)}, not {wanted!r}")
+    if wanted == DIRECTORIES:
+        return DIRECTORIES
+    why = squashfs_unavailable()
+    if why is None:
+        return SQUASHFS
+    if wanted == SQUASHFS:
+        raise ImageError(f"layers cannot be squashfs images here: {why}")
+    log.info("image layers are unpacked into directories: %s", why)
+    return DIRECTORIES
+
 
 class BlobSource(Protocol):
     """Streams a blob's bytes, verified against its digest by the end of the stream."""
@@ -224,8 +270,10 @@ class ImageStore:
         concurrency: int = 4,
         keep_blobs: bool = False,
         blobs: BlobSource | None = None,
+        layer_format: str = "auto",
     ) -> None:
         self.root = Path(root)
+        self.layer_format = resolve_layer_format(layer_format)
         self.client = client
         # Where layer blobs' bytes come from: the registry, or (in a cluster) peers too.
         self.blobs: BlobSource = blobs if blobs is not None else client
@@ -314,11 +362,11 @@ class ImageStore:
             self._rmtree(entry)
         with self._exclusive():
             known = {row[0] for row in self._db.execute("SELECT diff_id FROM layers")}
-            on_disk = {p.name for p in self.layers_dir.iterdir()}
+            on_disk = {p.name.removesuffix(IMAGE_SUFFIX) for p in self.layers_dir.iterdir()}
             for name in on_disk:
                 if f"sha256:{name}" not in known:
-                    log.warning("removing layer directory %s not in the index", name)
-                    self._rmtree(self.layers_dir / name)
+                    log.warning("removing layer %s not in the index", name)
+                    self._discard_layer(name, self.layers_dir / name)
             missing = [d for d in known if digest_hex(d) not in on_disk]
             for diff_id in missing:
                 log.warning("layer %s is missing on disk; dropping the images using it", diff_id)
@@ -342,10 +390,37 @@ class ImageStore:
         return path
 
     def close(self) -> None:
+        """Stop pulling; unmount the layer images no overlay uses (the next user of the
+        store mounts them again)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(OSError), self._exclusive():
+            used = set().union(*self._mounted_stacks())
+            for image in self.layers_dir.glob(f"*{IMAGE_SUFFIX}"):
+                name = image.name.removesuffix(IMAGE_SUFFIX)
+                if name not in used:
+                    syscalls.unmount(str(self.layers_dir / name))
         with self._lock:
             self._db.close()
             self._lockfile.close()
+
+    def _image_file(self, diff_id: str) -> Path:
+        return self.layers_dir / f"{digest_hex(diff_id)}{IMAGE_SUFFIX}"
+
+    def _discard_layer(self, name: str, directory: Path) -> None:
+        """Remove a layer (its image unmounted first) that is in no index row."""
+        image = self.layers_dir / f"{name}{IMAGE_SUFFIX}"
+        if directory.exists() and syscalls.is_mount_point(str(directory)):
+            syscalls.umount(str(directory), syscalls.MNT_DETACH)
+        self._rmtree(directory)
+        image.unlink(missing_ok=True)
+
+    def _ensure_layer_mounted(self, diff_id: str) -> None:
+        """A layer stored as an image is mounted at its directory (after a restart, or
+        when another process unmounted it); call under ``_exclusive``."""
+        image = self._image_file(diff_id)
+        target = self.layer_dir(diff_id)
+        if image.exists() and not syscalls.is_mount_point(str(target)):
+            layerimage.mount_image(image, target)
 
     # -- queries -----------------------------------------------------------------------------
     def layer_dir(self, diff_id: str) -> Path:
@@ -611,7 +686,7 @@ class ImageStore:
         """Download, verify and unpack one layer, streaming, then publish it."""
         tmp = self._new_tmp()
         try:
-            dest = tmp / "layer"
+            dest = tmp / ("layer" + (IMAGE_SUFFIX if self.layer_format == SQUASHFS else ""))
             t0 = time.perf_counter()
             result = self._stream_unpack(ref, desc, dest, tmp, progress, flight)
             if result.diff_id != diff_id:
@@ -624,23 +699,37 @@ class ImageStore:
                 if self._layer_ready(diff_id):
                     log.info("layer %s was published meanwhile by another process", diff_id)
                     return
-                if final.exists():  # a leftover that never made it into the index
-                    self._rmtree(final)
-                os.rename(dest, final)
+                if final.exists() or self._image_file(diff_id).exists():
+                    # a leftover that never made it into the index
+                    self._discard_layer(digest_hex(diff_id), final)
+                # The budget counts a layer's uncompressed size, whatever its format (an
+                # image takes less: lz4 blocks, file tails packed).
+                disk_bytes = result.tar_bytes
+                if self.layer_format == SQUASHFS:
+                    image = self._image_file(diff_id)
+                    os.rename(dest, image)
+                    try:
+                        layerimage.mount_image(image, final)
+                    except BaseException:
+                        self._discard_layer(digest_hex(diff_id), final)
+                        raise
+                else:
+                    os.rename(dest, final)
                 if self.keep_blobs and (tmp / "blob").exists():
                     os.replace(tmp / "blob", self.blobs_dir / digest_hex(desc.digest))
                 now = time.time()
                 self._db.execute(
                     "INSERT OR REPLACE INTO layers (diff_id, digest, media_type, "
                     "compressed_size, disk_bytes, created, last_used) VALUES (?,?,?,?,?,?,?)",
-                    (diff_id, desc.digest, desc.media_type, desc.size, result.tar_bytes, now, now),
+                    (diff_id, desc.digest, desc.media_type, desc.size, disk_bytes, now, now),
                 )
                 self._layers_pulled += 1
             log.info(
-                "layer %s: %d entries, %.1f MB unpacked in %.2f s",
+                "layer %s: %d entries, %.1f MB %s in %.2f s",
                 desc.digest[:19],
                 result.entries,
                 result.tar_bytes / 1e6,
+                "made a squashfs image" if self.layer_format == SQUASHFS else "unpacked",
                 time.perf_counter() - t0,
             )
         finally:
@@ -671,7 +760,10 @@ class ImageStore:
             stream = None
             try:
                 stream = decompress_stream(raw, desc.media_type, process=True)
-                outcome["result"] = unpack(stream, dest)
+                if self.layer_format == SQUASHFS:
+                    outcome["result"] = layerimage.build_squashfs(stream, dest, workdir=tmp)
+                else:
+                    outcome["result"] = unpack(stream, dest)
             except BaseException as exc:
                 outcome["error"] = exc
             finally:
@@ -787,6 +879,9 @@ class ImageStore:
         until ``unmount``."""
         target = Path(target)
         dirs = list(image.layer_dirs)
+        with self._exclusive():
+            for diff_id in image.diff_ids:
+                self._ensure_layer_mounted(diff_id)
         for d in dirs:
             if not d.is_dir():
                 raise ImageError(f"image {image.id}: layer directory {d} is missing; pull again")
@@ -896,6 +991,11 @@ class ImageStore:
             self._db.execute("DELETE FROM layers WHERE diff_id = ?", (diff_id,))
             src = self.layer_dir(diff_id)
             trash = self._new_tmp()
+            image = self._image_file(diff_id)
+            if image.exists():
+                if syscalls.is_mount_point(str(src)):
+                    syscalls.umount(str(src), syscalls.MNT_DETACH)  # no overlay uses it
+                os.rename(image, trash / image.name)
             with contextlib.suppress(FileNotFoundError):
                 os.rename(src, trash / "layer")
             (self.blobs_dir / digest_hex(blob_digest)).unlink(missing_ok=True)

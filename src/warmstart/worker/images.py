@@ -62,6 +62,7 @@ class ImageFunctions:
                 s.data_dir,
                 pull_mode=s.image_pull,
                 budget_mb=s.image_budget_mb,
+                layer_format=s.image_layers,
                 insecure=s.insecure_registries,
                 background_fetch=s.image_background_fetch,
                 blob_source=self.blob_source,

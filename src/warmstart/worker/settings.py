@@ -78,6 +78,7 @@ class Settings:
     # Container images.
     image_pull: str = "auto"  # auto: lazy when every layer is eStargz; lazy; full
     image_budget_mb: int = 20480  # the content store's disk budget (LRU beyond it)
+    image_layers: str = "auto"  # full pulls: squashfs images where possible, or "dirs"
     insecure_registries: tuple[str, ...] = ()  # hosts reached over plain HTTP
     image_background_fetch: bool = True  # lazy mounts fetch the rest after the start
     # Deploys without the deployer's registry credentials: False = the node's own pull
