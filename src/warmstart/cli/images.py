@@ -424,7 +424,10 @@ def _pull(args: argparse.Namespace) -> int:
                 task = tasks[layer] = progress.add_task(layer[7:19], total=size)
             progress.update(task, completed=done)
 
-        image = store.pull(args.ref, on_progress)
+        try:
+            image = store.pull(args.ref, on_progress)
+        finally:
+            store.close()
     manifest = image.manifest
     print(
         f"pulled {args.ref} ({manifest.digest}): {len(manifest.layers)} layer(s), "
@@ -519,57 +522,61 @@ def profile_image(client: Any, src: Any, handler: str | None, event: str) -> lis
     once under chroot in new mount/PID/network namespaces as nobody, while fanotify
     records what it opens (the interpreter and its libraries included).
     """
-    from warmstart.images.profile import record_opens
     from warmstart.images.store import ImageStore
 
     if os.geteuid() != 0:
         raise SystemExit("warmstart: --profile needs root (it mounts and chroots the image)")
     with tempfile.TemporaryDirectory(prefix="warmstart-profile-") as tmp:
         store = ImageStore(Path(tmp) / "store", client, 1 << 40)
-        image = store.pull(str(src))
-        root = Path(tmp) / "root"
-        root.mkdir()
-        store.mount_rootfs(image, root)
         try:
-            cfg = image.manifest.config_json.get("config") or {}
-            handler = handler or (cfg.get("Cmd") or [""])[0]
-            if "." not in handler:
-                raise SystemExit(f"warmstart: no handler to profile (CMD is {cfg.get('Cmd')})")
-            from warmstart.sandbox.manager import find_python
-
-            env_path = dict(e.split("=", 1) for e in cfg.get("Env") or [] if "=" in e).get(
-                "PATH", ""
-            )
-            python = find_python(root, env_path)
-            if python is None:
-                raise SystemExit("warmstart: the image has no python3 on its PATH")
-            workdir = cfg.get("WorkingDir") or "/var/task"
-            with record_opens(root, whole_filesystem=True) as opened:
-                subprocess.run(
-                    [
-                        "unshare",
-                        "--mount",
-                        "--pid",
-                        "--fork",
-                        "--net",
-                        "chroot",
-                        "--userspec=65534:65534",
-                        str(root),
-                        "/bin/sh",
-                        "-c",
-                        'cd "$0" && exec "$@"',
-                        workdir,
-                        python,
-                        "-c",
-                        _PROFILE_DRIVER,
-                        handler,
-                        json.dumps(json.loads(event)),
-                    ],
-                    check=False,
-                    timeout=300,
-                    stdin=subprocess.DEVNULL,
-                )
-                time.sleep(0.2)  # let the last events arrive
-            return list(opened)
+            return _profile_run(store, store.pull(str(src)), Path(tmp) / "root", handler, event)
         finally:
-            store.unmount(root)
+            store.close()  # unmounts its layer images: the scratch dir can go
+
+
+def _profile_run(store: Any, image: Any, root: Path, handler: str | None, event: str) -> list[str]:
+    from warmstart.images.profile import record_opens
+
+    root.mkdir()
+    store.mount_rootfs(image, root)
+    try:
+        cfg = image.manifest.config_json.get("config") or {}
+        handler = handler or (cfg.get("Cmd") or [""])[0]
+        if "." not in handler:
+            raise SystemExit(f"warmstart: no handler to profile (CMD is {cfg.get('Cmd')})")
+        from warmstart.sandbox.manager import find_python
+
+        env_path = dict(e.split("=", 1) for e in cfg.get("Env") or [] if "=" in e).get("PATH", "")
+        python = find_python(root, env_path)
+        if python is None:
+            raise SystemExit("warmstart: the image has no python3 on its PATH")
+        workdir = cfg.get("WorkingDir") or "/var/task"
+        with record_opens(root, whole_filesystem=True) as opened:
+            subprocess.run(
+                [
+                    "unshare",
+                    "--mount",
+                    "--pid",
+                    "--fork",
+                    "--net",
+                    "chroot",
+                    "--userspec=65534:65534",
+                    str(root),
+                    "/bin/sh",
+                    "-c",
+                    'cd "$0" && exec "$@"',
+                    workdir,
+                    python,
+                    "-c",
+                    _PROFILE_DRIVER,
+                    handler,
+                    json.dumps(json.loads(event)),
+                ],
+                check=False,
+                timeout=300,
+                stdin=subprocess.DEVNULL,
+            )
+            time.sleep(0.2)  # let the last events arrive
+        return list(opened)
+    finally:
+        store.unmount(root)
