@@ -298,7 +298,13 @@ def test_a_layer_image_holds_what_unpacking_makes(layer: Layer) -> None:
                 return
             layerimage.mount_image(image, mnt)
             try:
-                assert snapshot(mnt) == snapshot(a.target)
+                # squashfs keeps unsigned 32-bit seconds: a later time is clamped.
+                last = (1 << 32) - 1
+                unpacked_tree = {
+                    k: (*v[:4], None if v[4] is None else min(v[4], last), *v[5:])
+                    for k, v in snapshot(a.target).items()
+                }
+                assert snapshot(mnt) == unpacked_tree
             finally:
                 syscalls.umount(str(mnt), syscalls.MNT_DETACH)
         finally:
