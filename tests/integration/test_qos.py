@@ -200,6 +200,62 @@ def test_latency_sensitive_starts_take_memory_from_best_effort_work(
         lam.invoke(FunctionName="big", Payload=b"{}")
 
 
+READER = """import os
+def handler(event, context):
+    path = '/tmp/data'
+    with open(path, 'wb') as f:
+        f.write(os.urandom(24 << 20))
+    with open(path, 'rb') as f:
+        f.read()
+    return open('/proc/self/oom_score_adj').read().strip()
+"""
+
+
+@needs(has_cgroup_v1("memory/memory.limit_in_bytes"), "needs the cgroup v1 memory controller")
+def test_memory_qos_caps_be_prefers_it_for_oom_and_reclaims_idle_cache(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    config = tmp_path / "qos.json"
+    config.write_text(json.dumps({"idle_reclaim_after_s": 1, "idle_reclaim_min_cache_mb": 1}))
+    server: Server = server_factory("--qos-config", str(config), "--freeze-after-ms", "0")
+    lam = server.lambda_client()
+    deploy(lam, "reader", {"handler.py": READER}, Timeout=60, MemorySize=256)
+    # The BE subtree is capped at what the QoS manager computes (v1: limit + soft limit 0).
+    wait_until(lambda: _node(server).get("be_memory_cap_bytes"), "a BE memory cap")
+    be_memory = _be_cpu_dir(server, "memory")
+    wait_until(
+        lambda: int((be_memory / "memory.limit_in_bytes").read_text())
+        == _node(server)["be_memory_cap_bytes"],
+        "the cap written to the BE subtree",
+    )
+    assert (be_memory / "memory.soft_limit_in_bytes").read_text().strip() == "0"
+    # A best-effort instance is the OOM killer's first choice; a latency-sensitive one is not.
+    with server.http() as http:
+        event_id = http.post(
+            "/2015-03-31/functions/reader/invocations",
+            headers={"X-Amz-Invocation-Type": "Event"},
+            content=b"{}",
+        ).headers["x-amzn-RequestId"]
+
+        def be_result() -> Any:
+            body = http.get(f"/events/{event_id}").json()
+            return body if body.get("status") == "succeeded" else None
+
+        assert wait_until(be_result, "the Event invocation")["result"] == "1000"
+    resp = lam.invoke(FunctionName="reader", Payload=b"{}")
+    assert resp["Payload"].read() == b'"0"'
+    # The idle (frozen) instance's page cache is reclaimed in the background.
+    wait_until(
+        lambda: _node(server).get("page_cache_reclaimed_bytes", 0) >= 8 << 20,
+        "the idle instance's page cache to be reclaimed",
+        60,
+    )
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert "warmstart_page_cache_reclaimed_bytes_total" in metrics
+    assert "warmstart_be_memory_cap_bytes" in metrics
+
+
 def test_top_shows_the_node(server: Server) -> None:
     wait_until(lambda: _node(server).get("usage"), "the first QoS tick")
     out = subprocess.run(

@@ -27,6 +27,7 @@ Kernel rules these functions respect:
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from warmstart.errors import SandboxError
@@ -230,3 +231,138 @@ def set_be_cpuset(driver: CgroupDriver, parent: str, children: list[str], cpus: 
         set_cpuset(driver, parent, cpus)
         changed = True
     return changed
+
+
+# -- memory ------------------------------------------------------------------------------
+#
+#                     v1 (<root>/memory/<rel>)                 v2 (<root>/<rel>)
+#    BE subtree cap   memory.limit_in_bytes                    memory.high (+ memory.max)
+#    reclaimed first  memory.soft_limit_in_bytes = 0           (memory.high throttles BE)
+#    LS protection    none (documented best effort)            memory.low
+#    reclaim now      limit lowered to usage - N, restored     memory.reclaim "N"
+#    page cache       memory.stat "total_cache"                memory.stat "file"
+
+# v2: memory.max sits this far above memory.high: BE is throttled and reclaimed in its
+# own subtree at ``high``; only a burst through that is stopped by the OOM killer.
+V2_MAX_HEADROOM = 1.10
+_PAGE = 4096
+_NO_LIMIT_V1 = (1 << 63) - _PAGE  # what v1 reports for "no limit" (rounded to pages)
+
+
+def memory_dir(driver: CgroupDriver, rel: str) -> Path:
+    """Directory holding the memory controller's files for ``rel``."""
+    if driver.version is CgroupVersion.V1:
+        return driver.root / "memory" / rel
+    return driver.root / rel
+
+
+def _pages(n: int) -> int:
+    return max(_PAGE, (n + _PAGE - 1) // _PAGE * _PAGE)
+
+
+def set_be_memory_limit(driver: CgroupDriver, rel: str, limit_bytes: int) -> int:
+    """Cap the best-effort subtree ``rel`` at ``limit_bytes``; returns the cap in force.
+
+    v1: ``memory.limit_in_bytes`` (the kernel reclaims inside the subtree to meet a
+    lowered limit; when it cannot, the write fails with EBUSY and the cap stays at what
+    BE uses now, rounded up: eviction then makes room) and a soft limit of 0, so that
+    under node-wide pressure the kernel reclaims from BE before anything else.  v2:
+    ``memory.high`` (BE is throttled and reclaimed above it) and ``memory.max`` a tenth
+    higher.
+    """
+    limit = _pages(limit_bytes)
+    d = memory_dir(driver, rel)
+    if driver.version is CgroupVersion.V1:
+        _ensure(d / "memory.soft_limit_in_bytes", "0")
+        if _int(d / "memory.limit_in_bytes") == limit:
+            return limit
+        try:
+            _write(d / "memory.limit_in_bytes", str(limit))
+        except SandboxError:
+            used = _int(d / "memory.usage_in_bytes")
+            floor = _pages(max(used, limit))
+            _write(d / "memory.limit_in_bytes", str(floor))
+            return floor
+        return limit
+    high = d / "memory.high"
+    maximum = d / "memory.max"
+    new_max = str(_pages(int(limit * V2_MAX_HEADROOM)))
+    # memory.max below memory.high is legal but pointless; raise max first when growing.
+    if _read(maximum) != "max" and _int(maximum) < limit:
+        _write(maximum, new_max)
+    _ensure(high, str(limit))
+    _ensure(maximum, new_max)
+    return limit
+
+
+def protect_ls_memory(driver: CgroupDriver, rel: str, protected_bytes: int) -> bool:
+    """Shield ``protected_bytes`` of the latency-sensitive subtree from reclaim caused by
+    others (v2 ``memory.low``); False on v1, which has no such protection (BE's soft
+    limit of 0 is what keeps reclaim on BE there)."""
+    if driver.version is CgroupVersion.V1:
+        return False
+    path = memory_dir(driver, rel) / "memory.low"
+    if not path.exists():
+        return False
+    _ensure(path, str(_pages(protected_bytes) if protected_bytes > 0 else 0))
+    return True
+
+
+def page_cache(driver: CgroupDriver, rel: str) -> int:
+    """Page cache charged to ``rel`` (v1 ``total_cache``, v2 ``file``); 0 if gone."""
+    key = "total_cache" if driver.version is CgroupVersion.V1 else "file"
+    try:
+        text = (memory_dir(driver, rel) / "memory.stat").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+def reclaim_memory(driver: CgroupDriver, rel: str, nbytes: int) -> int:
+    """Ask the kernel to reclaim about ``nbytes`` from ``rel`` now; returns what its
+    usage fell by.  v2 writes ``memory.reclaim``; v1 lowers ``memory.limit_in_bytes`` to
+    the usage less ``nbytes`` (the kernel reclaims to meet it, or refuses with EBUSY when
+    it cannot, which is fine) and puts the limit back."""
+    d = memory_dir(driver, rel)
+    usage_file = d / (
+        "memory.usage_in_bytes" if driver.version is CgroupVersion.V1 else "memory.current"
+    )
+    if not usage_file.exists() or nbytes <= 0:
+        return 0
+    before = _int(usage_file)
+    if driver.version is CgroupVersion.V1:
+        limit_file = d / "memory.limit_in_bytes"
+        old = _read(limit_file)
+        target = _pages(max(before - nbytes, _PAGE))
+        try:
+            if target < _int(limit_file):
+                _write(limit_file, str(target))
+        except SandboxError:
+            pass  # could not reclaim all of it: what went, went
+        finally:
+            _write(limit_file, old)
+    else:
+        path = d / "memory.reclaim"
+        if not path.exists():
+            return 0
+        with contextlib.suppress(SandboxError):  # EAGAIN: less than asked could go
+            _write(path, str(nbytes))
+    return max(0, before - _int(usage_file))
+
+
+def set_oom_score_adj(pids: list[int], value: int) -> int:
+    """Make the kernel's OOM killer prefer (``value`` up to 1000) or spare these
+    processes; returns how many were set (a process may be gone)."""
+    done = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+                f.write(str(value))
+            done += 1
+        except OSError:
+            continue
+    return done

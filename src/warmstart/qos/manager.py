@@ -13,7 +13,13 @@ Every tick it
 4. gives throttled LS instances a CFS burst while the node's CPU pool is not busy;
 5. evicts BE instances -- lowest priority, largest first -- when node memory crosses the
    upper threshold, and when BE CPU satisfaction stays low while BE uses its grant; the
-   evicted work is requeued, never lost.
+   evicted work is requeued, never lost;
+6. keeps memory QoS: the whole BE subtree is capped at the reclaimed memory (v1
+   ``memory.limit_in_bytes`` with a soft limit of 0 so node-wide reclaim takes from BE
+   first; v2 ``memory.high`` and ``memory.max``), LS is protected on v2
+   (``memory.low`` at its usage), and the page cache of instances idle or frozen for
+   ``idle_reclaim_after_s`` is reclaimed in the background (v2 ``memory.reclaim``; v1
+   a limit lowered for a moment) before anything has to reclaim it in a hurry.
 
 The policy itself is pure (``warmstart.qos.policy``); this module only wires it to the
 sandboxes and, through two callbacks, to the worker's best-effort dispatcher (which
@@ -67,6 +73,8 @@ class TickInputs:
     ls_cgroups: list[str] = field(default_factory=list)  # live LS cgroups (for burst)
     be_cgroups: list[str] = field(default_factory=list)  # every pooled BE cgroup (cpuset)
     be_running: list[BEInstance] = field(default_factory=list)
+    # Idle (maybe frozen) instances' cgroups and how long each has been idle.
+    idle: list[tuple[str, float]] = field(default_factory=list)
 
 
 class QoSManager:
@@ -79,9 +87,11 @@ class QoSManager:
         config: QoSConfig = policy.DEFAULT_CONFIG,
         enabled: bool = True,
         interval_s: float = 1.0,
+        idle_instances: Callable[[], list[tuple[str, float]]] | None = None,
     ) -> None:
         self.sandboxes = sandboxes
         self.be_instances = be_instances
+        self.idle_instances = idle_instances or (lambda: [])
         self.evict = evict
         self.config = config
         self.enabled = enabled
@@ -98,6 +108,10 @@ class QoSManager:
         self.bursts: dict[str, int] = {}
         self.evictions = 0
         self.ticks = 0
+        self.be_memory_cap: int | None = None  # the BE subtree's memory cap in force
+        self.ls_memory_protected = False  # v2 memory.low written
+        self.page_cache_reclaimed = 0  # bytes idle instances gave back
+        self._reclaimed_at: dict[str, float] = {}  # cgroup -> when its cache was reclaimed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warmstart-qos")
 
     async def run(self) -> None:
@@ -128,6 +142,7 @@ class QoSManager:
             [cg.rel for cg in pool.in_use()] if pool is not None else [],
             [cg.rel for cg in [*be_pool.free(), *be_pool.in_use()]] if be_pool else [],
             self.be_instances(),
+            self.idle_instances(),
         )
 
     # -- one tick (on the manager's thread) ------------------------------------------------
@@ -147,7 +162,40 @@ class QoSManager:
             return []
         self._suppress_be(sample, now, inputs.be_cgroups)
         self._burst_ls(sample, inputs.ls_cgroups)
+        self._memory_qos(now, inputs.idle)
         return self._evict(sample, now, inputs.be_running)
+
+    def _memory_qos(self, now: float, idle: list[tuple[str, float]]) -> None:
+        """Cap BE's memory, protect LS's, reclaim idle instances' page cache."""
+        driver = self.sandboxes.driver
+        if driver is None:
+            return
+        config = self.config
+        cap = policy.be_memory_cap(self.reclaimed, config)
+        if config.be_memory_limit and cap is not None:
+            be_driver = self.sandboxes.be_driver or driver
+            current = self.be_memory_cap
+            # Small moves are not worth a write (and a reclaim pass in the kernel).
+            if current is None or abs(cap - current) > max(16 << 20, current // 50):
+                self.be_memory_cap = enforce.set_be_memory_limit(
+                    be_driver, self.sandboxes.be_parent, cap
+                )
+        if self.smoothed is not None:
+            self.ls_memory_protected = enforce.protect_ls_memory(
+                driver, self.sandboxes.ls_parent, self.smoothed.ls_memory_used
+            )
+        after = config.idle_reclaim_after_s
+        if after <= 0:
+            return
+        live = {rel for rel, _ in idle}
+        self._reclaimed_at = {r: t for r, t in self._reclaimed_at.items() if r in live}
+        for rel, idle_s in idle:
+            if idle_s < after or now - self._reclaimed_at.get(rel, -math.inf) < after:
+                continue
+            self._reclaimed_at[rel] = now
+            cache = enforce.page_cache(driver, rel)
+            if cache >= config.idle_reclaim_min_cache_mb << 20:
+                self.page_cache_reclaimed += enforce.reclaim_memory(driver, rel, cache)
 
     def _suppress_be(
         self, sample: NodeSample, now: float, be_cgroups: list[str] | None = None
@@ -271,6 +319,9 @@ class QoSManager:
                 "stale": self.reclaimed.stale,
             },
             "be_cpu_limit_cores": self.be_cpu_cores,
+            "be_memory_cap_bytes": self.be_memory_cap,
+            "ls_memory_protected": self.ls_memory_protected,
+            "page_cache_reclaimed_bytes": self.page_cache_reclaimed,
             "be_cpu_policy": self.config.be_cpu_policy,
             "be_cpuset": self.be_cpuset,
             "evictions": self.evictions,

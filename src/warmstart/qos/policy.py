@@ -163,6 +163,18 @@ class QoSConfig:
     be_cpu_evict_window_s: float = 30.0
     """The window over which satisfaction and usage are averaged."""
 
+    # -- memory QoS --------------------------------------------------------------------
+    be_memory_limit: bool = True
+    """Cap the whole BE subtree at the reclaimed memory (``be_memory_cap``), so a BE
+    burst is throttled and reclaimed inside BE instead of pushing the node into global
+    reclaim that LS would pay for."""
+    be_memory_floor_mb: int = 256
+    """The cap never goes below this: BE keeps room to start while LS is busy."""
+    idle_reclaim_after_s: float = 10.0
+    """An instance idle (or frozen) this long has its page cache reclaimed (0: never)."""
+    idle_reclaim_min_cache_mb: int = 4
+    """... when it holds at least this much of it."""
+
     def __post_init__(self) -> None:
         fractions = {
             "cpu_reclaim_threshold": self.cpu_reclaim_threshold,
@@ -205,6 +217,12 @@ class QoSConfig:
             raise ValueError("headroom_exempt_cores must not be negative")
         if self.be_cpu_request < 0 or self.be_memory_request_mb < 0:
             raise ValueError("BE requests must not be negative")
+        if (
+            self.be_memory_floor_mb < 0
+            or self.idle_reclaim_after_s < 0
+            or self.idle_reclaim_min_cache_mb < 0
+        ):
+            raise ValueError("memory QoS settings must not be negative")
 
 
 DEFAULT_CONFIG = QoSConfig()
@@ -368,6 +386,15 @@ def reclaimed(sample: NodeSample, config: QoSConfig = DEFAULT_CONFIG, *, now: fl
         - max(sample.system_memory_used, config.reserved_memory_bytes)
     )
     return Reclaimed(max(0.0, cpu), max(0, int(memory)))
+
+
+def be_memory_cap(reclaimed: Reclaimed, config: QoSConfig = DEFAULT_CONFIG) -> int | None:
+    """What the whole BE subtree may hold: the reclaimed memory (capacity x threshold -
+    LS - system), at least ``be_memory_floor_mb``; None while the metrics are stale (the
+    cap in force stays: blind, it must neither grow nor squeeze BE)."""
+    if reclaimed.stale:
+        return None
+    return max(reclaimed.memory_bytes, config.be_memory_floor_mb << 20)
 
 
 # -- BE admission ---------------------------------------------------------------------

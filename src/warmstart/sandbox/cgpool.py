@@ -136,6 +136,11 @@ class CgroupPool:
         rel = f"{self.parent}/cg{self._next}"
         self._next += 1
         self.driver.create(rel)
+        if isinstance(self.driver, V2Driver):
+            oom_group = self.driver.root / rel / "memory.oom.group"
+            if oom_group.exists():  # an OOM kill takes the whole sandbox, not half of it
+                with contextlib.suppress(OSError):
+                    oom_group.write_text("1")
         cg = Cgroup(self.driver, rel)
         cg.open()
         return cg

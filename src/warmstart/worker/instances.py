@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from warmstart.errors import TooManyRequests
 from warmstart.functions import FunctionRecord
 from warmstart.kinds import QoSClass, StartKind
 from warmstart.lifecycle import Supervisor
+from warmstart.qos.enforce import set_oom_score_adj
 from warmstart.sandbox import Isolation, Sandbox, SandboxManager, SandboxSpec
 from warmstart.worker.images import ImageFunctions
 from warmstart.worker.instance import Instance, InstanceDied, State
@@ -31,6 +33,11 @@ from warmstart.worker.registry import NODE_RUNTIMES, FunctionRegistry
 from warmstart.worker.settings import Settings
 from warmstart.zygote.cache import ZygoteCache
 from warmstart.zygote.launcher import Zygote
+
+log = logging.getLogger(__name__)
+
+# The OOM killer's preference for best-effort processes (the most the kernel takes).
+BE_OOM_SCORE_ADJ = 1000
 
 # How long a dead runtime's parent may take to report how it ended (it reaps the child
 # as soon as the kernel tells it; the worker saw the socket close a moment before).
@@ -168,6 +175,8 @@ class InstanceFactory:
         except BaseException:
             self.reserved_mb -= need
             raise
+        if qos_class is QoSClass.BE:
+            self._prefer_for_oom(sandbox)
         inst = Instance(sandbox, rec.name, rec.revision, need)
         if zygote is not None:
             inst.start_kind = StartKind.FORK
@@ -176,6 +185,16 @@ class InstanceFactory:
         if rec.image is not None and zygote is None and self._may_fork(rec):
             self.images.fresh_start(rec.image, ready.ready_payload)
         return ready
+
+    def _prefer_for_oom(self, sandbox: Sandbox) -> None:
+        """An OOM anywhere on the node kills best-effort work before anything else: its
+        processes get the highest ``oom_score_adj`` (their children inherit it)."""
+        cgroup = sandbox.cgroup
+        pids = cgroup.pids() if cgroup is not None else [sandbox.pid]
+        try:
+            set_oom_score_adj(pids or [sandbox.pid], BE_OOM_SCORE_ADJ)
+        except OSError as exc:  # a sandbox that died meanwhile fails its start anyway
+            log.debug("oom_score_adj of %s: %s", sandbox.pid, exc)
 
     async def _sandbox(
         self, rec: FunctionRecord, qos_class: QoSClass

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,6 +193,7 @@ class Worker:
                 self._dispatcher.evict,
                 config=s.qos_config,
                 enabled=s.qos,
+                idle_instances=self._idle_cgroups,
             )
             self._dispatcher.qos = self._qos
         self.tasks.loop("dispatcher", self._dispatcher.run)
@@ -216,6 +218,16 @@ class Worker:
             await zygotes.close()
             return
         self._zygotes = self._factory.zygotes = self._images.zygotes = zygotes
+
+    def _idle_cgroups(self) -> list[tuple[str, float]]:
+        """Idle instances' cgroups and how long each has been idle (for the QoS tick's
+        background reclaim of their page cache)."""
+        now = time.monotonic()
+        return [
+            (inst.sandbox.cgroup.rel, now - inst.last_used)
+            for inst in self._invoker.idle_instances()
+            if inst.sandbox.cgroup is not None
+        ]
 
     async def close(self) -> None:
         """Stop the loops and the invocations in flight, destroy every instance, then close
@@ -523,6 +535,8 @@ class Worker:
                 "reclaimed_memory_bytes": float(q.reclaimed.memory_bytes) if q else 0.0,
                 "be_cpu_limit_cores": (q.be_cpu_cores or 0.0) if q else 0.0,
                 "qos_evictions_total": float(q.evictions) if q else 0.0,
+                "be_memory_cap_bytes": float(q.be_memory_cap or 0) if q else 0.0,
+                "page_cache_reclaimed_bytes_total": float(q.page_cache_reclaimed) if q else 0.0,
                 "be_evictions_for_ls_memory_total": float(self._factory.be_evicted_for_ls),
                 "best_effort_running": float(len(self._invoker.running_be)),
                 "background_task_failures_total": float(self.tasks.failures),
