@@ -85,6 +85,9 @@ def test_publish_versions_and_qualified_operations(server: Server, lam: Any) -> 
     assert [v["Version"] for v in page["Versions"]] == ["$LATEST", "1"]
     rest = lam.list_versions_by_function(FunctionName="ver", Marker=page["NextMarker"])
     assert [v["Version"] for v in rest["Versions"]] == ["2"] and "NextMarker" not in rest
+    every = lam.list_functions(FunctionVersion="ALL")["Functions"]
+    assert [f["Version"] for f in every] == ["$LATEST", "1", "2"]
+    assert [f["Version"] for f in lam.list_functions()["Functions"]] == ["$LATEST"]
 
     # Published versions are immutable snapshots: $LATEST moved on, they did not.
     got = lam.get_function(FunctionName="ver", Qualifier="1")

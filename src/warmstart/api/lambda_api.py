@@ -431,7 +431,14 @@ class LambdaAPI:
         return JSONResponse(configuration(self.worker, rec), status_code=201)
 
     async def list_functions(self, request: Request) -> Response:
+        """ListFunctions: every function's $LATEST; with ``FunctionVersion=ALL``, each
+        followed by its published versions (as Lambda)."""
         functions = self.worker.functions()
+        every = request.query_params.get("FunctionVersion")
+        if every is not None and every != "ALL":
+            raise InvalidParameter("FunctionVersion must be ALL")
+        if every:
+            functions = [r for f in functions for r in (f, *self.worker.versions(f.name))]
         start, max_items = _marker_page(request, len(functions))
         page = functions[start : start + max_items]
         out: dict[str, Any] = {"Functions": [configuration(self.worker, rec) for rec in page]}

@@ -149,7 +149,7 @@ class SqliteCatalog:
         self.store.save(new)
 
     async def remove(self, name: str) -> None:
-        await asyncio.to_thread(self.store.delete, name)
+        self.store.delete(name)
 
     async def publish(
         self, name: str, make: Callable[[int], FunctionRecord]
