@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections import Counter
 from typing import Any
@@ -536,3 +539,30 @@ def test_versions_and_aliases_survive_a_restart(server_factory: Any) -> None:
     assert body["code"] == "one"
     lam.update_function_code(FunctionName="kept", ZipFile=make_zip(code("three")))
     assert lam.publish_version(FunctionName="kept")["Version"] == "3"  # 2 stays used
+
+
+def test_the_cli_publishes_lists_and_moves_aliases(server: Server, lam: Any) -> None:
+    def warmstart(*args: str) -> str:
+        env = dict(os.environ, WARMSTART_ENDPOINT=server.url)
+        out = subprocess.run(
+            [sys.executable, "-m", "warmstart.cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    deploy(lam, "cli", code("one"))
+    assert warmstart("publish", "cli", "--description", "first").startswith("cli version 1 ")
+    lam.update_function_code(FunctionName="cli", ZipFile=make_zip(code("two")))
+    assert warmstart("publish", "cli").startswith("cli version 2 ")
+    made = json.loads(warmstart("alias", "cli", "live", "1", "--weight", "2=0.25"))
+    assert made["RoutingConfig"] == {"AdditionalVersionWeights": {"2": 0.25}}
+    moved = json.loads(warmstart("alias", "cli", "live", "2", "--weight", "none"))
+    assert moved["FunctionVersion"] == "2" and "RoutingConfig" not in moved
+    assert json.loads(warmstart("invoke", "cli:live"))["code"] == "two"
+    lines = warmstart("versions", "cli").splitlines()
+    assert [line.split("\t")[0] for line in lines[1:4]] == ["$LATEST", "1", "2"]
+    assert lines[2].endswith("\tfirst") and lines[4] == "alias live\t-> 2"
