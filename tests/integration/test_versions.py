@@ -430,9 +430,7 @@ def test_shifting_an_alias_under_load_fails_nothing(server: Server, lam: Any) ->
     def settle(after: int) -> None:
         """Wait until the clients have made ``after`` more invocations."""
         goal = len(outcomes) + after
-        wait_until(
-            lambda: len(outcomes) >= goal or bool(failures), "more invocations", timeout=120
-        )
+        wait_until(lambda: len(outcomes) >= goal or bool(failures), "more invocations", timeout=120)
 
     try:
         for weight in (0.0, 0.1, 0.5, 1.0):

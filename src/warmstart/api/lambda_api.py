@@ -139,8 +139,7 @@ def request_target(request: Request) -> tuple[str, str | None]:
     in_path, in_query = parse_qualifier(in_path), parse_qualifier(in_query)
     if in_path is not None and in_query is not None and in_path != in_query:
         raise InvalidParameter(
-            "The derived qualifier from the function name does not match the specified "
-            "qualifier."
+            "The derived qualifier from the function name does not match the specified qualifier."
         )
     return name, in_path or in_query
 
@@ -553,7 +552,9 @@ class LambdaAPI:
         if qualifier is None:
             await self.worker.delete_function(self.worker.get(name).name)
         elif qualifier == LATEST:
-            raise InvalidParameter("$LATEST version cannot be deleted without deleting the function.")
+            raise InvalidParameter(
+                "$LATEST version cannot be deleted without deleting the function."
+            )
         elif not VERSION_RE.fullmatch(qualifier):
             raise InvalidParameter("Deletion of aliases is not supported.")
         else:
@@ -564,8 +565,8 @@ class LambdaAPI:
     async def publish_version(self, request: Request) -> Response:
         """PublishVersion: $LATEST as it is now, if it still has the ``CodeSha256`` and
         ``RevisionId`` given; an unchanged $LATEST gives the newest version back."""
-        rec = self._latest(request)
         body = await json_body(request, "PublishVersion")
+        rec = self._latest(request)  # as it is once the body is in: what gets published
         self._check_revision(rec, body)
         sha = configuration(self.worker, rec)["CodeSha256"]
         wanted = body.get("CodeSha256")

@@ -97,9 +97,7 @@ class EtcdCatalog:
         for i in range(0, len(keys), TXN_MAX_OPS):
             await self.etcd.commit([Delete(k) for k in keys[i : i + TXN_MAX_OPS]])
 
-    async def publish(
-        self, name: str, make: Callable[[int], FunctionRecord]
-    ) -> FunctionRecord:
+    async def publish(self, name: str, make: Callable[[int], FunctionRecord]) -> FunctionRecord:
         counter = FUNCTIONS + name + COUNTER
         for _ in range(PUBLISH_ATTEMPTS):
             if await self.etcd.get(FUNCTIONS + name) is None:
@@ -117,8 +115,7 @@ class EtcdCatalog:
             if await self.etcd.commit(ops, if_value=(counter, kv.value)):
                 return rec
         raise Conflict(
-            f"Versions of {name} are being published through other nodes at the same time; "
-            "retry"
+            f"Versions of {name} are being published through other nodes at the same time; retry"
         )
 
     async def unpublish(self, name: str, version: str) -> None:

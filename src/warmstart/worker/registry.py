@@ -4,17 +4,17 @@ Lookups on the invocation path are dict lookups; the catalog is written on chang
 A single node's catalog is SQLite (``SqliteCatalog``); a cluster's is etcd
 (``cluster.catalog.EtcdCatalog``), which also reports the changes other nodes make
 (``apply`` / ``forget``).  A change makes a new *revision*; the registry's listeners
-(the worker's invoker) retire the instances of the old one.
+(the worker's invoker) retire the instances of the old one.  Code is made ready before
+anything is recorded -- the bundle unpacked and byte-compiled, its ``requirements.txt``
+resolved and every package installed once per node (``InstallCache``) -- so a failed
+deploy leaves the function as it was and no trace of the attempt.
 
 Each function may also have published *versions* -- immutable snapshots of its $LATEST
 record, numbered from 1 by a counter the catalog keeps (a number is never given twice,
 even after its version is deleted) -- and *aliases* naming a version, optionally with a
 second one that gets a share of the invocations (``AliasRecord``).  ``resolve`` turns an
 invocation's qualifier into the record it runs, from memory: an alias draws its version
-for each invocation.  Code is made ready before
-anything is recorded -- the bundle unpacked and byte-compiled, its ``requirements.txt``
-resolved and every package installed once per node (``InstallCache``) -- so a failed
-deploy leaves the function as it was and no trace of the attempt.
+for each invocation.
 """
 
 from __future__ import annotations
@@ -97,9 +97,7 @@ class FunctionCatalog(Protocol):
         """Delete a function with its versions, aliases and version counter; ``NotFound``
         if there is none."""
 
-    async def publish(
-        self, name: str, make: Callable[[int], FunctionRecord]
-    ) -> FunctionRecord:
+    async def publish(self, name: str, make: Callable[[int], FunctionRecord]) -> FunctionRecord:
         """Store ``make(n)`` as version ``n`` of ``name``, ``n`` the function's next
         version number (never one given before); ``NotFound`` if the function is gone."""
 
@@ -151,9 +149,7 @@ class SqliteCatalog:
     async def remove(self, name: str) -> None:
         self.store.delete(name)
 
-    async def publish(
-        self, name: str, make: Callable[[int], FunctionRecord]
-    ) -> FunctionRecord:
+    async def publish(self, name: str, make: Callable[[int], FunctionRecord]) -> FunctionRecord:
         return self.store.publish(name, make)
 
     async def unpublish(self, name: str, version: str) -> None:
@@ -333,8 +329,7 @@ class FunctionRegistry:
         users = [a.name for a in self.aliases(name) if version in a.versions()]
         if users:
             raise Conflict(
-                "Unable to delete version because the following aliases reference it: "
-                f"{users}"
+                f"Unable to delete version because the following aliases reference it: {users}"
             )
         await self.catalog.unpublish(name, version)
         self.forget_version(name, version)
