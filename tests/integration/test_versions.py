@@ -152,6 +152,15 @@ def test_publish_versions_and_qualified_operations(server: Server, lam: Any) -> 
     resp, body = invoke(lam, "ver", Qualifier="1")
     assert body["code"] == "one"
 
+    # Publish with the deploy, as Lambda's CreateFunction and UpdateFunctionCode offer.
+    updated = lam.update_function_code(
+        FunctionName="ver", ZipFile=make_zip(code("four")), Publish=True
+    )
+    assert updated["Version"] == "4" and updated["FunctionArn"].endswith(":function:ver:4")
+    made = deploy(lam, "ver-published", code("one"), Publish=True)
+    assert made["Version"] == "1"
+    assert invoke(lam, "ver-published", Qualifier="1")[1]["code"] == "one"
+
     # Deleting the function deletes its versions and aliases.
     lam.create_alias(FunctionName="ver", Name="live", FunctionVersion="1")
     lam.delete_function(FunctionName="ver")

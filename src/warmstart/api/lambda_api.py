@@ -427,7 +427,15 @@ class LambdaAPI:
             rec = await self.worker.create_image_function(name, config, image)
         else:
             rec = await self.worker.create_function(name, config, decode_zip(code["ZipFile"]))
-        return JSONResponse(configuration(self.worker, rec), status_code=201)
+        return JSONResponse(await self._published(rec, body), status_code=201)
+
+    async def _published(self, rec: FunctionRecord, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a deploy: with ``Publish: true`` (CreateFunction,
+        UpdateFunctionCode) a version is published from it and that version's
+        configuration is the answer, as Lambda does."""
+        if body.get("Publish") is True:
+            rec, _ = await self.worker.publish_version(rec)
+        return configuration(self.worker, rec)
 
     async def list_functions(self, request: Request) -> Response:
         """ListFunctions: every function's $LATEST; with ``FunctionVersion=ALL``, each
@@ -537,14 +545,14 @@ class LambdaAPI:
             if body.get("DryRun"):
                 return JSONResponse(configuration(self.worker, rec))
             new = await self.worker.update_image(rec.name, image)
-            return JSONResponse(configuration(self.worker, new))
+            return JSONResponse(await self._published(new, body))
         if "ZipFile" not in body:
             raise InvalidParameter("ZipFile or ImageUri is required (S3 code is not supported)")
         data = decode_zip(body["ZipFile"])
         if body.get("DryRun"):
             return JSONResponse(configuration(self.worker, rec))
         new = await self.worker.update_code(rec.name, data)
-        return JSONResponse(configuration(self.worker, new))
+        return JSONResponse(await self._published(new, body))
 
     async def delete_function(self, request: Request) -> Response:
         """The function with its versions and aliases; with a qualifier, one version."""
