@@ -329,6 +329,80 @@ def test_list_functions(client: AppClient, query: dict[str, str]) -> None:
     check(client.get(LAMBDA, params=query))
 
 
+# -- versions and aliases ----------------------------------------------------------------------
+_PUBLISH_FIELDS = {
+    "CodeSha256": st.one_of(st.text(max_size=50), st.sampled_from(["", "="])),
+    "RevisionId": st.text(max_size=36),
+    "Description": st.one_of(st.text(max_size=30), st.just("x" * 300)),
+}
+
+
+@given(NAMES, mutated({"Description": "v"}, _PUBLISH_FIELDS))
+def test_publish_version(client: AppClient, name: str, body: bytes) -> None:
+    if names_a_kept_function(name):
+        name = CONFIGURED  # versions of echo would pin its instances: it is invoked
+    check(client.post(f"{LAMBDA}/{path_of(name)}/versions", content=body))
+
+
+_VERSIONS = st.one_of(
+    st.sampled_from(["1", "2", "$LATEST", "0", "-1", "", "9" * 20, "1.5", "é"]),
+    st.text(max_size=6),
+)
+_ALIAS_NAMES = st.one_of(
+    st.sampled_from(["live", "123", "", "a b", "x" * 129, "$LATEST", "é", "a\n"]),
+    st.text(max_size=10),
+)
+_ALIAS_FIELDS = {
+    "Name": _ALIAS_NAMES,
+    "FunctionVersion": _VERSIONS,
+    "Description": st.one_of(st.text(max_size=30), st.just("x" * 300)),
+    "RevisionId": st.text(max_size=36),
+    "RoutingConfig": st.one_of(
+        st.fixed_dictionaries(
+            {
+                "AdditionalVersionWeights": st.dictionaries(
+                    _VERSIONS,
+                    st.one_of(st.floats(), st.integers(), _HUGE, st.text(max_size=3), JSON),
+                    max_size=3,
+                )
+            }
+        ),
+        JSON,
+    ),
+}
+
+
+@given(NAMES, mutated({"Name": "live", "FunctionVersion": "$LATEST"}, _ALIAS_FIELDS))
+def test_create_alias(client: AppClient, name: str, body: bytes) -> None:
+    if names_a_kept_function(name):
+        name = CONFIGURED
+    check(client.post(f"{LAMBDA}/{path_of(name)}/aliases", content=body))
+
+
+@given(
+    _ALIAS_NAMES,
+    st.sampled_from(["GET", "PUT", "DELETE"]),
+    mutated({"FunctionVersion": "$LATEST"}, _ALIAS_FIELDS),
+)
+def test_alias_operations(client: AppClient, alias: str, method: str, body: bytes) -> None:
+    url = f"{LAMBDA}/{CONFIGURED}/aliases/{path_of(alias)}"
+    check(client.request(method, url, content=body if method == "PUT" else None))
+
+
+@given(
+    NAMES,
+    st.sampled_from(["/versions", "/aliases"]),
+    st.dictionaries(
+        st.sampled_from(["Marker", "MaxItems", "FunctionVersion", "Qualifier"]),
+        st.one_of(st.text(max_size=12), st.sampled_from(["²", "9" * 5000, "-1", "0", "ALL"])),
+    ),
+)
+def test_list_versions_and_aliases(
+    client: AppClient, name: str, what: str, query: dict[str, str]
+) -> None:
+    check(client.get(f"{LAMBDA}/{path_of(name)}{what}", params=query))
+
+
 # -- invocations -------------------------------------------------------------------------------
 def _b64(value: str | bytes) -> str:
     return base64.b64encode(value.encode() if isinstance(value, str) else value).decode()

@@ -275,8 +275,14 @@ def test_warm_and_cold_headers_and_metrics(server: Server, lam: Any) -> None:
         assert float(second.headers["X-Warmstart-Duration-Ms"]) > 0
         assert second.json()["count"] == 2  # the same instance served both
         metrics = http.get("/metrics").text
-        assert 'warmstart_invocations_total{function="hdr",outcome="success"} 2.0' in metrics
-        assert f'warmstart_starts_total{{function="hdr",kind="{kind}"}} 1.0' in metrics
+        assert (
+            'warmstart_invocations_total{function="hdr",outcome="success",version="$LATEST"} 2.0'
+            in metrics
+        )
+        assert (
+            f'warmstart_starts_total{{function="hdr",kind="{kind}",version="$LATEST"}} 1.0'
+            in metrics
+        )
         assert "warmstart_invocation_duration_seconds_bucket" in metrics
         assert (
             'warmstart_instances{state="idle"}' in metrics

@@ -17,6 +17,7 @@ from warmstart.cluster.router import Router, locality, share, zygote_cover
 from warmstart.cluster.settings import ClusterSettings
 from warmstart.errors import Conflict, NotFound
 from warmstart.functions import FunctionConfig, FunctionRecord
+from warmstart.functions.models import AliasRecord
 from warmstart.worker.registry import FunctionRegistry
 
 
@@ -226,3 +227,51 @@ def test_a_node_at_its_share_sends_calls_where_there_is_room() -> None:
     assert placement.local and placement.reason == "share"
     members[1] = member("b", functions={"fn": {"revision": rec.revision, "idle": 0, "inflight": 0}})
     assert router.place(rec).node == "b"
+
+
+def test_versions_are_numbered_once_across_nodes_and_followed_with_aliases() -> None:
+    async def body(etcd: MemoryEtcd) -> None:
+        cat_a, cat_b = EtcdCatalog(etcd), EtcdCatalog(etcd)
+        reg_a, reg_b = registry(cat_a), registry(cat_b)
+        rec = record("fn")
+        await cat_a.insert(rec)
+        await reg_a.load()
+        await reg_b.load()
+        follow = asyncio.create_task(cat_b.follow(reg_b))
+        # Two nodes publishing at once get two numbers (the counter's compare-and-swap).
+        made = await asyncio.gather(
+            cat_a.publish("fn", lambda n: rec.publish(n, "a")),
+            cat_b.publish("fn", lambda n: rec.publish(n, "b")),
+        )
+        assert sorted(v.version for v in made) == ["1", "2"]
+        await until(lambda: len(reg_b.versions("fn")) == 2, "b to see both versions")
+        alias = AliasRecord("fn", "live", "1", weights=(("2", 0.25),))
+        await cat_a.put_alias(alias, None)
+        with pytest.raises(Conflict):
+            await cat_b.put_alias(alias, None)
+        await until(lambda: "live" in {a.name for a in reg_b.aliases("fn")}, "b to see the alias")
+        assert reg_b.alias("fn", "live") == alias
+        moved = AliasRecord("fn", "live", "2", revision_id="r2")
+        await cat_b.put_alias(moved, alias)
+        with pytest.raises(Conflict, match="another node"):
+            await cat_a.put_alias(AliasRecord("fn", "live", "1", revision_id="r3"), alias)
+        await until(lambda: reg_b.alias("fn", "live").function_version == "2", "b to follow")
+        await cat_a.unpublish("fn", "1")
+        await until(lambda: [v.version for v in reg_b.versions("fn")] == ["2"], "b to drop 1")
+        third = await cat_a.publish("fn", lambda n: rec.publish(n, None))
+        assert third.version == "3"  # numbers are never given twice
+        # Deleting the function deletes every key under it: a new one starts again at 1.
+        await cat_a.remove("fn")
+        await until(lambda: "fn" not in reg_b, "b to forget it")
+        assert await etcd.count("functions/") == 0
+        await cat_a.insert(rec)
+        assert (await cat_a.publish("fn", lambda n: rec.publish(n, None))).version == "1"
+        # A fresh node loads the function, its versions and aliases in one read.
+        await cat_a.put_alias(AliasRecord("fn", "edge", "$LATEST"), None)
+        fresh = registry(EtcdCatalog(etcd))
+        await fresh.load()
+        assert [v.version for v in fresh.versions("fn")] == ["1"]
+        assert [a.name for a in fresh.aliases("fn")] == ["edge"]
+        follow.cancel()
+
+    run(body)

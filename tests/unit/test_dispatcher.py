@@ -74,6 +74,11 @@ class FakeRegistry:
             raise NotFound(name)
         return object()
 
+    def version(self, name: str, version: str) -> object:
+        if version != "$LATEST":
+            raise NotFound(f"{name}:{version}")
+        return self.get(name)
+
 
 class FakeInvoker:
     def __init__(self, behaviour: Callable[[str, bytes], Awaitable[InvokeResult]]) -> None:
@@ -83,7 +88,13 @@ class FakeInvoker:
         self.evicted: list[list[str]] = []
 
     async def invoke(
-        self, name: str, payload: bytes, *, qos_class: QoSClass, max_response: int
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        qos_class: QoSClass,
+        max_response: int,
+        qualifier: str | None = None,
     ) -> InvokeResult:
         self.calls.append((name, payload, qos_class))
         self.max_response = max_response

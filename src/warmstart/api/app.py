@@ -29,6 +29,7 @@ from warmstart.errors import InvalidParameter, NotFound, RequestTooLarge, Warmst
 from warmstart.kinds import SizeLimit
 from warmstart.lifecycle import close_all
 from warmstart.worker import Worker
+from warmstart.worker.registry import parse_qualifier
 
 if TYPE_CHECKING:
     from warmstart.cluster.node import ClusterNode
@@ -61,8 +62,12 @@ class NativeAPI:
 
     async def run(self, request: Request) -> Response:
         """POST /run/<fn>: JSON event in, handler result out (502 if the handler failed)."""
-        name, _ = function_name(request.path_params["name"])
-        result = await self.worker.invoke(name, await read_body(request, self.request_limit))
+        name, qualifier = function_name(request.path_params["name"])
+        result = await self.worker.invoke(
+            name,
+            await read_body(request, self.request_limit),
+            qualifier=parse_qualifier(qualifier),
+        )
         status = 200
         if result.function_error:
             status = 504 if b"Sandbox.Timedout" in result.payload else 502
@@ -137,8 +142,8 @@ class NativeAPI:
             inputs = [json.dumps(item).encode() for item in body["inputs"]]
             for n, item in enumerate(inputs):
                 self._check_input(f"inputs[{n}]", item)
-        name, _ = function_name(name)
-        job_id = await self.worker.submit_job(name, inputs)
+        name, qualifier = function_name(name)
+        job_id = await self.worker.submit_job(name, inputs, parse_qualifier(qualifier))
         return JSONResponse({"JobId": job_id, "total": len(inputs)}, status_code=202)
 
     def _check_input(self, where: str, item: bytes) -> None:

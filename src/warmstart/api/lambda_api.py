@@ -3,6 +3,13 @@
 Errors carry Lambda's shapes: status code, ``x-amzn-ErrorType`` header and a JSON body
 with ``Type`` and ``message`` -- botocore reads the error code from either.
 
+Versions and aliases: a ``Qualifier`` (query parameter, ``name:qualifier`` in the path,
+or a qualified ARN) names ``$LATEST``, a published version or an alias.  Reads
+(GetFunction, GetFunctionConfiguration) and Invoke take any; DeleteFunction a version
+only (as Lambda: never ``$LATEST`` alone, nor an alias); the function-wide changes
+(UpdateFunctionCode/Configuration, the concurrency operations) ``$LATEST`` or none, like
+Lambda, which refuses other qualifiers for them.
+
 One extension: a deploy of an image (``CreateFunction``, ``UpdateFunctionCode``,
 ``UpdateFunctionConfiguration`` with ``ImageConfig``) may carry the deployer's registry
 credentials in ``X-Warmstart-Registry-Auth`` (``images/access.py``); the image is used
@@ -42,10 +49,18 @@ from warmstart.errors import (
     WarmstartError,
 )
 from warmstart.functions import FunctionConfig, FunctionRecord
-from warmstart.functions.models import DEFAULT_EPHEMERAL, NETWORK_TAG
+from warmstart.functions.models import (
+    DEFAULT_EPHEMERAL,
+    LATEST,
+    NETWORK_TAG,
+    VERSION_RE,
+    AliasRecord,
+    check_alias_name,
+)
 from warmstart.images.access import REGISTRY_AUTH_HEADER, RegistryCredential
 from warmstart.kinds import SizeLimit
 from warmstart.worker import InvokeResult, Worker
+from warmstart.worker.registry import parse_qualifier
 
 if TYPE_CHECKING:
     from warmstart.cluster.node import ClusterNode
@@ -116,9 +131,85 @@ def sync_payload_limit(worker: Worker) -> BodyLimit:
     return BodyLimit(worker.settings.max_request_bytes, SizeLimit.INVOKE, "InvokeFunction")
 
 
-def check_qualifier(qualifier: str | None) -> None:
-    if qualifier not in (None, "", "$LATEST"):
-        raise NotFound(f"Function not found: qualifier {qualifier!r} (only $LATEST is served)")
+def request_target(request: Request) -> tuple[str, str | None]:
+    """The function a request names and its qualifier (from the path -- ``name:q`` or a
+    qualified ARN -- or the ``Qualifier`` query parameter; both must agree), checked."""
+    name, in_path = function_name(request.path_params["name"])
+    in_query = request.query_params.get("Qualifier")
+    in_path, in_query = parse_qualifier(in_path), parse_qualifier(in_query)
+    if in_path is not None and in_query is not None and in_path != in_query:
+        raise InvalidParameter(
+            "The derived qualifier from the function name does not match the specified qualifier."
+        )
+    return name, in_path or in_query
+
+
+def unqualified(qualifier: str | None) -> None:
+    """Function-wide changes take no qualifier but $LATEST (as Lambda)."""
+    if qualifier not in (None, LATEST):
+        raise InvalidParameter(
+            "Current operation does not support versions other than $LATEST. "
+            "Please set version to $LATEST or do not set a version in your ARN."
+        )
+
+
+def _marker_page(request: Request, items: int, most: int = 10000) -> tuple[int, int]:
+    """The (start, size) of the page a list request asks for: ``Marker`` is an offset
+    this API returned, ``MaxItems`` at most ``most``."""
+    marker = request.query_params.get("Marker")
+    try:
+        max_items = int(request.query_params.get("MaxItems", "50"))
+    except ValueError:
+        raise InvalidParameter("MaxItems must be an integer") from None
+    max_items = max(1, min(max_items, most))
+    # A marker is an offset this API returned: ASCII digits ("²".isdigit() is true too).
+    if marker and not (marker.isascii() and marker.isdigit() and len(marker) <= 18):
+        raise InvalidParameter(f"Marker {marker[:64]!r} is not one this API returned")
+    return (int(marker) if marker else 0), max_items
+
+
+def alias_configuration(worker: Worker, alias: AliasRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "AliasArn": worker.arn(alias.function, alias.name),
+        "Name": alias.name,
+        "FunctionVersion": alias.function_version,
+        "Description": alias.description,
+        "RevisionId": alias.revision_id,
+    }
+    if alias.weights:
+        out["RoutingConfig"] = {"AdditionalVersionWeights": dict(alias.weights)}
+    return out
+
+
+def _routing(body: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    """``RoutingConfig.AdditionalVersionWeights`` as (version, weight) pairs (checked
+    further by ``AliasRecord``)."""
+    raw = body.get("RoutingConfig")
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise InvalidParameter("RoutingConfig must be {'AdditionalVersionWeights': {...}}")
+    weights = raw.get("AdditionalVersionWeights") or {}
+    if not isinstance(weights, dict):
+        raise InvalidParameter("RoutingConfig.AdditionalVersionWeights must be a map")
+    out = []
+    for version, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise InvalidParameter(
+                f"Invalid weight for version {str(version)[:64]}: it must be a number "
+                "between 0.0 and 1.0"
+            )
+        out.append((str(version), float(weight)))
+    return tuple(out)
+
+
+def _description(body: dict[str, Any]) -> str | None:
+    value = body.get("Description")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise InvalidParameter("Description must be a string of at most 256 characters")
+    return value
 
 
 async def json_body(
@@ -148,11 +239,15 @@ def decode_zip(value: Any) -> bytes:
         raise InvalidParameter("Code.ZipFile is not valid base64") from exc
 
 
-def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
+def configuration(
+    worker: Worker, rec: FunctionRecord, qualifier: str | None = None
+) -> dict[str, Any]:
+    """A version's configuration; its ARN carries ``qualifier`` (as asked: an alias, or
+    ``$LATEST``), else a published version's number."""
     cfg = rec.config
     out: dict[str, Any] = {
         "FunctionName": rec.name,
-        "FunctionArn": worker.arn(rec.name),
+        "FunctionArn": worker.arn(rec.name, qualifier or (rec.version if rec.published else None)),
         "Runtime": cfg.runtime,
         "Role": cfg.role,
         "Handler": cfg.handler,
@@ -162,7 +257,7 @@ def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
         "MemorySize": cfg.memory_mb,
         "LastModified": rec.last_modified,
         "CodeSha256": base64.b64encode(bytes.fromhex(rec.code_sha256)).decode(),
-        "Version": "$LATEST",
+        "Version": rec.version,
         "TracingConfig": {"Mode": "PassThrough"},
         "RevisionId": rec.revision_id,
         "State": "Active",
@@ -258,6 +353,13 @@ class LambdaAPI:
             Route(p + "/{name}/code", self.update_code, methods=["PUT"]),
             Route(p + "/{name}/code-download", self.download_code, methods=["GET"]),
             Route(p + "/{name}/invocations", self.invoke, methods=["POST"]),
+            Route(p + "/{name}/versions", self.publish_version, methods=["POST"]),
+            Route(p + "/{name}/versions", self.list_versions, methods=["GET"]),
+            Route(p + "/{name}/aliases", self.create_alias, methods=["POST"]),
+            Route(p + "/{name}/aliases", self.list_aliases, methods=["GET"]),
+            Route(p + "/{name}/aliases/{alias}", self.get_alias, methods=["GET"]),
+            Route(p + "/{name}/aliases/{alias}", self.update_alias, methods=["PUT"]),
+            Route(p + "/{name}/aliases/{alias}", self.delete_alias, methods=["DELETE"]),
             Route(
                 "/2017-10-31/functions/{name}/concurrency", self.put_concurrency, methods=["PUT"]
             ),
@@ -272,8 +374,14 @@ class LambdaAPI:
         ]
 
     def _rec(self, request: Request) -> FunctionRecord:
-        name, qualifier = function_name(request.path_params["name"])
-        check_qualifier(qualifier or request.query_params.get("Qualifier"))
+        """The version a read names ($LATEST, a version, an alias's primary version)."""
+        name, qualifier = request_target(request)
+        return self.worker.target(name, qualifier)
+
+    def _latest(self, request: Request) -> FunctionRecord:
+        """The function a function-wide change names (no qualifier but $LATEST)."""
+        name, qualifier = request_target(request)
+        unqualified(qualifier)
         return self.worker.get(name)
 
     async def create_function(self, request: Request) -> Response:
@@ -319,20 +427,26 @@ class LambdaAPI:
             rec = await self.worker.create_image_function(name, config, image)
         else:
             rec = await self.worker.create_function(name, config, decode_zip(code["ZipFile"]))
-        return JSONResponse(configuration(self.worker, rec), status_code=201)
+        return JSONResponse(await self._published(rec, body), status_code=201)
+
+    async def _published(self, rec: FunctionRecord, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer to a deploy: with ``Publish: true`` (CreateFunction,
+        UpdateFunctionCode) a version is published from it and that version's
+        configuration is the answer, as Lambda does."""
+        if body.get("Publish") is True:
+            rec, _ = await self.worker.publish_version(rec)
+        return configuration(self.worker, rec)
 
     async def list_functions(self, request: Request) -> Response:
+        """ListFunctions: every function's $LATEST; with ``FunctionVersion=ALL``, each
+        followed by its published versions (as Lambda)."""
         functions = self.worker.functions()
-        marker = request.query_params.get("Marker")
-        try:
-            max_items = int(request.query_params.get("MaxItems", "50"))
-        except ValueError:
-            raise InvalidParameter("MaxItems must be an integer") from None
-        max_items = max(1, min(max_items, 10000))
-        # A marker is an offset this API returned: ASCII digits ("²".isdigit() is true too).
-        if marker and not (marker.isascii() and marker.isdigit() and len(marker) <= 18):
-            raise InvalidParameter(f"Marker {marker[:64]!r} is not one this API returned")
-        start = int(marker) if marker else 0
+        every = request.query_params.get("FunctionVersion")
+        if every is not None and every != "ALL":
+            raise InvalidParameter("FunctionVersion must be ALL")
+        if every:
+            functions = [r for f in functions for r in (f, *self.worker.versions(f.name))]
+        start, max_items = _marker_page(request, len(functions))
         page = functions[start : start + max_items]
         out: dict[str, Any] = {"Functions": [configuration(self.worker, rec) for rec in page]}
         if start + max_items < len(functions):
@@ -340,10 +454,13 @@ class LambdaAPI:
         return JSONResponse(out)
 
     async def get_function(self, request: Request) -> Response:
-        rec = self._rec(request)
+        name, qualifier = request_target(request)
+        rec = self.worker.target(name, qualifier)
         url = str(request.base_url).rstrip("/") + f"/2015-03-31/functions/{rec.name}/code-download"
+        if rec.published:
+            url += f"?Qualifier={rec.version}"
         out: dict[str, Any] = {
-            "Configuration": configuration(self.worker, rec),
+            "Configuration": configuration(self.worker, rec, qualifier),
             "Code": {"RepositoryType": "S3", "Location": url},
             "Tags": dict(rec.config.tags),
         }
@@ -353,8 +470,9 @@ class LambdaAPI:
                 "ImageUri": rec.image.uri,
                 "ResolvedImageUri": rec.image.resolved_uri,
             }
-        if rec.reserved_concurrency is not None:
-            out["Concurrency"] = {"ReservedConcurrentExecutions": rec.reserved_concurrency}
+        reserved = self.worker.get(rec.name).reserved_concurrency  # the function's
+        if reserved is not None:
+            out["Concurrency"] = {"ReservedConcurrentExecutions": reserved}
         return JSONResponse(out)
 
     async def download_code(self, request: Request) -> Response:
@@ -368,7 +486,9 @@ class LambdaAPI:
         )
 
     async def get_configuration(self, request: Request) -> Response:
-        return JSONResponse(configuration(self.worker, self._rec(request)))
+        name, qualifier = request_target(request)
+        rec = self.worker.target(name, qualifier)
+        return JSONResponse(configuration(self.worker, rec, qualifier))
 
     def _check_revision(self, rec: FunctionRecord, body: dict[str, Any]) -> None:
         rid = body.get("RevisionId")
@@ -379,7 +499,7 @@ class LambdaAPI:
             )
 
     async def update_configuration(self, request: Request) -> Response:
-        rec = self._rec(request)
+        rec = self._latest(request)
         body = await json_body(request, "UpdateFunctionConfiguration")
         self._check_revision(rec, body)
         cfg = rec.config
@@ -414,7 +534,7 @@ class LambdaAPI:
         return JSONResponse(configuration(self.worker, new))
 
     async def update_code(self, request: Request) -> Response:
-        rec = self._rec(request)
+        rec = self._latest(request)
         body = await json_body(request, "UpdateFunctionCode", CODE_REQUEST_BYTES)
         self._check_revision(rec, body)
         if isinstance(body.get("ImageUri"), str):
@@ -425,22 +545,133 @@ class LambdaAPI:
             if body.get("DryRun"):
                 return JSONResponse(configuration(self.worker, rec))
             new = await self.worker.update_image(rec.name, image)
-            return JSONResponse(configuration(self.worker, new))
+            return JSONResponse(await self._published(new, body))
         if "ZipFile" not in body:
             raise InvalidParameter("ZipFile or ImageUri is required (S3 code is not supported)")
         data = decode_zip(body["ZipFile"])
         if body.get("DryRun"):
             return JSONResponse(configuration(self.worker, rec))
         new = await self.worker.update_code(rec.name, data)
-        return JSONResponse(configuration(self.worker, new))
+        return JSONResponse(await self._published(new, body))
 
     async def delete_function(self, request: Request) -> Response:
-        rec = self._rec(request)
-        await self.worker.delete_function(rec.name)
+        """The function with its versions and aliases; with a qualifier, one version."""
+        name, qualifier = request_target(request)
+        if qualifier is None:
+            await self.worker.delete_function(self.worker.get(name).name)
+        elif qualifier == LATEST:
+            raise InvalidParameter(
+                "$LATEST version cannot be deleted without deleting the function."
+            )
+        elif not VERSION_RE.fullmatch(qualifier):
+            raise InvalidParameter("Deletion of aliases is not supported.")
+        else:
+            await self.worker.delete_version(name, qualifier)
         return Response(status_code=204)
 
+    # -- versions ------------------------------------------------------------------------------
+    async def publish_version(self, request: Request) -> Response:
+        """PublishVersion: $LATEST as it is now, if it still has the ``CodeSha256`` and
+        ``RevisionId`` given; an unchanged $LATEST gives the newest version back."""
+        body = await json_body(request, "PublishVersion")
+        rec = self._latest(request)  # as it is once the body is in: what gets published
+        self._check_revision(rec, body)
+        sha = configuration(self.worker, rec)["CodeSha256"]
+        wanted = body.get("CodeSha256")
+        if wanted is not None and wanted != sha:
+            raise InvalidParameter(
+                f"CodeSHA256 ({str(wanted)[:64]}) is different from current CodeSHA256 in "
+                f"$LATEST ({sha}). Please try again with the current CodeSHA256."
+            )
+        version, _ = await self.worker.publish_version(rec, _description(body))
+        return JSONResponse(configuration(self.worker, version), status_code=201)
+
+    async def list_versions(self, request: Request) -> Response:
+        """ListVersionsByFunction: $LATEST first, then the versions oldest first (at most
+        50 a page, as Lambda)."""
+        name, qualifier = request_target(request)
+        unqualified(qualifier)
+        latest = self.worker.get(name)
+        records = [latest, *self.worker.versions(name)]
+        start, max_items = _marker_page(request, len(records), most=50)
+        page = records[start : start + max_items]
+        out: dict[str, Any] = {
+            "Versions": [
+                configuration(self.worker, r, None if r.published else LATEST) for r in page
+            ]
+        }
+        if start + max_items < len(records):
+            out["NextMarker"] = str(start + max_items)
+        return JSONResponse(out)
+
+    # -- aliases -------------------------------------------------------------------------------
+    def _alias_target(self, request: Request) -> tuple[str, str]:
+        name, qualifier = request_target(request)
+        unqualified(qualifier)
+        return self.worker.get(name).name, check_alias_name(unquote(request.path_params["alias"]))
+
+    async def create_alias(self, request: Request) -> Response:
+        name, qualifier = request_target(request)
+        unqualified(qualifier)
+        self.worker.get(name)
+        body = await json_body(request, "CreateAlias")
+        version = body.get("FunctionVersion")
+        if not isinstance(version, str):
+            raise InvalidParameter("FunctionVersion is required")
+        alias = AliasRecord(
+            name,
+            check_alias_name(body.get("Name")),
+            version,
+            _description(body) or "",
+            _routing(body),
+        )
+        created = await self.worker.create_alias(alias)
+        return JSONResponse(alias_configuration(self.worker, created), status_code=201)
+
+    async def get_alias(self, request: Request) -> Response:
+        name, alias = self._alias_target(request)
+        return JSONResponse(alias_configuration(self.worker, self.worker.alias(name, alias)))
+
+    async def update_alias(self, request: Request) -> Response:
+        name, alias = self._alias_target(request)
+        body = await json_body(request, "UpdateAlias")
+        changes: dict[str, Any] = {}
+        if "FunctionVersion" in body:
+            if not isinstance(body["FunctionVersion"], str):
+                raise InvalidParameter("FunctionVersion must be a version number or $LATEST")
+            changes["function_version"] = body["FunctionVersion"]
+        if "Description" in body:
+            changes["description"] = _description(body) or ""
+        if "RoutingConfig" in body:
+            changes["weights"] = _routing(body)
+        rid = body.get("RevisionId")
+        if rid is not None and not isinstance(rid, str):
+            raise InvalidParameter("RevisionId must be a string")
+        updated = await self.worker.update_alias(name, alias, rid, **changes)
+        return JSONResponse(alias_configuration(self.worker, updated))
+
+    async def delete_alias(self, request: Request) -> Response:
+        name, alias = self._alias_target(request)
+        await self.worker.delete_alias(name, alias)
+        return Response(status_code=204)
+
+    async def list_aliases(self, request: Request) -> Response:
+        name, qualifier = request_target(request)
+        unqualified(qualifier)
+        aliases = self.worker.aliases(name)
+        version = request.query_params.get("FunctionVersion")
+        if version is not None:
+            aliases = [a for a in aliases if version in a.versions()]
+        start, max_items = _marker_page(request, len(aliases))
+        page = aliases[start : start + max_items]
+        out: dict[str, Any] = {"Aliases": [alias_configuration(self.worker, a) for a in page]}
+        if start + max_items < len(aliases):
+            out["NextMarker"] = str(start + max_items)
+        return JSONResponse(out)
+
+    # -- concurrency ---------------------------------------------------------------------------
     async def put_concurrency(self, request: Request) -> Response:
-        rec = self._rec(request)
+        rec = self._latest(request)
         body = await json_body(request, "PutFunctionConcurrency")
         value = body.get("ReservedConcurrentExecutions")
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -449,33 +680,38 @@ class LambdaAPI:
         return JSONResponse({"ReservedConcurrentExecutions": value})
 
     async def delete_concurrency(self, request: Request) -> Response:
-        rec = self._rec(request)
+        rec = self._latest(request)
         await self.worker.put_concurrency(rec.name, None)
         return Response(status_code=204)
 
     async def get_concurrency(self, request: Request) -> Response:
-        rec = self._rec(request)
+        rec = self._latest(request)
         if rec.reserved_concurrency is None:
             return JSONResponse({})
         return JSONResponse({"ReservedConcurrentExecutions": rec.reserved_concurrency})
 
     async def invoke(self, request: Request) -> Response:
-        name, qualifier = function_name(request.path_params["name"])
-        check_qualifier(qualifier or request.query_params.get("Qualifier"))
+        name, qualifier = request_target(request)
         kind = request.headers.get("x-amz-invocation-type", "RequestResponse")
         limit = self.event_limit if kind == "Event" else self.request_limit
         payload = await read_body(request, limit)
         if kind == "DryRun":
-            self.worker.get(name)
-            return Response(status_code=204, headers={"X-Amz-Executed-Version": "$LATEST"})
+            version = self.worker.target(name, qualifier).version
+            return Response(status_code=204, headers={"X-Amz-Executed-Version": version})
         if kind == "Event":
-            # The request id is the queued event's: GET /events/<id> follows it.
-            event_id = await self.worker.invoke_async(name, payload)
-            return Response(status_code=202, headers={"x-amzn-RequestId": event_id})
+            # The request id is the queued event's: GET /events/<id> follows it.  An
+            # alias's version is drawn now; the event runs it even if the alias moves.
+            event_id, version = await self.worker.invoke_async(name, payload, qualifier)
+            return Response(
+                status_code=202,
+                headers={"x-amzn-RequestId": event_id, "X-Amz-Executed-Version": version},
+            )
         if kind != "RequestResponse":
             raise InvalidParameter(f"Unknown InvocationType {kind!r}")
         cc = request.headers.get("x-amz-client-context")
-        result = await self.worker.invoke(name, payload, client_context=_client_context(cc))
+        result = await self.worker.invoke(
+            name, payload, client_context=_client_context(cc), qualifier=qualifier
+        )
         headers = result_headers(result, self.cluster)
         if request.headers.get("x-amz-log-type") == "Tail":
             headers["X-Amz-Log-Result"] = result.log_tail_b64()

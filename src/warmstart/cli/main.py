@@ -153,7 +153,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     )
 
     i = sub.add_parser("invoke", help="invoke a function and print its result")
-    i.add_argument("name", help="function name")
+    i.add_argument("name", help="function name (NAME:VERSION or NAME:ALIAS for a version)")
     i.add_argument("event", nargs="?", default="{}", help="JSON event (default %(default)s)")
     i.add_argument(
         "--log", action="store_true", help="print the invocation's log tail to stderr (off)"
@@ -230,10 +230,10 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         images.add_parser(sub, default_data_dir(), DEFAULT_ENDPOINT)
     else:
         sub.add_parser("image", help=images.HELP)
-    from warmstart.cli import cluster
+    from warmstart.cli import cluster, versions
 
     cn = cluster.add_parser(sub)
-    for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr, t, cn):
+    for sp in (d, i, r, lg, sub.choices["ls"], js, jst, jr, t, cn, *versions.add_parsers(sub)):
         sp.add_argument(
             "--endpoint",
             default=DEFAULT_ENDPOINT,
@@ -1228,6 +1228,9 @@ def main(argv: list[str] | None = None) -> int:
         "ls": _ls,
         "rm": _rm,
         "logs": _logs,
+        "publish": _versions_command,
+        "versions": _versions_command,
+        "alias": _versions_command,
     }
     try:
         return commands[args.command](args)
@@ -1248,6 +1251,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warmstart: cannot reach {where}: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def _versions_command(args: argparse.Namespace) -> int:
+    from warmstart.cli import versions
+
+    command: dict[str, Any] = {
+        "publish": versions.publish,
+        "versions": versions.versions,
+        "alias": versions.alias,
+    }
+    result: int = command[args.command](args)
+    return result
 
 
 def _quiet_stdout() -> None:

@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from dataclasses import MISSING as dataclass_missing
+from dataclasses import asdict as dataclasses_asdict
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -15,6 +16,10 @@ from warmstart.kinds import QoSClass
 
 # Both are matched against the whole string (fullmatch): "$" would let a trailing newline in.
 NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+LATEST = "$LATEST"  # the unpublished, mutable version of every function
+# Lambda's patterns: a published version is a number; an alias is not all digits.
+VERSION_RE = re.compile(r"[0-9]{1,18}")
+ALIAS_RE = re.compile(r"(?![0-9]+$)[a-zA-Z0-9_-]{1,128}")
 HANDLER_RE = re.compile(r"[^\s]+\.[^\s.]+")
 RUNTIMES = ("python3.9", "python3.10", "python3.11", "python3.12", "python3.13", "python3.14")
 # The variables Lambda sets itself and refuses in a function's configuration.
@@ -220,6 +225,13 @@ class FunctionRecord:
     packages: tuple[str, ...] = ()  # resolved requirements, "name==version"
     package_type: str = "Zip"  # "Zip" (code_sha256 names the zip) or "Image"
     image: ImageSource | None = None  # for package_type "Image"
+    # "$LATEST" for the function itself; "1", "2", ... for a published version: an
+    # immutable snapshot of $LATEST as it was when published.
+    version: str = LATEST
+
+    @property
+    def published(self) -> bool:
+        return self.version != LATEST
 
     @classmethod
     def new(
@@ -257,6 +269,31 @@ class FunctionRecord:
             **changes,
         )
 
+    def publish(self, number: int, description: str | None) -> FunctionRecord:
+        """Version ``number`` of this $LATEST record: the same code, packages, image and
+        configuration (its description replaced by ``description``, if given), with a
+        revision id of its own."""
+        config = self.config if description is None else self.config.updated(description=description)
+        return replace(
+            self,
+            config=config,
+            version=str(number),
+            revision_id=str(uuid.uuid4()),
+            last_modified=now_iso(),
+            reserved_concurrency=None,  # the function's, never a version's
+        )
+
+    def same_deployment(self, other: FunctionRecord) -> bool:
+        """Whether ``other`` runs the same code and configuration (what PublishVersion
+        compares to decide that nothing changed since the last version)."""
+        return (
+            self.code_sha256 == other.code_sha256
+            and self.packages == other.packages
+            and self.image == other.image
+            and self.package_type == other.package_type
+            and replace(self.config, description="") == replace(other.config, description="")
+        )
+
     @staticmethod
     def check_name(name: str) -> str:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -265,3 +302,88 @@ class FunctionRecord:
                 "constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9-_]+ (1-64 chars)"
             )
         return name
+
+
+def check_alias_name(name: object) -> str:
+    if not isinstance(name, str) or not ALIAS_RE.fullmatch(name):
+        raise InvalidParameter(
+            f"1 validation error detected: Value '{str(name)[:140]}' at 'name' failed to satisfy "
+            "constraint: Member must satisfy regular expression pattern: "
+            "(?!^[0-9]+$)([a-zA-Z0-9-_]+) (1-128 chars)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    """A name for a version of a function, optionally splitting invocations with a second
+    version: ``weights`` is Lambda's ``RoutingConfig.AdditionalVersionWeights`` (at most
+    one version, the share of invocations it gets)."""
+
+    function: str
+    name: str
+    function_version: str  # "$LATEST" or a published version's number
+    description: str = ""
+    weights: tuple[tuple[str, float], ...] = ()
+    revision_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def __post_init__(self) -> None:
+        check_alias_name(self.name)
+        if self.function_version != LATEST and not VERSION_RE.fullmatch(self.function_version):
+            raise InvalidParameter(
+                f"1 validation error detected: Value '{self.function_version[:64]}' at "
+                "'functionVersion' failed to satisfy constraint: Member must satisfy regular "
+                "expression pattern: (\\$LATEST|[0-9]+)"
+            )
+        if len(self.weights) > 1:
+            raise InvalidParameter(
+                "Number of items in AdditionalVersionWeights cannot be greater than 1"
+            )
+        for version, weight in self.weights:
+            if not VERSION_RE.fullmatch(version):
+                raise InvalidParameter(
+                    f"Invalid AdditionalVersionWeights version '{version[:64]}': an additional "
+                    "version must be a published version's number (not $LATEST)"
+                )
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, int | float)
+                or not 0.0 <= weight <= 1.0
+            ):
+                raise InvalidParameter(
+                    f"Invalid weight {weight!r} for version {version}: "
+                    "a weight must be a number between 0.0 and 1.0"
+                )
+            if version == self.function_version:
+                raise InvalidParameter(
+                    f"Version {version} is the alias's FunctionVersion: an additional "
+                    "version must be another one"
+                )
+            if self.function_version == LATEST:
+                raise InvalidParameter(
+                    "$LATEST is not supported for an alias pointing to more than 1 version"
+                )
+
+    def versions(self) -> tuple[str, ...]:
+        """Every version the alias may run."""
+        return (self.function_version, *(v for v, _ in self.weights))
+
+    def pick(self, draw: float) -> str:
+        """The version an invocation runs, for ``draw`` uniform in [0, 1)."""
+        for version, weight in self.weights:
+            if draw < weight:
+                return version
+        return self.function_version
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses_asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> AliasRecord:
+        """The alias ``to_json`` wrote; ``ValueError`` for anything else."""
+        try:
+            raw: dict[str, Any] = json.loads(text)
+            raw["weights"] = tuple((str(v), float(w)) for v, w in raw.get("weights", ()))
+            return cls(**raw)
+        except (TypeError, KeyError, AttributeError, ValueError, InvalidParameter) as exc:
+            raise ValueError(f"not an alias record: {type(exc).__name__}: {exc}") from exc

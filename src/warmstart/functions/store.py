@@ -2,7 +2,8 @@
 
 State lives under the data dir::
 
-    state.db          functions, async events and jobs (SQLite, WAL)
+    state.db          functions, their published versions and aliases, async events
+                      and jobs (SQLite, WAL)
     code/<sha256>/    unpacked, byte-compiled bundles (shared by every function using them)
     code/<sha256>.zip the uploaded zip, served back by GetFunction
 
@@ -28,18 +29,34 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from warmstart.errors import Conflict, InvalidParameter, NotFound
 from warmstart.functions import bundle
-from warmstart.functions.models import FunctionConfig, FunctionRecord, ImageSource
+from warmstart.functions.models import AliasRecord, FunctionConfig, FunctionRecord, ImageSource
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
     name TEXT PRIMARY KEY,
     record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    function TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (function, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    function TEXT NOT NULL,
+    name TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (function, name)
+);
+CREATE TABLE IF NOT EXISTS version_counters (
+    function TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS events (
     id TEXT PRIMARY KEY,
@@ -203,9 +220,79 @@ class FunctionStore:
             raise NotFound(f"Function not found: {rec.name}")
 
     def delete(self, name: str) -> None:
-        cur = self.db.execute("DELETE FROM functions WHERE name=?", (name,))
+        """Delete a function with its versions, aliases and version counter."""
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute("DELETE FROM functions WHERE name=?", (name,))
+            if cur.rowcount == 0:
+                raise NotFound(f"Function not found: {name}")
+            for table in ("versions", "aliases", "version_counters"):
+                self.db.execute(f"DELETE FROM {table} WHERE function=?", (name,))
+
+    # -- published versions and aliases -----------------------------------------------------
+    def load_versions(self) -> Iterator[FunctionRecord]:
+        for (text,) in self.db.execute("SELECT record FROM versions ORDER BY function, version"):
+            yield record_from_json(text)
+
+    def load_aliases(self) -> Iterator[AliasRecord]:
+        for (text,) in self.db.execute("SELECT record FROM aliases ORDER BY function, name"):
+            yield AliasRecord.from_json(text)
+
+    def publish(self, name: str, make: Callable[[int], FunctionRecord]) -> FunctionRecord:
+        """Store ``make(n)`` as version ``n`` of ``name``, ``n`` one past the function's
+        version counter, and move the counter to ``n`` -- one transaction.  The counter
+        outlives the versions it numbered: a deleted version's number is never given
+        again (``NotFound`` if the function is gone)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if not self.db.execute("SELECT 1 FROM functions WHERE name=?", (name,)).fetchone():
+                raise NotFound(f"Function not found: {name}")
+            row = self.db.execute(
+                "SELECT last FROM version_counters WHERE function=?", (name,)
+            ).fetchone()
+            number = (int(row[0]) if row else 0) + 1
+            rec = make(number)
+            self.db.execute(
+                "INSERT INTO versions(function, version, record) VALUES (?, ?, ?)",
+                (name, number, record_json(rec)),
+            )
+            self.db.execute(
+                "INSERT INTO version_counters(function, last) VALUES (?, ?) "
+                "ON CONFLICT(function) DO UPDATE SET last=excluded.last",
+                (name, number),
+            )
+        return rec
+
+    def delete_version(self, name: str, version: str) -> None:
+        cur = self.db.execute(
+            "DELETE FROM versions WHERE function=? AND version=?", (name, int(version))
+        )
         if cur.rowcount == 0:
-            raise NotFound(f"Function not found: {name}")
+            raise NotFound(f"Function not found: {name}:{version}")
+
+    def put_alias(self, alias: AliasRecord, *, create: bool) -> None:
+        """Store a new alias (``create``; ``Conflict`` if the name is taken) or replace one
+        (``NotFound`` if it is gone)."""
+        if create:
+            try:
+                self.db.execute(
+                    "INSERT INTO aliases(function, name, record) VALUES (?, ?, ?)",
+                    (alias.function, alias.name, alias.to_json()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"Alias already exists: {alias.function}:{alias.name}") from exc
+            return
+        cur = self.db.execute(
+            "UPDATE aliases SET record=? WHERE function=? AND name=?",
+            (alias.to_json(), alias.function, alias.name),
+        )
+        if cur.rowcount == 0:
+            raise NotFound(f"Alias not found: {alias.function}:{alias.name}")
+
+    def delete_alias(self, function: str, name: str) -> None:
+        cur = self.db.execute("DELETE FROM aliases WHERE function=? AND name=?", (function, name))
+        if cur.rowcount == 0:
+            raise NotFound(f"Alias not found: {function}:{name}")
 
     # -- async events ------------------------------------------------------------------------
     def enqueue_event(self, function: str, payload: bytes) -> str:

@@ -62,8 +62,9 @@ class Dispatcher:
 
     # -- submitting ------------------------------------------------------------------------
     async def enqueue(self, name: str, payload: bytes) -> str:
-        """Queue an Event invocation durably (written when this returns); returns its id."""
-        self.registry.get(name)
+        """Queue an Event invocation of ``name`` or ``name:version`` durably (written
+        when this returns); returns its id."""
+        self.registry.get(name.partition(":")[0])
         event_id = await self.queue.enqueue(name, payload)
         self._wakeup.set()
         return event_id
@@ -72,7 +73,7 @@ class Dispatcher:
         """Queue ``inputs`` for ``name`` durably; they run like Event invocations.  The
         insert runs on the queue's thread: a large job takes tens of milliseconds to
         write, which the event loop owes to LS requests."""
-        self.registry.get(name)
+        self.registry.get(name.partition(":")[0])
         if not inputs:
             raise InvalidParameter("a job needs at least one input")
         if len(inputs) > MAX_JOB_INPUTS:
@@ -158,17 +159,24 @@ class Dispatcher:
         )
 
     async def _run_event(self, event_id: str, fn: str, payload: bytes, attempts: int) -> None:
+        # ``fn`` is "name" ($LATEST as it is now) or "name:N" (the version it was routed to).
+        name, _, version = fn.partition(":")
         try:
             # What is kept for it in the queue is bounded like its payload.
             result = await self.invoker.invoke(
-                fn, payload, qos_class=QoSClass.BE, max_response=self.settings.max_event_bytes
+                name,
+                payload,
+                qualifier=version or None,
+                qos_class=QoSClass.BE,
+                max_response=self.settings.max_event_bytes,
             )
         except NotFound as exc:
-            if fn in self.registry:  # the function is there; something it needs is not
+            if self._exists(name, version):  # the function is there; something it needs is not
                 log.warning("event %s for %s failed: %s", event_id, fn, exc)
                 await self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
             else:
-                await self.queue.finish(event_id, "dropped", b"function deleted", attempts)
+                what = b"function version deleted" if version else b"function deleted"
+                await self.queue.finish(event_id, "dropped", what, attempts)
             return
         except Evicted:
             await self.queue.release(event_id)  # it runs again when there is room (no attempt)
@@ -189,6 +197,13 @@ class Dispatcher:
             await self.queue.finish(event_id, "failed", result.payload, attempts)
         else:
             await self.queue.retry(event_id, attempts)
+
+    def _exists(self, name: str, version: str) -> bool:
+        try:
+            self.registry.version(name, version or "$LATEST")
+        except NotFound:
+            return False
+        return True
 
     # -- for the QoS manager ---------------------------------------------------------------
     def be_instances(self) -> list[BEInstance]:

@@ -57,6 +57,7 @@ class Instance:
     def __init__(self, sandbox: Sandbox, function: str, revision: int, memory_mb: int):
         self.sandbox = sandbox
         self.function = function
+        self.version = "$LATEST"  # or the published version it was started for
         self.revision = revision
         self.memory_mb = memory_mb
         self.state = State.STARTING

@@ -114,7 +114,7 @@ class InstanceFactory:
             "AWS_REGION": s.region,
             "AWS_DEFAULT_REGION": s.region,
             "AWS_LAMBDA_FUNCTION_NAME": rec.name,
-            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_VERSION": rec.version,
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(rec.config.memory_mb),
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{rec.name}",
             "AWS_LAMBDA_LOG_STREAM_NAME": f"warmstart/{rec.revision_id}",

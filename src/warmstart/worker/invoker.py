@@ -1,14 +1,21 @@
-"""The invocation path: per-function instance pools, one invocation, its log and metrics.
+"""The invocation path: per-version instance pools, one invocation, its log and metrics.
 
-The hot path of a warm invocation, in order: dict lookup of the function's pool, pop of
+The hot path of a warm invocation, in order: the qualifier resolved to a version (an
+alias draws one by its weights: dict lookups), dict lookup of that version's pool, pop of
 an idle instance (thaw if frozen: one write to an open cgroup file), one socket write of
 the event bytes, one read of the reply, a log append, metrics.  Nothing on it touches
 SQLite, parses the event, or re-encodes the result.
 
-Each function has two pools, one per QoS class: latency-sensitive instances serve
-synchronous calls, best-effort ones Event invocations and job items, in the best-effort
-cgroup subtree.  A new revision retires both pools: idle instances go at once, busy
-ones finish their invocation on the old code and are then destroyed.
+Pools are keyed by (function, version): $LATEST and each published version have their
+own, and an instance serves only the version it was started for.  Each has two pools,
+one per QoS class: latency-sensitive instances serve synchronous calls, best-effort ones
+Event invocations and job items, in the best-effort cgroup subtree.  A new revision of
+$LATEST retires $LATEST's pools only (published versions never change): idle instances
+go at once, busy ones finish their invocation on the old code and are then destroyed.
+The pools of one function's versions share its concurrency limit (``ConcurrencyGroup``).
+
+An invocation keeps the record it resolved at its start: an alias moved, or $LATEST
+updated, while it runs does not change what it runs or reports.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from warmstart.errors import InvalidRequestContent, TooManyRequests
+from warmstart.errors import InvalidRequestContent, NotFound, TooManyRequests
 from warmstart.functions import FunctionRecord
+from warmstart.functions.models import LATEST
 from warmstart.kinds import QoSClass, StartKind
 from warmstart.sandbox.memory import memory_of
 from warmstart.worker.instance import (
@@ -38,7 +46,7 @@ from warmstart.worker.instance import (
 from warmstart.worker.instances import InitFailed, InstanceFactory
 from warmstart.worker.logs import LOG_TAIL_BYTES, FunctionLogs
 from warmstart.worker.metrics import Metrics
-from warmstart.worker.pool import FunctionPool, HandlerCache
+from warmstart.worker.pool import ConcurrencyGroup, FunctionPool, HandlerCache
 from warmstart.worker.registry import FunctionRegistry
 from warmstart.worker.settings import Settings
 
@@ -92,7 +100,11 @@ class Invoker:
         self.cache = cache
         self.logs = logs
         self.metrics = metrics
-        self._pools: dict[QoSClass, dict[str, FunctionPool]] = {c: {} for c in QoSClass}
+        # (function, version) -> pool, per class; a function's concurrency group per class.
+        self._pools: dict[QoSClass, dict[tuple[str, str], FunctionPool]] = {
+            c: {} for c in QoSClass
+        }
+        self._groups: dict[QoSClass, dict[str, ConcurrencyGroup]] = {c: {} for c in QoSClass}
         self._retired: set[FunctionPool] = set()  # old revisions' pools with busy instances
         self.running_be: dict[Instance, FunctionPool] = {}  # BE instances serving a call
         # Reserved concurrency -> this node's limit (a cluster splits it over its nodes).
@@ -100,29 +112,48 @@ class Invoker:
 
     # -- pools -----------------------------------------------------------------------------
     def _limit(self, rec: FunctionRecord) -> int:
-        if rec.reserved_concurrency is not None:
-            return self.reserved_limit(rec.reserved_concurrency)
+        """The function's limit: its reserved concurrency (the function's, $LATEST's
+        record: a version has none of its own), else the node's per-function limit."""
+        try:
+            reserved = self.registry.get(rec.name).reserved_concurrency
+        except NotFound:
+            reserved = rec.reserved_concurrency
+        if reserved is not None:
+            return self.reserved_limit(reserved)
         return self.settings.max_concurrency
 
     def pool(self, rec: FunctionRecord, qos_class: QoSClass) -> FunctionPool:
-        """The pool of ``rec``'s current revision in ``qos_class`` (a new revision gets a
-        new pool; the old one is retired)."""
+        """The pool of ``rec``'s version (and, for $LATEST, current revision) in
+        ``qos_class`` (a new revision gets a new pool; the old one is retired)."""
         pools = self._pools[qos_class]
-        pool = pools.get(rec.name)
+        key = (rec.name, rec.version)
+        pool = pools.get(key)
         if pool is None or pool.revision != rec.revision:
             if pool is not None:
                 self._retire_pool(pool)
+            limit = self._limit(rec)
+            group = self._groups[qos_class].get(rec.name)
+            if group is None:
+                group = self._groups[qos_class][rec.name] = ConcurrencyGroup(limit)
+            group.limit = limit
             pool = FunctionPool(
                 rec.name,
                 rec.revision,
-                self._limit(rec),
+                limit,
                 self.settings.queue_depth,
-                lambda: self.factory.start(rec, qos_class),
+                lambda: self._start(rec, qos_class),
                 self._destroy,
                 self.cache,
+                version=rec.version,
+                group=group,
             )
-            pools[rec.name] = pool
+            pools[key] = pool
         return pool
+
+    async def _start(self, rec: FunctionRecord, qos_class: QoSClass) -> Instance:
+        inst = await self.factory.start(rec, qos_class)
+        inst.version = rec.version
+        return inst
 
     def _destroy(self, inst: Instance) -> None:
         self.running_be.pop(inst, None)
@@ -133,50 +164,58 @@ class Invoker:
         if pool.live > 0:
             self._retired.add(pool)
 
-    def retire(self, name: str) -> None:
-        """``name`` changed revision or went away: new invocations get new instances."""
-        for pools in self._pools.values():
-            pool = pools.pop(name, None)
-            if pool is not None:
-                self._retire_pool(pool)
+    def retire(self, name: str, version: str | None = None) -> None:
+        """``name``'s ``version`` changed revision or went away (None: the function went
+        away, every version): new invocations get new instances."""
+        for qos_class, pools in self._pools.items():
+            for key in [k for k in pools if k[0] == name and version in (None, k[1])]:
+                self._retire_pool(pools.pop(key))
+            if version is None:
+                self._groups[qos_class].pop(name, None)
 
     def retire_all(self) -> None:
         """Shutdown: every idle instance goes now (its destruction is spawned)."""
-        for name in {n for pools in self._pools.values() for n in pools}:
+        for name in {key[0] for pools in self._pools.values() for key in pools}:
             self.retire(name)
         for pool in list(self._retired):
             pool.retire()
 
     def set_limit(self, rec: FunctionRecord) -> None:
+        limit = self._limit(rec)
         for pools in self._pools.values():
-            pool = pools.get(rec.name)
-            if pool is not None:
-                pool.set_limit(self._limit(rec))
+            for key, pool in pools.items():
+                if key[0] == rec.name:
+                    pool.set_limit(limit)
 
     def has_idle(self, rec: FunctionRecord) -> bool:
-        """Whether a latency-sensitive instance of ``rec``'s revision is idle here."""
-        pool = self._pools[QoSClass.LS].get(rec.name)
+        """Whether a latency-sensitive instance of ``rec``'s version and revision is
+        idle here."""
+        pool = self._pools[QoSClass.LS].get((rec.name, rec.version))
         return pool is not None and pool.revision == rec.revision and bool(pool.idle)
 
     def inflight(self, name: str) -> int:
-        """Latency-sensitive invocations of ``name`` here now (running, starting, queued)."""
-        pool = self._pools[QoSClass.LS].get(name)
-        if pool is None:
-            return 0
-        st = pool.statistics()
-        return st.busy + st.starting + st.waiting
+        """Latency-sensitive invocations of ``name`` here now, all versions (running,
+        starting, queued)."""
+        total = 0
+        for key, pool in self._pools[QoSClass.LS].items():
+            if key[0] == name:
+                st = pool.statistics()
+                total += st.busy + st.starting + st.waiting
+        return total
 
     def function_states(self) -> dict[str, dict[str, int]]:
-        """Per function: its current revision's latency-sensitive instances here."""
-        out = {}
-        for name, pool in self._pools[QoSClass.LS].items():
+        """Per function: its current revision's latency-sensitive instances here
+        ($LATEST's), and its invocations in flight over all its versions."""
+        out: dict[str, dict[str, int]] = {}
+        for (name, version), pool in self._pools[QoSClass.LS].items():
             st = pool.statistics()
-            out[name] = {
-                "revision": pool.revision,
-                "idle": st.idle,
-                "busy": st.busy,
-                "inflight": st.busy + st.starting + st.waiting,
-            }
+            entry = out.setdefault(name, {"revision": -1, "idle": 0, "busy": 0, "inflight": 0})
+            entry["inflight"] += st.busy + st.starting + st.waiting
+            if version == LATEST:
+                entry.update(revision=pool.revision, idle=st.idle, busy=st.busy)
+            else:
+                entry["version_idle"] = entry.get("version_idle", 0) + st.idle
+                entry["version_busy"] = entry.get("version_busy", 0) + st.busy
         return out
 
     def sweep(self) -> None:
@@ -194,17 +233,19 @@ class Invoker:
         name: str,
         payload: bytes,
         *,
+        qualifier: str | None = None,
         client_context: Any = None,
         qos_class: QoSClass = QoSClass.LS,
         max_response: int | None = None,
     ) -> InvokeResult:
-        """Invoke ``name`` in ``qos_class`` (LS for synchronous calls, BE for Event
-        invocations and job items), unless the function's ``warmstart:qos`` tag pins one.
+        """Invoke ``name`` (``qualifier``: a version, $LATEST or an alias; None: $LATEST)
+        in ``qos_class`` (LS for synchronous calls, BE for Event invocations and job
+        items), unless the function's ``warmstart:qos`` tag pins one.
 
         A result over ``max_response`` bytes (default: the node's ``max_response_bytes``)
         is a ``Function.ResponseSizeTooLarge`` error: the runtime refuses to send it, and
         one that sends it anyway is not read past its frame's header and is destroyed."""
-        rec = self.registry.get(name)
+        rec = self.registry.resolve(name, qualifier)
         limit = self.settings.max_response_bytes if max_response is None else max_response
         # The function's ``warmstart:qos`` tag, if it pins a class, wins.
         qos_class = rec.config.qos_class or qos_class
@@ -230,13 +271,13 @@ class Invoker:
                     exc.logs,
                 )
             except TooManyRequests:
-                self.metrics.invocations.labels(name, "throttled").inc()
+                self.metrics.invocations.labels(name, rec.version, "throttled").inc()
                 raise
             start = inst.start_kind if cold else StartKind.WARM
             meta: dict[str, Any] = {
                 "id": request_id,
                 "deadline_ms": int(time.time() * 1000) + timeout * 1000,
-                "arn": self.registry.arn(name),
+                "arn": self.registry.arn(name, qualifier or None),
                 "max_response": limit,
             }
             if client_context:
@@ -311,7 +352,7 @@ class Invoker:
                 reply.logs,
             )
         if reply.kind == "invalid_event":
-            self.metrics.invocations.labels(name, "invalid_request").inc()
+            self.metrics.invocations.labels(name, rec.version, "invalid_request").inc()
             raise InvalidRequestContent(
                 "Could not parse request body into json: "
                 + json.loads(reply.payload).get("errorMessage", "")
@@ -374,20 +415,26 @@ class Invoker:
         elapsed = time.perf_counter() - t0
         duration_ms = elapsed * 1000
         m = self.metrics
-        m.invocations.labels(rec.name, outcome).inc()
-        m.starts.labels(rec.name, start.value).inc()
-        m.latency.labels(rec.name, start.value).observe(elapsed)
+        m.invocations.labels(rec.name, rec.version, outcome).inc()
+        m.starts.labels(rec.name, rec.version, start.value).inc()
+        m.latency.labels(rec.name, rec.version, start.value).observe(elapsed)
         text = self.logs.append(
             rec.name,
             request_id,
-            "$LATEST",
+            rec.version,
             rec.config.memory_mb,
             duration_ms,
             output,
             payload if function_error else None,
         )
         return InvokeResult(
-            request_id, payload, function_error, start, duration_ms, text[-LOG_TAIL_BYTES:]
+            request_id,
+            payload,
+            function_error,
+            start,
+            duration_ms,
+            text[-LOG_TAIL_BYTES:],
+            rec.version,
         )
 
     # -- best-effort instances (for the QoS manager and the dispatcher) --------------------
@@ -431,6 +478,10 @@ class Invoker:
             states[inst.state.value] += 1
         return states
 
+    def waiting(self) -> int:
+        """Invocations queued for an instance (their function at its concurrency limit)."""
+        return sum(len(pool.waiters) for pool in self.pools())
+
     def idle_instances(self) -> list[Instance]:
         return [inst for pool in self.pools() for inst in pool.idle]
 
@@ -454,6 +505,7 @@ def describe_instances(instances: list[Instance]) -> list[dict[str, Any]]:
             {
                 "id": inst.id,
                 "function": inst.function,
+                "version": inst.version,
                 "state": inst.state.value,
                 "start": inst.start_kind.value,
                 "invocations": inst.invocations,

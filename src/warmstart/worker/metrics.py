@@ -68,20 +68,20 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.invocations = Counter(
             "warmstart_invocations",
-            "Invocations by function and outcome",
-            ["function", "outcome"],
+            "Invocations by function, version and outcome",
+            ["function", "version", "outcome"],
             registry=self.registry,
         )
         self.starts = Counter(
             "warmstart_starts",
-            "Instance starts by function and kind (warm, cold, fork)",
-            ["function", "kind"],
+            "Instance starts by function, version and kind (warm, cold, fork)",
+            ["function", "version", "kind"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "warmstart_invocation_duration_seconds",
-            "Invocation latency inside the worker, by start kind",
-            ["function", "start"],
+            "Invocation latency inside the worker, by function, version and start kind",
+            ["function", "version", "start"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )

@@ -1,10 +1,17 @@
-"""Per-function instance pools and the node-wide handler cache.
+"""Per-version instance pools, the concurrency they share, and the node-wide handler cache.
 
-A ``FunctionPool`` holds the instances of one function revision.  Each instance serves
+A ``FunctionPool`` holds the instances of one function version's revision ($LATEST's
+current one, or a published version).  Each instance serves
 one invocation at a time.  ``acquire`` takes the most recently used idle instance (warm),
 or starts one (cold) while the function is under its concurrency limit, or waits in a
 bounded queue, or raises TooManyRequests.  A released instance goes straight to the
 first waiter, else back to the idle stack.
+
+The pools of one function's versions share its concurrency limit (``ConcurrencyGroup``:
+reserved concurrency caps the function, whichever versions run).  A version that needs an
+instance while the function is at its limit takes the slot of another version's idle
+instance (destroyed for it); a released instance whose own version has no waiter goes
+to another version's waiter the same way.
 
 The ``HandlerCache`` sees every idle instance on the node in LRU order.  An instance
 idle for ``freeze_after_ms`` is frozen (cgroup freezer: it uses no CPU and its memory
@@ -39,6 +46,39 @@ class FunctionPoolStatistics:
     waiting: int
 
 
+class ConcurrencyGroup:
+    """The pools of one function's versions (in one QoS class) and the limit on their
+    instances together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pools: list[FunctionPool] = []
+
+    @property
+    def live(self) -> int:
+        return sum(p.live for p in self.pools)
+
+    def make_room(self, pool: FunctionPool) -> bool:
+        """Whether ``pool`` may start an instance: the function is under its limit, or
+        another version's least recently used idle instance gives its slot up."""
+        if self.live < self.limit:
+            return True
+        for other in self.pools:
+            if other is not pool and other.idle:
+                other.drop_idle()
+                return self.live < self.limit
+        return False
+
+    def waiting_elsewhere(self, pool: FunctionPool) -> bool:
+        return any(p.waiters for p in self.pools if p is not pool)
+
+    def slot_freed(self) -> None:
+        """Hand a freed slot to the first pool with a waiter that may use it."""
+        for pool in list(self.pools):
+            if pool.wake_one():
+                return
+
+
 class FunctionPool:
     def __init__(
         self,
@@ -49,9 +89,16 @@ class FunctionPool:
         start: Starter,
         destroy: Destroyer,
         cache: HandlerCache,
+        *,
+        version: str = "$LATEST",
+        group: ConcurrencyGroup | None = None,
     ) -> None:
         self.name = name
         self.revision = revision
+        self.version = version
+        self.group = group
+        if group is not None:
+            group.pools.append(self)
         self.limit = limit
         self.queue_depth = queue_depth
         self._start = start
@@ -70,7 +117,7 @@ class FunctionPool:
             if self.cache.take(inst):
                 return inst, False
             self.discard(inst)
-        if self.live < self.limit:
+        if self._has_room():
             return await self._new(), True
         if self.limit == 0:
             raise TooManyRequests(
@@ -111,6 +158,11 @@ class FunctionPool:
             self.starting -= 1
         return inst
 
+    def _has_room(self) -> bool:
+        if self.live >= self.limit:
+            return False
+        return self.group is None or self.group.make_room(self)
+
     def release(self, inst: Instance) -> None:
         """Return a healthy instance after an invocation."""
         if self.retired and not self.waiters:
@@ -122,6 +174,10 @@ class FunctionPool:
                 inst.state = State.BUSY
                 fut.set_result(inst)
                 return
+        group = self.group
+        if group is not None and group.live >= group.limit and group.waiting_elsewhere(self):
+            self.discard(inst)  # its slot goes to another version's waiter
+            return
         inst.state = State.IDLE
         self.idle.append(inst)
         self.cache.put(self, inst)
@@ -141,16 +197,38 @@ class FunctionPool:
         self.cache.drop(inst)
 
     def _pass_slot(self) -> None:
-        """A slot freed up: let the first waiter start an instance of its own."""
-        while self.waiters and self.live < self.limit:
+        """A slot freed up: let the first waiter (of this version, else of another
+        version of the function) start an instance of its own."""
+        if self.wake_one() or self.group is None:
+            return
+        self.group.slot_freed()
+
+    def wake_one(self) -> bool:
+        """Let this pool's first waiter start an instance, if there is room; whether one
+        was woken."""
+        while self.waiters and self._has_room():
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
-                return
+                return True
+        return False
+
+    def drop_idle(self) -> None:
+        """Destroy the least recently used idle instance to give its slot to another
+        version of the function (the caller takes the slot: it is not passed on)."""
+        inst = self.idle[0]
+        self._forget(inst)
+        self._destroy(inst)
 
     def retire(self) -> None:
-        """A new revision replaced this one: idle instances go now, busy ones on release."""
+        """A new revision replaced this one (or the version is gone): idle instances go
+        now, busy ones on release; its instances no longer count against the function's
+        limit."""
         self.retired = True
+        if self.group is not None:
+            with contextlib.suppress(ValueError):
+                self.group.pools.remove(self)
+            self.group.slot_freed()
         for inst in list(self.idle):
             self.discard(inst)
 
@@ -158,6 +236,8 @@ class FunctionPool:
         """A new concurrency limit (reserved concurrency changed); a higher one lets
         waiters start instances at once, a lower one takes effect as instances go."""
         self.limit = limit
+        if self.group is not None:
+            self.group.limit = limit
         self._pass_slot()
 
     def statistics(self) -> FunctionPoolStatistics:

@@ -2,8 +2,9 @@
 
 The API layer talks to ``Worker`` and nothing else.  Behind it each role has a room:
 
-    FunctionRegistry   functions and revisions (memory + SQLite), code made ready at deploy
-    Invoker            per-function pools, the invocation path, logs and metrics of a call
+    FunctionRegistry   functions, revisions, versions, aliases (memory + SQLite), code made
+                       ready at deploy
+    Invoker            per-version pools, the invocation path, logs and metrics of a call
     InstanceFactory    the cold path: memory reservation, sandbox or zygote fork, readiness
     HandlerCache       idle instances node-wide: freezing, memory budget, LRU eviction
     Dispatcher         Event invocations and jobs: durable queue, best-effort admission
@@ -33,7 +34,7 @@ from prometheus_client import CollectorRegistry
 
 from warmstart.errors import PlatformError, RequestTooLarge
 from warmstart.functions import FunctionConfig, FunctionRecord, FunctionStore
-from warmstart.functions.models import ImageSource
+from warmstart.functions.models import LATEST, AliasRecord, ImageSource
 from warmstart.images.access import RegistryCredential
 from warmstart.kinds import QoSClass, SizeLimit
 from warmstart.lifecycle import Supervisor, close_all
@@ -270,8 +271,45 @@ class Worker:
         """Every function, by name."""
         return [self._registry.get(n) for n in self._registry.names()]
 
-    def arn(self, name: str) -> str:
-        return self._registry.arn(name)
+    def arn(self, name: str, qualifier: str | None = None) -> str:
+        return self._registry.arn(name, qualifier)
+
+    # -- versions and aliases ----------------------------------------------------------------
+    def target(self, name: str, qualifier: str | None) -> FunctionRecord:
+        """What a control-plane request about ``name:qualifier`` reads ($LATEST, a
+        version, or an alias's primary version)."""
+        return self._registry.target(name, qualifier)
+
+    def versions(self, name: str) -> list[FunctionRecord]:
+        """A function's published versions, oldest first."""
+        return self._registry.versions(name)
+
+    async def publish_version(
+        self, rec: FunctionRecord, description: str | None = None
+    ) -> tuple[FunctionRecord, bool]:
+        """Publish $LATEST (``rec``, as checked by the caller); (the version, whether it
+        is new: an unchanged $LATEST gives the newest version back)."""
+        return await self._registry.publish(rec, description)
+
+    async def delete_version(self, name: str, version: str) -> None:
+        await self._registry.delete_version(name, version)
+
+    def alias(self, name: str, alias: str) -> AliasRecord:
+        return self._registry.alias(name, alias)
+
+    def aliases(self, name: str) -> list[AliasRecord]:
+        return self._registry.aliases(name)
+
+    async def create_alias(self, alias: AliasRecord) -> AliasRecord:
+        return await self._registry.create_alias(alias)
+
+    async def update_alias(
+        self, name: str, alias: str, revision_id: str | None = None, **changes: Any
+    ) -> AliasRecord:
+        return await self._registry.update_alias(name, alias, revision_id, **changes)
+
+    async def delete_alias(self, name: str, alias: str) -> None:
+        await self._registry.delete_alias(name, alias)
 
     def code_zip(self, rec: FunctionRecord) -> Path:
         """The zip a function was deployed with (GetFunction's Code.Location serves it)."""
@@ -318,10 +356,23 @@ class Worker:
         another node: new invocations get instances of the new revision, an image no
         function uses any more is released, a new image is mounted ahead of its first
         invocation."""
-        name = (new or old).name  # type: ignore[union-attr]  # never both None
-        self._invoker.retire(name)
+        rec = new or old
+        assert rec is not None  # never both None
+        name = rec.name
+        if rec.published:
+            # A version is published (its pools start empty) or deleted (they go); it
+            # uses $LATEST's image, mounted already.
+            if new is None:
+                self._invoker.retire(name, rec.version)
+                if rec.image is not None:
+                    self.tasks.spawn(self._release_image(rec.image), f"release {rec.image.uri}")
+            return
         if new is None:
+            self._invoker.retire(name)  # every version's pools
             self._logs.forget(name)
+        else:
+            self._invoker.retire(name, LATEST)
+            self._invoker.set_limit(new)  # reserved concurrency is the function's
         old_image = old.image if old is not None else None
         new_image = new.image if new is not None else None
         if old_image is not None and (new_image is None or new_image.digest != old_image.digest):
@@ -340,29 +391,52 @@ class Worker:
         *,
         client_context: Any = None,
         qos_class: QoSClass = QoSClass.LS,
+        qualifier: str | None = None,
     ) -> InvokeResult:
-        """A synchronous invocation (RequestResponse, or the native ``/run``); its result
-        is bounded by ``max_response_bytes``."""
+        """A synchronous invocation (RequestResponse, or the native ``/run``) of
+        ``name:qualifier``; its result is bounded by ``max_response_bytes``."""
         _check_size(payload, self.settings.max_request_bytes, SizeLimit.INVOKE)
         return await self._invoker.invoke(
-            name, payload, client_context=client_context, qos_class=qos_class
+            name,
+            payload,
+            qualifier=qualifier,
+            client_context=client_context,
+            qos_class=qos_class,
         )
 
-    async def invoke_async(self, name: str, payload: bytes) -> str:
-        """An Event invocation: queued durably, run on best-effort capacity; its id.  The
-        payload, and the result kept for it, take at most ``max_event_bytes``."""
+    def _queued_target(self, name: str, qualifier: str | None) -> tuple[str, str]:
+        """What queued work runs: ``name`` (then $LATEST as it is when the work runs), or
+        ``name:N`` -- a version, or the version an alias routed this submission to (drawn
+        now: queued work keeps the version it was routed to)."""
+        if qualifier is None or qualifier == LATEST:
+            self._registry.get(name)
+            return name, LATEST
+        version = self._registry.resolve(name, qualifier).version
+        return f"{name}:{version}", version
+
+    async def invoke_async(
+        self, name: str, payload: bytes, qualifier: str | None = None
+    ) -> tuple[str, str]:
+        """An Event invocation: queued durably, run on best-effort capacity; its id and
+        the version it will run.  The payload, and the result kept for it, take at most
+        ``max_event_bytes``."""
         _check_size(payload, self.settings.max_event_bytes, SizeLimit.EVENT)
-        return await self._dispatcher.enqueue(name, payload)
+        target, version = self._queued_target(name, qualifier)
+        return await self._dispatcher.enqueue(target, payload), version
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
         return await self._dispatcher.event(event_id)
 
-    async def submit_job(self, name: str, inputs: list[bytes]) -> str:
+    async def submit_job(
+        self, name: str, inputs: list[bytes], qualifier: str | None = None
+    ) -> str:
         """A job: each input (and the result kept for it) takes at most
-        ``max_event_bytes``, like an Event payload."""
+        ``max_event_bytes``, like an Event payload.  With a ``qualifier`` every item runs
+        the one version it names (an alias's is drawn once, for the whole job)."""
         for item in inputs:
             _check_size(item, self.settings.max_event_bytes, SizeLimit.JOB_INPUT)
-        return await self._dispatcher.submit_job(name, inputs)
+        target, _ = self._queued_target(name, qualifier)
+        return await self._dispatcher.submit_job(target, inputs)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
         return await self._dispatcher.job(job_id)
@@ -418,6 +492,7 @@ class Worker:
             {
                 "isolation": self._sandboxes.isolation.value,
                 "instances": self._invoker.instance_states(),
+                "waiting_invocations": self._invoker.waiting(),
                 "best_effort_running": len(self._invoker.running_be),
                 "best_effort_slots": self._dispatcher.slots(),
                 "queue_depth": await self._dispatcher.queue_depth(),
@@ -468,8 +543,8 @@ class Worker:
                 "memory_bytes": q.reclaimed.memory_bytes if q else 0,
             },
             "instances": {
-                "idle": sum(f["idle"] for f in functions.values()),
-                "busy": sum(f["busy"] for f in functions.values()),
+                "idle": sum(f["idle"] + f.get("version_idle", 0) for f in functions.values()),
+                "busy": sum(f["busy"] + f.get("version_busy", 0) for f in functions.values()),
             },
             "inflight": sum(f["inflight"] for f in functions.values()),
             "functions": functions,
@@ -508,7 +583,7 @@ class Worker:
     def _installed_pins(self) -> list[str]:
         """Pins of this node's functions whose package is installed here (checked once
         each: an installed version stays)."""
-        for rec in self._registry:
+        for rec in self._registry.all_records():
             for pin in rec.packages:
                 if pin not in self._installed and self._packages.installed(parse_pins(pin)[0]):
                     self._installed.add(pin)
