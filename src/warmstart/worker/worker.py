@@ -304,7 +304,7 @@ class Worker:
         """A function was created, changed or deleted -- here or, in a cluster, through
         another node: new invocations get instances of the new revision, an image no
         function uses any more is released, a new image is mounted ahead of its first
-        invocation."""
+        invocation, a new package set's zygote is built."""
         name = (new or old).name  # type: ignore[union-attr]  # never both None
         self._invoker.retire(name)
         if new is None:
@@ -315,6 +315,8 @@ class Worker:
             self.tasks.spawn(self._release_image(old_image), f"release {old_image.uri}")
         if new_image is not None and (old_image is None or old_image.digest != new_image.digest):
             self._images.premount(new_image)
+        if new is not None:
+            self._factory.prepare(new)  # its zygote, ahead of its first invocations
 
     async def _release_image(self, image: ImageSource) -> None:
         await self._images.release(image, still_used=self._registry.image_in_use(image.digest))

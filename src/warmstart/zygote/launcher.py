@@ -107,6 +107,11 @@ async def _recvmsg(
                 loop.remove_reader(fd)
 
 
+class _Unsafe(SandboxError):
+    """A zygote that imported its packages without probing them first found one that
+    started threads or opened sockets (or it died importing): start it again, probing."""
+
+
 def _creds_pid(anc: list[Any]) -> int:
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -160,7 +165,27 @@ class ZygoteLauncher:
     ) -> Zygote:
         """Start a zygote that imports ``preload``: in the host layout with ``packages``
         bound under /var/packages, or inside an image's root (``image``: its layout, with
-        its own Python and site-packages; ``image_env``: the image's environment)."""
+        its own Python and site-packages; ``image_env``: the image's environment).
+
+        The zygote imports without probing first; if a package turns out unsafe to
+        keep in a fork server (or the zygote dies importing), it starts again, probing
+        each package in a throwaway child (see ``warmstart.runtime.zygote``)."""
+        try:
+            return await self._start(packages, preload, timeout, image, image_env, probe=False)
+        except _Unsafe as exc:
+            log.info("restarting a zygote with probes: %s", exc)
+        return await self._start(packages, preload, timeout, image, image_env, probe=True)
+
+    async def _start(
+        self,
+        packages: tuple[tuple[str, str], ...],
+        preload: list[str],
+        timeout: float,
+        image: RootLayout | None,
+        image_env: dict[str, str] | None,
+        *,
+        probe: bool,
+    ) -> Zygote:
         m = self.m
         if m.pool is None:
             raise SandboxError("zygotes need linux isolation")
@@ -200,6 +225,7 @@ class ZygoteLauncher:
                 "HOME": "/tmp",
                 "LAMBDA_TASK_ROOT": "/var/task",
                 "WARMSTART_PRELOAD": ",".join(preload),
+                "WARMSTART_PROBE": "1" if probe else "0",
                 "WARMSTART_PATH": ":".join(dst for _, dst in packages),
                 "WARMSTART_LAYOUT": json.dumps(layout),
             },
@@ -214,8 +240,13 @@ class ZygoteLauncher:
             ours.setblocking(False)
             msg, anc = await _recvmsg(ours, 1 << 16, socket.CMSG_SPACE(CREDS.size), timeout)
             if not msg:
-                raise SandboxError("the zygote exited while importing its packages")
+                what = "the zygote exited while importing its packages"
+                raise SandboxError(what) if probe else _Unsafe(what)
             hello = json.loads(msg)
+            if not hello.get("ready"):
+                if hello.get("unsafe") and not probe:
+                    raise _Unsafe(hello["unsafe"])
+                raise SandboxError(f"the zygote failed: {hello.get('error') or hello}")
         except BaseException:
             theirs.close()
             ours.close()
@@ -246,7 +277,23 @@ class ZygoteLauncher:
         timeout: float = 300.0,
     ) -> Zygote:
         """A zygote forked from ``parent``: it shares the parent's imported modules
-        (copy-on-write) and adds ``extra`` packages, attached as read-only trees."""
+        (copy-on-write) and adds ``extra`` packages, attached as read-only trees
+        (imported without probes first, as in ``start``)."""
+        try:
+            return await self._start_child(parent, extra, preload, timeout, probe=False)
+        except _Unsafe as exc:
+            log.info("restarting a child zygote of %s with probes: %s", parent.id, exc)
+        return await self._start_child(parent, extra, preload, timeout, probe=True)
+
+    async def _start_child(
+        self,
+        parent: Zygote,
+        extra: tuple[tuple[str, str], ...],
+        preload: list[str],
+        timeout: float,
+        *,
+        probe: bool,
+    ) -> Zygote:
         m = self.m
         if not parent.alive:
             raise SandboxError(f"zygote {parent.id} is gone")
@@ -258,7 +305,12 @@ class ZygoteLauncher:
         trees: list[int] = []
         try:
             trees = [sc.clone_tree_readonly(src) for src, _ in extra]
-            msg = {"op": "zygote", "mounts": [dst for _, dst in extra], "preload": preload}
+            msg = {
+                "op": "zygote",
+                "mounts": [dst for _, dst in extra],
+                "preload": preload,
+                "probe": probe,
+            }
             try:
                 async with parent.lock:
                     socket.send_fds(
@@ -279,9 +331,12 @@ class ZygoteLauncher:
             ours.send(b"go")
             raw, anc = await _recvmsg(ours, 1 << 16, socket.CMSG_SPACE(CREDS.size), timeout)
             if not raw:
-                raise SandboxError("the child zygote exited while importing its packages")
+                what = "the child zygote exited while importing its packages"
+                raise SandboxError(what) if probe else _Unsafe(what)
             hello = json.loads(raw)
             if not hello.get("ready"):
+                if hello.get("unsafe") and not probe:
+                    raise _Unsafe(hello["unsafe"])
                 raise SandboxError(f"the child zygote failed: {hello.get('error')}")
         except BaseException:
             ours.close()
