@@ -113,7 +113,7 @@ class InstanceFactory:
         env.update(rec.config.environment)
         return env
 
-    def prepare(self, rec: FunctionRecord) -> None:
+    def prepare_zygote(self, rec: FunctionRecord) -> None:
         """``rec`` was just deployed (or changed): have its package set's zygote built now,
         so that the first invocations -- often a burst right after a deploy -- fork from
         it.  Only for functions that may fork, with packages installed on this node (in a

@@ -316,7 +316,7 @@ class Worker:
         if new_image is not None and (old_image is None or old_image.digest != new_image.digest):
             self._images.premount(new_image)
         if new is not None:
-            self._factory.prepare(new)  # its zygote, ahead of its first invocations
+            self._factory.prepare_zygote(new)  # ahead of its first invocations
 
     async def _release_image(self, image: ImageSource) -> None:
         await self._images.release(image, still_used=self._registry.image_in_use(image.digest))
@@ -477,11 +477,13 @@ class Worker:
 
     async def prepare(self, rec: FunctionRecord) -> None:
         """Make ``rec`` ready to start here without starting it: its bundle and packages
-        (fetched and installed), or its image (mounted), as its first start would."""
+        (fetched and installed, and its package set's zygote built), or its image
+        (mounted), as its first start would."""
         if rec.image is not None:
             await self._images.layout(rec.image)
         else:
             await self._registry.ensure_code(rec)
+            self._factory.prepare_zygote(rec)
 
     def image_store(self) -> ImageStore:
         """This node's content store (made with the image manager on first use)."""
