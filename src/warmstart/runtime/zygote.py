@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib  # noqa: F401  # the runtime imports it for each handler: here, once for all forks
 import json
 import os
 import signal
