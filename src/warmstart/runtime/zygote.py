@@ -22,11 +22,13 @@ A forked child, still privileged inside the user namespace:
 2. unshares mount, UTS, IPC and network namespaces (it is already pid 1 of a new pid
    namespace: the zygote unshares CLONE_NEWPID before forking and steps back after);
 3. builds ``/.c``: a tmpfs with recursive binds of the zygote's locked read-only
-   mounts (/usr, /etc, the interpreter, the runtime, the packages, /dev files);
+   mounts (/usr, /etc, the interpreter, the runtime, the packages, /dev files), mounts
+   /proc there, pivot_roots into it and brings loopback up -- all of it as a spare,
+   before any function is assigned;
 4. receives from the worker its environment and detached read-only mount trees (its
-   code, any extra packages) as file descriptors, and attaches them;
-5. mounts /proc and /tmp, pivot_roots into ``/.c``, drops every capability and becomes
-   the sandbox uid with no_new_privs;
+   code, any extra packages, its /tmp) as file descriptors, and attaches them;
+5. makes its root read-only, drops every capability and becomes the sandbox uid with
+   no_new_privs;
 6. runs the ordinary runtime loop (bootstrap.Runtime) on its socket.
 
 Each ``fork`` request also brings the write end of a pipe the worker reads: the zygote,
@@ -293,6 +295,10 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
         sock = socket.socket(fileno=fd)
         creds = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
         sock.sendmsg([b"H"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)])
+        # As a spare, ahead of any function: everything that does not depend on the
+        # setup -- namespaces, the root with its binds, /proc, pivot_root, loopback --
+        # so that only the function's own mounts and the drop of privileges are left
+        # for the cold start itself.
         sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNET)
         root = CHILD_ROOT
         sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=1m,mode=0755")
@@ -306,6 +312,21 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o644))
             sc.mount(path, dst, None, sc.MS_BIND | sc.MS_REC)  # copies stay locked read-only
+        for name in ("proc", "tmp"):
+            os.makedirs(f"{root}/{name}", exist_ok=True)
+        sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+        for name, target in (
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ):
+            if not os.path.lexists(f"{root}/dev/{name}"):
+                os.symlink(target, f"{root}/dev/{name}")
+        # From here our root is the tmpfs (still writable: mount points for the setup's
+        # trees are made in it; it turns read-only once they are attached).
+        sc.enter_root(root)
+        sc.loopback_up()
         setup, trees = _recv_setup(sock)
         if not trees:
             raise OSError("no output memfd from the worker")
@@ -315,27 +336,14 @@ def _child(fd: int, layout: dict[str, Any]) -> None:
             os.dup2(output, std)
         sc.set_name("ws-instance")
         for target, tree in zip(setup["mounts"], trees, strict=True):
-            os.makedirs(root + target, exist_ok=True)
-            sc.attach_tree(tree, root + target)
+            os.makedirs(target, exist_ok=True)
+            sc.attach_tree(tree, target)
             os.close(tree)
-        for name in ("proc", "tmp"):
-            os.makedirs(f"{root}/{name}", exist_ok=True)
-        sc.mount("proc", root + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-        sc.mount_tmp(root + "/tmp", tmp, setup["tmp_bytes"])
-        for name, target in (
-            ("fd", "/proc/self/fd"),
-            ("stdin", "/proc/self/fd/0"),
-            ("stdout", "/proc/self/fd/1"),
-            ("stderr", "/proc/self/fd/2"),
-        ):
-            if not os.path.lexists(f"{root}/dev/{name}"):
-                os.symlink(target, f"{root}/dev/{name}")
+        sc.mount_tmp("/tmp", tmp, setup["tmp_bytes"])
         sc.mount(
-            None, root, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+            None, "/", None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
         )
-        sc.enter_root(root)
         sc.sethostname(setup["hostname"])
-        sc.loopback_up()
         sc.drop_to(setup["uid"], setup["gid"])
         os.environ.clear()
         os.environ.update(setup["env"])
