@@ -117,9 +117,26 @@ REFERENCE_ZYGOTE_P50_MS = 10.0  # on a quiet day
 
 
 # -- the HTTP side -------------------------------------------------------------------------
-def deploy(client: Any, names: list[str]) -> list[float]:
+# The harsh case: a function whose package set (numpy alone) is new to the server,
+# invoked the moment its deploy returns.
+NUMPY_PY = """\
+import sys
+
+PRELOADED = "numpy" in sys.modules
+
+import numpy
+
+
+def handler(event, context):
+    return {"sum": int(numpy.arange(int(event.get("n", 10))).sum()), "preloaded": PRELOADED}
+"""
+
+
+def deploy(
+    client: Any, names: list[str], handler: str = HANDLER_PY, requirements: str = REQUIREMENTS
+) -> list[float]:
     """create_function for each name; returns each call's seconds (the first installs pandas)."""
-    code = make_zip({"handler.py": HANDLER_PY, "requirements.txt": REQUIREMENTS})
+    code = make_zip({"handler.py": handler, "requirements.txt": requirements})
     took = []
     for name in names:
         t0 = time.perf_counter()
@@ -613,7 +630,25 @@ def report(res: dict[str, Any]) -> str:
             f"({bu['zygote_after_first_invoke_s']:+.2f} s from the first invocation); each "
             "invocation in order: "
             + ", ".join(
-                f"{fmt_ms(ms)} ({kind})" for ms, kind in zip(bu["samples_ms"], bu["starts"], strict=True)
+                f"{fmt_ms(ms)} ({kind})"
+                for ms, kind in zip(bu["samples_ms"], bu["starts"], strict=True)
+            ),
+        ]
+    dti = res.get("deploy_then_invoke")
+    if dti:
+        out += [
+            "",
+            "Deploy, then invoke at once (a numpy-only function, a package set new to the "
+            "server; its zygote is built from the deploy on): "
+            + ", ".join(
+                f"{name} {fmt_ms(ms)} ({kind}, deployed in {d:.2f} s)"
+                for name, ms, kind, d in zip(
+                    ("first", "second"),
+                    dti["samples_ms"],
+                    dti["starts"],
+                    dti["deploy_s"],
+                    strict=True,
+                )
             ),
         ]
     lib = res.get("library")
@@ -908,16 +943,20 @@ def main(argv: list[str] | None = None) -> int:
         # -- 2a. the burst: B new functions with a package set new to the server, deployed
         # and then invoked once each, back to back, as a CI pipeline or a fan-out does.
         burst_names = [f"burst{i}" for i in range(args.burst)]
-        log(f"server (a): burst: deploying {len(burst_names)} pandas functions (the first "
-            "installs pandas from PyPI)")
+        log(
+            f"server (a): burst: deploying {len(burst_names)} pandas functions (the first "
+            "installs pandas from PyPI)"
+        )
         took = deploy(client, burst_names[:1])
         t_first_deploy = time.monotonic()
         watch = ZygoteWatch(a)
         deploy_s["first_a"] = took[0]
         deploy_s["rest"] += deploy(client, burst_names[1:])
         t_deployed = time.monotonic()
-        log(f"first deploy {took[0]:.1f} s, the rest {t_deployed - t_first_deploy:.1f} s; "
-            f"invoking each once, back to back")
+        log(
+            f"first deploy {took[0]:.1f} s, the rest {t_deployed - t_first_deploy:.1f} s; "
+            f"invoking each once, back to back"
+        )
         bu = measure_first_invocations(a, burst_names, None, None, 0.0)
         t_first_invoke = bu["sent_at"][0]
         bu["deploy_rest_s"] = t_deployed - t_first_deploy
@@ -974,6 +1013,31 @@ def main(argv: list[str] | None = None) -> int:
         zb = res["zygote_cold_b2b"]
         log(f"via zygote, back to back: p50 {fmt_ms(zb['p50_ms'])} p99 {fmt_ms(zb['p99_ms'])}")
         time.sleep(1.0)
+        # -- 2c. the harsh case: deploy, then invoke at once, a new package set (numpy).
+        log("deploy -> invoke at once: a numpy-only function (a package set new here)")
+        harsh: dict[str, Any] = {"samples_ms": [], "starts": [], "deploy_s": []}
+        for name in ("np-first", "np-second"):
+            harsh["deploy_s"] += deploy(client, [name], NUMPY_PY, "numpy\n")
+            conn = connect(a)
+            try:
+                ms, status, headers, body = timed_call(
+                    conn, conn.request_bytes("POST", f"/run/{name}", EVENT_BYTES)
+                )
+            finally:
+                conn.close()
+            pre = check(status, headers, body, None, None, f"first invocation of {name}")
+            harsh["samples_ms"].append(ms)
+            kind = headers.get("x-warmstart-start", "?")
+            harsh["starts"].append(f"{kind}+numpy" if pre else kind)
+        res["deploy_then_invoke"] = harsh
+        log(
+            "deploy -> invoke: "
+            + ", ".join(
+                f"{fmt_ms(x)} ({k})"
+                for x, k in zip(harsh["samples_ms"], harsh["starts"], strict=True)
+            )
+        )
+        time.sleep(0.5)
         log(f"memory: {k} forked instances, frozen")
         zm = measure_memory(a, mem_names, "fork", True, ["ws-instance"])
         zs = a.get_json("/zygotes")["zygotes"]
