@@ -182,6 +182,8 @@ def test_a_pandas_zygote_is_built_at_deploy(server: Server, lam: Any) -> None:
     assert pandas_z[0]["forks"] == 0 and "pandas" in pandas_z[0]["imported"]
     start, body = _run(server, "pd1")
     assert start == "fork" and body == {"preloaded": True, "sum": 6}
+    with server.http() as http:
+        assert http.get("/zygotes").json()["built_at_deploy"] == 1
 
 
 def test_a_killed_zygote_is_replaced_and_the_call_succeeds(server: Server, lam: Any) -> None:

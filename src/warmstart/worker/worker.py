@@ -397,7 +397,14 @@ class Worker:
         zc = self._zygotes
         if zc is None:
             return {"enabled": False, "zygotes": []}
-        return {"enabled": True, "forks": zc.forks, "failures": zc.failures, "zygotes": zc.describe()}
+        return {
+            "enabled": True,
+            "forks": zc.forks,
+            "failures": zc.failures,
+            "built_at_deploy": zc.prepared,
+            "waits_for_builds": zc.waits,
+            "zygotes": zc.describe(),
+        }
 
     async def node_status(self) -> dict[str, Any]:
         """GET /node (``warmstart top`` polls it every second): what is in memory, plus
