@@ -381,3 +381,19 @@ def test_no_wait_for_a_build_begun_longer_than_build_wait_ago(tmp_path: Path) ->
         assert PANDAS in cache._building
 
     run_gated(tmp_path, body, grow_after=5, build_wait_s=0.0)
+
+
+def test_a_zygote_built_over_a_dead_one_stops_the_dead_one(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        cache.prepare(PANDAS)
+        await settle(cache)
+        node = cache.tree.exact(PANDAS)
+        assert node is not None and isinstance(node.handle, Zygote)
+        dead = node.handle
+        dead.alive = False  # killed; the sweeper has not dropped it yet
+        assert cache.prepare(PANDAS) is True
+        await settle(cache)
+        assert node.handle is not dead and node.handle.alive
+        assert dead.id in fake.stopped and dead not in cache.live
+
+    run(tmp_path, body, grow_after=5)

@@ -169,7 +169,11 @@ class ZygoteCache:
             return
         else:
             node = self.tree.add(pins)
-            node.handle = zygote
+            old, node.handle = node.handle, zygote
+            if isinstance(old, Zygote):  # a dead one not dropped yet: it goes now
+                self.live.pop(old, None)
+                self.frozen.discard(old)
+                self._background(self.launcher.stop(old), f"stop {old.id}")
         finally:
             # Waiters go on at once: with the new zygote, or with what there was.
             del self._building[pins]
