@@ -10,17 +10,22 @@ What it does (needs root on Linux, like the sandboxes themselves):
    worker does; the clock stops when the last sandbox is gone), in a loop, for a few
    seconds with 1 and with 4 asyncio tasks; the same with fresh sandboxes
    (``SandboxManager.create``) as the baseline.  Only sandboxes that said ``ready`` count.
-2. Server (a): ``warmstart serve --zygote-after 1 --freeze-after-ms 0``.  Deploys a function
-   whose handler does ``import numpy, pandas`` at module level (requirements.txt ``pandas``,
-   MemorySize 512, Timeout 60) -- pandas is installed from PyPI by the server -- invokes it
-   once, and polls ``GET /zygotes`` until a zygote with pandas is alive.  Then the first
-   invocation of each of N more functions with the same code is timed end to end
-   (``POST /run/<fn>`` over one keep-alive loopback connection, the minimal client of
-   core_bench, 0.2 s between them); each must say ``X-Warmstart-Start: fork`` and report
-   pandas pre-imported.  Those functions are deleted and N more are timed back to back (no
-   gap), for the details.  Then K more functions are invoked once each and left alive (frozen at once): the RSS,
-   PSS and USS of each instance process (``ws-instance`` in the server's cgroups) come from
-   /proc/<pid>/smaps_rollup, the zygote's own from ``GET /zygotes``.
+2. Server (a): ``warmstart serve --freeze-after-ms 0`` (the defaults for when zygotes
+   are built).  The burst first: B functions (default 15) whose handler does ``import
+   numpy, pandas`` at module level (requirements.txt ``pandas``, MemorySize 512, Timeout
+   60; different functions, the same requirements) are deployed -- the first installs
+   pandas from the package index through the server -- and then invoked once each, back
+   to back over one keep-alive loopback connection (``POST /run/<fn>``, the minimal
+   client of core_bench), with no pause, as a CI pipeline or a fan-out does.  How each
+   started (``X-Warmstart-Start`` and whether pandas was pre-imported) is recorded, and a
+   thread polling ``GET /zygotes`` notes when the pandas zygote is alive, after the
+   first deploy and from the first invocation.  Those functions are deleted.  Then the
+   paused case: the first invocation of each of N more functions with the same code,
+   0.2 s between them, the zygote long built; each must say ``fork`` and report pandas
+   pre-imported.  Those are deleted and N more are timed back to back, for the details.
+   Then K more functions are invoked once each and left alive (frozen at once): the RSS,
+   PSS and USS of each instance process (``ws-instance`` in the server's cgroups) come
+   from /proc/<pid>/smaps_rollup, the zygote's own from ``GET /zygotes``.
 3. Server (b): ``warmstart serve --no-zygotes --freeze-after-ms 0``: the same N first
    invocations (``X-Warmstart-Start: cold``, a fresh interpreter importing pandas) and
    the same K frozen instances (runtime process ``python3.11``, plus the sandbox's pid 1
@@ -29,11 +34,16 @@ What it does (needs root on Linux, like the sandboxes themselves):
    core_bench, plus server (a)'s installed package directories bound read-only at
    /var/packages/<dir> and WARMSTART_PATH naming them; N runs, 512 MB memory limit.
 
-Each timed series follows one untimed warm-up of the same kind (page cache, first-use
-costs); its time is in the details.  Prints markdown tables and the targets (zygote cold
-p50 <= 10 ms; >= 25x faster than the fresh interpreter; >= 300 sandbox creations/s via a
-zygote); ``--json OUT`` writes every number to OUT.  Servers are stopped (SIGTERM) and
-temporary directories removed at the end, even on error.
+Each timed series but the burst follows one untimed warm-up of the same kind (page
+cache, first-use costs); its time is in the details.  Prints markdown tables and the
+targets, as ratios with baselines measured in the same run (this machine's absolute
+times swing 2.5x from day to day): first invocations forked from a zygote >= 60x faster
+than a fresh interpreter importing the same packages, paused and in the burst; the burst
+p50 within 1.1x of the paused p50; the pandas zygote alive <= 2 s after the first pandas
+function was deployed, so every burst invocation after the first forks from it; >= 6x
+the sandbox creations/s of fresh sandboxes.  ``--json OUT`` writes every number to OUT.
+Servers are stopped (SIGTERM) and temporary directories removed at the end, even on
+error.
 
     bash scripts/bench zygote [--quick] [--json out.json]
 """
@@ -97,15 +107,36 @@ TIMEOUT_S = 60
 # Section 2 (library): the smallest handler, 128 MB sandboxes.
 TINY_PY = "def handler(event, context):\n    return 1\n"
 
-TARGET_ZYGOTE_P50_MS = 10.0
-TARGET_SPEEDUP = 25.0
-TARGET_CREATIONS = 300.0
+# Targets are ratios against baselines measured in the same run (this machine's absolute
+# times swing 2.5x from day to day); the absolute p50 is shown for reference only.
+TARGET_SPEEDUP = 60.0  # fresh interpreter p50 / zygote p50, paused and burst alike
+TARGET_BURST_OVER_PAUSED = 1.1  # burst p50 / paused p50
+TARGET_ZYGOTE_READY_S = 2.0  # a new package set's zygote alive after its first deploy
+TARGET_CREATIONS_X = 6.0  # sandbox creations/s via a zygote / fresh sandboxes
+REFERENCE_ZYGOTE_P50_MS = 10.0  # on a quiet day
 
 
 # -- the HTTP side -------------------------------------------------------------------------
-def deploy(client: Any, names: list[str]) -> list[float]:
+# The harsh case: a function whose package set (numpy alone) is new to the server,
+# invoked the moment its deploy returns.
+NUMPY_PY = """\
+import sys
+
+PRELOADED = "numpy" in sys.modules
+
+import numpy
+
+
+def handler(event, context):
+    return {"sum": int(numpy.arange(int(event.get("n", 10))).sum()), "preloaded": PRELOADED}
+"""
+
+
+def deploy(
+    client: Any, names: list[str], handler: str = HANDLER_PY, requirements: str = REQUIREMENTS
+) -> list[float]:
     """create_function for each name; returns each call's seconds (the first installs pandas)."""
-    code = make_zip({"handler.py": HANDLER_PY, "requirements.txt": REQUIREMENTS})
+    code = make_zip({"handler.py": handler, "requirements.txt": requirements})
     took = []
     for name in names:
         t0 = time.perf_counter()
@@ -131,19 +162,29 @@ def connect(server: Server) -> RawHTTP:
 
 
 def check(
-    status: int, headers: dict[str, str], body: bytes, start: str | None, preloaded: bool, what: str
-) -> None:
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+    start: str | None,
+    preloaded: bool | None,
+    what: str,
+) -> bool:
+    """Raise unless the invocation succeeded as expected; returns whether pandas had been
+    imported before the handler's module ran (``preloaded`` None: either is fine)."""
     if status != 200:
         raise BenchError(f"{what}: HTTP {status}: {body[:500]!r}")
     got = headers.get("x-warmstart-start")
     if start is not None and got != start:
         raise BenchError(f"{what}: X-Warmstart-Start is {got!r}, expected {start!r}")
     result = json.loads(body)
+    if preloaded is None and isinstance(result, dict):
+        preloaded = bool(result.get("preloaded"))
     if result != {"sum": EXPECTED_SUM, "preloaded": preloaded}:
         raise BenchError(
             f"{what}: unexpected result {result!r} (X-Warmstart-Start {got!r}); expected "
             f"sum {EXPECTED_SUM} with pandas {'already' if preloaded else 'not yet'} imported"
         )
+    return bool(preloaded)
 
 
 def invoke(
@@ -161,27 +202,70 @@ def invoke(
 
 
 def measure_first_invocations(
-    server: Server, names: list[str], start: str, preloaded: bool, gap_s: float
+    server: Server,
+    names: list[str],
+    start: str | None,
+    preloaded: bool | None,
+    gap_s: float,
 ) -> dict[str, Any]:
-    """The first invocation of each function, timed over one keep-alive connection."""
+    """The first invocation of each function, timed over one keep-alive connection
+    (``start`` / ``preloaded`` None: record how each one started rather than insist)."""
     conn = connect(server)
     samples: list[float] = []
     internal: list[float] = []
+    starts: list[str] = []
+    sent: list[float] = []
     try:
         for name in names:
             raw = conn.request_bytes("POST", f"/run/{name}", EVENT_BYTES)
+            sent.append(time.monotonic())
             ms, status, headers, body = timed_call(conn, raw)
-            check(status, headers, body, start, preloaded, f"first invocation of {name}")
+            pre = check(status, headers, body, start, preloaded, f"first invocation of {name}")
             samples.append(ms)
             internal.append(float(headers.get("x-warmstart-duration-ms", "nan")))
-            time.sleep(gap_s)  # let the previous instance settle (freeze, cgroup refill)
+            kind = headers.get("x-warmstart-start", "?")
+            starts.append(f"{kind}+pandas" if pre else kind)
+            if gap_s:
+                time.sleep(gap_s)  # let the previous instance settle (freeze, cgroup refill)
     finally:
         conn.close()
     return {
         **summary(samples),
         "samples_ms": [round(x, 3) for x in samples],
         "server_internal": summary(internal),
+        "starts": starts,
+        "sent_at": sent,
     }
+
+
+class ZygoteWatch:
+    """Polls ``GET /zygotes`` on a thread (every 20 ms) and notes when a live zygote
+    with pandas first appears, to time how soon after demand it is there."""
+
+    def __init__(self, server: Server) -> None:
+        import threading
+
+        self.server = server
+        self.seen_at: float | None = None
+        self.info: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zygote-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                for z in self.server.get_json("/zygotes").get("zygotes", []):
+                    names = {p.split("==")[0].lower() for p in z.get("packages", [])}
+                    if "pandas" in names and z.get("alive"):
+                        self.seen_at = time.monotonic()
+                        self.info = dict(z)
+                        return
+            self._stop.wait(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def wait_for_pandas_zygote(server: Server, timeout: float) -> dict[str, Any]:
@@ -241,7 +325,9 @@ def server_pids(server: Server, comm: str) -> dict[int, str]:
     if not root.is_dir():  # cgroup v2: one tree
         root = Path("/sys/fs/cgroup/warmstart") / cgroup_digest(server.data_dir)
     out: dict[int, str] = {}
-    for procs in root.glob("cg*/cgroup.procs"):
+    for procs in root.rglob("cgroup.procs"):  # pooled cgroups sit under ls/ (cg*)
+        if not procs.parent.name.startswith("cg"):
+            continue
         with contextlib.suppress(OSError):
             for tok in procs.read_text().split():
                 pid = int(tok)
@@ -513,24 +599,58 @@ def report(res: dict[str, Any]) -> str:
     m = res["machine"]
     cfg = res["config"]
     zy, fr, rc = res.get("zygote_cold"), res.get("fresh_cold"), res.get("runc")
+    bu = res.get("burst")
     out = [
         f"warmstart {m.get('revision', '?')} on {m.get('cpu', '?')}, {m['cpus']} CPUs, kernel "
         f"{m['kernel']}, cgroup {m['cgroup']}, Python {m['python']}; pandas "
         f"{res.get('pandas_version', '?')}",
         "",
-        f"### Cold start of `import numpy, pandas` (first invocation, end to end, N={cfg['n']})",
+        f"### Cold start of `import numpy, pandas` (first invocation, end to end; paused: "
+        f"N={cfg['n']}, {cfg['gap_s']:g} s apart, the zygote long built; burst: "
+        f"{cfg.get('burst', '?')} functions deployed, then invoked back to back at once)",
         "",
-        "| measure | via zygote (fork) | fresh interpreter (--no-zygotes) | runc run (oneshot) "
-        "| fresh / zygote | runc / zygote |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| measure | zygote, paused | zygote, burst after deploy | fresh interpreter "
+        "(--no-zygotes) | runc run (oneshot) | fresh / paused | fresh / burst "
+        "| burst / paused | runc / paused |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for q in ("p50", "p99"):
         k = f"{q}_ms"
-        a, b, c = (x[k] if x else None for x in (zy, fr, rc))
+        a, d, b, c = (x[k] if x else None for x in (zy, bu, fr, rc))
         out.append(
-            f"| cold start {q} | {fmt_ms(a)} | {fmt_ms(b)} | {fmt_ms(c)} | {fmt_x(b, a)} "
-            f"| {fmt_x(c, a)} |"
+            f"| cold start {q} | {fmt_ms(a)} | {fmt_ms(d)} | {fmt_ms(b)} | {fmt_ms(c)} "
+            f"| {fmt_x(b, a)} | {fmt_x(b, d)} | {fmt_x(d, a)} | {fmt_x(c, a)} |"
         )
+    if bu:
+        out += [
+            "",
+            f"Burst: deployed in {res.get('deploy_s', {}).get('first_a', float('nan')):.1f} s "
+            f"(the first, installing pandas) + {bu['deploy_rest_s']:.1f} s (the rest); the "
+            f"pandas zygote alive {bu['zygote_after_deploy_s']:.2f} s after the first deploy "
+            f"({bu['zygote_after_first_invoke_s']:+.2f} s from the first invocation); each "
+            "invocation in order: "
+            + ", ".join(
+                f"{fmt_ms(ms)} ({kind})"
+                for ms, kind in zip(bu["samples_ms"], bu["starts"], strict=True)
+            ),
+        ]
+    dti = res.get("deploy_then_invoke")
+    if dti:
+        out += [
+            "",
+            "Deploy, then invoke at once (a numpy-only function, a package set new to the "
+            "server; its zygote is built from the deploy on): "
+            + ", ".join(
+                f"{name} {fmt_ms(ms)} ({kind}, deployed in {d:.2f} s)"
+                for name, ms, kind, d in zip(
+                    ("first", "second"),
+                    dti["samples_ms"],
+                    dti["starts"],
+                    dti["deploy_s"],
+                    strict=True,
+                )
+            ),
+        ]
     lib = res.get("library")
     if lib:
         out += [
@@ -588,7 +708,7 @@ def report(res: dict[str, Any]) -> str:
             f"max {fmt_ms(zy['max_ms'])}; worker-internal p50 "
             f"{fmt_ms(zy['server_internal']['p50_ms'])} (X-Warmstart-Duration-Ms); untimed warm-up "
             f"fork {fmt_ms(res.get('zygote_warmup_ms'))}; the pandas zygote was alive "
-            f"{res.get('zygote_ready_s', float('nan')):.1f} s after the first invocation asked for it "
+            f"{res.get('zygote_ready_s', float('nan')):.1f} s after the first deploy "
             f"(imported {res.get('zygote_info', {}).get('imported')}, skipped "
             f"{res.get('zygote_info', {}).get('skipped')})"
         )
@@ -653,32 +773,76 @@ def report(res: dict[str, Any]) -> str:
 def targets(res: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     t: list[tuple[str, bool | None, str]] = []
     zy, fr, lib = res.get("zygote_cold"), res.get("fresh_cold"), res.get("library")
-    if zy:
-        t.append(
-            (
-                f"zygote cold p50 <= {TARGET_ZYGOTE_P50_MS:.0f} ms",
-                zy["p50_ms"] <= TARGET_ZYGOTE_P50_MS,
-                fmt_ms(zy["p50_ms"]),
-            )
-        )
+    bu = res.get("burst")
     if zy and fr:
         x = fr["p50_ms"] / zy["p50_ms"]
         t.append(
             (
-                f">= {TARGET_SPEEDUP:.0f}x faster than the fresh interpreter (p50)",
+                f"paused: >= {TARGET_SPEEDUP:.0f}x faster than the fresh interpreter (p50)",
                 x >= TARGET_SPEEDUP,
                 f"{x:.1f}x ({fmt_ms(fr['p50_ms'])} / {fmt_ms(zy['p50_ms'])})",
             )
         )
-    if lib and lib["zygote"]:
-        best_c, best = max(lib["zygote"].items(), key=lambda kv: kv[1]["per_s"])
+    if bu and fr:
+        x = fr["p50_ms"] / bu["p50_ms"]
         t.append(
             (
-                f">= {TARGET_CREATIONS:.0f} sandbox creations/s via a zygote",
-                best["per_s"] >= TARGET_CREATIONS,
-                f"{best['per_s']:,.0f}/s (best, at concurrency {best_c}; "
-                + ", ".join(f"c={c}: {r['per_s']:,.0f}/s" for c, r in lib["zygote"].items())
-                + ")",
+                f"burst: >= {TARGET_SPEEDUP:.0f}x faster than the fresh interpreter (p50)",
+                x >= TARGET_SPEEDUP,
+                f"{x:.1f}x ({fmt_ms(fr['p50_ms'])} / {fmt_ms(bu['p50_ms'])})",
+            )
+        )
+    if bu and zy:
+        x = bu["p50_ms"] / zy["p50_ms"]
+        t.append(
+            (
+                f"burst p50 within {TARGET_BURST_OVER_PAUSED:g}x of the paused p50",
+                x <= TARGET_BURST_OVER_PAUSED,
+                f"{x:.2f}x ({fmt_ms(bu['p50_ms'])} / {fmt_ms(zy['p50_ms'])})",
+            )
+        )
+    if bu:
+        ready = bu["zygote_after_deploy_s"]
+        t.append(
+            (
+                f"the pandas zygote alive <= {TARGET_ZYGOTE_READY_S:g} s after the first "
+                "pandas function was deployed",
+                ready <= TARGET_ZYGOTE_READY_S,
+                f"{ready:.2f} s ({bu['zygote_after_first_invoke_s']:+.2f} s from the first "
+                "invocation)",
+            )
+        )
+        later = bu["starts"][1:]
+        t.append(
+            (
+                "burst: every invocation after the first forked from the pandas zygote",
+                all(k == "fork+pandas" for k in later),
+                f"{sum(1 for k in later if k == 'fork+pandas')} of {len(later)}",
+            )
+        )
+    if lib and lib["zygote"] and lib["fresh"]:
+        best_z = max(r["per_s"] for r in lib["zygote"].values())
+        best_f = max(r["per_s"] for r in lib["fresh"].values())
+        per_c = ", ".join(
+            f"c={c}: {fmt_x(r['per_s'], lib['fresh'][c]['per_s'])}"
+            for c, r in lib["zygote"].items()
+            if c in lib["fresh"]
+        )
+        t.append(
+            (
+                f">= {TARGET_CREATIONS_X:g}x the sandbox creations/s of fresh sandboxes (best "
+                "of each)",
+                best_z / best_f >= TARGET_CREATIONS_X,
+                f"{best_z / best_f:.1f}x ({best_z:,.0f}/s / {best_f:,.0f}/s; {per_c})",
+            )
+        )
+    if zy:
+        t.append(
+            (
+                f"reference only (absolute, depends on the day): zygote cold p50 <= "
+                f"{REFERENCE_ZYGOTE_P50_MS:.0f} ms on a quiet day",
+                None,
+                fmt_ms(zy["p50_ms"]),
             )
         )
     return t
@@ -693,15 +857,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the server.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent("""\
-            targets: zygote cold p50 <= 10 ms; >= 25x faster than the fresh interpreter;
-            >= 300 sandbox creations/s via a zygote. Only 127.0.0.1 (and PyPI, by the server's
-            installer) is contacted. Exit status: 0 ok, 1 a target was missed, 2 error."""),
+            targets (ratios with baselines measured in the same run): first invocations
+            forked from a zygote >= 60x faster than a fresh interpreter importing the same
+            packages, paused and in a burst right after deploy; the burst p50 within 1.1x of
+            the paused p50; the new package set's zygote alive <= 2 s after its first deploy,
+            so every burst invocation after the first forks from it; >= 6x the sandbox
+            creations/s of fresh sandboxes. Only 127.0.0.1 (and the package index, by the
+            server's installer) is contacted. Exit status: 0 ok, 1 a target was missed,
+            2 error."""),
     )
     p.add_argument("--quick", action="store_true", help="N=6 and shorter rate runs (~1 min)")
     p.add_argument("--json", metavar="OUT", type=Path, help="also write all results as JSON to OUT")
     p.add_argument("-n", type=int, default=None, help="cold starts per path (default 20, quick 6)")
     p.add_argument(
         "-k", type=int, default=8, help="frozen instances for the memory numbers (default 8)"
+    )
+    p.add_argument(
+        "--burst",
+        type=int,
+        default=15,
+        help="functions deployed and then invoked back to back in the burst (default 15)",
     )
     p.add_argument(
         "--rate-seconds",
@@ -736,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "memory_mb": MEMORY_MB,
             "gap_s": gap_s,
+            "burst": args.burst,
             "handler": HANDLER_PY,
         },
     }
@@ -758,25 +934,60 @@ def main(argv: list[str] | None = None) -> int:
 
         deploy_s: dict[str, Any] = {"rest": []}
         # -- 2. server (a): zygotes ---------------------------------------------------------
-        a = Server(workdir, "zygote", ["--zygote-after", "1", "--freeze-after-ms", "0"])
+        # The server's defaults for zygotes (when and how many to build), freezing at once.
+        a = Server(workdir, "zygote", ["--freeze-after-ms", "0"])
         servers.append(a)
         a.data_dir.mkdir()
         a.start()
         client = lambda_client(a.url)
-        log("server (a): deploying the pandas function (installs pandas from PyPI)")
-        took = deploy(client, ["pd-seed"])
+        # -- 2a. the burst: B new functions with a package set new to the server, deployed
+        # and then invoked once each, back to back, as a CI pipeline or a fan-out does.
+        burst_names = [f"burst{i}" for i in range(args.burst)]
+        log(
+            f"server (a): burst: deploying {len(burst_names)} pandas functions (the first "
+            "installs pandas from PyPI)"
+        )
+        took = deploy(client, burst_names[:1])
+        t_first_deploy = time.monotonic()
+        watch = ZygoteWatch(a)
         deploy_s["first_a"] = took[0]
-        log(f"deployed in {took[0]:.1f} s; first invocation (asks for a pandas zygote)")
-        seed_ms, hd = invoke(a, "pd-seed", None, False)
-        t_asked = time.monotonic()
-        res["seed_invocation"] = {"ms": seed_ms, "start": hd.get("x-warmstart-start")}
+        deploy_s["rest"] += deploy(client, burst_names[1:])
+        t_deployed = time.monotonic()
+        log(
+            f"first deploy {took[0]:.1f} s, the rest {t_deployed - t_first_deploy:.1f} s; "
+            f"invoking each once, back to back"
+        )
+        bu = measure_first_invocations(a, burst_names, None, None, 0.0)
+        t_first_invoke = bu["sent_at"][0]
+        bu["deploy_rest_s"] = t_deployed - t_first_deploy
+        watch_deadline = time.monotonic() + 300
+        while watch.seen_at is None and time.monotonic() < watch_deadline:
+            time.sleep(0.05)
+        watch.stop()
+        if watch.seen_at is None or watch.info is None:
+            raise BenchError(f"no live pandas zygote 300 s after the burst\n{a.log_tail()}")
+        zinfo = watch.info
+        # When the zygote was there, after the first deploy returned (deploy-time builds)
+        # and after the first invocation was sent (demand-time builds): the later of the
+        # two demands is the one that counts.
+        bu["zygote_after_deploy_s"] = watch.seen_at - t_first_deploy
+        bu["zygote_after_first_invoke_s"] = watch.seen_at - t_first_invoke
+        bu["forked_with_pandas"] = sum(1 for k in bu["starts"] if k == "fork+pandas")
+        res["burst"] = bu
+        log(
+            f"burst: p50 {fmt_ms(bu['p50_ms'])} max {fmt_ms(bu['max_ms'])}; starts "
+            f"{bu['starts']}; pandas zygote alive {bu['zygote_after_deploy_s']:.2f} s after the "
+            f"first deploy, {bu['zygote_after_first_invoke_s']:+.2f} s from the first invocation"
+        )
+        for name in burst_names:  # their memory reservations go
+            client.delete_function(FunctionName=name)
+        res["zygote_ready_s"] = bu["zygote_after_deploy_s"]
         zy_names = [f"zy{i}" for i in range(n)]
         b2b_names = [f"zyb{i}" for i in range(n)]
         mem_names = [f"zymem{i}" for i in range(k)]
         log(f"deploying {2 * n + k + 1} more functions with the same code")
         deploy_s["rest"] += deploy(client, ["zy-warm", *zy_names, *b2b_names, *mem_names])
-        zinfo = wait_for_pandas_zygote(a, timeout=300)
-        res["zygote_ready_s"] = time.monotonic() - t_asked
+        zinfo = wait_for_pandas_zygote(a, timeout=60)
         res["zygote_info"] = {
             key: zinfo.get(key) for key in ("packages", "imported", "skipped", "pid", "memory")
         }
@@ -802,6 +1013,31 @@ def main(argv: list[str] | None = None) -> int:
         zb = res["zygote_cold_b2b"]
         log(f"via zygote, back to back: p50 {fmt_ms(zb['p50_ms'])} p99 {fmt_ms(zb['p99_ms'])}")
         time.sleep(1.0)
+        # -- 2c. the harsh case: deploy, then invoke at once, a new package set (numpy).
+        log("deploy -> invoke at once: a numpy-only function (a package set new here)")
+        harsh: dict[str, Any] = {"samples_ms": [], "starts": [], "deploy_s": []}
+        for name in ("np-first", "np-second"):
+            harsh["deploy_s"] += deploy(client, [name], NUMPY_PY, "numpy\n")
+            conn = connect(a)
+            try:
+                ms, status, headers, body = timed_call(
+                    conn, conn.request_bytes("POST", f"/run/{name}", EVENT_BYTES)
+                )
+            finally:
+                conn.close()
+            pre = check(status, headers, body, None, None, f"first invocation of {name}")
+            harsh["samples_ms"].append(ms)
+            kind = headers.get("x-warmstart-start", "?")
+            harsh["starts"].append(f"{kind}+numpy" if pre else kind)
+        res["deploy_then_invoke"] = harsh
+        log(
+            "deploy -> invoke: "
+            + ", ".join(
+                f"{fmt_ms(x)} ({k})"
+                for x, k in zip(harsh["samples_ms"], harsh["starts"], strict=True)
+            )
+        )
+        time.sleep(0.5)
         log(f"memory: {k} forked instances, frozen")
         zm = measure_memory(a, mem_names, "fork", True, ["ws-instance"])
         zs = a.get_json("/zygotes")["zygotes"]

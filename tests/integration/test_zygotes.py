@@ -151,7 +151,7 @@ def test_forked_instances_are_isolated(server: Server, lam: Any) -> None:
 
 
 def test_pandas_zygote_grows_from_demand(server_factory: Any) -> None:
-    server: Server = server_factory("--zygote-after", "1")
+    server: Server = server_factory("--zygote-after", "1", "--no-zygote-at-deploy")
     lam = server.lambda_client()
     _deploy_pandas(lam, "pd1")
     _deploy_pandas(lam, "pd2")
@@ -170,6 +170,20 @@ def test_pandas_zygote_grows_from_demand(server_factory: Any) -> None:
         z = next(z for z in http.get("/zygotes").json()["zygotes"] if z["packages"])
     assert z["instances"] == 1
     assert z["memory"]["pss"] > 0
+
+
+def test_a_pandas_zygote_is_built_at_deploy(server: Server, lam: Any) -> None:
+    """Deploying is enough: the package set's zygote is built before any invocation, and
+    the very first one forks from it with pandas already imported."""
+    _deploy_pandas(lam, "pd1")
+    pandas_z = _alive_with(
+        _wait_for_zygotes(server, lambda zs: _alive_with(zs, "pandas")), "pandas"
+    )
+    assert pandas_z[0]["forks"] == 0 and "pandas" in pandas_z[0]["imported"]
+    start, body = _run(server, "pd1")
+    assert start == "fork" and body == {"preloaded": True, "sum": 6}
+    with server.http() as http:
+        assert http.get("/zygotes").json()["built_at_deploy"] == 1
 
 
 def test_a_killed_zygote_is_replaced_and_the_call_succeeds(server: Server, lam: Any) -> None:

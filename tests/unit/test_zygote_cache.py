@@ -253,3 +253,147 @@ def test_growth_waits_for_demand(tmp_path: Path, grow_after: int) -> None:
             assert (len(fake.started) == 2) is (n >= grow_after)
 
     run(tmp_path, body, grow_after=grow_after)
+
+
+class GatedLauncher(FakeLauncher):
+    """Child zygotes start only once the test opens the gate (and then fail if told)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.fail_start = False
+
+    async def start_child(
+        self, parent: Zygote, extra: tuple[tuple[str, str], ...], preload: list[str]
+    ) -> FakeZygote:
+        await self.gate.wait()
+        if self.fail_start:
+            raise SandboxError("the child zygote exited while importing its packages")
+        return await super().start_child(parent, extra, preload)
+
+
+def run_gated(
+    tmp_path: Path, body: Callable[[ZygoteCache, GatedLauncher], Awaitable[None]], **kw: Any
+) -> None:
+    async def main() -> None:
+        cache = ZygoteCache(object(), package_dir(tmp_path), **kw)  # type: ignore[arg-type]
+        fake = GatedLauncher()
+        cache.launcher = fake  # type: ignore[assignment]
+        await cache.start()
+        try:
+            await body(cache, fake)
+        finally:
+            fake.gate.set()
+            await cache.close()
+            fake.close()
+
+    asyncio.run(main())
+
+
+async def until(pred: Callable[[], bool]) -> None:
+    for _ in range(5000):
+        if pred():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+PANDAS = frozenset({"pandas==2.2.3", "numpy==2.1.0"})
+
+
+def test_a_zygote_is_built_at_deploy_before_any_demand(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        root = cache.tree.root.handle
+        assert isinstance(root, Zygote)
+        assert cache.prepare(PANDAS) is True
+        assert cache.prepare(PANDAS) is False  # under construction already
+        await settle(cache)
+        assert fake.started[1][0] == f"child of {root.id}"
+        assert cache.prepare(PANDAS) is False  # built
+        assert cache.prepare(frozenset()) is False  # the root's set
+        # The very first cold start forks from it (grow_after is 5: no demand needed).
+        _, zygote = await cache.fork(PANDAS, SPEC)  # type: ignore[misc]
+        assert zygote is not root and zygote.id == "zy2"
+        assert cache.prepared == 1 and cache.waits == 0 and len(fake.started) == 2
+
+    run(tmp_path, body, grow_after=5)
+
+
+def test_a_cold_start_waits_for_its_zygote_under_construction(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: GatedLauncher) -> None:
+        root = cache.tree.root.handle
+        cache.prepare(PANDAS)
+        first = asyncio.ensure_future(cache.fork(PANDAS, SPEC))
+        second = asyncio.ensure_future(cache.fork(PANDAS | {"six==1.16.0"}, SPEC))
+        other = await cache.fork(frozenset({"requests==2.32.0"}), SPEC)  # not served by it
+        assert other is not None and other[1] is root
+        await until(lambda: cache.waits == 2)
+        assert not first.done() and not second.done() and fake.forks == [root.id]
+        fake.gate.set()
+        for task in (first, second):
+            forked = await task
+            assert forked is not None and forked[1] is not root and forked[1].id == "zy2"
+        assert fake.forks == [root.id, "zy2", "zy2"]
+
+    run_gated(tmp_path, body, grow_after=5)
+
+
+def test_a_failed_build_sends_its_waiters_to_the_root(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: GatedLauncher) -> None:
+        root = cache.tree.root.handle
+        cache.prepare(PANDAS)
+        waiter = asyncio.ensure_future(cache.fork(PANDAS, SPEC))
+        await until(lambda: cache.waits == 1)
+        fake.fail_start = True
+        fake.gate.set()
+        forked = await waiter
+        assert forked is not None and forked[1] is root  # it imports pandas itself
+        await settle(cache)
+        assert cache.tree.exact(PANDAS) is None and not cache._building
+        assert cache.prepare(PANDAS) is True  # a later deploy may try again
+
+    run_gated(tmp_path, body, grow_after=5)
+
+
+def test_the_start_that_begins_a_build_does_not_wait_for_it(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: GatedLauncher) -> None:
+        root = cache.tree.root.handle
+        # grow_after=1: this start begins the build (held at the gate) and goes on.
+        forked = await cache.fork(PANDAS, SPEC)
+        assert forked is not None and forked[1] is root and cache.waits == 0
+        assert PANDAS in cache._building
+        # The next one finds it under way and waits.
+        waiter = asyncio.ensure_future(cache.fork(PANDAS, SPEC))
+        await until(lambda: cache.waits == 1)
+        fake.gate.set()
+        forked = await waiter
+        assert forked is not None and forked[1].id == "zy2"
+
+    run_gated(tmp_path, body, grow_after=1)
+
+
+def test_no_wait_for_a_build_begun_longer_than_build_wait_ago(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: GatedLauncher) -> None:
+        root = cache.tree.root.handle
+        cache.prepare(PANDAS)
+        forked = await cache.fork(PANDAS, SPEC)  # build_wait 0: every build is too old
+        assert forked is not None and forked[1] is root and cache.waits == 0
+        assert PANDAS in cache._building
+
+    run_gated(tmp_path, body, grow_after=5, build_wait_s=0.0)
+
+
+def test_a_zygote_built_over_a_dead_one_stops_the_dead_one(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        cache.prepare(PANDAS)
+        await settle(cache)
+        node = cache.tree.exact(PANDAS)
+        assert node is not None and isinstance(node.handle, Zygote)
+        dead = node.handle
+        dead.alive = False  # killed; the sweeper has not dropped it yet
+        assert cache.prepare(PANDAS) is True
+        await settle(cache)
+        assert node.handle is not dead and node.handle.alive
+        assert dead.id in fake.stopped and dead not in cache.live
+
+    run(tmp_path, body, grow_after=5)

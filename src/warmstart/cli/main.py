@@ -428,7 +428,17 @@ def _add_serve(sub: Any) -> None:
         type=int,
         default=d.zygote_after,
         metavar="N",
-        help="cold starts of a package set before it gets its own zygote (default %(default)s)",
+        help="cold starts of a package set before it gets its own zygote, when it did not "
+        "get one at deploy (default %(default)s)",
+    )
+    s.add_argument(
+        "--no-zygote-at-deploy",
+        dest="zygote_at_deploy",
+        action="store_false",
+        default=d.zygote_at_deploy,
+        help="build a package set's zygote only on demand (--zygote-after), not as soon as a "
+        "function with those packages is deployed (default: at deploy; zygotes are evicted "
+        "least recently used first beyond --zygote-budget-mb)",
     )
     s.add_argument(
         "--zygote-uid",
@@ -738,6 +748,7 @@ def _serve(args: argparse.Namespace) -> int:
         installer_allow_hosts=_installer_hosts(args.installer_allow_host),
         zygotes=args.zygotes,
         zygote_after=args.zygote_after,
+        zygote_at_deploy=args.zygote_at_deploy,
         zygote_budget_mb=args.zygote_budget_mb,
         zygote_uid=args.zygote_uid,
         image_pull=args.image_pull,

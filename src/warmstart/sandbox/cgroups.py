@@ -214,23 +214,33 @@ class CgroupDriver:
 class V1Driver(CgroupDriver):
     version = CgroupVersion.V1
 
+    def __init__(self, root: Path, *, cpuset: bool = False) -> None:
+        super().__init__(root, cpuset=cpuset)
+        self._hierarchy_cache: list[Path] | None = None
+
     def _has_cpuset(self) -> bool:
         cpuset = self.root / "cpuset"
         return (cpuset / "cpuset.cpus").exists() and os.access(cpuset, os.W_OK)
 
-    def dirs(self, rel: str) -> list[Path]:
-        dirs = [self.root / c / rel for c in V1_CONTROLLERS]
+    def _hierarchies(self) -> list[Path]:
+        """The controller hierarchies every cgroup joins.  Which optional ones are mounted
+        apart is read once: resolving them walks the mount points with a dozen lstat
+        calls, and ``dirs`` runs for every pooled cgroup's recycling poll."""
+        if self._hierarchy_cache is not None:
+            return self._hierarchy_cache
+        roots = [self.root / c for c in V1_CONTROLLERS]
         if self.cpuset:
-            dirs.append(self.root / "cpuset" / rel)
+            roots.append(self.root / "cpuset")
+        mounted = {(self.root / k).resolve() for k in V1_CONTROLLERS}
         for c in V1_OPTIONAL:
             d = self.root / c
-            if (
-                d.is_dir()
-                and not d.is_symlink()
-                and d.resolve() not in {(self.root / k).resolve() for k in V1_CONTROLLERS}
-            ):
-                dirs.append(d / rel)
-        return dirs
+            if d.is_dir() and not d.is_symlink() and d.resolve() not in mounted:
+                roots.append(d)
+        self._hierarchy_cache = roots
+        return roots
+
+    def dirs(self, rel: str) -> list[Path]:
+        return [d / rel for d in self._hierarchies()]
 
     def _d(self, controller: str, rel: str) -> Path:
         return self.root / controller / rel

@@ -126,6 +126,22 @@ class InstanceFactory:
         env.update(rec.config.environment)
         return env
 
+    def prepare_zygote(self, rec: FunctionRecord) -> None:
+        """``rec`` was just deployed (or changed): have its package set's zygote built now,
+        so that the first invocations -- often a burst right after a deploy -- fork from
+        it.  Only for functions that may fork, with packages installed on this node (in a
+        cluster, a function deployed through another node installs them here on demand)."""
+        if (
+            self.zygotes is None
+            or not self.settings.zygote_at_deploy
+            or rec.image is not None
+            or not rec.packages
+            or not self._may_fork(rec)
+        ):
+            return
+        if all(d.is_dir() for d in self.registry.package_dirs(rec)):
+            self.zygotes.prepare(frozenset(rec.packages))
+
     # -- start -----------------------------------------------------------------------------
     def _reserve(self, memory_mb: int, qos_class: QoSClass) -> None:
         """Reserve ``memory_mb`` of the node's memory budget for a new instance.

@@ -73,6 +73,9 @@ class Settings:
     # The import cache (zygotes).
     zygotes: bool = True  # fork cold starts from pre-initialised zygotes (linux isolation)
     zygote_after: int = 2  # cold starts of a package set before it gets its own zygote
+    # Build a package set's zygote as soon as a function with those packages is deployed
+    # (the first invocations after a deploy fork from it), not only after zygote_after.
+    zygote_at_deploy: bool = True
     zygote_budget_mb: int = 4096  # zygotes' PSS before LRU eviction
     zygote_uid: int = 200000  # the host uid a zygote runs as (uid 0 inside its namespace)
     # Container images.

@@ -355,7 +355,7 @@ class Worker:
         """A function was created, changed or deleted -- here or, in a cluster, through
         another node: new invocations get instances of the new revision, an image no
         function uses any more is released, a new image is mounted ahead of its first
-        invocation."""
+        invocation, a new package set's zygote is built."""
         rec = new or old
         assert rec is not None  # never both None
         name = rec.name
@@ -379,6 +379,8 @@ class Worker:
             self.tasks.spawn(self._release_image(old_image), f"release {old_image.uri}")
         if new_image is not None and (old_image is None or old_image.digest != new_image.digest):
             self._images.premount(new_image)
+        if new is not None:
+            self._factory.prepare_zygote(new)  # ahead of its first invocations
 
     async def _release_image(self, image: ImageSource) -> None:
         await self._images.release(image, still_used=self._registry.image_in_use(image.digest))
@@ -482,7 +484,14 @@ class Worker:
         zc = self._zygotes
         if zc is None:
             return {"enabled": False, "zygotes": []}
-        return {"enabled": True, "forks": zc.forks, "failures": zc.failures, "zygotes": zc.describe()}
+        return {
+            "enabled": True,
+            "forks": zc.forks,
+            "failures": zc.failures,
+            "built_at_deploy": zc.prepared,
+            "waits_for_builds": zc.waits,
+            "zygotes": zc.describe(),
+        }
 
     async def node_status(self) -> dict[str, Any]:
         """GET /node (``warmstart top`` polls it every second): what is in memory, plus
@@ -563,11 +572,13 @@ class Worker:
 
     async def prepare(self, rec: FunctionRecord) -> None:
         """Make ``rec`` ready to start here without starting it: its bundle and packages
-        (fetched and installed), or its image (mounted), as its first start would."""
+        (fetched and installed, and its package set's zygote built), or its image
+        (mounted), as its first start would."""
         if rec.image is not None:
             await self._images.layout(rec.image)
         else:
             await self._registry.ensure_code(rec)
+            self._factory.prepare_zygote(rec)
 
     def image_store(self) -> ImageStore:
         """This node's content store (made with the image manager on first use)."""

@@ -8,6 +8,17 @@ forks from it.  Any failure -- a zygote that crashed, was killed, or could not f
 drops that zygote (the root is restarted) and returns None: the caller then starts the
 instance the slow way, so the invocation still succeeds.
 
+``prepare`` builds a package set's zygote before any demand: the worker calls it when a
+function with those packages is deployed (its packages have just been installed), so
+the burst of first invocations that often follows a deploy forks from it.  A cold start
+that finds a better zygote for its packages already under construction waits for it (at
+most ``build_wait_s`` after the build began) rather than import the packages itself: the
+build, already under way, imports them once for every instance to come, while a start
+of its own would import them again beside it, on the same cores, and leave the next
+start no better off.  (The start that begins a build on demand does not wait for it: a
+zygote's start-up on top of the same imports would be later than starting alone.)  If
+the build fails, the waiters fork from what is there (the root), as before.
+
 Zygotes idle for ``freeze_after_s`` are frozen (thawed before the next fork); when the
 zygotes' proportional memory (PSS) exceeds the budget, or one has been idle past its
 TTL, the least recently used leaves without live instances are stopped (stopping a
@@ -25,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +48,19 @@ from warmstart.zygote.launcher import Zygote, ZygoteLauncher, top_level_modules
 from warmstart.zygote.tree import Node, PackageSet, ZygoteTree
 
 log = logging.getLogger(__name__)
+
+# How long after a zygote's build began a cold start still waits for it (a build that
+# takes longer than this is stuck or unusually slow: start without it).
+BUILD_WAIT_S = 10.0
+
+
+@dataclass(eq=False)
+class _Build:
+    """A zygote under construction, and who waits for it."""
+
+    packages: PackageSet
+    started: float = field(default_factory=time.monotonic)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _read_memory(zygotes: list[Zygote]) -> dict[Zygote, MemoryUse]:
@@ -53,6 +78,7 @@ class ZygoteCache:
         freeze_after_s: float = 30.0,
         ttl_s: float = 900.0,
         uid: int = 200000,
+        build_wait_s: float = BUILD_WAIT_S,
     ) -> None:
         self.sandboxes = sandboxes
         self.package_dir = package_dir
@@ -62,7 +88,10 @@ class ZygoteCache:
         self.budget = budget_mb << 20
         self.freeze_after = freeze_after_s
         self.ttl = ttl_s
-        self._growing: set[PackageSet] = set()
+        self.build_wait = build_wait_s
+        self._building: dict[PackageSet, _Build] = {}
+        self.prepared = 0  # zygotes built ahead of demand (``prepare``)
+        self.waits = 0  # cold starts that waited for a zygote under construction
         self.live: dict[Zygote, int] = {}  # zygote -> instances forked from it still alive
         self._memory: dict[Zygote, MemoryUse] = {}  # the last ``measure``
         self.frozen: set[Zygote] = set()
@@ -77,7 +106,8 @@ class ZygoteCache:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         await self.tasks.start()
-        self.tree.root.handle = await self._launch(frozenset())
+        self.tree.root.handle = root = await self._launch(frozenset())
+        await self.measure([root])
 
     async def close(self) -> None:
         await self.tasks.close()
@@ -113,7 +143,6 @@ class ZygoteCache:
             zygote = await self.launcher.start(packages, preload)
         self.created += 1
         self.live[zygote] = 0
-        await self.measure([zygote])
         if zygote.skipped:
             log.info("zygote %s left out %s", zygote.id, zygote.skipped)
         log.info(
@@ -124,17 +153,68 @@ class ZygoteCache:
         )
         return zygote
 
-    async def _grow(self, pins: PackageSet) -> None:
+    def _start_growing(self, pins: PackageSet) -> bool:
+        if pins in self._building:
+            return False
+        build = self._building[pins] = _Build(pins)
+        self._background(self._grow(build), f"grow {sorted(pins)}")
+        return True
+
+    async def _grow(self, build: _Build) -> None:
+        pins = build.packages
         try:
             zygote = await self._launch(pins)
         except (SandboxError, OSError, TimeoutError) as exc:
             log.warning("cannot start a zygote for %s: %s", sorted(pins), exc)
             return
+        else:
+            node = self.tree.add(pins)
+            old, node.handle = node.handle, zygote
+            if isinstance(old, Zygote):  # a dead one not dropped yet: it goes now
+                self.live.pop(old, None)
+                self.frozen.discard(old)
+                self._background(self.launcher.stop(old), f"stop {old.id}")
         finally:
-            self._growing.discard(pins)
-        node = self.tree.add(pins)
-        node.handle = zygote
+            # Waiters go on at once: with the new zygote, or with what there was.
+            del self._building[pins]
+            build.done.set()
+        await self.measure([zygote])
         self.enforce()
+
+    def prepare(self, pins: PackageSet) -> bool:
+        """Build the zygote of ``pins`` now, in the background, ahead of demand (a
+        function with these packages was just deployed).  False when there is one
+        already, or one is being built, or the tree is full."""
+        if not pins or self._ready_exact(pins) or pins in self._building:
+            return False
+        if len(self.tree.nodes()) >= self.tree.max_nodes:
+            return False
+        self.prepared += 1
+        return self._start_growing(pins)
+
+    def _ready_exact(self, pins: PackageSet) -> bool:
+        node = self.tree.exact(pins)
+        return node is not None and isinstance(node.handle, Zygote) and node.handle.alive
+
+    def _build_to_wait_for(self, pins: PackageSet, node: Node | None) -> _Build | None:
+        """The build under way that would serve ``pins`` better than ``node`` (the most
+        packages), if it began less than ``build_wait`` ago."""
+        have = node.packages if node is not None else frozenset()
+        now = time.monotonic()
+        builds = [
+            b
+            for b in self._building.values()
+            if b.packages and have < b.packages <= pins and now - b.started < self.build_wait
+        ]
+        return max(builds, key=lambda b: len(b.packages), default=None)
+
+    async def _wait_for_build(self, pins: PackageSet, build: _Build) -> Node | None:
+        self.waits += 1
+        remaining = build.started + self.build_wait - time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await build.done.wait()
+        return self._ready_node(pins)
 
     # -- forking ---------------------------------------------------------------------------
     def _ready_node(self, pins: PackageSet) -> Node | None:
@@ -144,11 +224,15 @@ class ZygoteCache:
         return node
 
     async def fork(self, pins: PackageSet, spec: SandboxSpec) -> tuple[Sandbox, Zygote] | None:
-        grow = self.tree.record(pins)
-        if grow is not None and grow not in self._growing:
-            self._growing.add(grow)
-            self._background(self._grow(grow), f"grow {sorted(grow)}")
         node = self._ready_node(pins)
+        # Only a build already under way is worth the wait: one this start would begin
+        # now finishes later than the start itself could (it adds a zygote's start-up).
+        build = self._build_to_wait_for(pins, node)
+        grow = self.tree.record(pins)
+        if grow is not None:
+            self._start_growing(grow)
+        if build is not None:
+            node = await self._wait_for_build(pins, build)
         if node is None:
             self._restart_root()
             return None
@@ -259,17 +343,20 @@ class ZygoteCache:
         root = self.tree.root
         if isinstance(root.handle, Zygote) and root.handle.alive:
             return
-        if frozenset() in self._growing:
+        if frozenset() in self._building:
             return
-        self._growing.add(frozenset())
+        build = self._building[frozenset()] = _Build(frozenset())
 
         async def restart() -> None:
             try:
-                root.handle = await self._launch(frozenset())
+                root.handle = zygote = await self._launch(frozenset())
             except (SandboxError, OSError, TimeoutError) as exc:
                 log.error("cannot restart the root zygote: %s", exc)
+                return
             finally:
-                self._growing.discard(frozenset())
+                del self._building[frozenset()]
+                build.done.set()
+            await self.measure([zygote])
 
         self._background(restart(), "restart the root zygote")
 

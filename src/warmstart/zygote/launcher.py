@@ -107,6 +107,11 @@ async def _recvmsg(
                 loop.remove_reader(fd)
 
 
+class _Unsafe(SandboxError):
+    """A zygote that imported its packages without probing them first found one that
+    started threads or opened sockets (or it died importing): start it again, probing."""
+
+
 def _creds_pid(anc: list[Any]) -> int:
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -132,7 +137,7 @@ class ZygoteLauncher:
         uid: int = 200000,
         gid: int = 200000,
         memory_mb: int = 2048,
-        spares: int = 2,
+        spares: int = 4,
     ) -> None:
         self.m = manager
         self.tasks = tasks
@@ -160,7 +165,27 @@ class ZygoteLauncher:
     ) -> Zygote:
         """Start a zygote that imports ``preload``: in the host layout with ``packages``
         bound under /var/packages, or inside an image's root (``image``: its layout, with
-        its own Python and site-packages; ``image_env``: the image's environment)."""
+        its own Python and site-packages; ``image_env``: the image's environment).
+
+        The zygote imports without probing first; if a package turns out unsafe to
+        keep in a fork server (or the zygote dies importing), it starts again, probing
+        each package in a throwaway child (see ``warmstart.runtime.zygote``)."""
+        try:
+            return await self._start(packages, preload, timeout, image, image_env, probe=False)
+        except _Unsafe as exc:
+            log.info("restarting a zygote with probes: %s", exc)
+        return await self._start(packages, preload, timeout, image, image_env, probe=True)
+
+    async def _start(
+        self,
+        packages: tuple[tuple[str, str], ...],
+        preload: list[str],
+        timeout: float,
+        image: RootLayout | None,
+        image_env: dict[str, str] | None,
+        *,
+        probe: bool,
+    ) -> Zygote:
         m = self.m
         if m.pool is None:
             raise SandboxError("zygotes need linux isolation")
@@ -200,6 +225,7 @@ class ZygoteLauncher:
                 "HOME": "/tmp",
                 "LAMBDA_TASK_ROOT": "/var/task",
                 "WARMSTART_PRELOAD": ",".join(preload),
+                "WARMSTART_PROBE": "1" if probe else "0",
                 "WARMSTART_PATH": ":".join(dst for _, dst in packages),
                 "WARMSTART_LAYOUT": json.dumps(layout),
             },
@@ -214,8 +240,13 @@ class ZygoteLauncher:
             ours.setblocking(False)
             msg, anc = await _recvmsg(ours, 1 << 16, socket.CMSG_SPACE(CREDS.size), timeout)
             if not msg:
-                raise SandboxError("the zygote exited while importing its packages")
+                what = "the zygote exited while importing its packages"
+                raise SandboxError(what) if probe else _Unsafe(what)
             hello = json.loads(msg)
+            if not hello.get("ready"):
+                if hello.get("unsafe") and not probe:
+                    raise _Unsafe(hello["unsafe"])
+                raise SandboxError(f"the zygote failed: {hello.get('error') or hello}")
         except BaseException:
             theirs.close()
             ours.close()
@@ -246,7 +277,23 @@ class ZygoteLauncher:
         timeout: float = 300.0,
     ) -> Zygote:
         """A zygote forked from ``parent``: it shares the parent's imported modules
-        (copy-on-write) and adds ``extra`` packages, attached as read-only trees."""
+        (copy-on-write) and adds ``extra`` packages, attached as read-only trees
+        (imported without probes first, as in ``start``)."""
+        try:
+            return await self._start_child(parent, extra, preload, timeout, probe=False)
+        except _Unsafe as exc:
+            log.info("restarting a child zygote of %s with probes: %s", parent.id, exc)
+        return await self._start_child(parent, extra, preload, timeout, probe=True)
+
+    async def _start_child(
+        self,
+        parent: Zygote,
+        extra: tuple[tuple[str, str], ...],
+        preload: list[str],
+        timeout: float,
+        *,
+        probe: bool,
+    ) -> Zygote:
         m = self.m
         if not parent.alive:
             raise SandboxError(f"zygote {parent.id} is gone")
@@ -258,7 +305,12 @@ class ZygoteLauncher:
         trees: list[int] = []
         try:
             trees = [sc.clone_tree_readonly(src) for src, _ in extra]
-            msg = {"op": "zygote", "mounts": [dst for _, dst in extra], "preload": preload}
+            msg = {
+                "op": "zygote",
+                "mounts": [dst for _, dst in extra],
+                "preload": preload,
+                "probe": probe,
+            }
             try:
                 async with parent.lock:
                     socket.send_fds(
@@ -279,9 +331,12 @@ class ZygoteLauncher:
             ours.send(b"go")
             raw, anc = await _recvmsg(ours, 1 << 16, socket.CMSG_SPACE(CREDS.size), timeout)
             if not raw:
-                raise SandboxError("the child zygote exited while importing its packages")
+                what = "the child zygote exited while importing its packages"
+                raise SandboxError(what) if probe else _Unsafe(what)
             hello = json.loads(raw)
             if not hello.get("ready"):
+                if hello.get("unsafe") and not probe:
+                    raise _Unsafe(hello["unsafe"])
                 raise SandboxError(f"the child zygote failed: {hello.get('error')}")
         except BaseException:
             ours.close()
@@ -329,12 +384,40 @@ class ZygoteLauncher:
     async def _spare(
         self, zygote: Zygote, timeout: float = 10.0, qos_class: QoSClass = QoSClass.LS
     ) -> Spare:
-        """Fork a child and move it into a pooled cgroup; it then waits for its setup.
+        """Fork a child and move it into a pooled cgroup; it then waits for its setup."""
+        spares = await self._spares(zygote, 1, timeout, qos_class)
+        return spares[0]
+
+    async def _spares(
+        self, zygote: Zygote, n: int, timeout: float = 10.0, qos_class: QoSClass = QoSClass.LS
+    ) -> list[Spare]:
+        """Fork ``n`` children, then move them into pooled cgroups, one after the other.
 
         Moving a task into a v1 cgroup can wait 10-20 ms for an RCU grace period when it
-        comes alone; doing it ahead of time (and several in a row) keeps that off the
-        invocation path.
+        comes alone; moves right after another skip it (0.1-0.3 ms).  So spares are
+        made ahead of time, and several at once: after a burst of cold starts has taken
+        them all, the next ones are back in stock after one grace period, not one each.
         """
+        m = self.m
+        forked: list[Spare] = []
+        try:
+            for _ in range(n):
+                forked.append(await self._fork_child(zygote, timeout, qos_class))
+            # In a thread: the writes can block for an RCU grace period, and the event
+            # loop has invocations to serve meanwhile.
+            await asyncio.to_thread(_join_cgroups, forked)
+        except BaseException as exc:
+            for spare in forked:
+                spare.close()
+                await m.release_cgroup(spare.cgroup, repark=False)
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise SandboxError(f"fork from zygote {zygote.id} failed: {exc}") from exc
+            raise
+        return forked
+
+    async def _fork_child(self, zygote: Zygote, timeout: float, qos_class: QoSClass) -> Spare:
+        """Have the zygote fork a child; it says hello and waits to be moved to its cgroup
+        (the caller moves it, or releases the cgroup and closes the spare on failure)."""
         m = self.m
         if not zygote.alive:
             raise SandboxError(f"zygote {zygote.id} is gone")
@@ -361,9 +444,6 @@ class ZygoteLauncher:
             if msg != b"H" or pid <= 0:
                 zygote.alive = False  # a zygote that cannot fork is of no use
                 raise SandboxError(f"zygote {zygote.id} did not fork")
-            # In a thread: the write can block for an RCU grace period, and the event
-            # loop has invocations to serve meanwhile.
-            await asyncio.to_thread(cgroup.driver.add, cgroup.rel, pid)
         except BaseException as exc:
             ours.close()
             os.close(status_r)
@@ -380,7 +460,7 @@ class ZygoteLauncher:
         zygote.filling = True
         try:
             while zygote.alive and len(zygote.spares) < self.spares and not self.m.closing:
-                zygote.spares.append(await self._spare(zygote))
+                zygote.spares += await self._spares(zygote, self.spares - len(zygote.spares))
         except SandboxError as exc:
             log.warning("cannot fork a spare from zygote %s: %s", zygote.id, exc)
         finally:
@@ -450,6 +530,11 @@ class ZygoteLauncher:
             output=output,
             exit_status=spare.exit_status,
         )
+
+
+def _join_cgroups(spares: list[Spare]) -> None:
+    for spare in spares:
+        spare.cgroup.driver.add(spare.cgroup.rel, spare.pid)
 
 
 def _still_waiting(sock: socket.socket) -> bool:
