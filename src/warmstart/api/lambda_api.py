@@ -165,8 +165,7 @@ def configuration(worker: Worker, rec: FunctionRecord) -> dict[str, Any]:
         "Version": "$LATEST",
         "TracingConfig": {"Mode": "PassThrough"},
         "RevisionId": rec.revision_id,
-        "State": "Active",
-        "LastUpdateStatus": "Successful",
+        **worker.state(rec).fields(),  # State, LastUpdateStatus and their reasons
         "PackageType": rec.package_type,
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": cfg.ephemeral_mb},
@@ -466,7 +465,7 @@ class LambdaAPI:
         limit = self.event_limit if kind == "Event" else self.request_limit
         payload = await read_body(request, limit)
         if kind == "DryRun":
-            self.worker.get(name)
+            await self.worker.check_invocable(name)  # exists, and is not Failed
             return Response(status_code=204, headers={"X-Amz-Executed-Version": "$LATEST"})
         if kind == "Event":
             # The request id is the queued event's: GET /events/<id> follows it.

@@ -1043,6 +1043,18 @@ def _invoke(args: argparse.Namespace) -> int:
     return 1 if resp.headers.get("X-Amz-Function-Error") else 0
 
 
+def _state(conf: dict[str, Any]) -> str:
+    """A function's State, with its reason code when it has one, and an update under way
+    or failed ("Active, update InProgress")."""
+    state = str(conf.get("State", "?"))
+    if conf.get("StateReasonCode") and state != "Active":
+        state += f" ({conf['StateReasonCode']})"
+    update = conf.get("LastUpdateStatus")
+    if update and update != "Successful" and state.split()[0] == "Active":
+        state += f", update {update}"
+    return state
+
+
 def _ls(args: argparse.Namespace) -> int:
     with _client(args) as c:
         fns = _check(c.get(f"{API}/", params={"MaxItems": 10000})).json()["Functions"]
@@ -1053,6 +1065,7 @@ def _ls(args: argparse.Namespace) -> int:
         "timeout (s)",
         "code (bytes)",
         "last modified",
+        "state",
     )
     rows = [
         (
@@ -1063,6 +1076,7 @@ def _ls(args: argparse.Namespace) -> int:
             str(f["Timeout"]),
             str(f["CodeSize"]),
             f["LastModified"],
+            _state(f),
         )
         for f in fns
     ]

@@ -57,6 +57,8 @@ from warmstart.worker.registry import (
 )
 from warmstart.worker.retention import Retention
 from warmstart.worker.settings import Settings
+from warmstart.worker.states import FunctionState
+from warmstart.worker.states import State as FunctionStateName
 from warmstart.zygote.cache import ZygoteCache
 
 if TYPE_CHECKING:
@@ -145,6 +147,7 @@ class Worker:
         self._zygotes: ZygoteCache | None = None
         self._qos: QoSManager | None = None
         self._installed: set[str] = set()
+        self._redeploys: set[str] = set()  # functions whose image a deploy here names again
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -260,6 +263,21 @@ class Worker:
     def arn(self, name: str) -> str:
         return self._registry.arn(name)
 
+    def state(self, rec: FunctionRecord) -> FunctionState:
+        """The function's State and LastUpdateStatus on this node (``worker/states.py``)."""
+        return self._images.states.state(rec)
+
+    async def _invocable(self, name: str, *, wait: bool) -> None:
+        """Before an invocation: a Failed function is a 409 ``NotInvocable``; with
+        ``wait``, a Pending (or Inactive) one is waited for, at most its Timeout."""
+        rec = self._registry.get(name)
+        if rec.image is not None:
+            await self._images.wait_invocable(rec.image, rec.config.timeout_s if wait else None)
+
+    async def check_invocable(self, name: str) -> None:
+        """DryRun: the function exists and is not Failed."""
+        await self._invocable(name, wait=False)
+
     def code_zip(self, rec: FunctionRecord) -> Path:
         """The zip a function was deployed with (GetFunction's Code.Location serves it)."""
         return self._registry.code_zip(rec)
@@ -283,13 +301,21 @@ class Worker:
     async def create_image_function(
         self, name: str, config: FunctionConfig, image: ImageSource
     ) -> FunctionRecord:
+        self._images.states.retry(image.digest)  # a deploy tries a failed image again
         return await self._registry.create_image(name, config, image)
 
     async def update_code(self, name: str, code: bytes) -> FunctionRecord:
         return await self._registry.update_code(name, code)
 
     async def update_image(self, name: str, image: ImageSource) -> FunctionRecord:
-        return await self._registry.update_image(name, image)
+        """A new revision running ``image``: an update (LastUpdateStatus InProgress until
+        it is mounted), which tries the image again even if it failed before."""
+        self._images.states.retry(image.digest)
+        self._redeploys.add(name)
+        try:
+            return await self._registry.update_image(name, image)
+        finally:
+            self._redeploys.discard(name)
 
     async def update_config(self, name: str, **changes: Any) -> FunctionRecord:
         return await self._registry.update_config(name, **changes)
@@ -309,11 +335,16 @@ class Worker:
         self._invoker.retire(name)
         if new is None:
             self._logs.forget(name)
+            self._images.states.forget(name)
         old_image = old.image if old is not None else None
         new_image = new.image if new is not None else None
         if old_image is not None and (new_image is None or new_image.digest != old_image.digest):
             self.tasks.spawn(self._release_image(old_image), f"release {old_image.uri}")
-        if new_image is not None and (old_image is None or old_image.digest != new_image.digest):
+        if new_image is not None and (
+            old_image is None or old_image.digest != new_image.digest or name in self._redeploys
+        ):
+            # Pending (a new function) or InProgress (an update) until it is mounted.
+            self._images.states.deployed(name, new_image.digest, update=old is not None)
             self._images.premount(new_image)
 
     async def _release_image(self, image: ImageSource) -> None:
@@ -331,6 +362,7 @@ class Worker:
         """A synchronous invocation (RequestResponse, or the native ``/run``); its result
         is bounded by ``max_response_bytes``."""
         _check_size(payload, self.settings.max_request_bytes, SizeLimit.INVOKE)
+        await self._invocable(name, wait=True)
         return await self._invoker.invoke(
             name, payload, client_context=client_context, qos_class=qos_class
         )
@@ -339,6 +371,7 @@ class Worker:
         """An Event invocation: queued durably, run on best-effort capacity; its id.  The
         payload, and the result kept for it, take at most ``max_event_bytes``."""
         _check_size(payload, self.settings.max_event_bytes, SizeLimit.EVENT)
+        await self._invocable(name, wait=False)
         return await self._dispatcher.enqueue(name, payload)
 
     async def event(self, event_id: str) -> dict[str, Any] | None:
@@ -501,11 +534,20 @@ class Worker:
                     self._installed.add(pin)
         return sorted(self._installed)
 
+    def _function_states(self) -> dict[str, float]:
+        """How many functions are in each State on this node."""
+        counts = {s.value: 0.0 for s in FunctionStateName}
+        states = self._images.states
+        for rec in self._registry:
+            counts[states.state(rec).state.value] += 1
+        return counts
+
     def _snapshot(self) -> dict[str, dict[str, float]]:
         """The node's state for /metrics: in-memory figures only."""
         zc, q, cache = self._zygotes, self._qos, self._cache
         return {
             "instances": self._invoker.instance_states(),
+            "function_states": self._function_states(),
             "memory": {
                 "idle_instances": float(cache.memory),
                 "reserved": float(self._factory.reserved_mb << 20),
