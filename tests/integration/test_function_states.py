@@ -218,6 +218,23 @@ def test_a_hostile_image_fails_once_and_stays_failed_across_a_restart(
         assert r.json()["message"].startswith(FAILED_409)
     assert metric(server, "warmstart_image_mount_failures_total") == 1
     assert metric(server, 'warmstart_function_states{state="Failed"}') == 1
+    # The CLI's deploy waits for the image and says why it failed (a deploy tries again).
+    res = subprocess.run(
+        [
+            ".venv/bin/warmstart",
+            "deploy",
+            "--image",
+            ref,
+            "--name",
+            "bad2",
+            "--endpoint",
+            server.url,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and "bad2 is Failed (InvalidImage)" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
 
     # A restarted node knows: still Failed, nothing pulled.
     server.stop()
@@ -226,6 +243,7 @@ def test_a_hostile_image_fails_once_and_stays_failed_across_a_restart(
     c = conf(lam, "bad")
     assert (c["State"], c["StateReasonCode"]) == ("Failed", "InvalidImage")
     refused_409(lambda: invoke(lam, "bad"))
+    lam.delete_function(FunctionName="bad2")
     assert metric(server, "warmstart_image_mount_failures_total") == 0
     assert metric(server, "warmstart_image_pulls_total") == 0
 

@@ -85,6 +85,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "the handler; the image's own Python runs it (default: none)",
     )
     d.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="with --image: return once the node has the function, without waiting for its "
+        "image to be mounted (default: wait until it is Active, or say why it Failed)",
+    )
+    d.add_argument(
         "--command",
         dest="image_cmd",  # not "command": that names the subcommand
         default=None,
@@ -957,11 +964,31 @@ def _deploy_image(args: argparse.Namespace) -> int:
                 body["Tags"] = {"warmstart:network": args.network}
             out = _check(c.post(API, json=body, headers=auth)).json()
             verb = "created"
+        if args.wait:
+            out = _wait_deployed(c, args.name)
     print(
         f"{verb} {out['FunctionName']} from image {args.image} ({out['MemorySize']} MB, "
         f"{out['Timeout']} s, {out['CodeSize'] / 1e6:.1f} MB compressed)"
     )
     return 0
+
+
+def _wait_deployed(c: Any, name: str) -> dict[str, Any]:
+    """Poll GetFunction until the deploy settled (as boto3's function_active_v2 and
+    function_updated_v2 waiters do): the configuration once Active, or a CLIError
+    saying why the image Failed."""
+    import time
+
+    while True:
+        conf: dict[str, Any] = _check(c.get(f"{API}/{name}")).json()["Configuration"]
+        state, update = conf.get("State"), conf.get("LastUpdateStatus")
+        if state == "Failed" or update == "Failed":
+            code = conf.get("StateReasonCode") or conf.get("LastUpdateStatusReasonCode")
+            reason = conf.get("StateReason") or conf.get("LastUpdateStatusReason")
+            raise CLIError(f"{name} is {state} ({code}): {reason}")
+        if state == "Active" and update == "Successful":
+            return conf
+        time.sleep(0.2)
 
 
 def _deploy(args: argparse.Namespace) -> int:
