@@ -8,7 +8,8 @@ The API layer talks to ``Worker`` and nothing else.  Behind it each role has a r
     HandlerCache       idle instances node-wide: freezing, memory budget, LRU eviction
     Dispatcher         Event invocations and jobs: durable queue, best-effort admission
     Retention          finished events and jobs deleted once older than the retention
-    ImageFunctions     image functions: roots, specs, image zygotes, premounts
+    ImageFunctions     image functions: roots, specs, image zygotes, premounts, and their
+                       states (``worker/states.py``: Pending, Active, Inactive, Failed)
     ZygoteCache        the import cache (``warmstart.zygote``), when sandboxes are linux
     QoSManager         reclaimed capacity, BE suppression, LS burst, eviction (``warmstart.qos``)
     SandboxManager     spawner, cgroup pools, root layouts (``warmstart.sandbox``)
