@@ -355,3 +355,30 @@ def test_inactive_after_a_restart_and_active_again_on_invoke(
     # The invocation mounts it again (Pending, Restoring meanwhile) and runs.
     assert invoke(lam, "idle")["python"] == "/usr/bin/python3"
     assert conf(lam, "idle")["State"] == "Active"
+
+
+def test_an_image_no_instance_uses_is_released_and_its_function_inactive(
+    server_factory: Any, python_image: str
+) -> None:
+    server: Server = server_factory("--image-pull", "full", "--image-idle-release-s", "1")
+    lam = server.lambda_client()
+    create_image(lam, "rel", python_image)
+    # Mounted ahead of the first invocation, unused for a second, released: Inactive.
+    wait_until(lambda: conf(lam, "rel")["State"] == "Inactive", "the function to go Inactive")
+    c = conf(lam, "rel")
+    assert (c["StateReasonCode"], c["LastUpdateStatus"]) == ("Idle", "Successful")
+    roots = server.data_dir / "images" / "roots"
+    wait_until(lambda: not mounted_under(roots), "the image root to be unmounted")
+    # An invocation mounts it again; its instance (idle, frozen) keeps the image in use.
+    assert invoke(lam, "rel")["python"] == "/usr/bin/python3"
+    assert conf(lam, "rel")["State"] == "Active"
+    assert mounted_under(roots)
+
+
+def mounted_under(path: Path) -> list[str]:
+    target = str(path.resolve())
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(target)
+    ]

@@ -531,6 +531,15 @@ def _add_serve(sub: Any) -> None:
         help="disk for pulled images before least recently used ones go (default %(default)s)",
     )
     s.add_argument(
+        "--image-idle-release-s",
+        metavar="SECONDS",
+        type=float,
+        default=d.image_idle_release_s,
+        help="unmount an image no instance has used for this long: its functions become "
+        "Inactive and their next invocation mounts it again (0: keep it mounted while a "
+        "function uses it; default %(default)s)",
+    )
+    s.add_argument(
         "--no-background-fetch",
         dest="image_background_fetch",
         action="store_false",
@@ -741,6 +750,7 @@ def _serve(args: argparse.Namespace) -> int:
         insecure_registries=tuple(args.insecure_registry),
         image_budget_mb=args.image_budget_mb,
         image_background_fetch=args.image_background_fetch,
+        image_idle_release_s=args.image_idle_release_s,
         require_deployer_credentials=args.require_deployer_credentials,
         registry_access_ttl_s=args.registry_access_ttl,
         qos=args.qos,

@@ -16,7 +16,8 @@ image needs on top:
   from site-packages; after ``zygote_after`` of them, a zygote inside the image's root
   preloads those modules and later instances of any function of the image fork from it;
 - ``release``: when no function uses an image any more, its zygote stops and it is
-  unmounted.
+  unmounted; ``release_idle`` (``--image-idle-release-s``) does the same for an image
+  no instance has used for a while, whose functions become Inactive.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,9 @@ class ImageFunctions:
         self._mounted: dict[str, int] = {}  # digest -> size, of images mounted here
         # Pending, ready or failed, per digest; failures persist across restarts.
         self.states = ImageStates(settings.data_dir / "images" / "failures.json")
+        self._sources: dict[str, ImageSource] = {}  # digest -> the image, while mounted
+        self._last_used: dict[str, float] = {}  # digest -> monotonic time of its last start
+        self._locks: dict[str, asyncio.Lock] = {}  # digest -> held to mount or unmount it
         # Set by a cluster node: given the registry client, what full pulls fetch blobs
         # through (peers first).
         self.blob_source: Callable[[Any], Any] | None = None
@@ -149,7 +154,8 @@ class ImageFunctions:
 
     async def _mount(self, image: ImageSource) -> None:
         try:
-            layout = await self._layout(image)
+            async with self._lock(image.digest):
+                layout = await self._layout(image)
         except asyncio.CancelledError:
             self.states.abandoned(image.digest)
             raise
@@ -187,6 +193,8 @@ class ImageFunctions:
             return
         if not still_used:
             self.states.released(image.digest)
+            self._sources.pop(image.digest, None)
+            self._last_used.pop(image.digest, None)
             self._mounted.pop(image.digest, None)
             self._layouts.pop(image.digest, None)
             self._fresh_starts.pop(image.digest, None)
@@ -199,18 +207,50 @@ class ImageFunctions:
         """The sandbox root layout of an image (mounting it on first use; a failed image
         is ``NotInvocable``)."""
         if self.states.ready(image.digest):
-            try:
-                return await self._layout(image)
-            except Exception as exc:  # a lazy mount replaced, and failing now
-                error = self.states.failed(image.digest, exc)
-                if error is exc:
-                    raise
-                raise error from exc
+            async with self._lock(image.digest):
+                if self.states.ready(image.digest):  # not released meanwhile
+                    try:
+                        return await self._layout(image)
+                    except Exception as exc:  # a lazy mount replaced, and failing now
+                        error = self.states.failed(image.digest, exc)
+                        if error is exc:
+                            raise
+                        raise error from exc
         return await asyncio.shield(self.mount(image))
 
+    def _lock(self, digest: str) -> asyncio.Lock:
+        return self._locks.setdefault(digest, asyncio.Lock())
+
+    async def release_idle(self, busy: Callable[[], set[str]], idle_s: float) -> int:
+        """Unmount every image no instance has started from for ``idle_s`` seconds and
+        none uses now (``busy()``: the digests with live instances, asked again before
+        each): its functions become Inactive, their next invocation mounts it again.
+        Returns how many were released."""
+        released = 0
+        for digest, image in list(self._sources.items()):
+            idle = time.monotonic() - self._last_used.get(digest, 0.0)
+            if idle < idle_s or digest in busy() or self.states.mounting(digest) is not None:
+                continue
+            async with self._lock(digest):
+                if not self.states.ready(digest) or digest in busy():
+                    continue
+                log.info("image %s: unused for %.0f s, unmounting it", image.uri, idle)
+                self.states.released(digest)
+                self._mounted.pop(digest, None)
+                self._layouts.pop(digest, None)
+                self._sources.pop(digest, None)
+                if self.zygotes is not None:
+                    await self.zygotes.drop_image(digest)
+                await self.manager.release(image, still_used=False)
+                released += 1
+        return released
+
     async def _layout(self, image: ImageSource) -> RootLayout:
+        """The layout (mounting the root if need be); the caller holds the digest's lock."""
         rootfs = await self.manager.rootfs(image)
         self._mounted[image.digest] = image.size
+        self._sources[image.digest] = image
+        self._last_used[image.digest] = time.monotonic()
         layout = self._layouts.get(image.digest)
         if layout is None or not rootfs.exists():
             path_env = image.env_dict().get("PATH", "")

@@ -243,7 +243,8 @@ class Worker:
 
     async def _sweep(self) -> None:
         """Once a second: idle instances over budget or TTL go, zygotes are measured (on a
-        thread) and frozen or evicted, retired pools with no instance left are dropped."""
+        thread) and frozen or evicted, retired pools with no instance left are dropped,
+        and (``--image-idle-release-s``) images no instance used for a while unmounted."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self._cache.enforce()
@@ -251,6 +252,21 @@ class Worker:
                 await self._zygotes.measure()
                 self._zygotes.enforce()
             self._invoker.sweep()
+            if self.settings.image_idle_release_s > 0:
+                await self._images.release_idle(
+                    self._busy_images, self.settings.image_idle_release_s
+                )
+
+    def _busy_images(self) -> set[str]:
+        """Digests of images whose functions have live instances here (starting, busy,
+        idle or frozen)."""
+        busy = set()
+        for pool in self._invoker.pools():
+            if pool.live > 0 and pool.name in self._registry:
+                image = self._registry.get(pool.name).image
+                if image is not None:
+                    busy.add(image.digest)
+        return busy
 
     # -- functions -------------------------------------------------------------------------
     def get(self, name: str) -> FunctionRecord:
