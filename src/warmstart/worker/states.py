@@ -23,9 +23,10 @@ state is its image's on this node, kept here per manifest digest:
   until the new image is mounted.
 - **Active** once the image's root is mounted here.
 - **Inactive** when nothing of the image is mounted here any more -- after a restart of
-  the node, or after a mount failed for a reason that is not the image's (the registry
-  unreachable, a platform error: ``LastUpdateStatus`` ``Failed``/``InternalError`` if it
-  was a deploy's).  The next invocation mounts it again (Pending, Restoring) and waits.
+  the node, after ``--image-idle-release-s`` with no instance of its functions (the
+  sweeper unmounts it), or after a mount failed for a reason that is not the image's
+  (the registry unreachable, a platform error: ``LastUpdateStatus``
+  ``Failed``/``InternalError`` if it was a deploy's).  The next invocation mounts it again (Pending, Restoring) and waits.
 - **Failed** when the image itself cannot run: an unsafe or corrupt layer, no python3,
   a config that does not resolve (``InvalidImage``), its manifest or a blob gone from
   the registry (``ImageDeleted``), or the registry refusing the node (``ImageAccessDenied``).
