@@ -457,7 +457,8 @@ def build_image(
     return ``ref``.
 
     The image starts from the layout ``base`` (e.g. :func:`debian_layout`), or empty, and
-    gets one layer per item of ``layers``: a directory (copied) or a map of files
+    gets one layer per item of ``layers``: a directory (copied), a tar file (added as it
+    is: :func:`tar_layer` writes hostile ones) or a map of files
     (path → text or bytes; a text ``"->target"`` is a symlink, a path ending in ``/`` an
     empty directory; parent directories are added, mode 0755).
     """
@@ -469,7 +470,9 @@ def build_image(
         run("umoci", "init", "--layout", str(layout))
         run("umoci", "new", "--image", f"{layout}:img")
     for layer in layers:
-        if isinstance(layer, Path):
+        if isinstance(layer, Path) and layer.is_file():  # a tar, as it is (tar_layer)
+            run("umoci", "raw", "add-layer", "--image", f"{layout}:img", str(layer))
+        elif isinstance(layer, Path):
             _add_directory_layer(layout, layer, workdir / "bundle")
         else:
             _add_files_layer(layout, layer, workdir / "layer.tar")
@@ -508,6 +511,95 @@ def tar_layer(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -
         for info, data in members:
             tf.addfile(info, io.BytesIO(data) if data is not None else None)
     return path
+
+
+def layer_digests(registry_url: str, ref: str) -> list[str]:
+    """The layer blob digests of ``ref`` (``host:port/repo:tag``) in the registry."""
+    repo, _, tag = ref.split("/", 1)[1].rpartition(":")
+    accept = ", ".join(
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+    )
+    r = httpx.get(f"{registry_url}/v2/{repo}/manifests/{tag}", headers={"Accept": accept})
+    r.raise_for_status()
+    return [layer["digest"] for layer in r.json()["layers"]]
+
+
+class GatedProxy:
+    """A plain-HTTP proxy in front of a registry that holds the requests for chosen blobs
+    until :meth:`release` -- a pull that stays under way for as long as a test needs
+    (and lets the test change the registry meanwhile: delete a blob, revoke a user)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+
+        self.upstream = upstream.rstrip("/")
+        self._held: set[str] = set()
+        self._gate = threading.Event()
+        self._gate.set()
+        self.holding = 0  # requests waiting at the gate now
+        self.requests: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy._forward(self, "GET")
+
+            def do_HEAD(self) -> None:
+                proxy._forward(self, "HEAD")
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def hold(self, digests: list[str]) -> None:
+        """Hold every request for these blobs from now until :meth:`release`."""
+        self._held = set(digests)
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def _forward(self, h: Any, method: str) -> None:
+        path = h.path
+        self.requests.append(f"{method} {path}")
+        if "/blobs/" in path and path.rsplit("/", 1)[-1] in self._held:
+            self.holding += 1
+            try:
+                self._gate.wait(300)
+            finally:
+                self.holding -= 1
+        skip = {"host", "connection", "accept-encoding"}
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in skip}
+        with httpx.Client(timeout=120) as client:
+            resp = client.request(method, self.upstream + path, headers=headers)
+        body = resp.content
+        h.send_response(resp.status_code)
+        drop = {"connection", "transfer-encoding", "content-encoding", "content-length"}
+        for key, value in resp.headers.multi_items():
+            if key.lower() not in drop:
+                h.send_header(key, value)
+        length = resp.headers.get("content-length") if method == "HEAD" else None
+        h.send_header("Content-Length", length or str(len(body)))
+        h.end_headers()
+        if method != "HEAD":
+            h.wfile.write(body)
+
+    def close(self) -> None:
+        self._gate.set()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 # -- containerd and ctr-remote (the reference eStargz implementation) ------------------------

@@ -103,7 +103,8 @@ def test_ls_in_a_pipe_keeps_every_column(server: Server, lam: Any) -> None:
     assert out.returncode == 0, out.stderr
     header, row = (line.split("\t") for line in out.stdout.splitlines())
     assert header[:4] == ["name", "handler / image", "memory (MB)", "timeout (s)"]
-    assert row[:4] == [name, "handler.handler", "128", "17"] and len(row) == len(header) == 6
+    assert row[:4] == [name, "handler.handler", "128", "17"] and len(row) == len(header) == 7
+    assert header[-1] == "state" and row[-1] == "Active"  # a zip function, once deployed
 
 
 def test_top_in_a_pipe_prints_snapshots(server: Server) -> None:

@@ -127,7 +127,8 @@ def test_image_without_a_handler_cmd_or_python(
     with pytest.raises(ClientError) as err:
         create_image_function(lam, "nocmd", ref)
     assert "CMD" in err.value.response["Error"]["Message"]
-    # A handler but no Python in the image: the invocation fails with a clear error.
+    # A handler but no Python in the image: the function is Failed (InvalidImage), and an
+    # invocation is a 409 that says why.
     ref = imagetools.build_image(
         tmp_path / "b",
         [{"var/task/app.py": "def handler(e, c):\n    return 1\n"}],
@@ -137,7 +138,11 @@ def test_image_without_a_handler_cmd_or_python(
     create_image_function(lam, "nopy", ref)
     with pytest.raises(ClientError) as err:
         invoke(lam, "nopy")
+    assert err.value.response["Error"]["Code"] == "ResourceConflictException"
     assert "python3" in err.value.response["Error"]["Message"]
+    conf = lam.get_function_configuration(FunctionName="nopy")
+    assert (conf["State"], conf["StateReasonCode"]) == ("Failed", "InvalidImage")
+    assert "python3" in conf["StateReason"]
     # The node is fine.
     assert server.http().get("/healthz").json()["status"] == "ok"
 

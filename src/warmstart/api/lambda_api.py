@@ -260,8 +260,7 @@ def configuration(
         "Version": rec.version,
         "TracingConfig": {"Mode": "PassThrough"},
         "RevisionId": rec.revision_id,
-        "State": "Active",
-        "LastUpdateStatus": "Successful",
+        **worker.state(rec).fields(),  # State, LastUpdateStatus and their reasons
         "PackageType": rec.package_type,
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": cfg.ephemeral_mb},
@@ -696,6 +695,7 @@ class LambdaAPI:
         limit = self.event_limit if kind == "Event" else self.request_limit
         payload = await read_body(request, limit)
         if kind == "DryRun":
+            await self.worker.check_invocable(name, qualifier)  # exists, not Failed
             version = self.worker.target(name, qualifier).version
             return Response(status_code=204, headers={"X-Amz-Executed-Version": version})
         if kind == "Event":

@@ -85,6 +85,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "the handler; the image's own Python runs it (default: none)",
     )
     d.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="with --image: return once the node has the function, without waiting for its "
+        "image to be mounted (default: wait until it is Active, or say why it Failed)",
+    )
+    d.add_argument(
         "--command",
         dest="image_cmd",  # not "command": that names the subcommand
         default=None,
@@ -544,6 +551,15 @@ def _add_serve(sub: Any) -> None:
         "%(default)s)",
     )
     s.add_argument(
+        "--image-idle-release-s",
+        metavar="SECONDS",
+        type=float,
+        default=d.image_idle_release_s,
+        help="unmount an image no instance has used for this long: its functions become "
+        "Inactive and their next invocation mounts it again (0: keep it mounted while a "
+        "function uses it; default %(default)s)",
+    )
+    s.add_argument(
         "--no-background-fetch",
         dest="image_background_fetch",
         action="store_false",
@@ -756,6 +772,7 @@ def _serve(args: argparse.Namespace) -> int:
         image_budget_mb=args.image_budget_mb,
         image_layers=args.image_layers,
         image_background_fetch=args.image_background_fetch,
+        image_idle_release_s=args.image_idle_release_s,
         require_deployer_credentials=args.require_deployer_credentials,
         registry_access_ttl_s=args.registry_access_ttl,
         qos=args.qos,
@@ -987,11 +1004,31 @@ def _deploy_image(args: argparse.Namespace) -> int:
                 body["Tags"] = {"warmstart:network": args.network}
             out = _check(c.post(API, json=body, headers=auth)).json()
             verb = "created"
+        if args.wait:
+            out = _wait_deployed(c, args.name)
     print(
         f"{verb} {out['FunctionName']} from image {args.image} ({out['MemorySize']} MB, "
         f"{out['Timeout']} s, {out['CodeSize'] / 1e6:.1f} MB compressed)"
     )
     return 0
+
+
+def _wait_deployed(c: Any, name: str) -> dict[str, Any]:
+    """Poll GetFunction until the deploy settled (as boto3's function_active_v2 and
+    function_updated_v2 waiters do): the configuration once Active, or a CLIError
+    saying why the image Failed."""
+    import time
+
+    while True:
+        conf: dict[str, Any] = _check(c.get(f"{API}/{name}")).json()["Configuration"]
+        state, update = conf.get("State"), conf.get("LastUpdateStatus")
+        if state == "Failed" or update == "Failed":
+            code = conf.get("StateReasonCode") or conf.get("LastUpdateStatusReasonCode")
+            reason = conf.get("StateReason") or conf.get("LastUpdateStatusReason")
+            raise CLIError(f"{name} is {state} ({code}): {reason}")
+        if state == "Active" and update == "Successful":
+            return conf
+        time.sleep(0.2)
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -1073,6 +1110,18 @@ def _invoke(args: argparse.Namespace) -> int:
     return 1 if resp.headers.get("X-Amz-Function-Error") else 0
 
 
+def _state(conf: dict[str, Any]) -> str:
+    """A function's State, with its reason code when it has one, and an update under way
+    or failed ("Active, update InProgress")."""
+    state = str(conf.get("State", "?"))
+    if conf.get("StateReasonCode") and state != "Active":
+        state += f" ({conf['StateReasonCode']})"
+    update = conf.get("LastUpdateStatus")
+    if update and update != "Successful" and state.split()[0] == "Active":
+        state += f", update {update}"
+    return state
+
+
 def _ls(args: argparse.Namespace) -> int:
     with _client(args) as c:
         fns = _check(c.get(f"{API}/", params={"MaxItems": 10000})).json()["Functions"]
@@ -1083,6 +1132,7 @@ def _ls(args: argparse.Namespace) -> int:
         "timeout (s)",
         "code (bytes)",
         "last modified",
+        "state",
     )
     rows = [
         (
@@ -1093,6 +1143,7 @@ def _ls(args: argparse.Namespace) -> int:
             str(f["Timeout"]),
             str(f["CodeSize"]),
             f["LastModified"],
+            _state(f),
         )
         for f in fns
     ]

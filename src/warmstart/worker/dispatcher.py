@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from warmstart.errors import (
+    Conflict,
     InvalidParameter,
     InvalidRequestContent,
     NotFound,
@@ -186,7 +187,7 @@ class Dispatcher:
             await asyncio.sleep(DEFER_S)
             await self.queue.release(event_id)
             return
-        except InvalidRequestContent as exc:
+        except (InvalidRequestContent, Conflict) as exc:  # Conflict: the function is Failed
             await self.queue.finish(event_id, "failed", str(exc).encode(), attempts + 1)
             return
         # Outcomes are written in batches on the queue's thread (``BEQueue``).

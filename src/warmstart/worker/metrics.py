@@ -51,6 +51,12 @@ class _NodeCollector(Collector):
         for state, n in snap["instances"].items():
             inst.add_metric([state], n)
         yield inst
+        states = GaugeMetricFamily(
+            "warmstart_function_states", "Functions by State on this node", labels=["state"]
+        )
+        for state, n in snap.get("function_states", {}).items():
+            states.add_metric([state], n)
+        yield states
         mem = GaugeMetricFamily("warmstart_memory_bytes", "Memory by kind", labels=["kind"])
         for kind, n in snap["memory"].items():
             mem.add_metric([kind], n)

@@ -84,6 +84,9 @@ class Settings:
     image_layers: str = "auto"  # full pulls: squashfs images where possible, or "dirs"
     insecure_registries: tuple[str, ...] = ()  # hosts reached over plain HTTP
     image_background_fetch: bool = True  # lazy mounts fetch the rest after the start
+    # An image mounted here that no instance has used for this long is unmounted (its
+    # functions become Inactive until the next invocation); 0: kept while a function uses it.
+    image_idle_release_s: float = 0.0
     # Deploys without the deployer's registry credentials: False = the node's own pull
     # them (single tenant); True = only images anonymous pulls may read.
     require_deployer_credentials: bool = False

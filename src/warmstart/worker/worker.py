@@ -9,7 +9,8 @@ The API layer talks to ``Worker`` and nothing else.  Behind it each role has a r
     HandlerCache       idle instances node-wide: freezing, memory budget, LRU eviction
     Dispatcher         Event invocations and jobs: durable queue, best-effort admission
     Retention          finished events and jobs deleted once older than the retention
-    ImageFunctions     image functions: roots, specs, image zygotes, premounts
+    ImageFunctions     image functions: roots, specs, image zygotes, premounts, and their
+                       states (``worker/states.py``: Pending, Active, Inactive, Failed)
     ZygoteCache        the import cache (``warmstart.zygote``), when sandboxes are linux
     QoSManager         reclaimed capacity, BE suppression, LS burst, eviction (``warmstart.qos``)
     SandboxManager     spawner, cgroup pools, root layouts (``warmstart.sandbox``)
@@ -59,6 +60,8 @@ from warmstart.worker.registry import (
 )
 from warmstart.worker.retention import Retention
 from warmstart.worker.settings import Settings
+from warmstart.worker.states import FunctionState
+from warmstart.worker.states import State as FunctionStateName
 from warmstart.zygote.cache import ZygoteCache
 
 if TYPE_CHECKING:
@@ -148,6 +151,7 @@ class Worker:
         self._zygotes: ZygoteCache | None = None
         self._qos: QoSManager | None = None
         self._installed: set[str] = set()
+        self._redeploys: set[str] = set()  # functions whose image a deploy here names again
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -253,7 +257,8 @@ class Worker:
 
     async def _sweep(self) -> None:
         """Once a second: idle instances over budget or TTL go, zygotes are measured (on a
-        thread) and frozen or evicted, retired pools with no instance left are dropped."""
+        thread) and frozen or evicted, retired pools with no instance left are dropped,
+        and (``--image-idle-release-s``) images no instance used for a while unmounted."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self._cache.enforce()
@@ -261,6 +266,21 @@ class Worker:
                 await self._zygotes.measure()
                 self._zygotes.enforce()
             self._invoker.sweep()
+            if self.settings.image_idle_release_s > 0:
+                await self._images.release_idle(
+                    self._busy_images, self.settings.image_idle_release_s
+                )
+
+    def _busy_images(self) -> set[str]:
+        """Digests of images whose functions have live instances here (starting, busy,
+        idle or frozen)."""
+        busy = set()
+        for pool in self._invoker.pools():
+            if pool.live > 0 and pool.name in self._registry:
+                image = self._registry.get(pool.name).image
+                if image is not None:
+                    busy.add(image.digest)
+        return busy
 
     # -- functions -------------------------------------------------------------------------
     def get(self, name: str) -> FunctionRecord:
@@ -311,6 +331,23 @@ class Worker:
     async def delete_alias(self, name: str, alias: str) -> None:
         await self._registry.delete_alias(name, alias)
 
+    def state(self, rec: FunctionRecord) -> FunctionState:
+        """The function's State and LastUpdateStatus on this node (``worker/states.py``)."""
+        return self._images.states.state(rec)
+
+    async def _invocable(self, name: str, *, wait: bool, qualifier: str | None = None) -> None:
+        """Before an invocation: a Failed function is a 409 ``NotInvocable``; with
+        ``wait``, a Pending (or Inactive) one is waited for, at most its Timeout.  The
+        record is ``name:qualifier``'s (an alias's primary version): a version keeps the
+        image it was published with."""
+        rec = self._registry.target(name, qualifier)
+        if rec.image is not None:
+            await self._images.wait_invocable(rec.image, rec.config.timeout_s if wait else None)
+
+    async def check_invocable(self, name: str, qualifier: str | None = None) -> None:
+        """DryRun: the function (version, alias) exists and is not Failed."""
+        await self._invocable(name, wait=False, qualifier=qualifier)
+
     def code_zip(self, rec: FunctionRecord) -> Path:
         """The zip a function was deployed with (GetFunction's Code.Location serves it)."""
         return self._registry.code_zip(rec)
@@ -334,13 +371,21 @@ class Worker:
     async def create_image_function(
         self, name: str, config: FunctionConfig, image: ImageSource
     ) -> FunctionRecord:
+        self._images.states.retry(image.digest)  # a deploy tries a failed image again
         return await self._registry.create_image(name, config, image)
 
     async def update_code(self, name: str, code: bytes) -> FunctionRecord:
         return await self._registry.update_code(name, code)
 
     async def update_image(self, name: str, image: ImageSource) -> FunctionRecord:
-        return await self._registry.update_image(name, image)
+        """A new revision running ``image``: an update (LastUpdateStatus InProgress until
+        it is mounted), which tries the image again even if it failed before."""
+        self._images.states.retry(image.digest)
+        self._redeploys.add(name)
+        try:
+            return await self._registry.update_image(name, image)
+        finally:
+            self._redeploys.discard(name)
 
     async def update_config(self, name: str, **changes: Any) -> FunctionRecord:
         return await self._registry.update_config(name, **changes)
@@ -370,6 +415,7 @@ class Worker:
         if new is None:
             self._invoker.retire(name)  # every version's pools
             self._logs.forget(name)
+            self._images.states.forget(name)
         else:
             self._invoker.retire(name, LATEST)
             self._invoker.set_limit(new)  # reserved concurrency is the function's
@@ -377,7 +423,11 @@ class Worker:
         new_image = new.image if new is not None else None
         if old_image is not None and (new_image is None or new_image.digest != old_image.digest):
             self.tasks.spawn(self._release_image(old_image), f"release {old_image.uri}")
-        if new_image is not None and (old_image is None or old_image.digest != new_image.digest):
+        if new_image is not None and (
+            old_image is None or old_image.digest != new_image.digest or name in self._redeploys
+        ):
+            # Pending (a new function) or InProgress (an update) until it is mounted.
+            self._images.states.deployed(name, new_image.digest, update=old is not None)
             self._images.premount(new_image)
         if new is not None:
             self._factory.prepare_zygote(new)  # ahead of its first invocations
@@ -398,6 +448,7 @@ class Worker:
         """A synchronous invocation (RequestResponse, or the native ``/run``) of
         ``name:qualifier``; its result is bounded by ``max_response_bytes``."""
         _check_size(payload, self.settings.max_request_bytes, SizeLimit.INVOKE)
+        await self._invocable(name, wait=True, qualifier=qualifier)
         return await self._invoker.invoke(
             name,
             payload,
@@ -423,6 +474,7 @@ class Worker:
         the version it will run.  The payload, and the result kept for it, take at most
         ``max_event_bytes``."""
         _check_size(payload, self.settings.max_event_bytes, SizeLimit.EVENT)
+        await self._invocable(name, wait=False, qualifier=qualifier)
         target, version = self._queued_target(name, qualifier)
         return await self._dispatcher.enqueue(target, payload), version
 
@@ -600,11 +652,20 @@ class Worker:
                     self._installed.add(pin)
         return sorted(self._installed)
 
+    def _function_states(self) -> dict[str, float]:
+        """How many functions are in each State on this node."""
+        counts = {s.value: 0.0 for s in FunctionStateName}
+        states = self._images.states
+        for rec in self._registry:
+            counts[states.state(rec).state.value] += 1
+        return counts
+
     def _snapshot(self) -> dict[str, dict[str, float]]:
         """The node's state for /metrics: in-memory figures only."""
         zc, q, cache = self._zygotes, self._qos, self._cache
         return {
             "instances": self._invoker.instance_states(),
+            "function_states": self._function_states(),
             "memory": {
                 "idle_instances": float(cache.memory),
                 "reserved": float(self._factory.reserved_mb << 20),
