@@ -397,3 +397,47 @@ def test_a_zygote_built_over_a_dead_one_stops_the_dead_one(tmp_path: Path) -> No
         assert dead.id in fake.stopped and dead not in cache.live
 
     run(tmp_path, body, grow_after=5)
+
+
+class FakeCgroup:
+    def __init__(self) -> None:
+        self.frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self.frozen = False
+
+
+def test_image_zygotes_are_frozen_and_evicted_like_tree_zygotes(tmp_path: Path) -> None:
+    async def body(cache: ZygoteCache, fake: FakeLauncher) -> None:
+        layout: Any = object()
+        for key in ("sha256:old", "sha256:new"):
+            cache.grow_image(key, layout, {}, [])
+            await settle(cache)
+            await cache.fork_image(key, SPEC)
+            cache.released(cache.images[key])  # its instance is gone
+        old, new = cache.images["sha256:old"], cache.images["sha256:new"]
+        cgroups = {old: FakeCgroup(), new: FakeCgroup()}
+        for zygote, cg in cgroups.items():
+            zygote.cgroup = cg  # type: ignore[assignment]
+        # Idle past freeze_after (0 here): both frozen; a fork thaws its zygote first.
+        cache.enforce()
+        assert cgroups[old].frozen and cgroups[new].frozen
+        assert old in cache.frozen
+        await cache.fork_image("sha256:new", SPEC)
+        assert not cgroups[new].frozen
+        cache.released(new)
+        # Over the budget: the least recently used image zygote without instances goes
+        # first, before the tree's (more recently used) leaves, and the root never.
+        await cache.fork(frozenset({"p==1"}), SPEC)
+        await settle(cache)
+        cache.budget = cache.memory() - 5 * MiB
+        cache.enforce()
+        await settle(cache)
+        assert fake.stopped == [old.id]
+        assert "sha256:old" not in cache.images and "sha256:new" in cache.images
+        assert await cache.fork_image("sha256:old", SPEC) is None
+
+    run(tmp_path, body, freeze_after_s=0.0)

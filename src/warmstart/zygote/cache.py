@@ -19,9 +19,10 @@ start no better off.  (The start that begins a build on demand does not wait for
 zygote's start-up on top of the same imports would be later than starting alone.)  If
 the build fails, the waiters fork from what is there (the root), as before.
 
-Zygotes idle for ``freeze_after_s`` are frozen (thawed before the next fork); when the
-zygotes' proportional memory (PSS) exceeds the budget, or one has been idle past its
-TTL, the least recently used leaves without live instances are stopped (stopping a
+Zygotes idle for ``freeze_after_s`` are frozen, tree zygotes and image zygotes alike
+(thawed before the next fork); when the zygotes' proportional memory (PSS) exceeds the
+budget, or one has been idle past its TTL, the least recently used leaves and image
+zygotes without live instances are stopped (stopping a
 zygote ends its pid namespace, so one with live children stays until they are gone).
 PSS is read by ``measure`` on a thread (a read walks a zygote's whole address space);
 ``enforce``, the metrics and ``describe`` use the last reading and never touch /proc.
@@ -101,6 +102,7 @@ class ZygoteCache:
         # Image functions: one zygote per image, inside the image's root, preloading what
         # the image's first cold starts imported from its site-packages.
         self.images: dict[str, Zygote] = {}
+        self._image_used: dict[str, float] = {}  # image key -> last fork (or start)
         self._image_starting: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -282,6 +284,7 @@ class ZygoteCache:
             finally:
                 self._image_starting.discard(key)
             self.images[key] = zygote
+            self._image_used[key] = time.monotonic()
             self.live[zygote] = 0
             self.created += 1
             await self.measure([zygote])
@@ -299,6 +302,7 @@ class ZygoteCache:
         zygote = self.image_zygote(key)
         if zygote is None:
             return None
+        self._image_used[key] = time.monotonic()
         try:
             self._thaw(zygote)
             sandbox = await self.launcher.fork(zygote, spec)
@@ -313,8 +317,10 @@ class ZygoteCache:
 
     async def drop_image(self, key: str) -> None:
         zygote = self.images.pop(key, None)
+        self._image_used.pop(key, None)
         if zygote is not None:
             self.live.pop(zygote, None)
+            self.frozen.discard(zygote)
             await self.launcher.stop(zygote)
 
     def _thaw(self, zygote: Zygote) -> None:
@@ -398,16 +404,42 @@ class ZygoteCache:
                 with contextlib.suppress(PlatformError):
                     zygote.cgroup.freeze()
                     self.frozen.add(zygote)
-        over = self.memory() - self.budget
-        for node in self.tree.eviction_order():
-            zygote = node.handle
-            if not isinstance(zygote, Zygote) or self.live.get(zygote, 0) > 0:
+        for key, zygote in list(self.images.items()):
+            if not zygote.alive:
+                self.image_zygote(key)  # drops it
                 continue
-            if over <= 0 and now - node.last_used < self.ttl:
+            idle = now - self._image_used.get(key, now)
+            if (
+                idle > self.freeze_after
+                and zygote not in self.frozen
+                and not zygote.filling
+                and zygote.cgroup is not None
+            ):
+                with contextlib.suppress(PlatformError):
+                    zygote.cgroup.freeze()
+                    self.frozen.add(zygote)
+        over = self.memory() - self.budget
+        # Tree leaves and image zygotes compete for the budget, least recently used first
+        # (a tree zygote with children only after every leaf).
+        candidates: list[tuple[bool, float, Node | str, Zygote]] = []
+        for node in self.tree.eviction_order():
+            if isinstance(node.handle, Zygote):
+                candidates.append((bool(node.children), node.last_used, node, node.handle))
+        for key, zygote in self.images.items():
+            candidates.append((False, self._image_used.get(key, now), key, zygote))
+        for _, last_used, owner, zygote in sorted(candidates, key=lambda c: (c[0], c[1])):
+            if self.live.get(zygote, 0) > 0:
+                continue
+            if over <= 0 and now - last_used < self.ttl:
                 continue
             over -= self._pss(zygote)
-            log.info("evicting zygote %s (%s)", zygote.id, ", ".join(sorted(node.packages)))
-            self._background(self._drop(node), f"evict {zygote.id}")
+            if isinstance(owner, str):
+                log.info("evicting image zygote %s (%s)", zygote.id, owner)
+                self._background(self.drop_image(owner), f"evict {zygote.id}")
+            else:
+                packages = ", ".join(sorted(owner.packages))
+                log.info("evicting zygote %s (%s)", zygote.id, packages)
+                self._background(self._drop(owner), f"evict {zygote.id}")
 
     def package_sets(self) -> list[list[str]]:
         """The package set of every live zygote of the tree (the root's is empty)."""
