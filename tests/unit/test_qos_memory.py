@@ -25,12 +25,15 @@ LS = "warmstart/abc/ls"
 MB = 1 << 20
 
 
+NO_LIMIT_V1 = (1 << 63) - 4096  # what v1 shows for "no limit" (rounded to pages)
+
+
 def fake_v1(root: Path, rel: str, usage: int = 100 * MB) -> V1Driver:
     d = root / "memory" / rel
     d.mkdir(parents=True)
     for name, value in {
-        "memory.limit_in_bytes": str(enforce._NO_LIMIT_V1),
-        "memory.soft_limit_in_bytes": str(enforce._NO_LIMIT_V1),
+        "memory.limit_in_bytes": str(NO_LIMIT_V1),
+        "memory.soft_limit_in_bytes": str(NO_LIMIT_V1),
         "memory.usage_in_bytes": str(usage),
         "memory.stat": f"cache {usage // 2}\ntotal_cache {usage // 2}\nrss {usage // 2}\n",
     }.items():

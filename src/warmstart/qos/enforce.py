@@ -246,7 +246,6 @@ def set_be_cpuset(driver: CgroupDriver, parent: str, children: list[str], cpus: 
 # own subtree at ``high``; only a burst through that is stopped by the OOM killer.
 V2_MAX_HEADROOM = 1.10
 _PAGE = 4096
-_NO_LIMIT_V1 = (1 << 63) - _PAGE  # what v1 reports for "no limit" (rounded to pages)
 
 
 def memory_dir(driver: CgroupDriver, rel: str) -> Path:

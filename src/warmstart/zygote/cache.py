@@ -394,30 +394,12 @@ class ZygoteCache:
             if not zygote.alive:
                 self._background(self._drop(node), f"drop {zygote.id}")
                 continue
-            idle = now - node.last_used
-            if (
-                idle > self.freeze_after
-                and zygote not in self.frozen
-                and not zygote.filling
-                and zygote.cgroup is not None
-            ):
-                with contextlib.suppress(PlatformError):
-                    zygote.cgroup.freeze()
-                    self.frozen.add(zygote)
+            self._freeze_if_idle(zygote, now - node.last_used)
         for key, zygote in list(self.images.items()):
             if not zygote.alive:
                 self.image_zygote(key)  # drops it
                 continue
-            idle = now - self._image_used.get(key, now)
-            if (
-                idle > self.freeze_after
-                and zygote not in self.frozen
-                and not zygote.filling
-                and zygote.cgroup is not None
-            ):
-                with contextlib.suppress(PlatformError):
-                    zygote.cgroup.freeze()
-                    self.frozen.add(zygote)
+            self._freeze_if_idle(zygote, now - self._image_used.get(key, now))
         over = self.memory() - self.budget
         # Tree leaves and image zygotes compete for the budget, least recently used first
         # (a tree zygote with children only after every leaf).
@@ -440,6 +422,18 @@ class ZygoteCache:
                 packages = ", ".join(sorted(owner.packages))
                 log.info("evicting zygote %s (%s)", zygote.id, packages)
                 self._background(self._drop(owner), f"evict {zygote.id}")
+
+    def _freeze_if_idle(self, zygote: Zygote, idle: float) -> None:
+        """Freeze a zygote idle past ``freeze_after`` (not one still forking spares)."""
+        if (
+            idle > self.freeze_after
+            and zygote not in self.frozen
+            and not zygote.filling
+            and zygote.cgroup is not None
+        ):
+            with contextlib.suppress(PlatformError):
+                zygote.cgroup.freeze()
+                self.frozen.add(zygote)
 
     def package_sets(self) -> list[list[str]]:
         """The package set of every live zygote of the tree (the root's is empty)."""
