@@ -155,6 +155,16 @@ class TOCEntry:
         """True if this entry names compressed file bytes in the blob."""
         return self.type == "chunk" or (self.type == "reg" and self.size > 0)
 
+    @property
+    def cost(self) -> int:
+        """The compressed bytes this chunk adds to a fetch (its member's size)."""
+        return self.end_offset - self.offset
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the chunk sits in the blob, for sorting."""
+        return (self.offset, 0)
+
 
 @dataclass
 class TOC:
@@ -284,6 +294,11 @@ def _entry_from_json(raw: Any) -> TOCEntry:
         chunk_size=_int_field(raw, "chunkSize"),
         chunk_digest=_str_field(raw, "chunkDigest"),
     )
+
+
+def parse_index_entry(raw: Any) -> TOCEntry:
+    """One entry in eStargz's JSON form, checked and normalised (as in a TOC)."""
+    return _entry_from_json(raw)
 
 
 def parse_toc(data: bytes, toc_offset: int, digest: str | None = None) -> TOC:
@@ -538,6 +553,12 @@ def _toc_entry(info: tarfile.TarInfo, type_: str) -> dict[str, Any]:
     if xattrs:
         e["xattrs"] = xattrs
     return e
+
+
+def tar_toc_entry(info: tarfile.TarInfo) -> dict[str, Any] | None:
+    """The TOC entry of a tar member, or None for what an unpacker would not create."""
+    type_ = _TYPES.get(info.type, "reg" if info.isreg() else "")
+    return _toc_entry(info, type_) if type_ else None
 
 
 class _Member:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import trio
 
-from warmstart.images.errors import EStargzError, FetchError
-from warmstart.images.estargz import TOCEntry, read_chunk
+from warmstart.images.errors import FetchError
+from warmstart.images.estargz import TOCEntry
 from warmstart.images.lazyfs.chunks import ChunkCache, cache_key
 from warmstart.images.lazyfs.layers import TOCLayer
 from warmstart.images.lazyfs.peers import PeerChunks
@@ -28,7 +28,6 @@ from warmstart.images.lazyfs.planning import (
     blob_ranges,
     cached_bytes,
     compressed_size,
-    members_of,
     next_background_batch,
     plan_read,
     prefetch_chunks,
@@ -233,33 +232,36 @@ class Fetcher:
         fetched = time.monotonic()
         self.stats.add(requests=1, bytes_fetched=nbytes)
 
-        def store(item: tuple[TOCEntry, bytes]) -> tuple[str, str | None, bool, bool]:
-            """Verify one chunk and cache it: (key, error or None, newly cached, bad)."""
-            e, member = item
-            key = cache_key(e)
-            try:
-                data = read_chunk(member, e)
-            except EStargzError as exc:
-                reason = f"chunk at offset {e.offset} of {layer.source.name} is bad: {exc}"
-                log.error("%s", reason)
-                return key, reason, False, True
-            try:
-                new = self.cache.put(key, data)
-            except OSError as exc:
-                reason = f"cannot store a chunk in the cache {self.cache.root}: {exc}"
-                log.error("%s", reason)
-                return key, reason, False, False
-            if notify is not None:
-                notify(key, None)
-            return key, None, new, False
+        def store(unit: tuple[list[TOCEntry], bytes]) -> list[tuple[str, str | None, bool, bool]]:
+            """Decode and verify one unit's chunks and cache them: per chunk (key, error or
+            None, newly cached, bad)."""
+            out: list[tuple[str, str | None, bool, bool]] = []
+            for e, data in layer.decode(unit):
+                key = cache_key(e)
+                if isinstance(data, Exception):
+                    reason = f"chunk at offset {e.offset} of {layer.source.name} is bad: {data}"
+                    log.error("%s", reason)
+                    out.append((key, reason, False, True))
+                    continue
+                try:
+                    new = self.cache.put(key, data)
+                except OSError as exc:
+                    reason = f"cannot store a chunk in the cache {self.cache.root}: {exc}"
+                    log.error("%s", reason)
+                    out.append((key, reason, False, False))
+                    continue
+                if notify is not None:
+                    notify(key, None)
+                out.append((key, None, new, False))
+            return out
 
-        members = members_of(entries, ranges, blobs)
+        units = layer.units(entries, ranges, blobs)
         # Decompressing, hashing and writing release the GIL: a large batch (the
         # prioritized files at mount) uses every core.
-        if len(members) > 8:
-            done = list(_verify_pool().map(store, members))
+        if len(units) > 8:
+            done = [r for rs in _verify_pool().map(store, units) for r in rs]
         else:
-            done = [store(item) for item in members]
+            done = [r for unit in units for r in store(unit)]
         cached = sum(1 for _, _, new, _ in done if new)
         bad = sum(1 for *_, is_bad in done if is_bad)
         results: dict[str, str | None] = {**from_peers, **{key: err for key, err, _, _ in done}}

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Protocol
 
 from warmstart.images.errors import EStargzError, ImageError
-from warmstart.images.estargz import LANDMARK_NAMES, TOC, TOCEntry
+from warmstart.images.estargz import LANDMARK_NAMES, TOC, TOCEntry, read_chunk
+from warmstart.images.gzindex import GzipIndex, SpanEntry, read_span_chunks
 from warmstart.images.lazyfs.sources import BlobSource
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,21 @@ def split_path(path: str) -> tuple[str, str]:
     return parent, base
 
 
+def members_of(
+    entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
+) -> list[tuple[TOCEntry, bytes]]:
+    """Each entry with its compressed member, cut from the bytes fetched for
+    ``blob_ranges(entries)``."""
+    members: list[tuple[TOCEntry, bytes]] = []
+    span_i = 0
+    for e in entries:
+        while ranges[span_i][1] < e.end_offset:
+            span_i += 1
+        start = ranges[span_i][0]
+        members.append((e, blobs[span_i][e.offset - start : e.end_offset - start]))
+    return members
+
+
 class Layer(Protocol):
     """One layer as the merge sees it (paths are relative, "" is the root)."""
 
@@ -108,9 +124,9 @@ class TOCLayer:
         self.opaques: set[str] = set()
         # Data entries in blob order: read-ahead and background fetches walk this.
         self.data: list[TOCEntry] = sorted(
-            (e for e in toc.entries if e.is_data), key=lambda e: e.offset
+            (e for e in toc.entries if e.is_data), key=lambda e: e.order
         )
-        self.position = {e.offset: i for i, e in enumerate(self.data)}
+        self.position = {id(e): i for i, e in enumerate(self.data)}
         self.uncompressed_size = 0
         self._build()
 
@@ -224,12 +240,78 @@ class TOCLayer:
             return entry
         return WHITEOUT if path in self.whiteouts else None
 
+    def prioritized(self) -> list[TOCEntry]:
+        """The chunks fetched in one request when the mount goes up, in blob order: those
+        before the ``.prefetch.landmark``."""
+        end = self.toc.prefetch_end
+        if not end:
+            return []
+        return [e for e in self.data if e.offset < end]
+
+    def units(
+        self, entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
+    ) -> list[tuple[list[TOCEntry], bytes]]:
+        """The fetched bytes cut into what is decoded at once: one gzip member per chunk."""
+        return [([e], member) for e, member in members_of(entries, ranges, blobs)]
+
+    def decode(
+        self, unit: tuple[list[TOCEntry], bytes]
+    ) -> list[tuple[TOCEntry, bytes | Exception]]:
+        """Each chunk's verified bytes from its unit, or the error saying why not."""
+        [entry], member = unit
+        try:
+            return [(entry, read_chunk(member, entry))]
+        except EStargzError as exc:
+            return [(entry, exc)]
+
     def opaque(self, path: str) -> bool:
         # A directory whited out and recreated in one layer also hides what is below.
         return path in self.opaques or path in self.whiteouts
 
     def names(self, path: str) -> Iterable[str]:
         return self.kids.get(path, {}).keys()
+
+
+class IndexLayer(TOCLayer):
+    """An ordinary gzip layer with a gzip index: its tree from the index's entries, each
+    file chunk inflated from the checkpoint before it (:mod:`warmstart.images.gzindex`)."""
+
+    def __init__(self, index: GzipIndex, source: BlobSource) -> None:
+        self.index = index
+        super().__init__(index.toc, source)
+
+    def prioritized(self) -> list[TOCEntry]:
+        names = set(self.index.prioritized)
+        return [e for e in self.data if e.name in names]
+
+    def units(
+        self, entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
+    ) -> list[tuple[list[TOCEntry], bytes]]:
+        """Chunks resuming from one checkpoint are inflated together, once."""
+        groups: dict[int, tuple[list[TOCEntry], bytes]] = {}
+        for e, member in members_of(entries, ranges, blobs):
+            point = e.point if isinstance(e, SpanEntry) else 0
+            group = groups.get(point)
+            if group is None:
+                groups[point] = ([e], member)
+            else:
+                group[0].append(e)
+                if len(member) > len(group[1]):
+                    groups[point] = (group[0], member)
+        return list(groups.values())
+
+    def decode(
+        self, unit: tuple[list[TOCEntry], bytes]
+    ) -> list[tuple[TOCEntry, bytes | Exception]]:
+        entries, member = unit
+        spans = [e for e in entries if isinstance(e, SpanEntry)]
+        if len(spans) != len(entries):
+            bad = EStargzError("an indexed layer's chunk has no checkpoint")
+            return [(e, bad) for e in entries]
+        start = self.index.checkpoints[spans[0].point].start
+        return [
+            (e, data) for e, data in read_span_chunks(self.index.checkpoints, spans, member, start)
+        ]
 
 
 class DirLayer:

@@ -13,12 +13,15 @@ from collections.abc import Container, Iterable, Sequence
 
 from warmstart.images.estargz import TOCEntry
 from warmstart.images.lazyfs.chunks import ChunkCache, cache_key
-from warmstart.images.lazyfs.layers import TOCLayer
+from warmstart.images.lazyfs.layers import TOCLayer, members_of
+
+__all__ = ["members_of"]
 
 
 def compressed_size(entries: Iterable[TOCEntry]) -> int:
-    """The blob bytes (compressed) that hold ``entries``."""
-    return sum(e.end_offset - e.offset for e in entries)
+    """The blob bytes (compressed) that hold ``entries`` (a chunk of an indexed gzip
+    layer counts its share of the span it is inflated from)."""
+    return sum(e.cost for e in entries)
 
 
 def chunks_covering(
@@ -43,8 +46,8 @@ def plan_read(
     used together), at most ``read_ahead`` compressed bytes, stopping at one that is
     cached, in flight (its key in ``busy``) or too big to fit."""
     chosen = {cache_key(c): c for c in want}
-    last = max(want, key=lambda c: c.offset)
-    i = layer.position[last.offset] + 1
+    last = max(want, key=lambda c: c.order)
+    i = layer.position[id(last)] + 1
     extra = 0
     while i < len(layer.data):
         e = layer.data[i]
@@ -52,52 +55,32 @@ def plan_read(
         i += 1
         if key in chosen:
             continue
-        extra += e.end_offset - e.offset
+        extra += e.cost
         if extra > read_ahead or key in busy:
             break
         if cache.has(key, e.chunk_size):
             break
         chosen[key] = e
-    return sorted(chosen.values(), key=lambda c: c.offset)
+    return sorted(chosen.values(), key=lambda c: c.order)
 
 
 def blob_ranges(entries: Sequence[TOCEntry]) -> list[tuple[int, int]]:
-    """The half-open blob ranges that hold ``entries`` (in blob order), adjacent members
-    merged into one range."""
+    """The half-open blob ranges that hold ``entries`` (in blob order), adjacent or
+    overlapping members merged into one range."""
     spans: list[list[int]] = []
     for e in entries:
-        if spans and spans[-1][1] == e.offset:
-            spans[-1][1] = e.end_offset
+        if spans and spans[-1][1] >= e.offset:
+            spans[-1][1] = max(spans[-1][1], e.end_offset)
         else:
             spans.append([e.offset, e.end_offset])
     return [(s, t) for s, t in spans]
 
 
-def members_of(
-    entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
-) -> list[tuple[TOCEntry, bytes]]:
-    """Each entry with its compressed member, cut from the bytes fetched for
-    ``blob_ranges(entries)``."""
-    members: list[tuple[TOCEntry, bytes]] = []
-    span_i = 0
-    for e in entries:
-        while ranges[span_i][1] < e.end_offset:
-            span_i += 1
-        start = ranges[span_i][0]
-        members.append((e, blobs[span_i][e.offset - start : e.end_offset - start]))
-    return members
-
-
 def prefetch_chunks(layer: TOCLayer, cache: ChunkCache) -> list[TOCEntry]:
     """The layer's prioritized chunks (those before its ``.prefetch.landmark``) that are
     not cached yet, each key once, in blob order: one request fetches them at mount."""
-    end = layer.toc.prefetch_end
-    if not end:
-        return []
     todo: dict[str, TOCEntry] = {}
-    for e in layer.data:
-        if e.offset >= end:
-            break
+    for e in layer.prioritized():
         key = cache_key(e)
         if key not in todo and not cache.has(key, e.chunk_size):
             todo[key] = e
@@ -117,9 +100,9 @@ def cached_bytes(unique: dict[str, TOCEntry], cache: ChunkCache) -> tuple[int, i
     """(compressed bytes of all these chunks, of those in the cache)."""
     total = cached = 0
     for key, e in unique.items():
-        total += e.end_offset - e.offset
+        total += e.cost
         if cache.has(key, e.chunk_size):
-            cached += e.end_offset - e.offset
+            cached += e.cost
     return total, cached
 
 
@@ -149,5 +132,5 @@ def next_background_batch(
         if cache.has(key, e.chunk_size):
             continue
         batch.append(e)
-        nbytes += e.end_offset - e.offset
+        nbytes += e.cost
     return batch, i
