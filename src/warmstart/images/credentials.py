@@ -202,9 +202,7 @@ class DockerCredentials:
         data = _read_config(self.path)
         self._static = _static_logins(self.path, data)
         self._store, self._helpers = _helper_names(self.path, data)
-        self._overrides = {
-            normalise_host(h): Login(*pair) for h, pair in (overrides or {}).items()
-        }
+        self._overrides = {normalise_host(h): Login(*pair) for h, pair in (overrides or {}).items()}
         self._timeout = helper_timeout
         self._cache: dict[str, tuple[Login | None, float]] = {}
         self._lock = threading.Lock()

@@ -41,7 +41,7 @@ from warmstart.runtime import syscalls
 
 log = logging.getLogger(__name__)
 
-LAYER_KINDS = ("estargz", "file", "dir")
+LAYER_KINDS = ("estargz", "file", "dir", "gzindex")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class LayerSource:
     ``containerd.io/snapshot/stargz/toc.digest`` annotation, ``size`` the descriptor's
     size or 0 to ask the registry), ``"file"`` (an eStargz blob already on local disk at
     ``path``) or ``"dir"`` (a layer that was fully pulled and unpacked at ``path``, with
-    whiteouts in overlayfs form).
+    whiteouts in overlayfs form) or ``"gzindex"`` (a plain gzip blob in a registry, or on
+    local disk at ``path``, read through its gzip index: the blob ``index_digest`` of
+    ``index_size`` bytes in the same repository, or the file ``index_path``).
     """
 
     kind: str
@@ -62,10 +64,26 @@ class LayerSource:
     toc_digest: str = ""
     size: int = 0
     path: str = ""
+    index_digest: str = ""
+    index_size: int = 0
+    index_path: str = ""
 
     @classmethod
     def estargz(cls, ref: str, digest: str, toc_digest: str, size: int = 0) -> LayerSource:
         return cls("estargz", ref=ref, digest=digest, toc_digest=toc_digest, size=size)
+
+    @classmethod
+    def gzindex(
+        cls, ref: str, digest: str, size: int, index_digest: str, index_size: int = 0
+    ) -> LayerSource:
+        return cls(
+            "gzindex",
+            ref=ref,
+            digest=digest,
+            size=size,
+            index_digest=index_digest,
+            index_size=index_size,
+        )
 
     @classmethod
     def directory(cls, path: Path | str) -> LayerSource:
@@ -83,6 +101,11 @@ class LayerSource:
             raise ImageError("an eStargz layer needs a registry reference and a blob digest")
         if self.kind in ("file", "dir") and not self.path:
             raise ImageError(f"a {self.kind!r} layer needs a path")
+        if self.kind == "gzindex":
+            if not self.digest or not (self.ref or self.path):
+                raise ImageError("an indexed layer needs its blob digest and where it is")
+            if not (self.index_digest or self.index_path):
+                raise ImageError("an indexed layer needs its index")
         if self.size < 0:
             raise ImageError(f"negative layer size {self.size}")
 
@@ -98,6 +121,9 @@ class LayerSource:
                 toc_digest=str(raw.get("toc_digest", "")),
                 size=int(raw.get("size", 0)),
                 path=str(raw.get("path", "")),
+                index_digest=str(raw.get("index_digest", "")),
+                index_size=int(raw.get("index_size", 0)),
+                index_path=str(raw.get("index_path", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageError(f"bad layer spec {raw!r}: {exc}") from exc

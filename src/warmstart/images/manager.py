@@ -21,13 +21,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from warmstart.errors import InvalidParameter, PlatformError, WarmstartError
 from warmstart.functions.models import ImageSource
 from warmstart.images.access import AccessChecker, AccessPolicy, RegistryCredential
 from warmstart.lifecycle import close_all
 from warmstart.runtime import syscalls
+
+if TYPE_CHECKING:
+    from warmstart.images.lazymount import MountSpec
 
 log = logging.getLogger("warmstart.images")
 
@@ -39,6 +42,7 @@ PULL_MODES = ("auto", "lazy", "full")
 class ImageStats:
     pulls: int = 0  # full pulls finished
     lazy_mounts: int = 0
+    indexed_mounts: int = 0  # of those, plain gzip images read through a gzip index
     pull_seconds: float = 0.0
     mount_seconds: float = 0.0
     failures: int = 0
@@ -212,15 +216,34 @@ class ImageManager:
 
         ref = Reference.parse(image.resolved_uri)
         use_lazy = image.lazy and self.pull_mode != "full"
-        if self.pull_mode == "lazy" and not image.lazy:
-            log.info("image %s has layers that are not eStargz: pulling it in full", image.uri)
         t0 = time.perf_counter()
-        if use_lazy:
+        indexed: MountSpec | None = None
+        if not image.lazy and self.pull_mode != "full":
+            indexed = await asyncio.to_thread(self._indexed_spec, ref)
+            if indexed is None and self.pull_mode == "lazy":
+                log.info(
+                    "image %s has layers that are neither eStargz nor indexed: pulling it in full",
+                    image.uri,
+                )
+        if indexed is not None:
+            target = await asyncio.to_thread(self.lazy.mount, indexed)
+            self.stats.lazy_mounts += 1
+            self.stats.indexed_mounts += 1
+            self.stats.mount_seconds += time.perf_counter() - t0
+            self._kinds[image.digest] = "lazy"
+            log.info(
+                "image %s mounted lazily through its gzip index in %.0f ms",
+                image.uri,
+                (time.perf_counter() - t0) * 1e3,
+            )
+        elif use_lazy:
             target = await asyncio.to_thread(self._mount_lazy, ref)
             self.stats.lazy_mounts += 1
             self.stats.mount_seconds += time.perf_counter() - t0
             self._kinds[image.digest] = "lazy"
-            log.info("image %s mounted lazily in %.0f ms", image.uri, (time.perf_counter() - t0) * 1e3)
+            log.info(
+                "image %s mounted lazily in %.0f ms", image.uri, (time.perf_counter() - t0) * 1e3
+            )
         else:
             target = self.roots / image.digest.replace(":", "-")
             target.mkdir(parents=True, exist_ok=True)
@@ -249,6 +272,40 @@ class ImageManager:
         )
         path: Path = self.lazy.mount(MountSpec(layers=layers, background=self.background))
         return path
+
+    def _indexed_spec(self, ref: Any) -> MountSpec | None:
+        """A lazy mount of a plain gzip image through the gzip indexes pushed next to it
+        (``warmstart image index``), or None if it has none (then it is pulled in full)."""
+        from warmstart.images.errors import ImageError
+        from warmstart.images.indexes import find_index, indexable
+        from warmstart.images.lazymount import LayerSource, MountSpec
+
+        try:
+            manifest = self.client.resolve(ref)
+            found = find_index(self.client, ref, manifest)
+        except ImageError as exc:
+            log.warning("looking for a gzip index of %s failed (%s): pulling it in full", ref, exc)
+            return None
+        if found is None:
+            return None
+        layers = []
+        for layer in manifest.layers:
+            if TOC_ANNOTATION in layer.annotations:
+                layers.append(
+                    LayerSource.estargz(
+                        str(ref), layer.digest, layer.annotations[TOC_ANNOTATION], layer.size
+                    )
+                )
+            elif indexable(layer):
+                index = found[layer.digest]
+                layers.append(
+                    LayerSource.gzindex(
+                        str(ref), layer.digest, layer.size, index.digest, index.size
+                    )
+                )
+            else:
+                return None  # a zstd or uncompressed layer: no index can serve it
+        return MountSpec(layers=tuple(layers), background=self.background)
 
     def _progress(self, layer: str, done: int, size: int) -> None:
         prev = self.stats.in_progress.get(layer, (0, size))[0]
@@ -287,6 +344,7 @@ class ImageManager:
         out = {
             "image_pulls_total": float(self.stats.pulls),
             "image_lazy_mounts_total": float(self.stats.lazy_mounts),
+            "image_indexed_mounts_total": float(self.stats.indexed_mounts),
             "image_pull_seconds_total": float(self.stats.pull_seconds),
             "image_mount_seconds_total": float(self.stats.mount_seconds),
             "image_mount_failures_total": float(self.stats.failures),

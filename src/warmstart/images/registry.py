@@ -1110,6 +1110,67 @@ class RegistryClient:
             raise DigestMismatch(f"registry stored manifest as {echoed}, we sent {digest}")
         return digest
 
+    def push_referrer(self, ref: Reference, raw: bytes, media_type: str) -> tuple[str, bool]:
+        """PUT a manifest that has a ``subject`` by its digest; returns (digest, whether
+        the registry indexed the subject: it answers ``OCI-Subject`` when it has the
+        referrers API -- otherwise the client keeps the ``sha256-<hex>`` tag itself)."""
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        resp = self._request(
+            "PUT",
+            ref,
+            f"manifests/{digest}",
+            headers={"Content-Type": media_type},
+            push=True,
+            content=lambda: raw,
+            ok=(201, 200),
+        )
+        resp.close()
+        return digest, bool(resp.headers.get("oci-subject"))
+
+    def referrers(self, ref: Reference, digest: str, artifact_type: str) -> list[Descriptor] | None:
+        """The manifests whose ``subject`` is ``digest``, of ``artifact_type``, from the
+        OCI referrers API; None when the registry has no such API."""
+        check_digest(digest)
+        try:
+            resp = self._request(
+                "GET",
+                ref,
+                f"referrers/{digest}?{urlencode({'artifactType': artifact_type})}",
+                headers={"Accept": OCI_INDEX},
+            )
+        except ImageNotFound:
+            return None
+        except RegistryError as exc:
+            if " HTTP 40" in str(exc):  # 400/405: not a route this registry knows
+                return None
+            raise
+        try:
+            raw = self._read_limited(resp, MAX_MANIFEST_BYTES, f"referrers of {digest}")
+        finally:
+            resp.close()
+        if not resp.headers.get("content-type", "").startswith(OCI_INDEX):
+            return None  # something else answered the path (an old registry's catch-all)
+        body = _parse_json(raw, f"referrers of {digest}")
+        return _artifact_descriptors(body, artifact_type, f"referrers of {digest}")
+
+
+def _artifact_descriptors(body: dict[str, Any], artifact_type: str, what: str) -> list[Descriptor]:
+    """The descriptors of an index (a referrers answer or tag) with ``artifact_type``."""
+    found = body.get("manifests") or []
+    if not isinstance(found, list):
+        raise ImageError(f"{what}: manifests is not a list")
+    return [
+        Descriptor.from_json(item, what)
+        for item in found
+        if isinstance(item, dict) and item.get("artifactType") == artifact_type
+    ]
+
+
+def referrers_tag(digest: str) -> str:
+    """The tag that stands in for the referrers API: ``sha256-<hex>``."""
+    algo, _, hexd = check_digest(digest).partition(":")
+    return f"{algo}-{hexd}"
+
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:

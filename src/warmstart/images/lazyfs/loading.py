@@ -1,4 +1,4 @@
-"""Building a daemon's layers from its spec: TOCs fetched, verified and indexed.
+"""Building a daemon's layers from its spec: TOCs (or gzip indexes) fetched, verified.
 
 A blob's tail (TOC and footer) is kept in the cache directory next to the chunks, so a
 remount (after a crash, or of another image sharing the layer) downloads no TOC; the TOC
@@ -8,6 +8,7 @@ is verified against its digest on every load, kept or not.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from warmstart.images.errors import EStargzError
 from warmstart.images.estargz import read_toc
+from warmstart.images.gzindex import parse_index
 from warmstart.images.lazyfs.chunks import DIGEST_RE
-from warmstart.images.lazyfs.layers import DirLayer, Layer, TOCLayer
+from warmstart.images.lazyfs.layers import DirLayer, IndexLayer, Layer, TOCLayer
 from warmstart.images.lazyfs.sources import BlobSource, FileBlobSource, RegistryBlobSource
 from warmstart.images.lazyfs.stats import Stats
 
@@ -94,6 +96,41 @@ def load_toc_layer(
     return TOCLayer(toc, source)
 
 
+def load_index_layer(
+    source: BlobSource,
+    layer: LayerSource,
+    cache_dir: Path,
+    stats: Stats,
+    client: Any = None,
+) -> IndexLayer:
+    """Read and check a plain gzip layer's index (kept in the cache directory after the
+    first download, verified against its digest on every load) and index the layer."""
+    if layer.index_path:
+        blob = Path(layer.index_path).read_bytes()
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        if layer.index_digest and digest != layer.index_digest:
+            raise EStargzError(f"index {layer.index_path} hashes to {digest}")
+    else:
+        digest = layer.index_digest
+        kept = cache_dir / "indexes" / digest[7:] if DIGEST_RE.fullmatch(digest) else None
+        blob = b""
+        if kept is not None:
+            with contextlib.suppress(OSError):
+                blob = kept.read_bytes()
+        if "sha256:" + hashlib.sha256(blob).hexdigest() != digest:
+            from warmstart.images.reference import Reference
+
+            blob = client.get_blob(Reference.parse(layer.ref), digest, max_bytes=256 << 20)
+            stats.add(requests=1, bytes_fetched=len(blob), toc_bytes=len(blob))
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(blob)
+                os.replace(tmp, kept)
+    index = parse_index(blob, layer.digest, source.size())
+    return IndexLayer(index, source)
+
+
 def _registry_client(spec: DaemonSpec) -> Any:
     from warmstart.images.registry import RegistryClient
 
@@ -115,14 +152,16 @@ def load_layers(spec: DaemonSpec, stats: Stats) -> list[Layer]:
     """Build every layer of the spec; TOCs are fetched concurrently."""
     cache_dir = Path(spec.cache_dir)
     client: Any = None
-    if any(layer.kind == "estargz" for layer in spec.layers):
+    if any(
+        layer.kind == "estargz" or (layer.kind == "gzindex" and layer.ref) for layer in spec.layers
+    ):
         client = _registry_client(spec)
 
     def build(layer: LayerSource) -> Layer:
         if layer.kind == "dir":
             return DirLayer(Path(layer.path))
         source: BlobSource
-        if layer.kind == "file":
+        if layer.kind == "file" or (layer.kind == "gzindex" and layer.path):
             source = FileBlobSource(Path(layer.path))
         else:
             from warmstart.images.reference import Reference
@@ -130,6 +169,8 @@ def load_layers(spec: DaemonSpec, stats: Stats) -> list[Layer]:
             source = RegistryBlobSource(
                 client, Reference.parse(layer.ref), layer.digest, layer.size
             )
+        if layer.kind == "gzindex":
+            return load_index_layer(source, layer, cache_dir, stats, client)
         return load_toc_layer(source, layer.toc_digest, cache_dir, stats, layer.digest)
 
     started = time.monotonic()

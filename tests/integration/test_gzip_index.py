@@ -1,0 +1,169 @@
+"""Plain gzip images made lazily mountable by a gzip index (``warmstart image index``).
+
+The image stays as it was pushed (umoci's gzip layers, skopeo); the index is pushed next
+to it in the real registry (Debian's docker-registry, which has no referrers API: the
+``sha256-<hex>`` tag fallback), and a node deploying the image finds it and mounts the
+image lazily instead of pulling it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Server, needs_root
+from tests.integration.test_image_functions import create_image_function, invoke
+
+pytestmark = [pytest.mark.integration, needs_root]
+
+ARTIFACT = "application/vnd.warmstart.gzip-index.v1"
+
+
+def _copy(registry: Any, src: str, name: str) -> str:
+    """The session's python image under a repository of its own (an index pushed next
+    to it must not change what other tests deploy)."""
+    ref = f"{registry.host}/{name}:1"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            f"docker://{src}",
+            f"docker://{ref}",
+        ],
+        check=True,
+    )
+    return ref
+
+
+def _manifest_digest(registry: Any, ref: str) -> str:
+    repo, _, tag = ref.split("/", 1)[1].rpartition(":")
+    r = httpx.head(
+        f"{registry.url}/v2/{repo}/manifests/{tag}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    r.raise_for_status()
+    return str(r.headers["docker-content-digest"])
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def test_indexed_plain_gzip_image_mounts_lazily(
+    server_factory: Any, registry: Any, python_image: str
+) -> None:
+    ref = _copy(registry, python_image, "pyindexed")
+    res = subprocess.run(
+        [".venv/bin/warmstart", "image", "index", ref, "--spacing", "1048576"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "indexed" in res.stdout and "sha256-" in res.stdout, res.stdout
+    # Progress on stderr, a line per layer and stage (not a terminal).
+    assert res.stderr.count(": done") >= 1, res.stderr
+
+    # The registry has no referrers API: the fallback tag lists the artifact.
+    subject = _manifest_digest(registry, ref)
+    repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
+    r = httpx.get(
+        f"{registry.url}/v2/{repo}/manifests/sha256-{subject[7:]}",
+        headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+    )
+    r.raise_for_status()
+    listed = [m for m in r.json()["manifests"] if m.get("artifactType") == ARTIFACT]
+    assert len(listed) == 1
+    r = httpx.get(
+        f"{registry.url}/v2/{repo}/manifests/{listed[0]['digest']}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    artifact = r.json()
+    assert artifact["subject"]["digest"] == subject
+    assert artifact["artifactType"] == ARTIFACT
+
+    server: Server = server_factory()
+    lam = server.lambda_client()
+    create_image_function(lam, "indexed", ref)
+    resp, body = invoke(lam, "indexed", {"n": 1})
+    assert "FunctionError" not in resp, body
+    assert body == {"python": "/usr/bin/python3", "event": {"n": 1}}
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 1.0
+    assert _metric(metrics, "warmstart_image_pulls_total") == 0.0
+    image_bytes = sum(
+        layer["size"]
+        for layer in httpx.get(
+            f"{registry.url}/v2/{repo}/manifests/1",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+        ).json()["layers"]
+    )
+    fetched = _metric(metrics, "warmstart_image_lazy_bytes_fetched_total")
+    assert 0 < fetched < image_bytes
+
+    # Indexing again replaces the artifact in the fallback tag (one, the newest).
+    res = subprocess.run(
+        [".venv/bin/warmstart", "image", "index", ref], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    r = httpx.get(
+        f"{registry.url}/v2/{repo}/manifests/sha256-{subject[7:]}",
+        headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+    )
+    assert len([m for m in r.json()["manifests"] if m.get("artifactType") == ARTIFACT]) == 1
+
+
+def test_an_image_without_an_index_is_pulled_in_full(
+    server_factory: Any, registry: Any, python_image: str
+) -> None:
+    ref = _copy(registry, python_image, "pynoindex")
+    server: Server = server_factory()
+    lam = server.lambda_client()
+    create_image_function(lam, "plain", ref)
+    resp, body = invoke(lam, "plain", {"n": 2})
+    assert "FunctionError" not in resp, body
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert _metric(metrics, "warmstart_image_pulls_total") == 1.0
+    assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 0.0
+
+
+def test_index_of_an_estargz_only_image_is_refused(
+    registry: Any, python_image: str, tmp_path: Any
+) -> None:
+    esgz = f"{registry.host}/pyesgz-index:1"
+    subprocess.run(
+        [".venv/bin/warmstart", "image", "convert", python_image, esgz],
+        check=True,
+        capture_output=True,
+    )
+    res = subprocess.run(
+        [".venv/bin/warmstart", "image", "index", esgz], capture_output=True, text=True
+    )
+    assert res.returncode != 0
+    assert "no plain gzip layers" in res.stderr
+
+
+def test_index_cli_help_and_bad_spacing(registry: Any) -> None:
+    res = subprocess.run(
+        [".venv/bin/warmstart", "image", "index", "--help"], capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "--spacing" in res.stdout
+    res = subprocess.run(
+        [".venv/bin/warmstart", "image", "index", f"{registry.host}/x:1", "--spacing", "10"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "--spacing" in res.stderr
+
+
+
