@@ -56,10 +56,28 @@ def _tar(seed: int = 1, files: int = 120) -> tuple[bytes, dict[str, bytes]]:
     return buf.getvalue(), contents
 
 
+_BUILT: dict[int, bytes] = {}
+
+
 def _index(blob: bytes, spacing: int = 64 << 10, chunk: int = 48 << 10) -> gzindex.GzipIndex:
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    raw = build_index(io.BytesIO(blob), digest, len(blob), spacing=spacing, chunk_size=chunk)
-    return parse_index(raw, digest, len(blob))
+    built = build_index(io.BytesIO(blob), digest, len(blob), spacing=spacing, chunk_size=chunk)
+    assert built.blob[: built.toc_size] and built.toc_digest.startswith("sha256:")
+    index = parse_index(built.blob[: built.toc_size], digest, len(blob))
+    _BUILT[id(index)] = built.blob
+    return index
+
+
+def _read(
+    index: gzindex.GzipIndex, entries: list[SpanEntry], blob: bytes, start: int
+) -> list[tuple[SpanEntry, bytes | EStargzError]]:
+    """What a reader gets: the window from the index blob, then the span."""
+    point = index.checkpoints[entries[0].point]
+    window = b""
+    if point.window_size:
+        member = _BUILT[id(index)][point.window_at : point.window_at + point.window_len]
+        window = gzindex.read_window(point, member)
+    return read_span_chunks(point, window, entries, blob, start)
 
 
 def _spans(index: gzindex.GzipIndex) -> list[SpanEntry]:
@@ -75,9 +93,7 @@ def test_every_chunk_inflates_from_its_checkpoint_to_the_tar_bytes(level: int) -
     # Most checkpoints are not byte-aligned; some come after stored blocks.
     assert any(c.bits for c in index.checkpoints) and index.checkpoints[0].uncompressed == 0
     for e in _spans(index):
-        [(got, data)] = read_span_chunks(
-            index.checkpoints, [e], blob[e.offset : e.end_offset], e.offset
-        )
+        [(got, data)] = _read(index, [e], blob[e.offset : e.end_offset], e.offset)
         assert got is e
         assert data == tar[e.inner : e.inner + e.chunk_size], e.name
 
@@ -93,7 +109,7 @@ def test_chunks_sharing_a_checkpoint_inflate_together() -> None:
     assert len(group) > 3
     start = min(e.offset for e in group)
     end = max(e.end_offset for e in group)
-    out = read_span_chunks(index.checkpoints, group, blob[start:end], start)
+    out = _read(index, group, blob[start:end], start)
     assert [bytes(d) for _, d in out] == [tar[e.inner : e.inner + e.chunk_size] for e in group]  # type: ignore[arg-type]
 
 
@@ -103,9 +119,7 @@ def test_a_multi_member_gzip_blob_is_read_across_members() -> None:
     blob = gzip.compress(tar[:cut], 6) + gzip.compress(tar[cut:], 6)
     index = _index(blob)
     for e in _spans(index):
-        [(_, data)] = read_span_chunks(
-            index.checkpoints, [e], blob[e.offset : e.end_offset], e.offset
-        )
+        [(_, data)] = _read(index, [e], blob[e.offset : e.end_offset], e.offset)
         assert data == tar[e.inner : e.inner + e.chunk_size]
 
 
@@ -119,9 +133,7 @@ def test_tampered_compressed_bytes_never_give_wrong_bytes() -> None:
         bad = bytearray(blob)
         pos = rnd.randrange(e.offset, e.end_offset)
         bad[pos] ^= 1 << rnd.randrange(8)
-        [(_, data)] = read_span_chunks(
-            index.checkpoints, [e], bytes(bad[e.offset : e.end_offset]), e.offset
-        )
+        [(_, data)] = _read(index, [e], bytes(bad[e.offset : e.end_offset]), e.offset)
         if isinstance(data, bytes):
             assert data == tar[e.inner : e.inner + e.chunk_size]  # a flip past what it reads
         else:
@@ -144,8 +156,10 @@ def test_hostile_or_mismatched_indexes_are_refused() -> None:
     tar, _ = _tar(seed=6, files=30)
     blob = gzip.compress(tar, 6)
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    raw = build_index(io.BytesIO(blob), digest, len(blob), spacing=64 << 10)
+    built = build_index(io.BytesIO(blob), digest, len(blob), spacing=64 << 10)
+    raw = built.blob[: built.toc_size]
     parse_index(raw, digest, len(blob))
+    parse_index(built.blob, digest, len(blob))  # the whole blob will do
     with pytest.raises(gzindex.IndexError_, match="not sha256"):
         parse_index(raw, "sha256:" + "0" * 64, len(blob))
     with pytest.raises(gzindex.IndexError_, match="another size"):
@@ -213,7 +227,9 @@ def test_an_indexed_layer_serves_the_tar_on_a_fuse_mount(tmp_path: Path) -> None
     layer_path.write_bytes(blob)
     index = _index(blob)
     cache = ChunkCache(tmp_path / "cache")
-    layer = IndexLayer(index, FileBlobSource(layer_path))
+    index_path = tmp_path / "index"
+    index_path.write_bytes(_BUILT[id(index)])
+    layer = IndexLayer(index, FileBlobSource(layer_path), FileBlobSource(index_path), cache)
     with mounted(tmp_path, [layer], cache) as (mnt, daemon):
         names = sorted(contents)
         random.Random(8).shuffle(names)
@@ -228,3 +244,18 @@ def test_an_indexed_layer_serves_the_tar_on_a_fuse_mount(tmp_path: Path) -> None
             f.seek(len(contents[big]) // 2)
             assert f.read(1000) == contents[big][len(contents[big]) // 2 :][:1000]
         assert daemon.stats.snapshot()["verify_errors"] == 0
+    # Windows were cached by digest: a new layer over the same cache fetches none.
+    counting = _Counting(index_path)
+    again = IndexLayer(index, FileBlobSource(layer_path), counting, cache)
+    again.prepare(_spans(index))
+    assert counting.calls == 0
+
+
+class _Counting(FileBlobSource):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.calls = 0
+
+    def fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.calls += 1
+        return super().fetch(ranges)

@@ -20,9 +20,16 @@ Checkpoints are found with ``indexed_gzip`` (zran); resuming at one needs nothin
 zlib (``inflatePrime`` for a checkpoint that is not byte-aligned, through ctypes:
 Python's zlib module cannot start mid-byte).
 
-Blob layout (gzip-compressed as a whole)::
+Blob layout: gzip members, concatenated::
 
-    MAGIC | u32 length of the JSON | JSON (checkpoints, entries) | windows, in order
+    gzip(MAGIC | u32 length of the JSON | JSON)   the TOC member: checkpoints, entries
+    gzip(window 0) gzip(window 1) ...             fetched by Range when first needed
+
+The artifact's descriptor of each index blob carries the TOC member's size and digest, so
+a mount downloads the TOC member alone; a window is fetched (and checked against its
+sha256 in the TOC) the first time a read resumes at its checkpoint. For each chunk the
+TOC also records where its compressed bytes end, measured while indexing, so a read
+fetches from the checkpoint to there and not to the next checkpoint.
 """
 
 from __future__ import annotations
@@ -51,8 +58,11 @@ INDEX_MEDIA_TYPE = "application/vnd.warmstart.gzip-index.v1+gzip"
 ARTIFACT_TYPE = "application/vnd.warmstart.gzip-index.v1"
 # The annotation on each index blob's descriptor naming the layer it indexes.
 LAYER_ANNOTATION = "dev.warmstart.gzip-index.layer"
+# ... and the size and sha256 of the index blob's first gzip member (its TOC).
+TOC_SIZE_ANNOTATION = "dev.warmstart.gzip-index.toc-size"
+TOC_DIGEST_ANNOTATION = "dev.warmstart.gzip-index.toc-digest"
 WINDOW_SIZE = 32 << 10
-DEFAULT_SPACING = 2 << 20
+DEFAULT_SPACING = 512 << 10
 CHUNK_SIZE = 1 << 20
 MAX_INDEX_SIZE = 512 << 20  # decompressed
 MAX_JSON = 256 << 20
@@ -63,6 +73,9 @@ _GZIP_ERRORS: tuple[type[Exception], ...] = (
     EOFError,
     ValueError,
 )
+
+
+_INFLATE_ERRORS: tuple[type[Exception], ...] = (*_GZIP_ERRORS, EStargzError)
 
 
 class IndexError_(EStargzError):
@@ -76,7 +89,10 @@ class Checkpoint:
     uncompressed: int  # offset in the uncompressed tar
     compressed: int  # the first whole byte of the block that starts here
     bits: int  # bits of the byte before ``compressed`` that belong to the block (0..7)
-    window: bytes  # the uncompressed bytes just before (empty at a gzip member's start)
+    window_size: int = 0  # bytes of window (0 at the start of a gzip member)
+    window_at: int = 0  # where the window's gzip member is in the index blob
+    window_len: int = 0  # that member's length
+    window_digest: str = ""  # sha256 of the window
 
     @property
     def start(self) -> int:
@@ -88,7 +104,7 @@ class Checkpoint:
 class SpanEntry(TOCEntry):
     """A file chunk of an indexed layer: ``inner`` is its offset in the uncompressed tar,
     ``point`` the checkpoint inflation resumes from; ``offset``/``end_offset`` are the
-    compressed bytes from that checkpoint to the one after the chunk's end."""
+    compressed bytes from that checkpoint to the last one the chunk needs."""
 
     inner: int = 0
     point: int = 0
@@ -105,7 +121,7 @@ class SpanEntry(TOCEntry):
 
 @dataclass
 class GzipIndex:
-    """A parsed, checked index of one layer."""
+    """A parsed, checked index of one layer (its windows are fetched when needed)."""
 
     layer_digest: str
     layer_size: int
@@ -115,11 +131,15 @@ class GzipIndex:
     toc: TOC
     prioritized: list[str] = field(default_factory=list)
 
-    # -- reading --
-    def point_for(self, inner: int) -> int:
-        """The last checkpoint at or before uncompressed offset ``inner``."""
-        starts = [c.uncompressed for c in self.checkpoints]
-        return max(0, bisect.bisect_right(starts, inner) - 1)
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """An index blob as pushed: the TOC member first (``toc_size`` bytes, hashing to
+    ``toc_digest``: what a reader fetches at mount), then one gzip member per window."""
+
+    blob: bytes
+    toc_size: int
+    toc_digest: str
 
 
 class _ZStream(ctypes.Structure):
@@ -150,94 +170,130 @@ def _libz() -> ctypes.CDLL:
     return lib
 
 
-def _inflate_primed(point: Checkpoint, data: bytes, length: int) -> tuple[bytes, bytes | None]:
-    """Raw inflation resuming mid-byte: zlib's ``inflatePrime`` takes the bits of the first
-    byte that belong to the block (Python's zlib module has no way to say that). Returns
-    (output, the input after the deflate stream's end, or None if it did not end)."""
-    lib = _libz()
-    strm = _ZStream()
-    ref = ctypes.byref(strm)
-    version = lib.zlibVersion()
-    if lib.inflateInit2_(ref, -15, version, ctypes.sizeof(_ZStream)) != 0:
-        raise EStargzError("zlib could not start inflating")
-    try:
-        if lib.inflatePrime(ref, point.bits, data[0] >> (8 - point.bits)) != 0:
-            raise EStargzError("zlib refused the checkpoint's bits")
-        if point.window:
-            win = ctypes.create_string_buffer(point.window, len(point.window))
-            if lib.inflateSetDictionary(ref, win, len(point.window)) != 0:
-                raise EStargzError("zlib refused the checkpoint's window")
-        src = ctypes.create_string_buffer(data[1:], len(data) - 1)
-        out = ctypes.create_string_buffer(length)
-        strm.next_in = ctypes.cast(src, ctypes.c_void_p)
-        strm.avail_in = len(data) - 1
-        strm.next_out = ctypes.cast(out, ctypes.c_void_p)
-        strm.avail_out = length
-        ret = lib.inflate(ref, 0)
-        if ret not in (0, 1, -5):  # Z_OK, Z_STREAM_END, Z_BUF_ERROR (input ran out)
-            raise EStargzError(f"invalid deflate data (zlib error {ret})")
-        produced = length - strm.avail_out
-        rest = None
-        if ret == 1:
-            used = len(data) - 1 - strm.avail_in
-            rest = data[1 + used :]
-        return out.raw[:produced], rest
-    finally:
-        lib.inflateEnd(ref)
+class Inflater:
+    """Inflation resuming at a checkpoint, over compressed bytes that start at
+    ``point.start``: :meth:`read` gives the next uncompressed bytes, :attr:`consumed`
+    says how many input bytes that took. Crosses gzip members.
 
+    A byte-aligned checkpoint inflates with Python's zlib; one that starts mid-byte needs
+    zlib's ``inflatePrime`` (through ctypes: Python's zlib cannot start mid-byte) until
+    the end of its deflate stream. Both are zlib, so the build (which measures where each
+    chunk's bytes end) and the reader agree to the byte."""
 
-def inflate_from(point: Checkpoint, data: bytes, length: int) -> bytes:
-    """``length`` uncompressed bytes from checkpoint ``point``, given the compressed bytes
-    from ``point.start`` on. Shorter if ``data`` ends first; crosses gzip members."""
-    parts: list[bytes] = []
-    got = 0
-    if point.bits:
-        first, rest = _inflate_primed(point, data, length)
-        parts.append(first)
-        got = len(first)
-        if got >= length or rest is None:
-            return first
-        pending = rest
-        d = None
-    else:
-        d = (
-            isal_zlib.decompressobj(-15, zdict=point.window)
-            if point.window
-            else isal_zlib.decompressobj(-15)
-        )
-        pending = data
-    while got < length:
-        if d is None:
-            # A gzip member ended: past its 8-byte trailer, the next member (if any).
-            pending = pending[8:]
-            if len(pending) < 10:
-                break
-            d = isal_zlib.decompressobj(31)
-        part = d.decompress(pending, length - got)
-        parts.append(part)
-        got += len(part)
-        if got >= length:
-            break
-        if d.eof:
-            pending, d = d.unused_data, None
-        elif d.unconsumed_tail:
-            pending = d.unconsumed_tail
+    def __init__(self, point: Checkpoint, window: bytes, data: bytes) -> None:
+        if len(window) != point.window_size:
+            raise EStargzError("checkpoint window has the wrong size")
+        self.data = data
+        self.taken = 0  # input consumed by the zlib module's streams, finished or current
+        self._d: Any = None
+        self._raw = True  # the stream in progress is the raw deflate of the checkpoint
+        self._strm: _ZStream | None = None
+        self._src: Any = None
+        if point.bits and data:
+            self._start_primed(point, window)
         else:
-            break
-    return b"".join(parts)
+            self._d = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
+
+    def _start_primed(self, point: Checkpoint, window: bytes) -> None:
+        lib = _libz()
+        strm = _ZStream()
+        ref = ctypes.byref(strm)
+        if lib.inflateInit2_(ref, -15, lib.zlibVersion(), ctypes.sizeof(_ZStream)) != 0:
+            raise EStargzError("zlib could not start inflating")
+        self._strm = strm
+        if lib.inflatePrime(ref, point.bits, self.data[0] >> (8 - point.bits)) != 0:
+            self.close()
+            raise EStargzError("zlib refused the checkpoint's bits")
+        if window:
+            win = ctypes.create_string_buffer(window, len(window))
+            if lib.inflateSetDictionary(ref, win, len(window)) != 0:
+                self.close()
+                raise EStargzError("zlib refused the checkpoint's window")
+        self._src = ctypes.create_string_buffer(self.data, len(self.data))
+        strm.next_in = ctypes.addressof(self._src) + 1
+        strm.avail_in = len(self.data) - 1
+
+    def close(self) -> None:
+        if self._strm is not None:
+            _libz().inflateEnd(ctypes.byref(self._strm))
+            self._strm = None
+            self._src = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def consumed(self) -> int:
+        if self._strm is not None:
+            return len(self.data) - int(self._strm.avail_in)
+        return self.taken
+
+    def _read_primed(self, n: int) -> bytes:
+        strm = self._strm
+        assert strm is not None
+        out = ctypes.create_string_buffer(n)
+        strm.next_out = ctypes.addressof(out)
+        strm.avail_out = n
+        ret = _libz().inflate(ctypes.byref(strm), 0)
+        if ret not in (0, 1, -5):  # Z_OK, Z_STREAM_END, Z_BUF_ERROR (input ran out)
+            self.close()
+            raise EStargzError(f"invalid deflate data (zlib error {ret})")
+        produced = n - int(strm.avail_out)
+        if ret == 1:  # the member's deflate stream ended: on with the zlib module
+            self.taken = len(self.data) - int(strm.avail_in)
+            self.close()
+            self._d = None
+        return out.raw[:produced]
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` more uncompressed bytes (fewer only where the input ends)."""
+        parts: list[bytes] = []
+        while n > 0:
+            if self._strm is not None:
+                part = self._read_primed(n)
+                if not part and self._strm is not None:
+                    break  # input exhausted
+            elif self._d is None:
+                if self._raw:
+                    self.taken += 8  # the finished member's trailer
+                    self._raw = False
+                if len(self.data) - self.taken < 10:
+                    break
+                self._d = zlib.decompressobj(31)
+                continue
+            else:
+                d = self._d
+                given = self.data[self.taken :] if self.taken else self.data
+                part = d.decompress(given, n)
+                used = len(given) - len(d.unconsumed_tail) - (len(d.unused_data) if d.eof else 0)
+                self.taken += used
+                if d.eof:
+                    self._d = None
+                elif not part:
+                    break
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
 
 
 def read_span_chunks(
-    index_points: Sequence[Checkpoint], entries: Sequence[SpanEntry], blob: bytes, blob_start: int
+    point: Checkpoint,
+    window: bytes,
+    entries: Sequence[SpanEntry],
+    blob: bytes,
+    blob_start: int,
 ) -> list[tuple[SpanEntry, bytes | EStargzError]]:
-    """Each entry's verified bytes (or why not), for entries that resume from the same
-    checkpoint, given compressed bytes starting at ``blob_start`` that cover them all.
-    The span is inflated once, up to the last byte any of them needs."""
-    point = index_points[entries[0].point]
+    """Each entry's verified bytes (or why not), for entries that resume from ``point``
+    (whose ``window`` is given), from compressed bytes starting at ``blob_start`` that
+    cover them all. The span is inflated once, up to the last byte any of them needs."""
     end = max(e.inner + e.chunk_size for e in entries)
     try:
-        data = inflate_from(point, blob[point.start - blob_start :], end - point.uncompressed)
-    except _GZIP_ERRORS as exc:
+        inflater = Inflater(point, window, blob[point.start - blob_start :])
+        try:
+            data = inflater.read(end - point.uncompressed)
+        finally:
+            inflater.close()
+    except _INFLATE_ERRORS as exc:
         bad = EStargzError(f"span at compressed offset {point.start} does not inflate: {exc}")
         return [(e, bad) for e in entries]
     out: list[tuple[SpanEntry, bytes | EStargzError]] = []
@@ -263,8 +319,19 @@ def read_span_chunks(
     return out
 
 
+def read_window(point: Checkpoint, member: bytes) -> bytes:
+    """A checkpoint's window from its gzip member in the index blob, verified."""
+    try:
+        window = isal_zlib.decompressobj(31).decompress(member, WINDOW_SIZE + 1)
+    except _GZIP_ERRORS as exc:
+        raise IndexError_(f"window at {point.window_at} of the index is not gzip: {exc}") from exc
+    if "sha256:" + hashlib.sha256(window).hexdigest() != point.window_digest:
+        raise IndexError_(f"window at {point.window_at} of the index does not match its digest")
+    return window
+
+
 # -- writing ----------------------------------------------------------------------------------
-def _parse_zran_export(raw: bytes) -> tuple[int, list[Checkpoint]]:
+def _parse_zran_export(raw: bytes) -> tuple[int, list[tuple[Checkpoint, bytes]]]:
     """(uncompressed size, checkpoints) from ``indexed_gzip``'s exported index."""
     head = struct.Struct("<5sBBQQIII")
     if len(raw) < head.size:
@@ -286,8 +353,42 @@ def _parse_zran_export(raw: bytes) -> tuple[int, list[Checkpoint]]:
         if has_data:
             win = raw[pos : pos + window]
             pos += window
-        points.append(Checkpoint(uncompressed=uncmp, compressed=cmp, bits=bits, window=win))
+        points.append((Checkpoint(uncmp, cmp, bits, window_size=len(win)), win))
     return usize, points
+
+
+def _chunk_ends(
+    blob: IO[bytes],
+    layer_size: int,
+    points: list[tuple[Checkpoint, bytes]],
+    cuts: dict[int, list[int]],
+) -> dict[tuple[int, int], int]:
+    """Where in the compressed layer each chunk's last byte has been inflated, starting
+    from the chunk's checkpoint: ``cuts`` maps a checkpoint to the uncompressed offsets
+    where chunks starting after it end. A reader fetches just that far."""
+    ends: dict[tuple[int, int], int] = {}
+    starts = [p.uncompressed for p, _ in points]
+    for i, wanted in cuts.items():
+        point, window = points[i]
+        last = max(wanted)
+        after = bisect.bisect_left(starts, last)
+        stop = (
+            layer_size if after >= len(points) else min(layer_size, points[after][0].compressed + 1)
+        )
+        blob.seek(point.start)
+        data = blob.read(stop - point.start)
+        inflater = Inflater(point, window, data)
+        try:
+            pos = point.uncompressed
+            for cut in sorted(set(wanted)):
+                got = inflater.read(cut - pos)
+                if len(got) != cut - pos:
+                    raise CorruptLayer("the layer ends inside a file")
+                pos = cut
+                ends[(i, cut)] = point.start + inflater.consumed
+        finally:
+            inflater.close()
+    return ends
 
 
 class _Counting(io.RawIOBase):
@@ -325,8 +426,9 @@ def build_index(
     chunk_size: int = CHUNK_SIZE,
     prioritized: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
-) -> bytes:
-    """Index a seekable gzip layer blob in one pass; returns the index blob.
+) -> BuiltIndex:
+    """Index a seekable gzip layer blob (one pass finds the checkpoints and walks the tar,
+    a second finds where each chunk's compressed bytes end).
 
     ``progress`` is told how many compressed bytes were read so far. Raises
     :class:`CorruptLayer` if the blob is not a gzip-compressed tar."""
@@ -383,19 +485,53 @@ def build_index(
     finally:
         gz.close()
     usize, points = _parse_zran_export(exported.getvalue())
+    starts = [p.uncompressed for p, _ in points]
+    cuts: dict[int, list[int]] = {}
+    for ent in entries:
+        if "innerOffset" in ent:
+            i = max(0, bisect.bisect_right(starts, ent["innerOffset"]) - 1)
+            cuts.setdefault(i, []).append(ent["innerOffset"] + ent["chunkSize"])
+    ends = _chunk_ends(blob, layer_size, points, cuts)
+    for ent in entries:
+        if "innerOffset" in ent:
+            i = max(0, bisect.bisect_right(starts, ent["innerOffset"]) - 1)
+            ent["compressedEnd"] = ends[(i, ent["innerOffset"] + ent["chunkSize"])]
+    # Windows: one gzip member each after the TOC member; their places go in the TOC, so
+    # it is written last and the windows' offsets are relative to the TOC's end.
+    members = [isal_zlib.compress(w, 1, wbits=31) if w else b"" for _, w in points]
+    offsets = []
+    at = 0
+    for m in members:
+        offsets.append(at)
+        at += len(m)
     doc = {
         "version": 1,
         "layer": layer_digest,
         "layerSize": layer_size,
         "uncompressedSize": usize,
         "spacing": spacing,
-        "checkpoints": [[p.uncompressed, p.compressed, p.bits, len(p.window)] for p in points],
+        "checkpoints": [
+            [
+                p.uncompressed,
+                p.compressed,
+                p.bits,
+                len(w),
+                offsets[i],
+                len(members[i]),
+                "sha256:" + hashlib.sha256(w).hexdigest() if w else "",
+            ]
+            for i, (p, w) in enumerate(points)
+        ],
         "prioritized": list(prioritized),
         "entries": entries,
     }
     body = json.dumps(doc, separators=(",", ":")).encode()
-    raw = b"".join([MAGIC, struct.pack("<I", len(body)), body, *(p.window for p in points)])
-    return isal_zlib.compress(raw, 1, wbits=31)
+    toc = isal_zlib.compress(MAGIC + struct.pack("<I", len(body)) + body, 1, wbits=31)
+    return BuiltIndex(
+        blob=toc + b"".join(members),
+        toc_size=len(toc),
+        toc_digest="sha256:" + hashlib.sha256(toc).hexdigest(),
+    )
 
 
 # -- reading the blob -------------------------------------------------------------------------
@@ -405,14 +541,15 @@ def _int(value: Any, what: str, maximum: int = (1 << 63) - 1) -> int:
     return value
 
 
-def parse_index(blob: bytes, layer_digest: str, layer_size: int) -> GzipIndex:
-    """Parse and check an index blob (already verified against its own digest) for the
-    layer ``layer_digest`` of ``layer_size`` compressed bytes. Everything a hostile index
-    could use to make a reader misbehave is refused here: offsets outside the layer,
-    checkpoints out of order, chunks that do not tile their file, names that climb out."""
+def parse_index(toc_member: bytes, layer_digest: str, layer_size: int) -> GzipIndex:
+    """Parse and check an index's TOC member (already verified against its digest; the
+    whole blob will do too) for the layer ``layer_digest`` of ``layer_size`` compressed
+    bytes. Everything a hostile index could use to make a reader misbehave is refused:
+    offsets outside the layer, checkpoints out of order, chunks that do not tile their
+    file, names that climb out (the TOC parser's rules)."""
     try:
         d = isal_zlib.decompressobj(31)
-        raw = d.decompress(blob, MAX_INDEX_SIZE + 1)
+        raw = d.decompress(toc_member, MAX_INDEX_SIZE + 1)
     except _GZIP_ERRORS as exc:
         raise IndexError_(f"index is not gzip: {exc}") from exc
     if len(raw) > MAX_INDEX_SIZE:
@@ -438,22 +575,22 @@ def parse_index(blob: bytes, layer_digest: str, layer_size: int) -> GzipIndex:
     raw_points = doc.get("checkpoints")
     if not isinstance(raw_points, list) or not raw_points:
         raise IndexError_("index has no checkpoints")
-    pos = start + n
     points: list[Checkpoint] = []
     for item in raw_points:
-        if not isinstance(item, list) or len(item) != 4:
+        if not isinstance(item, list) or len(item) != 7:
             raise IndexError_("bad checkpoint")
         u = _int(item[0], "checkpoint uncompressed offset", usize)
         c = _int(item[1], "checkpoint compressed offset", layer_size)
         bits = _int(item[2], "checkpoint bits", 7)
-        wlen = _int(item[3], "checkpoint window", WINDOW_SIZE)
+        wsize = _int(item[3], "checkpoint window", WINDOW_SIZE)
+        wat = _int(item[4], "window offset", MAX_INDEX_SIZE)
+        wlen = _int(item[5], "window length", 2 * WINDOW_SIZE)
+        wdigest = item[6]
+        if not isinstance(wdigest, str) or (wsize and not wdigest.startswith("sha256:")):
+            raise IndexError_("bad window digest")
         if c == 0 or (points and (u <= points[-1].uncompressed or c < points[-1].compressed)):
             raise IndexError_("checkpoints are out of order")
-        window = raw[pos : pos + wlen]
-        if len(window) != wlen:
-            raise IndexError_("index windows are truncated")
-        pos += wlen
-        points.append(Checkpoint(u, c, bits, window))
+        points.append(Checkpoint(u, c, bits, wsize, wat, wlen, wdigest))
     if points[0].uncompressed != 0:
         raise IndexError_("the first checkpoint is not at the start of the layer")
     raw_entries = doc.get("entries")
@@ -489,15 +626,14 @@ def parse_index(blob: bytes, layer_digest: str, layer_size: int) -> GzipIndex:
         if not base.chunk_digest.startswith("sha256:"):
             raise IndexError_(f"chunk of {base.name!r} has no sha256 digest")
         point = max(0, bisect.bisect_right(starts, inner) - 1)
-        after = bisect.bisect_left(starts, inner + base.chunk_size)
-        end = layer_size if after >= len(points) else min(layer_size, points[after].compressed)
-        e = SpanEntry(
-            **{k: getattr(base, k) for k in TOCEntry.__dataclass_fields__},
-        )
+        end = _int(item.get("compressedEnd"), "compressedEnd", layer_size)
+        e = SpanEntry(**{k: getattr(base, k) for k in TOCEntry.__dataclass_fields__})
         e.inner = inner
         e.point = point
         e.offset = points[point].start
-        e.end_offset = max(end, e.offset + 1)
+        if end <= e.offset:
+            raise IndexError_(f"chunk of {base.name!r} ends before its checkpoint")
+        e.end_offset = end
         e.share = max(1, e.chunk_size * layer_size // max(1, usize))
         if e.type == "reg":
             current = e
@@ -513,6 +649,20 @@ def parse_index(blob: bytes, layer_digest: str, layer_size: int) -> GzipIndex:
             chunk_list[0].size
         ):
             raise IndexError_(f"chunks of {name!r} do not cover the file")
+    # Windows are placed after the TOC member: make their offsets absolute.
+    toc_size = len(toc_member) - len(d.unused_data)
+    points = [
+        Checkpoint(
+            p.uncompressed,
+            p.compressed,
+            p.bits,
+            p.window_size,
+            p.window_at + toc_size,
+            p.window_len,
+            p.window_digest,
+        )
+        for p in points
+    ]
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     toc = TOC(version=1, entries=entries, digest=digest, prefetch_end=None, _chunks=chunks)
     return GzipIndex(

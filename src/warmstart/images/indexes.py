@@ -28,6 +28,8 @@ from warmstart.images.gzindex import (
     DEFAULT_SPACING,
     INDEX_MEDIA_TYPE,
     LAYER_ANNOTATION,
+    TOC_DIGEST_ANNOTATION,
+    TOC_SIZE_ANNOTATION,
     build_index,
 )
 from warmstart.images.reference import Reference
@@ -169,9 +171,16 @@ def index_image(
                 )
             path.unlink()
             report("push", i, desc.size)
-            pushed = client.push_blob(ref, blob)
+            pushed = client.push_blob(ref, blob.blob)
             blobs[desc.digest] = Descriptor(
-                INDEX_MEDIA_TYPE, pushed.digest, pushed.size, {LAYER_ANNOTATION: desc.digest}
+                INDEX_MEDIA_TYPE,
+                pushed.digest,
+                pushed.size,
+                {
+                    LAYER_ANNOTATION: desc.digest,
+                    TOC_SIZE_ANNOTATION: str(blob.toc_size),
+                    TOC_DIGEST_ANNOTATION: blob.toc_digest,
+                },
             )
             index_bytes += pushed.size
             report("done", i, desc.size)
@@ -192,6 +201,25 @@ def index_image(
         index_bytes=index_bytes,
         image_bytes=sum(d.size for d in manifest.layers),
     )
+
+
+def _toc_of(desc: Descriptor) -> tuple[int, str] | None:
+    """(size, digest) of an index blob's TOC member, from its descriptor's annotations."""
+    try:
+        size = int(desc.annotations.get(TOC_SIZE_ANNOTATION, ""))
+    except ValueError:
+        return None
+    digest = desc.annotations.get(TOC_DIGEST_ANNOTATION, "")
+    if not 0 < size <= desc.size or not digest.startswith("sha256:"):
+        return None
+    return size, digest
+
+
+def toc_of(desc: Descriptor) -> tuple[int, str]:
+    """(size, digest) of the TOC member of an index blob ``find_index`` returned."""
+    found = _toc_of(desc)
+    assert found is not None
+    return found
 
 
 def find_index(
@@ -221,7 +249,7 @@ def find_index(
         for raw in artifact.get("layers") or []:
             d = Descriptor.from_json(raw, f"index {desc.digest}")
             layer = d.annotations.get(LAYER_ANNOTATION, "")
-            if d.media_type == INDEX_MEDIA_TYPE and layer:
+            if d.media_type == INDEX_MEDIA_TYPE and layer and _toc_of(d) is not None:
                 layers[layer] = d
         if all(d.digest in layers for d in manifest.layers if indexable(d)):
             return layers

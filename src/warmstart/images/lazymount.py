@@ -55,7 +55,8 @@ class LayerSource:
     ``path``) or ``"dir"`` (a layer that was fully pulled and unpacked at ``path``, with
     whiteouts in overlayfs form) or ``"gzindex"`` (a plain gzip blob in a registry, or on
     local disk at ``path``, read through its gzip index: the blob ``index_digest`` of
-    ``index_size`` bytes in the same repository, or the file ``index_path``).
+    ``index_size`` bytes in the same repository, or the file ``index_path``; its first
+    ``toc_size`` bytes are the TOC member, hashing to ``toc_digest``).
     """
 
     kind: str
@@ -67,6 +68,7 @@ class LayerSource:
     index_digest: str = ""
     index_size: int = 0
     index_path: str = ""
+    toc_size: int = 0
 
     @classmethod
     def estargz(cls, ref: str, digest: str, toc_digest: str, size: int = 0) -> LayerSource:
@@ -74,7 +76,15 @@ class LayerSource:
 
     @classmethod
     def gzindex(
-        cls, ref: str, digest: str, size: int, index_digest: str, index_size: int = 0
+        cls,
+        ref: str,
+        digest: str,
+        size: int,
+        index_digest: str,
+        index_size: int = 0,
+        *,
+        toc_size: int = 0,
+        toc_digest: str = "",
     ) -> LayerSource:
         return cls(
             "gzindex",
@@ -83,6 +93,8 @@ class LayerSource:
             size=size,
             index_digest=index_digest,
             index_size=index_size,
+            toc_size=toc_size,
+            toc_digest=toc_digest,
         )
 
     @classmethod
@@ -104,8 +116,10 @@ class LayerSource:
         if self.kind == "gzindex":
             if not self.digest or not (self.ref or self.path):
                 raise ImageError("an indexed layer needs its blob digest and where it is")
-            if not (self.index_digest or self.index_path):
-                raise ImageError("an indexed layer needs its index")
+            if not self.index_path and not (
+                self.index_digest and self.toc_size > 0 and self.toc_digest
+            ):
+                raise ImageError("an indexed layer needs its index (digest, TOC size and digest)")
         if self.size < 0:
             raise ImageError(f"negative layer size {self.size}")
 
@@ -124,6 +138,7 @@ class LayerSource:
                 index_digest=str(raw.get("index_digest", "")),
                 index_size=int(raw.get("index_size", 0)),
                 index_path=str(raw.get("index_path", "")),
+                toc_size=int(raw.get("toc_size", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageError(f"bad layer spec {raw!r}: {exc}") from exc

@@ -277,7 +277,7 @@ class ImageManager:
         """A lazy mount of a plain gzip image through the gzip indexes pushed next to it
         (``warmstart image index``), or None if it has none (then it is pulled in full)."""
         from warmstart.images.errors import ImageError
-        from warmstart.images.indexes import find_index, indexable
+        from warmstart.images.indexes import find_index, indexable, toc_of
         from warmstart.images.lazymount import LayerSource, MountSpec
 
         try:
@@ -298,9 +298,16 @@ class ImageManager:
                 )
             elif indexable(layer):
                 index = found[layer.digest]
+                toc_size, toc_digest = toc_of(index)
                 layers.append(
                     LayerSource.gzindex(
-                        str(ref), layer.digest, layer.size, index.digest, index.size
+                        str(ref),
+                        layer.digest,
+                        layer.size,
+                        index.digest,
+                        index.size,
+                        toc_size=toc_size,
+                        toc_digest=toc_digest,
                     )
                 )
             else:

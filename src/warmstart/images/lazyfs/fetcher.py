@@ -216,6 +216,7 @@ class Fetcher:
         nbytes = sum(t - s for s, t in ranges)
         started = time.monotonic()
         try:
+            layer.prepare(entries)
             blobs = layer.source.fetch(ranges)
             if len(blobs) != len(ranges) or any(
                 len(b) != t - s for b, (s, t) in zip(blobs, ranges, strict=False)

@@ -8,9 +8,11 @@ and unpacked on disk with overlayfs whiteouts. Paths are relative; ``""`` is the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import stat
+import threading
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from typing import Protocol
 
 from warmstart.images.errors import EStargzError, ImageError
 from warmstart.images.estargz import LANDMARK_NAMES, TOC, TOCEntry, read_chunk
-from warmstart.images.gzindex import GzipIndex, SpanEntry, read_span_chunks
+from warmstart.images.gzindex import GzipIndex, SpanEntry, read_span_chunks, read_window
+from warmstart.images.lazyfs.chunks import ChunkCache
 from warmstart.images.lazyfs.sources import BlobSource
 
 log = logging.getLogger(__name__)
@@ -248,6 +251,9 @@ class TOCLayer:
             return []
         return [e for e in self.data if e.offset < end]
 
+    def prepare(self, entries: Sequence[TOCEntry]) -> None:
+        """Whatever decoding these chunks needs besides their bytes (nothing here)."""
+
     def units(
         self, entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
     ) -> list[tuple[list[TOCEntry], bytes]]:
@@ -274,15 +280,72 @@ class TOCLayer:
 
 class IndexLayer(TOCLayer):
     """An ordinary gzip layer with a gzip index: its tree from the index's entries, each
-    file chunk inflated from the checkpoint before it (:mod:`warmstart.images.gzindex`)."""
+    file chunk inflated from the checkpoint before it (:mod:`warmstart.images.gzindex`).
 
-    def __init__(self, index: GzipIndex, source: BlobSource) -> None:
+    Checkpoint windows come from the index blob (``windows``) the first time a read
+    resumes there, verified, and stay in memory and in the chunk cache (by digest)."""
+
+    def __init__(
+        self,
+        index: GzipIndex,
+        source: BlobSource,
+        windows: BlobSource,
+        cache: ChunkCache | None = None,
+    ) -> None:
         self.index = index
+        self.windows = windows
+        self.cache = cache
+        self._windows: dict[int, bytes] = {}
+        self._lock = threading.Lock()
         super().__init__(index.toc, source)
 
     def prioritized(self) -> list[TOCEntry]:
         names = set(self.index.prioritized)
         return [e for e in self.data if e.name in names]
+
+    def prepare(self, entries: Sequence[TOCEntry]) -> None:
+        """Fetch the windows these chunks resume from, all in one request."""
+        points = self.index.checkpoints
+        want: list[int] = []
+        for i in sorted({e.point for e in entries if isinstance(e, SpanEntry)}):
+            if i in self._windows or not points[i].window_size:
+                continue
+            cached = self._cached_window(i)
+            if cached is not None:
+                self._windows[i] = cached
+                continue
+            want.append(i)
+        if not want:
+            return
+        ranges = [(points[i].window_at, points[i].window_at + points[i].window_len) for i in want]
+        for i, member in zip(want, self.windows.fetch(ranges), strict=True):
+            window = read_window(points[i], member)
+            with self._lock:
+                self._windows[i] = window
+            if self.cache is not None:
+                with contextlib.suppress(OSError):
+                    self.cache.put(points[i].window_digest, window)
+
+    def _cached_window(self, i: int) -> bytes | None:
+        point = self.index.checkpoints[i]
+        if self.cache is None:
+            return None
+        data = self.cache.read(point.window_digest, 0, point.window_size)
+        if data is None:
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != point.window_digest:
+            return None
+        return data
+
+    def window(self, i: int) -> bytes:
+        """Checkpoint ``i``'s window (empty at a gzip member's start)."""
+        if not self.index.checkpoints[i].window_size:
+            return b""
+        found = self._windows.get(i)
+        if found is None:
+            self.prepare([e for e in self.data if isinstance(e, SpanEntry) and e.point == i][:1])
+            found = self._windows[i]
+        return found
 
     def units(
         self, entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
@@ -308,9 +371,15 @@ class IndexLayer(TOCLayer):
         if len(spans) != len(entries):
             bad = EStargzError("an indexed layer's chunk has no checkpoint")
             return [(e, bad) for e in entries]
-        start = self.index.checkpoints[spans[0].point].start
+        i = spans[0].point
+        point = self.index.checkpoints[i]
+        try:
+            window = self.window(i)
+        except Exception as exc:  # the index blob's source failed, or a window is bad
+            bad = EStargzError(f"the window of checkpoint {i} is not available: {exc}")
+            return [(e, bad) for e in entries]
         return [
-            (e, data) for e, data in read_span_chunks(self.index.checkpoints, spans, member, start)
+            (e, data) for e, data in read_span_chunks(point, window, spans, member, point.start)
         ]
 
 

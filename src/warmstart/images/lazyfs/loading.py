@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from warmstart.images.errors import EStargzError
 from warmstart.images.estargz import read_toc
 from warmstart.images.gzindex import parse_index
-from warmstart.images.lazyfs.chunks import DIGEST_RE
+from warmstart.images.lazyfs.chunks import DIGEST_RE, ChunkCache
 from warmstart.images.lazyfs.layers import DirLayer, IndexLayer, Layer, TOCLayer
 from warmstart.images.lazyfs.sources import BlobSource, FileBlobSource, RegistryBlobSource
 from warmstart.images.lazyfs.stats import Stats
@@ -103,32 +103,38 @@ def load_index_layer(
     stats: Stats,
     client: Any = None,
 ) -> IndexLayer:
-    """Read and check a plain gzip layer's index (kept in the cache directory after the
-    first download, verified against its digest on every load) and index the layer."""
+    """Read and check a plain gzip layer's index: its TOC member (fetched by one Range
+    request, kept in the cache directory, verified against its digest on every load);
+    the windows stay in the index blob until a read needs one."""
+    windows: BlobSource
     if layer.index_path:
-        blob = Path(layer.index_path).read_bytes()
-        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-        if layer.index_digest and digest != layer.index_digest:
-            raise EStargzError(f"index {layer.index_path} hashes to {digest}")
+        windows = FileBlobSource(Path(layer.index_path))
+        toc = Path(layer.index_path).read_bytes()
     else:
-        digest = layer.index_digest
+        from warmstart.images.reference import Reference
+
+        windows = RegistryBlobSource(
+            client, Reference.parse(layer.ref), layer.index_digest, layer.index_size
+        )
+        digest = layer.toc_digest
         kept = cache_dir / "indexes" / digest[7:] if DIGEST_RE.fullmatch(digest) else None
-        blob = b""
+        toc = b""
         if kept is not None:
             with contextlib.suppress(OSError):
-                blob = kept.read_bytes()
-        if "sha256:" + hashlib.sha256(blob).hexdigest() != digest:
-            from warmstart.images.reference import Reference
-
-            blob = client.get_blob(Reference.parse(layer.ref), digest, max_bytes=256 << 20)
-            stats.add(requests=1, bytes_fetched=len(blob), toc_bytes=len(blob))
+                toc = kept.read_bytes()
+        if "sha256:" + hashlib.sha256(toc).hexdigest() != digest:
+            toc = windows.fetch([(0, layer.toc_size)])[0]
+            stats.add(requests=1, bytes_fetched=len(toc), toc_bytes=len(toc))
+            got = "sha256:" + hashlib.sha256(toc).hexdigest()
+            if got != digest:
+                raise EStargzError(f"the TOC of index {layer.index_digest} hashes to {got}")
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(blob)
+                tmp.write_bytes(toc)
                 os.replace(tmp, kept)
-    index = parse_index(blob, layer.digest, source.size())
-    return IndexLayer(index, source)
+    index = parse_index(toc, layer.digest, source.size())
+    return IndexLayer(index, source, windows, ChunkCache(cache_dir))
 
 
 def _registry_client(spec: DaemonSpec) -> Any:
