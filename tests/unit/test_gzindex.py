@@ -259,3 +259,40 @@ class _Counting(FileBlobSource):
     def fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         self.calls += 1
         return super().fetch(ranges)
+
+
+class _Failing(FileBlobSource):
+    """An index blob whose source fails until told otherwise, or serves tampered bytes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.mode = "fail"
+
+    def fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        if self.mode == "fail":
+            raise OSError("the registry went away")
+        got = super().fetch(ranges)
+        if self.mode == "tamper":
+            return [gzip.compress(b"\0" * len(isal_zlib.decompress(g, wbits=31))) for g in got]
+        return got
+
+
+def test_a_missing_or_tampered_window_is_an_error_never_wrong_bytes(tmp_path: Path) -> None:
+    tar, _ = _tar(seed=9)
+    blob = gzip.compress(tar, 6)
+    layer_path = tmp_path / "layer.tar.gz"
+    layer_path.write_bytes(blob)
+    index = _index(blob)
+    index_path = tmp_path / "index"
+    index_path.write_bytes(_BUILT[id(index)])
+    windows = _Failing(index_path)
+    layer = IndexLayer(index, FileBlobSource(layer_path), windows, ChunkCache(tmp_path / "c"))
+    e = next(s for s in _spans(index) if index.checkpoints[s.point].window_size)
+    unit = ([e], blob[e.offset : e.end_offset])
+    for mode in ("fail", "tamper"):
+        windows.mode = mode
+        [(_, got)] = layer.decode(unit)  # type: ignore[arg-type]
+        assert isinstance(got, EStargzError), mode
+    windows.mode = "ok"
+    [(_, got)] = layer.decode(unit)  # type: ignore[arg-type]
+    assert got == tar[e.inner : e.inner + e.chunk_size]
