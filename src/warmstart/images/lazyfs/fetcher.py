@@ -216,8 +216,11 @@ class Fetcher:
         nbytes = sum(t - s for s, t in ranges)
         started = time.monotonic()
         try:
-            layer.prepare(entries)
+            # What decoding needs besides the bytes (an indexed layer's windows) comes
+            # from another blob: fetched alongside, not before.
+            preparing = _verify_pool().submit(layer.prepare, entries)
             blobs = layer.source.fetch(ranges)
+            preparing.result()
             if len(blobs) != len(ranges) or any(
                 len(b) != t - s for b, (s, t) in zip(blobs, ranges, strict=False)
             ):

@@ -254,6 +254,11 @@ class TOCLayer:
     def prepare(self, entries: Sequence[TOCEntry]) -> None:
         """Whatever decoding these chunks needs besides their bytes (nothing here)."""
 
+    def companions(self, want: Sequence[TOCEntry]) -> Sequence[TOCEntry]:
+        """Chunks that cost next to nothing to fetch with ``want`` (none: every eStargz
+        chunk is a gzip member of its own)."""
+        return ()
+
     def units(
         self, entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
     ) -> list[tuple[list[TOCEntry], bytes]]:
@@ -298,6 +303,16 @@ class IndexLayer(TOCLayer):
         self._windows: dict[int, bytes] = {}
         self._lock = threading.Lock()
         super().__init__(index.toc, source)
+        self._groups: dict[int, list[TOCEntry]] = {}
+        for e in self.data:
+            if isinstance(e, SpanEntry):
+                self._groups.setdefault(e.point, []).append(e)
+
+    def companions(self, want: Sequence[TOCEntry]) -> Sequence[TOCEntry]:
+        """Every chunk that resumes from the checkpoint of a wanted one: the span is
+        fetched and inflated once, all that starts in it is cached."""
+        points = {e.point for e in want if isinstance(e, SpanEntry)}
+        return [e for p in sorted(points) for e in self._groups.get(p, ())]
 
     def prioritized(self) -> list[TOCEntry]:
         names = set(self.index.prioritized)

@@ -44,8 +44,14 @@ def plan_read(
     """What a read that missed ``want`` fetches, in blob order: those chunks plus the
     members that follow them in the blob (files packed next to each other are usually
     used together), at most ``read_ahead`` compressed bytes, stopping at one that is
-    cached, in flight (its key in ``busy``) or too big to fit."""
+    cached, in flight (its key in ``busy``) or too big to fit. An indexed gzip layer
+    takes every chunk that resumes from the same checkpoint as a wanted one (they are
+    inflated anyway, and fetching them now saves fetching the span again)."""
     chosen = {cache_key(c): c for c in want}
+    for e in layer.companions(want):
+        key = cache_key(e)
+        if key not in chosen and key not in busy and not cache.has(key, e.chunk_size):
+            chosen[key] = e
     last = max(want, key=lambda c: c.order)
     i = layer.position[id(last)] + 1
     extra = 0
