@@ -19,7 +19,7 @@ from isal import isal_zlib
 from tests.conftest import IS_ROOT, needs
 from warmstart.images import gzindex
 from warmstart.images.errors import ChunkDigestError, CorruptLayer, EStargzError
-from warmstart.images.gzindex import SpanEntry, build_index, parse_index, read_span_chunks
+from warmstart.images.gzindex import SpanEntry, build_index, parse_index, read_span
 from warmstart.images.lazyfs.chunks import ChunkCache
 from warmstart.images.lazyfs.layers import IndexLayer
 from warmstart.images.lazyfs.sources import FileBlobSource
@@ -59,9 +59,9 @@ def _tar(seed: int = 1, files: int = 120) -> tuple[bytes, dict[str, bytes]]:
 _BUILT: dict[int, bytes] = {}
 
 
-def _index(blob: bytes, spacing: int = 64 << 10, chunk: int = 48 << 10) -> gzindex.GzipIndex:
+def _index(blob: bytes, spacing: int = 48 << 10) -> gzindex.GzipIndex:
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    built = build_index(io.BytesIO(blob), digest, len(blob), spacing=spacing, chunk_size=chunk)
+    built = build_index(io.BytesIO(blob), digest, len(blob), spacing=spacing)
     assert built.blob[: built.toc_size] and built.toc_digest.startswith("sha256:")
     index = parse_index(built.blob[: built.toc_size], digest, len(blob))
     _BUILT[id(index)] = built.blob
@@ -71,13 +71,18 @@ def _index(blob: bytes, spacing: int = 64 << 10, chunk: int = 48 << 10) -> gzind
 def _read(
     index: gzindex.GzipIndex, entries: list[SpanEntry], blob: bytes, start: int
 ) -> list[tuple[SpanEntry, bytes | EStargzError]]:
-    """What a reader gets: the window from the index blob, then the span."""
+    """What a reader gets: the window from the index blob, then the span, then each
+    piece cut from it."""
     point = index.checkpoints[entries[0].point]
     window = b""
     if point.window_size:
         member = _BUILT[id(index)][point.window_at : point.window_at + point.window_len]
         window = gzindex.read_window(point, member)
-    return read_span_chunks(point, window, entries, blob, start)
+    try:
+        span = read_span(point, window, blob, start)
+    except EStargzError as exc:
+        return [(e, exc) for e in entries]
+    return [(e, span[e.span_offset : e.span_offset + e.chunk_size]) for e in entries]
 
 
 def _spans(index: gzindex.GzipIndex) -> list[SpanEntry]:
@@ -98,10 +103,12 @@ def test_every_chunk_inflates_from_its_checkpoint_to_the_tar_bytes(level: int) -
         assert data == tar[e.inner : e.inner + e.chunk_size], e.name
 
 
-def test_chunks_sharing_a_checkpoint_inflate_together() -> None:
+def test_pieces_of_one_span_come_from_one_inflation() -> None:
     tar, _ = _tar(seed=2)
     blob = gzip.compress(tar, 6)
     index = _index(blob, spacing=256 << 10)
+    # Spans tile the layer; a file's pieces tile the file.
+    assert sum(p.span_size for p in index.checkpoints) == index.uncompressed_size
     groups: dict[int, list[SpanEntry]] = {}
     for e in _spans(index):
         groups.setdefault(e.point, []).append(e)
@@ -178,18 +185,19 @@ def test_hostile_or_mismatched_indexes_are_refused() -> None:
     with pytest.raises(gzindex.IndexError_, match=r"integer in range|outside"):
         parse_index(_rewrite(raw, entries=outside), digest, len(blob))
 
-    def overlap(entries: list[dict[str, object]]) -> None:
-        for e in entries:
-            if e.get("chunkOffset"):
-                e["chunkOffset"] = int(e["chunkOffset"]) - 1  # type: ignore[call-overload]
-                return
-        for e in entries:
-            if e.get("size"):
-                e["chunkSize"] = int(e["chunkSize"]) - 1  # type: ignore[call-overload]
-                return
+    def chunked(entries: list[dict[str, object]]) -> None:
+        entries.append({"name": "usr/lib/d0/f0.py", "type": "chunk", "chunkOffset": 1})
 
-    with pytest.raises(gzindex.IndexError_, match=r"tile|cover"):
-        parse_index(_rewrite(raw, entries=overlap), digest, len(blob))
+    with pytest.raises(gzindex.IndexError_, match="no chunks"):
+        parse_index(_rewrite(raw, entries=chunked), digest, len(blob))
+    points = _points(raw)
+    points[1][7] += 1  # a span one byte longer: the spans no longer tile the layer
+    with pytest.raises(gzindex.IndexError_, match="tile"):
+        parse_index(_rewrite(raw, {"checkpoints": points}), digest, len(blob))
+    points = _points(raw)
+    points[2][8] = points[2][1] - 2  # ends before it starts
+    with pytest.raises(gzindex.IndexError_, match="ends before"):
+        parse_index(_rewrite(raw, {"checkpoints": points}), digest, len(blob))
     with pytest.raises(gzindex.IndexError_, match="out of order"):
         points = _points(raw)
         points.reverse()

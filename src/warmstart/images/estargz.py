@@ -165,6 +165,16 @@ class TOCEntry:
         """Where the chunk sits in the blob, for sorting."""
         return (self.offset, 0)
 
+    @property
+    def cached_size(self) -> int:
+        """The size of what the chunk cache keeps under this chunk's key."""
+        return self.chunk_size
+
+    @property
+    def cache_offset(self) -> int:
+        """Where this chunk's bytes start in what the cache keeps under its key."""
+        return 0
+
 
 @dataclass
 class TOC:

@@ -2,19 +2,22 @@
 
 A plain ``tar.gz`` layer is one deflate stream: to read a file in the middle, a reader
 would have to inflate everything before it. An index makes it seekable. While the layer
-is inflated once, a *checkpoint* is kept every ``spacing`` bytes of uncompressed data at
-a deflate block boundary: the uncompressed offset, the compressed offset (a byte, and
-how many bits of the byte before it belong to the next block) and the 32 KiB of
-uncompressed data that precede it -- the window inflation needs to resume there. Next to
-the checkpoints the index holds a table of contents in eStargz's own entry format (name,
-type, mode, owner, times, links, xattrs), and for every regular file its chunks (at most
-:data:`CHUNK_SIZE` each) with their offset in the uncompressed tar and their sha256.
+is inflated once, a *checkpoint* is kept at the first deflate block boundary after every
+``spacing`` bytes of compressed data: the uncompressed offset, the compressed offset (a
+byte, and how many bits of the byte before it belong to the next block) and the 32 KiB
+of uncompressed data that precede it -- the window inflation needs to resume there. The
+uncompressed bytes between two checkpoints are a *span*; the index records each span's
+sha256. Next to the checkpoints it holds the layer's table of contents in eStargz's own
+entry format (name, type, mode, owner, times, links, xattrs) with every regular file's
+offset in the uncompressed tar.
 
-A reader of one file chunk fetches, by an HTTP Range request, the compressed bytes from
-the checkpoint before the chunk to the checkpoint after it, inflates from the checkpoint
-with its window, and keeps the chunk only if it hashes to the digest in the index. The
-index is itself a blob named by its digest: it is pushed to the image's repository as an
-OCI artifact whose ``subject`` is the image manifest (:mod:`.gzindex_registry`).
+A read of a file fetches, by HTTP Range requests, the compressed bytes of the spans its
+bytes lie in, inflates each from its checkpoint with its window, and keeps a span (in
+the chunk cache, under the span's digest) only if it hashes to the digest in the index:
+a span is what a chunk is to eStargz, and every file that starts in it is then read from
+the cache. The index is itself a blob named by its digest, pushed to the image's
+repository as an OCI artifact whose ``subject`` is the image manifest
+(:mod:`warmstart.images.indexes`).
 
 Checkpoints are found with ``indexed_gzip`` (zran); resuming at one needs nothing but
 zlib (``inflatePrime`` for a checkpoint that is not byte-aligned, through ctypes:
@@ -27,9 +30,7 @@ Blob layout: gzip members, concatenated::
 
 The artifact's descriptor of each index blob carries the TOC member's size and digest, so
 a mount downloads the TOC member alone; a window is fetched (and checked against its
-sha256 in the TOC) the first time a read resumes at its checkpoint. For each chunk the
-TOC also records where its compressed bytes end, measured while indexing, so a read
-fetches from the checkpoint to there and not to the next checkpoint.
+sha256 in the TOC) the first time a read resumes at its checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import hashlib
 import io
@@ -62,10 +64,10 @@ LAYER_ANNOTATION = "dev.warmstart.gzip-index.layer"
 TOC_SIZE_ANNOTATION = "dev.warmstart.gzip-index.toc-size"
 TOC_DIGEST_ANNOTATION = "dev.warmstart.gzip-index.toc-digest"
 WINDOW_SIZE = 32 << 10
-DEFAULT_SPACING = 512 << 10
-CHUNK_SIZE = 1 << 20
+DEFAULT_SPACING = 128 << 10  # compressed bytes between checkpoints
 MAX_INDEX_SIZE = 512 << 20  # decompressed
 MAX_JSON = 256 << 20
+MAX_SPAN = 256 << 20  # uncompressed bytes of one span
 
 _GZIP_ERRORS: tuple[type[Exception], ...] = (
     cast("type[Exception]", isal_zlib.IsalError),
@@ -93,6 +95,9 @@ class Checkpoint:
     window_at: int = 0  # where the window's gzip member is in the index blob
     window_len: int = 0  # that member's length
     window_digest: str = ""  # sha256 of the window
+    span_size: int = 0  # uncompressed bytes from here to the next checkpoint
+    span_end: int = 0  # the compressed byte after the last one the span needs
+    span_digest: str = ""  # sha256 of the span
 
     @property
     def start(self) -> int:
@@ -102,21 +107,29 @@ class Checkpoint:
 
 @dataclass
 class SpanEntry(TOCEntry):
-    """A file chunk of an indexed layer: ``inner`` is its offset in the uncompressed tar,
-    ``point`` the checkpoint inflation resumes from; ``offset``/``end_offset`` are the
-    compressed bytes from that checkpoint to the last one the chunk needs."""
+    """The piece of a regular file that lies in one span of an indexed layer.
 
-    inner: int = 0
+    ``chunk_offset``/``chunk_size`` place the piece in its file, as for an eStargz chunk;
+    ``chunk_digest`` is the digest of the whole span (the chunk cache keeps spans),
+    ``span_offset`` where the piece starts in it, ``point`` the span's checkpoint, and
+    ``offset``/``end_offset`` the span's compressed bytes."""
+
+    inner: int = 0  # where the piece starts in the uncompressed tar
     point: int = 0
-    share: int = 0  # the compressed bytes this chunk accounts for, in proportion
-
-    @property
-    def cost(self) -> int:
-        return self.share
+    span_offset: int = 0
+    span_size: int = 0
 
     @property
     def order(self) -> tuple[int, int]:
         return (self.offset, self.inner)
+
+    @property
+    def cached_size(self) -> int:
+        return self.span_size
+
+    @property
+    def cache_offset(self) -> int:
+        return self.span_offset
 
 
 @dataclass
@@ -276,47 +289,33 @@ class Inflater:
         return b"".join(parts)
 
 
-def read_span_chunks(
-    point: Checkpoint,
-    window: bytes,
-    entries: Sequence[SpanEntry],
-    blob: bytes,
-    blob_start: int,
-) -> list[tuple[SpanEntry, bytes | EStargzError]]:
-    """Each entry's verified bytes (or why not), for entries that resume from ``point``
-    (whose ``window`` is given), from compressed bytes starting at ``blob_start`` that
-    cover them all. The span is inflated once, up to the last byte any of them needs."""
-    end = max(e.inner + e.chunk_size for e in entries)
+def read_span(point: Checkpoint, window: bytes, blob: bytes, blob_start: int) -> bytes:
+    """The span that starts at checkpoint ``point`` (whose ``window`` is given), inflated
+    from compressed bytes starting at ``blob_start`` that cover it, and verified.
+
+    Raises :class:`ChunkDigestError` if it does not hash to the index's digest,
+    :class:`EStargzError` if the bytes do not inflate or end too soon."""
     try:
         inflater = Inflater(point, window, blob[point.start - blob_start :])
         try:
-            data = inflater.read(end - point.uncompressed)
+            data = inflater.read(point.span_size)
         finally:
             inflater.close()
     except _INFLATE_ERRORS as exc:
-        bad = EStargzError(f"span at compressed offset {point.start} does not inflate: {exc}")
-        return [(e, bad) for e in entries]
-    out: list[tuple[SpanEntry, bytes | EStargzError]] = []
-    for e in entries:
-        lo = e.inner - point.uncompressed
-        chunk = data[lo : lo + e.chunk_size]
-        if len(chunk) != e.chunk_size:
-            out.append((e, EStargzError(f"chunk of {e.name!r} at {e.chunk_offset} is truncated")))
-            continue
-        got = "sha256:" + hashlib.sha256(chunk).hexdigest()
-        if got != e.chunk_digest:
-            out.append(
-                (
-                    e,
-                    ChunkDigestError(
-                        f"chunk of {e.name!r} at {e.chunk_offset}: expected {e.chunk_digest}, "
-                        f"got {got}"
-                    ),
-                )
-            )
-            continue
-        out.append((e, chunk))
-    return out
+        raise EStargzError(
+            f"span at compressed offset {point.start} does not inflate: {exc}"
+        ) from exc
+    if len(data) != point.span_size:
+        raise EStargzError(
+            f"span at compressed offset {point.start} is truncated "
+            f"({len(data)} of {point.span_size} bytes)"
+        )
+    got = "sha256:" + hashlib.sha256(data).hexdigest()
+    if got != point.span_digest:
+        raise ChunkDigestError(
+            f"span at compressed offset {point.start}: expected {point.span_digest}, got {got}"
+        )
+    return data
 
 
 def read_window(point: Checkpoint, member: bytes) -> bytes:
@@ -357,38 +356,38 @@ def _parse_zran_export(raw: bytes) -> tuple[int, list[tuple[Checkpoint, bytes]]]
     return usize, points
 
 
-def _chunk_ends(
-    blob: IO[bytes],
-    layer_size: int,
-    points: list[tuple[Checkpoint, bytes]],
-    cuts: dict[int, list[int]],
-) -> dict[tuple[int, int], int]:
-    """Where in the compressed layer each chunk's last byte has been inflated, starting
-    from the chunk's checkpoint: ``cuts`` maps a checkpoint to the uncompressed offsets
-    where chunks starting after it end. A reader fetches just that far."""
-    ends: dict[tuple[int, int], int] = {}
-    starts = [p.uncompressed for p, _ in points]
-    for i, wanted in cuts.items():
-        point, window = points[i]
-        last = max(wanted)
-        after = bisect.bisect_left(starts, last)
-        stop = (
-            layer_size if after >= len(points) else min(layer_size, points[after][0].compressed + 1)
-        )
-        blob.seek(point.start)
-        data = blob.read(stop - point.start)
-        inflater = Inflater(point, window, data)
-        try:
-            pos = point.uncompressed
-            for cut in sorted(set(wanted)):
-                got = inflater.read(cut - pos)
-                if len(got) != cut - pos:
-                    raise CorruptLayer("the layer ends inside a file")
-                pos = cut
-                ends[(i, cut)] = point.start + inflater.consumed
-        finally:
-            inflater.close()
-    return ends
+def _span_digests(blob: IO[bytes], points: list[tuple[Checkpoint, bytes]], usize: int) -> list[str]:
+    """The sha256 of every span, from one more sequential pass over the layer."""
+    from isal import igzip
+
+    ends = [p.uncompressed for p, _ in points[1:]] + [usize]
+    digests: list[str] = []
+    blob.seek(0)
+    h = hashlib.sha256()
+    pos = 0
+    i = 0
+    with igzip.IGzipFile(fileobj=blob, mode="rb") as gz:  # type: ignore[no-untyped-call]
+        while i < len(ends):
+            data = gz.read(1 << 20)
+            if not data:
+                break
+            view = memoryview(data)
+            while view and i < len(ends):
+                take = min(len(view), ends[i] - pos)
+                h.update(view[:take])
+                pos += take
+                view = view[take:]
+                if pos == ends[i]:
+                    digests.append("sha256:" + h.hexdigest())
+                    h = hashlib.sha256()
+                    i += 1
+    while i < len(ends) and pos == ends[i]:  # empty spans at the end (an empty layer)
+        digests.append("sha256:" + h.hexdigest())
+        h = hashlib.sha256()
+        i += 1
+    if len(digests) != len(points):
+        raise CorruptLayer("the layer ended before its last span")
+    return digests
 
 
 class _Counting(io.RawIOBase):
@@ -423,19 +422,18 @@ def build_index(
     layer_size: int,
     *,
     spacing: int = DEFAULT_SPACING,
-    chunk_size: int = CHUNK_SIZE,
     prioritized: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> BuiltIndex:
-    """Index a seekable gzip layer blob (one pass finds the checkpoints and walks the tar,
-    a second finds where each chunk's compressed bytes end).
+    """Index a seekable gzip layer blob: one pass finds the checkpoints (every
+    ``spacing`` compressed bytes) while walking the tar, a second hashes the spans.
 
-    ``progress`` is told how many compressed bytes were read so far. Raises
+    ``progress`` is told how many compressed bytes the first pass read so far. Raises
     :class:`CorruptLayer` if the blob is not a gzip-compressed tar."""
     import indexed_gzip  # type: ignore[import-untyped]
 
-    if spacing < WINDOW_SIZE or chunk_size <= 0:
-        raise ValueError("spacing must be at least the window, chunk_size positive")
+    if spacing < WINDOW_SIZE:
+        raise ValueError("spacing must be at least the window")
     source: IO[bytes] = blob
     if progress is not None:
         source = io.BufferedReader(_Counting(blob, progress), 1 << 20)
@@ -448,35 +446,15 @@ def build_index(
         raise CorruptLayer(f"layer {layer_digest} is not gzip: {exc}") from exc
     try:
         try:
-            with tarfile.open(fileobj=gz, mode="r:") as tf:
+            # Stream mode: members in order, file data skipped by reading through it.
+            with tarfile.open(fileobj=gz, mode="r|") as tf:
                 for info in tf:
                     entry = tar_toc_entry(info)
                     if entry is None:
                         continue
                     entries.append(entry)
-                    if entry["type"] != "reg" or not info.size:
-                        continue
-                    f = tf.extractfile(info)
-                    assert f is not None
-                    done = 0
-                    file_hash = hashlib.sha256()
-                    while done < info.size:
-                        n = min(chunk_size, info.size - done)
-                        data = f.read(n)
-                        if len(data) != n:
-                            raise CorruptLayer(f"layer tar is truncated inside {info.name!r}")
-                        file_hash.update(data)
-                        ent: dict[str, Any] = (
-                            entry if not done else {"name": info.name, "type": "chunk"}
-                        )
-                        if done:
-                            entries.append(ent)
-                            ent["chunkOffset"] = done
-                        ent["chunkSize"] = n
-                        ent["chunkDigest"] = "sha256:" + hashlib.sha256(data).hexdigest()
-                        ent["innerOffset"] = info.offset_data + done
-                        done += n
-                    entry["digest"] = "sha256:" + file_hash.hexdigest()
+                    if entry["type"] == "reg" and info.size:
+                        entry["innerOffset"] = info.offset_data
             gz.build_full_index()
             exported = io.BytesIO()
             gz.export_index(fileobj=exported)
@@ -485,17 +463,12 @@ def build_index(
     finally:
         gz.close()
     usize, points = _parse_zran_export(exported.getvalue())
-    starts = [p.uncompressed for p, _ in points]
-    cuts: dict[int, list[int]] = {}
-    for ent in entries:
-        if "innerOffset" in ent:
-            i = max(0, bisect.bisect_right(starts, ent["innerOffset"]) - 1)
-            cuts.setdefault(i, []).append(ent["innerOffset"] + ent["chunkSize"])
-    ends = _chunk_ends(blob, layer_size, points, cuts)
-    for ent in entries:
-        if "innerOffset" in ent:
-            i = max(0, bisect.bisect_right(starts, ent["innerOffset"]) - 1)
-            ent["compressedEnd"] = ends[(i, ent["innerOffset"] + ent["chunkSize"])]
+    # A checkpoint at the very end (zran places one at a stream's end) starts no span.
+    points = [pt for pt in points if pt[0].uncompressed < usize] or points[:1]
+    try:
+        digests = _span_digests(blob, points, usize)
+    except (OSError, EOFError, ValueError) as exc:
+        raise CorruptLayer(f"layer {layer_digest} is not a gzip-compressed tar: {exc}") from exc
     # Windows: one gzip member each after the TOC member; their places go in the TOC, so
     # it is written last and the windows' offsets are relative to the TOC's end.
     members = [isal_zlib.compress(w, 1, wbits=31) if w else b"" for _, w in points]
@@ -504,13 +477,12 @@ def build_index(
     for m in members:
         offsets.append(at)
         at += len(m)
-    doc = {
-        "version": 1,
-        "layer": layer_digest,
-        "layerSize": layer_size,
-        "uncompressedSize": usize,
-        "spacing": spacing,
-        "checkpoints": [
+    checkpoints = []
+    for i, (p, w) in enumerate(points):
+        last = i + 1 == len(points)
+        span_end = layer_size if last else min(layer_size, points[i + 1][0].compressed + 1)
+        span_size = (usize if last else points[i + 1][0].uncompressed) - p.uncompressed
+        checkpoints.append(
             [
                 p.uncompressed,
                 p.compressed,
@@ -519,9 +491,18 @@ def build_index(
                 offsets[i],
                 len(members[i]),
                 "sha256:" + hashlib.sha256(w).hexdigest() if w else "",
+                span_size,
+                span_end,
+                digests[i],
             ]
-            for i, (p, w) in enumerate(points)
-        ],
+        )
+    doc = {
+        "version": 1,
+        "layer": layer_digest,
+        "layerSize": layer_size,
+        "uncompressedSize": usize,
+        "spacing": spacing,
+        "checkpoints": checkpoints,
         "prioritized": list(prioritized),
         "entries": entries,
     }
@@ -577,7 +558,7 @@ def parse_index(toc_member: bytes, layer_digest: str, layer_size: int) -> GzipIn
         raise IndexError_("index has no checkpoints")
     points: list[Checkpoint] = []
     for item in raw_points:
-        if not isinstance(item, list) or len(item) != 7:
+        if not isinstance(item, list) or len(item) != 10:
             raise IndexError_("bad checkpoint")
         u = _int(item[0], "checkpoint uncompressed offset", usize)
         c = _int(item[1], "checkpoint compressed offset", layer_size)
@@ -585,14 +566,26 @@ def parse_index(toc_member: bytes, layer_digest: str, layer_size: int) -> GzipIn
         wsize = _int(item[3], "checkpoint window", WINDOW_SIZE)
         wat = _int(item[4], "window offset", MAX_INDEX_SIZE)
         wlen = _int(item[5], "window length", 2 * WINDOW_SIZE)
-        wdigest = item[6]
+        wdigest, sdigest = item[6], item[9]
         if not isinstance(wdigest, str) or (wsize and not wdigest.startswith("sha256:")):
             raise IndexError_("bad window digest")
+        if not isinstance(sdigest, str) or not sdigest.startswith("sha256:"):
+            raise IndexError_("bad span digest")
+        span_size = _int(item[7], "span size", MAX_SPAN)
+        span_end = _int(item[8], "span end", layer_size)
         if c == 0 or (points and (u <= points[-1].uncompressed or c < points[-1].compressed)):
             raise IndexError_("checkpoints are out of order")
-        points.append(Checkpoint(u, c, bits, wsize, wat, wlen, wdigest))
+        if points and points[-1].uncompressed + points[-1].span_size != u:
+            raise IndexError_("spans do not tile the layer")
+        if span_end <= c - (1 if bits else 0):
+            raise IndexError_("a span ends before its checkpoint")
+        points.append(
+            Checkpoint(u, c, bits, wsize, wat, wlen, wdigest, span_size, span_end, sdigest)
+        )
     if points[0].uncompressed != 0:
         raise IndexError_("the first checkpoint is not at the start of the layer")
+    if points[-1].uncompressed + points[-1].span_size != usize:
+        raise IndexError_("spans do not tile the layer")
     raw_entries = doc.get("entries")
     if not isinstance(raw_entries, list):
         raise IndexError_("index has no entries list")
@@ -602,67 +595,48 @@ def parse_index(toc_member: bytes, layer_digest: str, layer_size: int) -> GzipIn
     starts = [p.uncompressed for p in points]
     entries: list[TOCEntry] = []
     chunks: dict[str, list[TOCEntry]] = {}
-    current: TOCEntry | None = None
     for item in raw_entries:
         base = parse_index_entry(item)
         if base.type == "chunk":
-            if current is None or current.name != base.name:
-                raise IndexError_(f"chunk of {base.name!r} does not follow its file")
-            base.size = current.size
-        elif base.type == "reg":
-            current = None
-            chunks[base.name] = []
-            if base.size == 0:
-                entries.append(base)
-                continue
-        else:
-            current = None
+            raise IndexError_(f"an index lists no chunks ({base.name!r})")
+        if base.type != "reg":
             chunks.pop(base.name, None)
             entries.append(base)
             continue
+        chunks[base.name] = []
+        if base.size == 0:
+            entries.append(base)
+            continue
         inner = _int(item.get("innerOffset"), "innerOffset", usize)
-        if base.chunk_size <= 0 or inner + base.chunk_size > usize:
-            raise IndexError_(f"chunk of {base.name!r} is outside the layer")
-        if not base.chunk_digest.startswith("sha256:"):
-            raise IndexError_(f"chunk of {base.name!r} has no sha256 digest")
-        point = max(0, bisect.bisect_right(starts, inner) - 1)
-        end = _int(item.get("compressedEnd"), "compressedEnd", layer_size)
-        e = SpanEntry(**{k: getattr(base, k) for k in TOCEntry.__dataclass_fields__})
-        e.inner = inner
-        e.point = point
-        e.offset = points[point].start
-        if end <= e.offset:
-            raise IndexError_(f"chunk of {base.name!r} ends before its checkpoint")
-        e.end_offset = end
-        e.share = max(1, e.chunk_size * layer_size // max(1, usize))
-        if e.type == "reg":
-            current = e
-            chunks[e.name] = []
-        chunk_list = chunks[e.name]
-        expected = chunk_list[-1].chunk_offset + chunk_list[-1].chunk_size if chunk_list else 0
-        if e.chunk_offset != expected or e.chunk_offset + e.chunk_size > e.size:
-            raise IndexError_(f"chunks of {e.name!r} do not tile the file")
-        chunk_list.append(e)
-        entries.append(e)
-    for name, chunk_list in chunks.items():
-        if chunk_list and chunk_list[-1].chunk_offset + chunk_list[-1].chunk_size != (
-            chunk_list[0].size
-        ):
-            raise IndexError_(f"chunks of {name!r} do not cover the file")
+        if inner + base.size > usize:
+            raise IndexError_(f"{base.name!r} is outside the layer")
+        # One piece per span the file's bytes lie in.
+        i = max(0, bisect.bisect_right(starts, inner) - 1)
+        done = 0
+        while done < base.size:
+            point = points[i]
+            at = inner + done - point.uncompressed
+            n = min(base.size - done, point.span_size - at)
+            e = SpanEntry(**{k: getattr(base, k) for k in TOCEntry.__dataclass_fields__})
+            if done:
+                e.type = "chunk"
+            e.chunk_offset = done
+            e.chunk_size = n
+            e.chunk_digest = point.span_digest
+            e.digest = ""
+            e.inner = inner + done
+            e.point = i
+            e.span_offset = at
+            e.span_size = point.span_size
+            e.offset = point.start
+            e.end_offset = point.span_end
+            chunks[base.name].append(e)
+            entries.append(e)
+            done += n
+            i += 1
     # Windows are placed after the TOC member: make their offsets absolute.
     toc_size = len(toc_member) - len(d.unused_data)
-    points = [
-        Checkpoint(
-            p.uncompressed,
-            p.compressed,
-            p.bits,
-            p.window_size,
-            p.window_at + toc_size,
-            p.window_len,
-            p.window_digest,
-        )
-        for p in points
-    ]
+    points = [dataclasses.replace(p, window_at=p.window_at + toc_size) for p in points]
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     toc = TOC(version=1, entries=entries, digest=digest, prefetch_end=None, _chunks=chunks)
     return GzipIndex(

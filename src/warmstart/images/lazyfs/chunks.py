@@ -26,7 +26,8 @@ TOUCH_INTERVAL_S = 30.0
 
 
 def cache_key(entry: TOCEntry) -> str:
-    """The digest a data entry is cached under: its chunk digest, or for a legacy
+    """The digest a data entry is cached under: its chunk digest (for a piece of a file in
+    an indexed gzip layer, the digest of the whole span it lies in), or for a legacy
     unchunked file without one, the file digest (which then covers the same bytes)."""
     if entry.chunk_digest:
         return entry.chunk_digest
@@ -91,7 +92,7 @@ class ChunkCache:
         for c in chunks:
             lo = max(start, c.chunk_offset)
             hi = min(end, c.chunk_offset + c.chunk_size)
-            part = self.read(cache_key(c), lo - c.chunk_offset, hi - lo)
+            part = self.read(cache_key(c), lo - c.chunk_offset + c.cache_offset, hi - lo)
             if part is None:
                 return None
             parts.append(part)

@@ -113,7 +113,7 @@ class Fetcher:
             flight = self._flights.get(key)
             if flight is not None:
                 waits.append(flight)
-            elif self.cache.has(key, c.chunk_size):
+            elif self.cache.has(key, c.cached_size):
                 hits += 1
             else:
                 want.append(c)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from warmstart.images.errors import EStargzError, ImageError
 from warmstart.images.estargz import LANDMARK_NAMES, TOC, TOCEntry, read_chunk
-from warmstart.images.gzindex import GzipIndex, SpanEntry, read_span_chunks, read_window
+from warmstart.images.gzindex import GzipIndex, SpanEntry, read_span, read_window
 from warmstart.images.lazyfs.chunks import ChunkCache
 from warmstart.images.lazyfs.sources import BlobSource
 
@@ -254,11 +254,6 @@ class TOCLayer:
     def prepare(self, entries: Sequence[TOCEntry]) -> None:
         """Whatever decoding these chunks needs besides their bytes (nothing here)."""
 
-    def companions(self, want: Sequence[TOCEntry]) -> Sequence[TOCEntry]:
-        """Chunks that cost next to nothing to fetch with ``want`` (none: every eStargz
-        chunk is a gzip member of its own)."""
-        return ()
-
     def units(
         self, entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
     ) -> list[tuple[list[TOCEntry], bytes]]:
@@ -303,26 +298,19 @@ class IndexLayer(TOCLayer):
         self._windows: dict[int, bytes] = {}
         self._lock = threading.Lock()
         super().__init__(index.toc, source)
-        self._groups: dict[int, list[TOCEntry]] = {}
-        for e in self.data:
-            if isinstance(e, SpanEntry):
-                self._groups.setdefault(e.point, []).append(e)
-
-    def companions(self, want: Sequence[TOCEntry]) -> Sequence[TOCEntry]:
-        """Every chunk that resumes from the checkpoint of a wanted one: the span is
-        fetched and inflated once, all that starts in it is cached."""
-        points = {e.point for e in want if isinstance(e, SpanEntry)}
-        return [e for p in sorted(points) for e in self._groups.get(p, ())]
 
     def prioritized(self) -> list[TOCEntry]:
         names = set(self.index.prioritized)
         return [e for e in self.data if e.name in names]
 
     def prepare(self, entries: Sequence[TOCEntry]) -> None:
-        """Fetch the windows these chunks resume from, all in one request."""
+        """Fetch the windows these chunks' spans resume from, all in one request."""
+        self._fetch_windows({e.point for e in entries if isinstance(e, SpanEntry)})
+
+    def _fetch_windows(self, wanted: set[int]) -> None:
         points = self.index.checkpoints
         want: list[int] = []
-        for i in sorted({e.point for e in entries if isinstance(e, SpanEntry)}):
+        for i in sorted(wanted):
             if i in self._windows or not points[i].window_size:
                 continue
             cached = self._cached_window(i)
@@ -358,44 +346,43 @@ class IndexLayer(TOCLayer):
             return b""
         found = self._windows.get(i)
         if found is None:
-            self.prepare([e for e in self.data if isinstance(e, SpanEntry) and e.point == i][:1])
+            self._fetch_windows({i})
             found = self._windows[i]
         return found
 
     def units(
         self, entries: Sequence[TOCEntry], ranges: Sequence[tuple[int, int]], blobs: Sequence[bytes]
     ) -> list[tuple[list[TOCEntry], bytes]]:
-        """Chunks resuming from one checkpoint are inflated together, once."""
+        """One unit per span: the pieces of files that lie in it share its bytes."""
         groups: dict[int, tuple[list[TOCEntry], bytes]] = {}
         for e, member in members_of(entries, ranges, blobs):
-            point = e.point if isinstance(e, SpanEntry) else 0
+            point = e.point if isinstance(e, SpanEntry) else -1
             group = groups.get(point)
             if group is None:
                 groups[point] = ([e], member)
             else:
                 group[0].append(e)
-                if len(member) > len(group[1]):
-                    groups[point] = (group[0], member)
         return list(groups.values())
 
     def decode(
         self, unit: tuple[list[TOCEntry], bytes]
     ) -> list[tuple[TOCEntry, bytes | Exception]]:
+        """The span, inflated once and verified, under the first piece (they share the
+        span's digest, the key the cache keeps it under)."""
         entries, member = unit
-        spans = [e for e in entries if isinstance(e, SpanEntry)]
-        if len(spans) != len(entries):
-            bad = EStargzError("an indexed layer's chunk has no checkpoint")
-            return [(e, bad) for e in entries]
-        i = spans[0].point
-        point = self.index.checkpoints[i]
+        first = entries[0]
+        if not isinstance(first, SpanEntry):
+            return [(first, EStargzError("an indexed layer's chunk has no span"))]
+        point = self.index.checkpoints[first.point]
         try:
-            window = self.window(i)
+            window = self.window(first.point)
         except Exception as exc:  # the index blob's source failed, or a window is bad
-            bad = EStargzError(f"the window of checkpoint {i} is not available: {exc}")
-            return [(e, bad) for e in entries]
-        return [
-            (e, data) for e, data in read_span_chunks(point, window, spans, member, point.start)
-        ]
+            bad = EStargzError(f"the window of checkpoint {first.point} is not available: {exc}")
+            return [(first, bad)]
+        try:
+            return [(first, read_span(point, window, member, point.start))]
+        except EStargzError as exc:
+            return [(first, exc)]
 
 
 class DirLayer:

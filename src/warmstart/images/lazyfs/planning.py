@@ -44,14 +44,8 @@ def plan_read(
     """What a read that missed ``want`` fetches, in blob order: those chunks plus the
     members that follow them in the blob (files packed next to each other are usually
     used together), at most ``read_ahead`` compressed bytes, stopping at one that is
-    cached, in flight (its key in ``busy``) or too big to fit. An indexed gzip layer
-    takes every chunk that resumes from the same checkpoint as a wanted one (they are
-    inflated anyway, and fetching them now saves fetching the span again)."""
+    cached, in flight (its key in ``busy``) or too big to fit."""
     chosen = {cache_key(c): c for c in want}
-    for e in layer.companions(want):
-        key = cache_key(e)
-        if key not in chosen and key not in busy and not cache.has(key, e.chunk_size):
-            chosen[key] = e
     last = max(want, key=lambda c: c.order)
     i = layer.position[id(last)] + 1
     extra = 0
@@ -64,7 +58,7 @@ def plan_read(
         extra += e.cost
         if extra > read_ahead or key in busy:
             break
-        if cache.has(key, e.chunk_size):
+        if cache.has(key, e.cached_size):
             break
         chosen[key] = e
     return sorted(chosen.values(), key=lambda c: c.order)
@@ -88,7 +82,7 @@ def prefetch_chunks(layer: TOCLayer, cache: ChunkCache) -> list[TOCEntry]:
     todo: dict[str, TOCEntry] = {}
     for e in layer.prioritized():
         key = cache_key(e)
-        if key not in todo and not cache.has(key, e.chunk_size):
+        if key not in todo and not cache.has(key, e.cached_size):
             todo[key] = e
     return list(todo.values())
 
@@ -107,7 +101,7 @@ def cached_bytes(unique: dict[str, TOCEntry], cache: ChunkCache) -> tuple[int, i
     total = cached = 0
     for key, e in unique.items():
         total += e.cost
-        if cache.has(key, e.chunk_size):
+        if cache.has(key, e.cached_size):
             cached += e.cost
     return total, cached
 
@@ -135,7 +129,7 @@ def next_background_batch(
         if key in taken or key in busy:
             continue
         taken.add(key)
-        if cache.has(key, e.chunk_size):
+        if cache.has(key, e.cached_size):
             continue
         batch.append(e)
         nbytes += e.cost
