@@ -8,6 +8,7 @@ image lazily instead of pulling it.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, needs_root
+from tests.conftest import Server, needs_root, wait_until
 from tests.integration.test_image_functions import create_image_function, invoke
 
 pytestmark = [pytest.mark.integration, needs_root]
@@ -167,3 +168,34 @@ def test_index_cli_help_and_bad_spacing(registry: Any) -> None:
 
 
 
+
+
+def test_index_with_a_profile_prefetches_the_handlers_files(
+    server_factory: Any, registry: Any, python_image: str
+) -> None:
+    """``--profile`` runs the handler once and names the files it opened in the index;
+    the mount fetches their spans before the function starts."""
+    ref = _copy(registry, python_image, "pyprofiled")
+    res = subprocess.run(
+        [".venv/bin/warmstart", "image", "index", ref, "--profile", "--handler", "app.handler"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "profile:" in res.stderr
+    server: Server = server_factory()
+    lam = server.lambda_client()
+    create_image_function(lam, "profiled", ref)
+    resp, body = invoke(lam, "profiled", {"n": 3})
+    assert "FunctionError" not in resp, body
+    run = server.data_dir / "images" / "lazy" / "run"
+
+    def stats() -> dict[str, Any]:
+        [path] = run.glob("*.stats.json")
+        found: dict[str, Any] = json.loads(path.read_text())
+        return found
+
+    # The stats file is rewritten every so often: wait for the prefetch's own record.
+    wait_until(lambda: stats()["prefetch"]["done"], "the prefetch to be recorded", timeout=30)
+    assert stats()["prefetch"]["chunks"] > 0, stats()
+    assert stats()["verify_errors"] == 0

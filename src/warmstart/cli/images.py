@@ -114,10 +114,12 @@ def add_parser(sub: Any, data_dir: Path, endpoint: str = "http://127.0.0.1:8080"
     ix.add_argument(
         "--spacing",
         type=int,
-        default=2 << 20,
+        default=256 << 10,
         metavar="BYTES",
-        help="uncompressed bytes between checkpoints: smaller reads less per file and makes "
-        "a larger index (default %(default)s, at least 65536)",
+        help="uncompressed bytes between checkpoints (at least; a checkpoint sits on a deflate "
+        "block boundary): a lazy read fetches the spans between checkpoints that hold its "
+        "bytes, so smaller spacing reads less per file and makes a larger index "
+        "(default %(default)s, at least 65536)",
     )
     ix.add_argument(
         "--profile",

@@ -3,7 +3,7 @@
 A plain ``tar.gz`` layer is one deflate stream: to read a file in the middle, a reader
 would have to inflate everything before it. An index makes it seekable. While the layer
 is inflated once, a *checkpoint* is kept at the first deflate block boundary after every
-``spacing`` bytes of compressed data: the uncompressed offset, the compressed offset (a
+``spacing`` bytes of uncompressed data: the uncompressed offset, the compressed offset (a
 byte, and how many bits of the byte before it belong to the next block) and the 32 KiB
 of uncompressed data that precede it -- the window inflation needs to resume there. The
 uncompressed bytes between two checkpoints are a *span*; the index records each span's
@@ -64,7 +64,7 @@ LAYER_ANNOTATION = "dev.warmstart.gzip-index.layer"
 TOC_SIZE_ANNOTATION = "dev.warmstart.gzip-index.toc-size"
 TOC_DIGEST_ANNOTATION = "dev.warmstart.gzip-index.toc-digest"
 WINDOW_SIZE = 32 << 10
-DEFAULT_SPACING = 128 << 10  # compressed bytes between checkpoints
+DEFAULT_SPACING = 256 << 10  # uncompressed bytes between checkpoints (at least)
 MAX_INDEX_SIZE = 512 << 20  # decompressed
 MAX_JSON = 256 << 20
 MAX_SPAN = 256 << 20  # uncompressed bytes of one span
@@ -356,38 +356,36 @@ def _parse_zran_export(raw: bytes) -> tuple[int, list[tuple[Checkpoint, bytes]]]
     return usize, points
 
 
-def _span_digests(blob: IO[bytes], points: list[tuple[Checkpoint, bytes]], usize: int) -> list[str]:
-    """The sha256 of every span, from one more sequential pass over the layer."""
-    from isal import igzip
+class _SpanHasher(io.RawIOBase):
+    """The uncompressed layer, read once in order: hashes each span as it goes by."""
 
-    ends = [p.uncompressed for p, _ in points[1:]] + [usize]
-    digests: list[str] = []
-    blob.seek(0)
-    h = hashlib.sha256()
-    pos = 0
-    i = 0
-    with igzip.IGzipFile(fileobj=blob, mode="rb") as gz:  # type: ignore[no-untyped-call]
-        while i < len(ends):
-            data = gz.read(1 << 20)
-            if not data:
-                break
-            view = memoryview(data)
-            while view and i < len(ends):
-                take = min(len(view), ends[i] - pos)
-                h.update(view[:take])
-                pos += take
-                view = view[take:]
-                if pos == ends[i]:
-                    digests.append("sha256:" + h.hexdigest())
-                    h = hashlib.sha256()
-                    i += 1
-    while i < len(ends) and pos == ends[i]:  # empty spans at the end (an empty layer)
-        digests.append("sha256:" + h.hexdigest())
-        h = hashlib.sha256()
-        i += 1
-    if len(digests) != len(points):
-        raise CorruptLayer("the layer ended before its last span")
-    return digests
+    def __init__(self, raw: IO[bytes], ends: list[int]) -> None:
+        self.raw = raw
+        self.ends = ends
+        self.digests: list[str] = []
+        self.pos = 0
+        self._h = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
+        if not n:
+            return 0
+        view = memoryview(buffer)[:n]
+        while view and len(self.digests) < len(self.ends):
+            take = min(len(view), self.ends[len(self.digests)] - self.pos)
+            self._h.update(view[:take])
+            self.pos += take
+            view = view[take:]
+            self._close_spans()
+        return int(n)
+
+    def _close_spans(self) -> None:
+        while len(self.digests) < len(self.ends) and self.pos == self.ends[len(self.digests)]:
+            self.digests.append("sha256:" + self._h.hexdigest())
+            self._h = hashlib.sha256()
 
 
 class _Counting(io.RawIOBase):
@@ -425,29 +423,46 @@ def build_index(
     prioritized: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> BuiltIndex:
-    """Index a seekable gzip layer blob: one pass finds the checkpoints (every
-    ``spacing`` compressed bytes) while walking the tar, a second hashes the spans.
+    """Index a seekable gzip layer blob: one pass finds the checkpoints (at block
+    boundaries, every ``spacing`` uncompressed bytes or more), a second walks the tar and
+    hashes the spans.
 
-    ``progress`` is told how many compressed bytes the first pass read so far. Raises
+    ``progress`` is told how many compressed bytes the second pass read so far. Raises
     :class:`CorruptLayer` if the blob is not a gzip-compressed tar."""
     import indexed_gzip  # type: ignore[import-untyped]
 
     if spacing < WINDOW_SIZE:
         raise ValueError("spacing must be at least the window")
+    # Pass 1: the checkpoints (zran, in C).
+    try:
+        gz = indexed_gzip.IndexedGzipFile(
+            fileobj=blob, spacing=spacing, window_size=WINDOW_SIZE, readbuf_size=1 << 20
+        )
+        try:
+            gz.build_full_index()
+            exported = io.BytesIO()
+            gz.export_index(fileobj=exported)
+        finally:
+            gz.close()
+    except Exception as exc:
+        raise CorruptLayer(f"layer {layer_digest} is not gzip: {exc}") from exc
+    usize, points = _parse_zran_export(exported.getvalue())
+    # A checkpoint at the very end (zran places one at a stream's end) starts no span.
+    points = [pt for pt in points if pt[0].uncompressed < usize] or points[:1]
+    # Pass 2: the tar's members and the spans' digests, in one sequential read.
+    from isal import igzip
+
+    blob.seek(0)
     source: IO[bytes] = blob
     if progress is not None:
         source = io.BufferedReader(_Counting(blob, progress), 1 << 20)
+    ends = [p.uncompressed for p, _ in points[1:]] + [usize]
     entries: list[dict[str, Any]] = []
     try:
-        gz = indexed_gzip.IndexedGzipFile(
-            fileobj=source, spacing=spacing, window_size=WINDOW_SIZE, readbuf_size=1 << 20
-        )
-    except Exception as exc:
-        raise CorruptLayer(f"layer {layer_digest} is not gzip: {exc}") from exc
-    try:
-        try:
-            # Stream mode: members in order, file data skipped by reading through it.
-            with tarfile.open(fileobj=gz, mode="r|") as tf:
+        with igzip.IGzipFile(fileobj=source, mode="rb") as unzipped:  # type: ignore[no-untyped-call]
+            hasher = _SpanHasher(cast("IO[bytes]", unzipped), ends)
+            stream = io.BufferedReader(hasher, 1 << 20)
+            with tarfile.open(fileobj=stream, mode="r|") as tf:
                 for info in tf:
                     entry = tar_toc_entry(info)
                     if entry is None:
@@ -455,20 +470,14 @@ def build_index(
                     entries.append(entry)
                     if entry["type"] == "reg" and info.size:
                         entry["innerOffset"] = info.offset_data
-            gz.build_full_index()
-            exported = io.BytesIO()
-            gz.export_index(fileobj=exported)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise CorruptLayer(f"layer {layer_digest} is not a gzip-compressed tar: {exc}") from exc
-    finally:
-        gz.close()
-    usize, points = _parse_zran_export(exported.getvalue())
-    # A checkpoint at the very end (zran places one at a stream's end) starts no span.
-    points = [pt for pt in points if pt[0].uncompressed < usize] or points[:1]
-    try:
-        digests = _span_digests(blob, points, usize)
-    except (OSError, EOFError, ValueError) as exc:
+            while stream.read(1 << 20):  # what follows the end-of-archive blocks
+                pass
+            hasher._close_spans()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise CorruptLayer(f"layer {layer_digest} is not a gzip-compressed tar: {exc}") from exc
+    if hasher.pos != usize or len(hasher.digests) != len(points):
+        raise CorruptLayer(f"layer {layer_digest} changed while it was indexed")
+    digests = hasher.digests
     # Windows: one gzip member each after the TOC member; their places go in the TOC, so
     # it is written last and the windows' offsets are relative to the TOC's end.
     members = [isal_zlib.compress(w, 1, wbits=31) if w else b"" for _, w in points]
