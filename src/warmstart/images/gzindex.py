@@ -64,6 +64,7 @@ LAYER_ANNOTATION = "dev.warmstart.gzip-index.layer"
 TOC_SIZE_ANNOTATION = "dev.warmstart.gzip-index.toc-size"
 TOC_DIGEST_ANNOTATION = "dev.warmstart.gzip-index.toc-digest"
 WINDOW_SIZE = 32 << 10
+MIN_SPACING = 2 * WINDOW_SIZE
 DEFAULT_SPACING = 256 << 10  # uncompressed bytes between checkpoints (at least)
 MAX_INDEX_SIZE = 512 << 20  # decompressed
 MAX_JSON = 256 << 20
@@ -431,8 +432,8 @@ def build_index(
     :class:`CorruptLayer` if the blob is not a gzip-compressed tar."""
     import indexed_gzip  # type: ignore[import-untyped]
 
-    if spacing < WINDOW_SIZE:
-        raise ValueError("spacing must be at least the window")
+    if spacing < MIN_SPACING:
+        raise ValueError(f"spacing must be at least {MIN_SPACING} bytes")
     # Pass 1: the checkpoints (zran, in C).
     try:
         gz = indexed_gzip.IndexedGzipFile(
