@@ -602,6 +602,130 @@ class GatedProxy:
         self._server.server_close()
 
 
+class ReferrersProxy:
+    """A plain-HTTP proxy that gives a registry without one (Debian's docker-registry 2.8)
+    the OCI referrers API: a manifest PUT with a ``subject`` is answered with the
+    ``OCI-Subject`` header and listed under ``GET /v2/<name>/referrers/<digest>``;
+    everything else is forwarded as it is. ``fallback_reads`` counts GETs of
+    ``sha256-<hex>`` tags (which a client of the API should not need)."""
+
+    def __init__(self, upstream: str) -> None:
+        import hashlib
+        import http.server
+        import json
+        import re
+        import threading
+
+        self.upstream = upstream.rstrip("/")
+        self.referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.fallback_reads = 0
+        proxy = self
+        referrers_path = re.compile(r"^/v2/(.+)/referrers/(sha256:[0-9a-f]{64})(\?.*)?$")
+        manifest_path = re.compile(r"^/v2/(.+)/manifests/([^/?]+)$")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                n = int(self.headers.get("content-length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                drop = {"connection", "transfer-encoding", "content-encoding", "content-length"}
+                for key, value in headers:
+                    if key.lower() not in drop:
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _forward(self, body: bytes = b"") -> httpx.Response:
+                skip = {"host", "connection", "accept-encoding", "content-length"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                with httpx.Client(timeout=120) as client:
+                    return client.request(
+                        self.command, proxy.upstream + self.path, headers=headers, content=body
+                    )
+
+            def do_GET(self) -> None:
+                m = referrers_path.match(self.path)
+                if m:
+                    wanted = ""
+                    if m.group(3) and "artifactType=" in m.group(3):
+                        wanted = httpx.URL(self.path).params.get("artifactType", "")
+                    found = [
+                        d
+                        for d in proxy.referrers.get((m.group(1), m.group(2)), [])
+                        if not wanted or d.get("artifactType") == wanted
+                    ]
+                    doc = {
+                        "schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": found,
+                    }
+                    body = json.dumps(doc).encode()
+                    ctype = "application/vnd.oci.image.index.v1+json"
+                    self._send(200, [("Content-Type", ctype)], body)
+                    return
+                m = manifest_path.match(self.path)
+                if m and m.group(2).startswith("sha256-"):
+                    proxy.fallback_reads += 1
+                resp = self._forward()
+                self._send(resp.status_code, list(resp.headers.multi_items()), resp.content)
+
+            def do_HEAD(self) -> None:
+                resp = self._forward()
+                self._send(resp.status_code, list(resp.headers.multi_items()), b"")
+
+            def do_PUT(self) -> None:
+                body = self._body()
+                resp = self._forward(body)
+                headers = list(resp.headers.multi_items())
+                m = manifest_path.match(self.path.split("?", 1)[0])
+                if m and resp.status_code in (200, 201):
+                    try:
+                        doc = json.loads(body)
+                    except ValueError:
+                        doc = {}
+                    subject = doc.get("subject") if isinstance(doc, dict) else None
+                    if isinstance(subject, dict) and "digest" in subject:
+                        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+                        proxy.referrers.setdefault((m.group(1), subject["digest"]), []).append(
+                            {
+                                "mediaType": doc.get("mediaType", ""),
+                                "digest": digest,
+                                "size": len(body),
+                                "artifactType": doc.get("artifactType", ""),
+                            }
+                        )
+                        headers.append(("OCI-Subject", subject["digest"]))
+                self._send(resp.status_code, headers, resp.content)
+
+            def do_POST(self) -> None:
+                resp = self._forward(self._body())
+                self._send(resp.status_code, list(resp.headers.multi_items()), resp.content)
+
+            do_PATCH = do_POST
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 # -- containerd and ctr-remote (the reference eStargz implementation) ------------------------
 def _stop_and_unmount(proc: subprocess.Popen[bytes], root: Path) -> None:
     """Stop a daemon, then lazily unmount whatever it left mounted under ``root``."""

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import imagetools
 from tests.conftest import Server, needs_root, wait_until
 from tests.integration.test_image_functions import create_image_function, invoke
 
@@ -199,3 +200,34 @@ def test_index_with_a_profile_prefetches_the_handlers_files(
     wait_until(lambda: stats()["prefetch"]["done"], "the prefetch to be recorded", timeout=30)
     assert stats()["prefetch"]["chunks"] > 0, stats()
     assert stats()["verify_errors"] == 0
+
+
+def test_a_registry_with_the_referrers_api_lists_the_index(
+    server_factory: Any, registry: Any, python_image: str
+) -> None:
+    """Where the registry has the referrers API, the index is found through it: no
+    fallback tag is written or read."""
+    proxy = imagetools.ReferrersProxy(registry.url)
+    try:
+        ref = _copy(registry, python_image, "pyreferrers").replace(registry.host, proxy.host)
+        res = subprocess.run(
+            [".venv/bin/warmstart", "image", "index", ref], capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        assert "referrers API" in res.stdout, res.stdout
+        assert len(proxy.referrers) == 1
+        subject = next(iter(proxy.referrers))[1]
+        repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
+        tag = httpx.get(f"{registry.url}/v2/{repo}/manifests/sha256-{subject[7:]}")
+        assert tag.status_code == 404  # no fallback tag was written
+        server: Server = server_factory()
+        lam = server.lambda_client()
+        create_image_function(lam, "referred", ref)
+        resp, body = invoke(lam, "referred", {"n": 4})
+        assert "FunctionError" not in resp, body
+        with server.http() as http:
+            metrics = http.get("/metrics").text
+        assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 1.0
+        assert proxy.fallback_reads == 0
+    finally:
+        proxy.close()
