@@ -296,22 +296,6 @@ def warmstart_convert(src: str, dst: str, *, profile: str | None = None) -> floa
     return time.perf_counter() - t0
 
 
-def copy_image(reg: imagetools.Registry, src: str, dst: str) -> None:
-    """The same image (same manifest digest) under another repository of the registry."""
-    subprocess.run(
-        [
-            "skopeo",
-            "copy",
-            "--quiet",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            f"docker://{src}",
-            f"docker://{dst}",
-        ],
-        check=True,
-    )
-
-
 def warmstart_index(ref: str, *, profile: str | None = None) -> float:
     """``warmstart image index``: fetch every layer, index it, push the index artifact;
     with ``profile``, that handler's first run names the files fetched at mount."""
@@ -461,11 +445,11 @@ def run(opts: argparse.Namespace, repeat: int) -> int:
         # let each function's index carry its own profile.
         index_s = {}
         for fn, handler in FUNCTIONS.items():
-            copy_image(reg, ref, f"{base}-index-{fn}:gzip")
+            imagetools.copy_image(ref, f"{base}-index-{fn}:gzip")
             index_s[f"--profile ({fn})"] = warmstart_index(
                 f"{base}-index-{fn}:gzip", profile=handler
             )
-        copy_image(reg, ref, f"{base}-index:gzip")
+        imagetools.copy_image(ref, f"{base}-index:gzip")
         index_s["no profile"] = warmstart_index(f"{base}-index:gzip")
         wanted = [w for w in opts.scenarios.split(",") if w]
         runs = 0

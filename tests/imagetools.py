@@ -503,6 +503,20 @@ def push(src: str, ref: str) -> None:
     )
 
 
+def copy_image(src: str, dst: str, *extra: str) -> None:
+    """``skopeo copy`` between references of plain-HTTP registries."""
+    run(
+        "skopeo",
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        *extra,
+        f"docker://{src}",
+        f"docker://{dst}",
+    )
+
+
 def tar_layer(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
     """Write a raw tar (for hostile-layer tests) with exactly the given members."""
     import io

@@ -29,18 +29,7 @@ def _copy(registry: Any, src: str, name: str) -> str:
     """The session's python image under a repository of its own (an index pushed next
     to it must not change what other tests deploy)."""
     ref = f"{registry.host}/{name}:1"
-    subprocess.run(
-        [
-            "skopeo",
-            "copy",
-            "--quiet",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            f"docker://{src}",
-            f"docker://{ref}",
-        ],
-        check=True,
-    )
+    imagetools.copy_image(src, ref)
     return ref
 
 
@@ -166,9 +155,6 @@ def test_index_cli_help_and_bad_spacing(registry: Any) -> None:
         text=True,
     )
     assert res.returncode != 0 and "--spacing" in res.stderr
-
-
-
 
 
 def test_index_with_a_profile_prefetches_the_handlers_files(

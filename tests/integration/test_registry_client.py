@@ -61,17 +61,7 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def skopeo_copy(src: str, dst: str, *extra: str) -> None:
-    imagetools.run(
-        "skopeo",
-        "copy",
-        "--quiet",
-        "--src-tls-verify=false",
-        "--dest-tls-verify=false",
-        *extra,
-        f"docker://{src}",
-        f"docker://{dst}",
-    )
+skopeo_copy = imagetools.copy_image
 
 
 @pytest.fixture(scope="module")

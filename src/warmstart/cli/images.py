@@ -88,17 +88,10 @@ def add_parser(sub: Any, data_dir: Path, endpoint: str = "http://127.0.0.1:8080"
     )
     cv.add_argument("src", help="source image reference")
     cv.add_argument("dst", help="destination image reference")
-    cv.add_argument(
-        "--profile",
-        action="store_true",
-        help="run the image's handler once (needs root) and put the files it opened first, "
+    _add_profile(
+        cv,
+        "run the image's handler once (needs root) and put the files it opened first, "
         "so they are fetched together before the function starts (default: off)",
-    )
-    cv.add_argument(
-        "--event", default="{}", help="the JSON event for the --profile run (default {})"
-    )
-    cv.add_argument(
-        "--handler", default=None, help="module.function for --profile (default: the CMD)"
     )
     ix = isub.add_parser(
         "index",
@@ -121,17 +114,10 @@ def add_parser(sub: Any, data_dir: Path, endpoint: str = "http://127.0.0.1:8080"
         "bytes, so smaller spacing reads less per file and makes a larger index "
         "(default %(default)s, at least 65536)",
     )
-    ix.add_argument(
-        "--profile",
-        action="store_true",
-        help="run the image's handler once (needs root) and record the files it opened: "
+    _add_profile(
+        ix,
+        "run the image's handler once (needs root) and record the files it opened: "
         "they are fetched together when the image mounts (default: off)",
-    )
-    ix.add_argument(
-        "--event", default="{}", help="the JSON event for the --profile run (default {})"
-    )
-    ix.add_argument(
-        "--handler", default=None, help="module.function for --profile (default: the CMD)"
     )
     for sp in (pl, cv, ix):
         sp.add_argument(
@@ -144,6 +130,16 @@ def add_parser(sub: Any, data_dir: Path, endpoint: str = "http://127.0.0.1:8080"
         )
     _add_preheat(isub, endpoint)
     _add_cache(isub, endpoint)
+
+
+def _add_profile(sp: Any, what: str) -> None:
+    sp.add_argument("--profile", action="store_true", help=what)
+    sp.add_argument(
+        "--event", default="{}", help="the JSON event for the --profile run (default {})"
+    )
+    sp.add_argument(
+        "--handler", default=None, help="module.function for --profile (default: the CMD)"
+    )
 
 
 def _add_endpoint(sp: Any, endpoint: str) -> None:
@@ -473,22 +469,33 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
+def _check_event(args: argparse.Namespace) -> None:
     from warmstart.errors import InvalidParameter
-    from warmstart.images.convert import convert_image
-    from warmstart.images.reference import Reference
 
     try:
         json.loads(args.event)
     except ValueError as exc:
         raise InvalidParameter(f"--event must be JSON: {exc}") from exc
+
+
+def _profile(args: argparse.Namespace, client: Any, ref: Any) -> list[str] | None:
+    """With ``--profile``: the files the handler opens on its first run."""
+    if not args.profile:
+        return None
+    prioritized = profile_image(client, ref, args.handler, args.event)
+    print(f"profile: {len(prioritized)} file(s) opened by the first run", file=sys.stderr)
+    return prioritized
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from warmstart.images.convert import convert_image
+    from warmstart.images.reference import Reference
+
+    _check_event(args)
     client = _client(args)
     src, dst = Reference.parse(args.src), Reference.parse(args.dst)
-    prioritized = None
     t0 = time.perf_counter()
-    if args.profile:
-        prioritized = profile_image(client, src, args.handler, args.event)
-        print(f"profile: {len(prioritized)} file(s) opened by the first run", file=sys.stderr)
+    prioritized = _profile(args, client, src)
     with _convert_progress(sys.stderr.isatty()) as progress:
         digest = convert_image(client, src, dst, prioritized=prioritized, progress=progress)
     print(f"converted {src} -> {dst}@{digest} in {time.perf_counter() - t0:.2f} s")
@@ -503,17 +510,11 @@ def _index(args: argparse.Namespace) -> int:
 
     if args.spacing < 65536:
         raise InvalidParameter("--spacing must be at least 65536 bytes")
-    try:
-        json.loads(args.event)
-    except ValueError as exc:
-        raise InvalidParameter(f"--event must be JSON: {exc}") from exc
+    _check_event(args)
     client = _client(args)
     ref = Reference.parse(args.ref)
-    prioritized = None
     t0 = time.perf_counter()
-    if args.profile:
-        prioritized = profile_image(client, ref, args.handler, args.event)
-        print(f"profile: {len(prioritized)} file(s) opened by the first run", file=sys.stderr)
+    prioritized = _profile(args, client, ref)
     with _convert_progress(sys.stderr.isatty()) as progress:
         result = index_image(
             client, ref, spacing=args.spacing, prioritized=prioritized, progress=progress

@@ -1095,10 +1095,24 @@ class RegistryClient:
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         if ref.digest and not ref.tag and ref.digest != digest:
             raise DigestMismatch(f"manifest hashes to {digest}, not {ref.digest}")
+        self._put_manifest(ref, ref.tag or digest, raw, media_type, digest)
+        return digest
+
+    def push_referrer(self, ref: Reference, raw: bytes, media_type: str) -> tuple[str, bool]:
+        """PUT a manifest that has a ``subject`` by its digest; returns (digest, whether
+        the registry indexed the subject: it answers ``OCI-Subject`` when it has the
+        referrers API -- otherwise the client keeps the ``sha256-<hex>`` tag itself)."""
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        headers = self._put_manifest(ref, digest, raw, media_type, digest)
+        return digest, bool(headers.get("oci-subject"))
+
+    def _put_manifest(
+        self, ref: Reference, reference: str, raw: bytes, media_type: str, digest: str
+    ) -> httpx.Headers:
         resp = self._request(
             "PUT",
             ref,
-            f"manifests/{ref.tag or digest}",
+            f"manifests/{reference}",
             headers={"Content-Type": media_type},
             push=True,
             content=lambda: raw,
@@ -1108,24 +1122,7 @@ class RegistryClient:
         echoed = resp.headers.get("docker-content-digest")
         if echoed and echoed.startswith("sha256:") and echoed != digest:
             raise DigestMismatch(f"registry stored manifest as {echoed}, we sent {digest}")
-        return digest
-
-    def push_referrer(self, ref: Reference, raw: bytes, media_type: str) -> tuple[str, bool]:
-        """PUT a manifest that has a ``subject`` by its digest; returns (digest, whether
-        the registry indexed the subject: it answers ``OCI-Subject`` when it has the
-        referrers API -- otherwise the client keeps the ``sha256-<hex>`` tag itself)."""
-        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-        resp = self._request(
-            "PUT",
-            ref,
-            f"manifests/{digest}",
-            headers={"Content-Type": media_type},
-            push=True,
-            content=lambda: raw,
-            ok=(201, 200),
-        )
-        resp.close()
-        return digest, bool(resp.headers.get("oci-subject"))
+        return resp.headers
 
     def referrers(self, ref: Reference, digest: str, artifact_type: str) -> list[Descriptor] | None:
         """The manifests whose ``subject`` is ``digest``, of ``artifact_type``, from the
