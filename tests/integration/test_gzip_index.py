@@ -217,3 +217,60 @@ def test_a_registry_with_the_referrers_api_lists_the_index(
         assert proxy.fallback_reads == 0
     finally:
         proxy.close()
+
+
+def test_a_broken_index_costs_the_lazy_start_not_the_function(
+    server_factory: Any, registry: Any, python_image: str
+) -> None:
+    """An index artifact whose blobs are not indexes (damaged, or pushed by something
+    else): the node says so in its log and /metrics and pulls the image in full."""
+    import gzip as gz
+
+    from warmstart.images import indexes
+    from warmstart.images.gzindex import (
+        INDEX_MEDIA_TYPE,
+        LAYER_ANNOTATION,
+        TOC_DIGEST_ANNOTATION,
+        TOC_SIZE_ANNOTATION,
+    )
+    from warmstart.images.reference import Reference
+    from warmstart.images.registry import OCI_MANIFEST, Descriptor, RegistryClient
+
+    ref = _copy(registry, python_image, "pybroken")
+    parsed = Reference.parse(ref)
+    with RegistryClient() as client:
+        manifest = client.resolve(parsed)
+        junk = gz.compress(b"not an index at all")
+        pushed = client.push_blob(parsed, junk)
+        layers = [
+            Descriptor(
+                INDEX_MEDIA_TYPE,
+                pushed.digest,
+                pushed.size,
+                {
+                    LAYER_ANNOTATION: layer.digest,
+                    TOC_SIZE_ANNOTATION: str(len(junk)),
+                    TOC_DIGEST_ANNOTATION: pushed.digest,
+                },
+            )
+            for layer in manifest.layers
+        ]
+        empty = client.push_blob(parsed, indexes.EMPTY_CONFIG)
+        config = Descriptor(indexes.EMPTY_MEDIA_TYPE, empty.digest, empty.size)
+        raw = indexes._artifact_manifest(manifest, config, layers)
+        digest, api = client.push_referrer(parsed, raw, OCI_MANIFEST)
+        assert not api
+        indexes._update_fallback_tag(
+            client, parsed, manifest.digest, Descriptor(OCI_MANIFEST, digest, len(raw))
+        )
+    server: Server = server_factory()
+    lam = server.lambda_client()
+    create_image_function(lam, "broken", ref)
+    resp, body = invoke(lam, "broken", {"n": 5})
+    assert "FunctionError" not in resp, body
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    assert _metric(metrics, "warmstart_image_index_failures_total") == 1.0
+    assert _metric(metrics, "warmstart_image_pulls_total") == 1.0
+    assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 0.0
+    assert "cannot be mounted" in server.log()

@@ -43,6 +43,7 @@ class ImageStats:
     pulls: int = 0  # full pulls finished
     lazy_mounts: int = 0
     indexed_mounts: int = 0  # of those, plain gzip images read through a gzip index
+    index_failures: int = 0  # gzip indexes found but not mountable (then pulled in full)
     pull_seconds: float = 0.0
     mount_seconds: float = 0.0
     failures: int = 0
@@ -225,8 +226,19 @@ class ImageManager:
                     "image %s has layers that are neither eStargz nor indexed: pulling it in full",
                     image.uri,
                 )
+        target: Path | None = None
         if indexed is not None:
-            target = await asyncio.to_thread(self.lazy.mount, indexed)
+            try:
+                target = await asyncio.to_thread(self.lazy.mount, indexed)
+            except WarmstartError as exc:
+                # A broken or hostile index costs the lazy start, not the function.
+                self.stats.index_failures += 1
+                log.warning(
+                    "image %s: its gzip index cannot be mounted (%s): pulling it in full",
+                    image.uri,
+                    exc,
+                )
+        if target is not None:
             self.stats.lazy_mounts += 1
             self.stats.indexed_mounts += 1
             self.stats.mount_seconds += time.perf_counter() - t0
@@ -352,6 +364,7 @@ class ImageManager:
             "image_pulls_total": float(self.stats.pulls),
             "image_lazy_mounts_total": float(self.stats.lazy_mounts),
             "image_indexed_mounts_total": float(self.stats.indexed_mounts),
+            "image_index_failures_total": float(self.stats.index_failures),
             "image_pull_seconds_total": float(self.stats.pull_seconds),
             "image_mount_seconds_total": float(self.stats.mount_seconds),
             "image_mount_failures_total": float(self.stats.failures),
