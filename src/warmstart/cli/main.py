@@ -506,8 +506,9 @@ def _add_serve(sub: Any) -> None:
         choices=["auto", "lazy", "full"],
         default=d.image_pull,
         help="how image functions get their root: auto = mounted lazily when every layer is "
-        "eStargz, else pulled in full first; lazy = the same, and say in the log when an "
-        "image must be pulled in full; full = always pull in full first (default %(default)s)",
+        "eStargz or the image has a gzip index (warmstart image index) in its repository, else "
+        "pulled in full first; lazy = the same, and say in the log when an image must be "
+        "pulled in full; full = always pull in full first (default %(default)s)",
     )
     s.add_argument(
         "--insecure-registry",
