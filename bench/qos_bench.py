@@ -1369,6 +1369,10 @@ def run_memory_round(
     server = Server(workdir, key, ["--be-concurrency", str(be_slots), *args.server_arg])
     servers.append(server)
     server.data_dir.mkdir()
+    shm_logs = None
+    if args.logs_tmpfs:
+        shm_logs = Path(tempfile.mkdtemp(prefix="warmstart-qosbench-logs-", dir="/dev/shm"))
+        (server.data_dir / "logs").symlink_to(shm_logs)
     server.start()
     client = lambda_client(server.url)
 
@@ -1584,6 +1588,8 @@ def run_memory_round(
     )
     res["server_log_tail"] = server.log_tail(2000)
     server.stop()
+    if shm_logs is not None:
+        shutil.rmtree(shm_logs, ignore_errors=True)
     return res
 
 
@@ -2117,6 +2123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=40.0,
         help="seconds BE may take to finish after the last window (default 40)",
+    )
+    mem.add_argument(
+        "--logs-tmpfs",
+        action="store_true",
+        help="diagnostic: the server's function logs (written on its event loop) on a tmpfs",
     )
     mem.add_argument(
         "--quiet-wait",
