@@ -1542,7 +1542,11 @@ def run_memory_round(
         metric_sum(server, "warmstart_invocations_total", function=LSMEM_FN, outcome="oom")
         - ls_oom_metric0
     )
-    ls_cold = metric_sum(server, "warmstart_starts_total", function=LSMEM_FN)
+    # LS instances started (every invocation counts once, by how it started): an LS
+    # instance that died (an OOM kill included) is replaced by a new start.
+    ls_started = metric_sum(server, "warmstart_starts_total", function=LSMEM_FN) - metric_sum(
+        server, "warmstart_starts_total", function=LSMEM_FN, kind="warm"
+    )
     evicted_for_ls = server.metric("warmstart_be_evictions_for_ls_memory_total") or 0.0
     qos_evictions = int(node1.get("evictions") or 0)
     samples = lgres["samples"]
@@ -1590,8 +1594,8 @@ def run_memory_round(
             "errors": whole["scheduled"] - whole["ok"],
             "oom_kills_kernel": ls_oom,
             "oom_invocations": int(ls_oom_metric),
-            "starts": ls_cold,
-            "ls_oom_before_alone": ls_oom_a0,
+            "instance_starts": ls_started,
+            "oom_kills_before_window": ls_oom_a0,
         },
         "vmstat_alone": delta(vm_a1, vm_a0),
         "vmstat_with_be": delta(vm_b1, vm_b0),
