@@ -186,13 +186,11 @@ def _libz() -> ctypes.CDLL:
 
 class Inflater:
     """Inflation resuming at a checkpoint, over compressed bytes that start at
-    ``point.start``: :meth:`read` gives the next uncompressed bytes, :attr:`consumed`
-    says how many input bytes that took. Crosses gzip members.
+    ``point.start``: :meth:`read` gives the next uncompressed bytes. Crosses gzip members.
 
     A byte-aligned checkpoint inflates with Python's zlib; one that starts mid-byte needs
     zlib's ``inflatePrime`` (through ctypes: Python's zlib cannot start mid-byte) until
-    the end of its deflate stream. Both are zlib, so the build (which measures where each
-    chunk's bytes end) and the reader agree to the byte."""
+    the end of its deflate stream, then Python's zlib takes over."""
 
     def __init__(self, point: Checkpoint, window: bytes, data: bytes) -> None:
         if len(window) != point.window_size:
@@ -235,12 +233,6 @@ class Inflater:
 
     def __del__(self) -> None:
         self.close()
-
-    @property
-    def consumed(self) -> int:
-        if self._strm is not None:
-            return len(self.data) - int(self._strm.avail_in)
-        return self.taken
 
     def _read_primed(self, n: int) -> bytes:
         strm = self._strm
