@@ -196,6 +196,8 @@ class CgroupPool:
         delay = 0.0005
         while True:
             try:
+                if not cg.pids():
+                    break
                 cg.kill()
                 if not cg.pids():
                     break
