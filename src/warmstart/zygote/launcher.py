@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 CREDS = struct.Struct("iII")
 SPARE_MEMORY_MB = 128  # a spare's limit until it is given a function (and its MemorySize)
-# How long the spares a cold start took wait to be replaced, unless the stock is down to
-# its last one: replacing them (a fork of the zygote, the new child's namespaces and
+# How long the spares a cold start took wait to be replaced, unless half the stock is
+# gone (a burst: replaced at once, or the next cold starts find none): replacing them (a fork of the zygote, the new child's namespaces and
 # mounts, cgroup writes) takes CPU that the cold start needs, on a machine that may have
 # two cores; and the spares a burst takes meanwhile are forked again together.
 SPARE_REFILL_DELAY_S = 0.05
@@ -491,7 +491,7 @@ class ZygoteLauncher:
             candidate.close()
             await m.release_cgroup(candidate.cgroup, repark=False)
         if self.spares:
-            if len(zygote.spares) <= 1:
+            if len(zygote.spares) <= self.spares // 2:
                 zygote.low.set()
             self.tasks.spawn(
                 self.refill(zygote, SPARE_REFILL_DELAY_S), f"spares of {zygote.id}"
