@@ -71,7 +71,7 @@ class Node:
         self.gate: asyncio.Event | None = None
         self.failures = 0
 
-    async def start(self) -> Instance:
+    async def start(self, first: bytes | None = None) -> Instance:
         if self.gate is not None:
             await self.gate.wait()
         if self.failures:

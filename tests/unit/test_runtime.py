@@ -100,6 +100,22 @@ def rt(code: Path) -> Iterator[Runtime]:
     r.close()
 
 
+def test_a_first_request_written_before_ready_is_served_after_it(code: Path) -> None:
+    # The worker writes a new instance's first request at once; its deadline is relative
+    # (``timeout_ms``) and runs from when the runtime reads it, after the import.
+    r = Runtime(code, "app.handler")
+    try:
+        meta = {"id": "early", "timeout_ms": 3000, "arn": "arn:x"}
+        r.sock.sendall(encode(json.dumps(meta).encode(), b'{"x": 1}'))
+        assert r.read()[0] == {"type": "ready"}
+        meta_out, payload, _logs = r.read()
+        assert meta_out == {"type": "result"}
+        body = json.loads(payload)
+        assert body["id"] == "early" and 0 < body["left"] <= 3000
+    finally:
+        r.close()
+
+
 def test_ready_then_results_with_captured_output(rt: Runtime) -> None:
     assert rt.read()[0] == {"type": "ready"}
     meta, payload, logs = rt.invoke(b'{"x": 1}')

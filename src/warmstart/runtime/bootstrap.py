@@ -251,8 +251,11 @@ class Runtime:
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             self.send({"type": "invalid_event"}, json.dumps({"errorMessage": str(exc)}).encode())
             return
+        deadline_ms = meta.get("deadline_ms")
+        if deadline_ms is None:  # a new instance's first request, sent before it was ready
+            deadline_ms = int(time.time() * 1000) + meta["timeout_ms"]
         context = LambdaContext(
-            request_id, meta["deadline_ms"], meta.get("arn", ""), meta.get("client_context")
+            request_id, deadline_ms, meta.get("arn", ""), meta.get("client_context")
         )
         limit = meta.get("max_response")
         try:

@@ -6,7 +6,10 @@ untouched (the event going in, the handler's JSON result coming out), so the wor
 parses or re-encodes user data on the hot path; *logs* is what the handler printed.
 
 Worker → runtime:  meta ``{"id", "deadline_ms", "arn", "max_response", "client_context"?}``,
-                   payload=event
+                   payload=event; the first request of a new instance, written right
+                   after the sandbox is made (it waits in the socket while the handler is
+                   imported), says ``"timeout_ms"`` instead of ``"deadline_ms"``: the
+                   deadline runs from when the runtime reads it
 Runtime → worker:  meta ``{"type": "ready"}`` once the handler module is imported, or
                    ``{"type": "init_error"}`` with the error JSON as payload;
                    then per invocation ``{"type": "result"}`` / ``{"type": "error"}`` /

@@ -61,10 +61,14 @@ class Cgroup:
         except OSError as exc:
             raise SandboxError(f"cannot thaw cgroup {self.rel}: {exc.strerror}") from exc
 
-    def set_limits(self, limits: Limits) -> None:
+    def set_limits(self, limits: Limits, *, new_tenant: bool = True) -> None:
+        """Apply ``limits`` (writing only what changed).  ``new_tenant`` False: the same
+        processes stay (a spare given its function), so the OOM baseline taken when
+        they came stays too -- one read of memory.oom_control less on a cold start."""
         self.driver.set_limits(self.rel, limits, self.applied)
         self.applied = limits
-        self.oom_baseline = self.driver.oom_kills(self.rel)
+        if new_tenant:
+            self.oom_baseline = self.driver.oom_kills(self.rel)
 
     def kill(self) -> None:
         """SIGKILL every member without racing against fork (freeze, kill, thaw)."""
@@ -196,6 +200,8 @@ class CgroupPool:
         delay = 0.0005
         while True:
             try:
+                if not cg.pids():
+                    break
                 cg.kill()
                 if not cg.pids():
                     break

@@ -158,12 +158,16 @@ class CgroupDriver:
         lists it.  This runs for every recycled cgroup, so it must stay cheap.
         """
         try:
-            text = (self.dirs(rel)[0] / "cgroup.procs").read_text()
+            with open(self._members_file(rel)) as f:
+                text = f.read()
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise SandboxError(f"cannot list cgroup {rel}: {exc.strerror}") from exc
         return sorted({int(x) for x in text.split()})
+
+    def _members_file(self, rel: str) -> str:
+        return str(self.dirs(rel)[0] / "cgroup.procs")
 
     def add(self, rel: str, pid: int) -> None:
         for f in self.procs_files(rel):
@@ -241,6 +245,10 @@ class V1Driver(CgroupDriver):
 
     def dirs(self, rel: str) -> list[Path]:
         return [d / rel for d in self._hierarchies()]
+
+    def _members_file(self, rel: str) -> str:
+        # Plain strings: pathlib's joins cost more than the read itself.
+        return f"{self._hierarchies()[0]}/{rel}/cgroup.procs"
 
     def _d(self, controller: str, rel: str) -> Path:
         return self.root / controller / rel

@@ -69,6 +69,8 @@ class Instance:
         self.ready_payload = b""  # what the runtime said with "ready" (imported packages)
         self.evicted = False  # killed by the QoS manager: its work goes back to the queue
         self.zygote: Zygote | None = None
+        # Its first request was written before it was ready (the caller sends no other).
+        self.first_sent = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 

@@ -13,8 +13,10 @@ memory reservation and has the sandbox torn down in the background.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +44,21 @@ BE_OOM_SCORE_ADJ = 1000
 # How long a dead runtime's parent may take to report how it ended (it reaps the child
 # as soon as the kernel tells it; the worker saw the socket close a moment before).
 EXIT_REASON_WAIT_S = 1.0
+
+
+async def _send_early(sandbox: Sandbox, frame: bytes) -> bool:
+    """Write ``frame`` into a new sandbox's socket, where the runtime reads it once
+    ready; False if none of it was written."""
+    try:
+        sent = sandbox.sock.send(frame, socket.MSG_DONTWAIT)
+    except OSError:  # the runtime is gone already (its start says so), or no room
+        return False
+    if sent < len(frame):
+        # Part of the frame is in: the rest follows before anything else, as the runtime
+        # reads (after it said ready; if it fails instead, so does this).
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().sock_sendall(sandbox.sock, frame[sent:])
+    return True
 
 
 def _last_line(output: bytes) -> str:
@@ -172,19 +189,26 @@ class InstanceFactory:
         if qos_class is QoSClass.BE:
             self.be_starting_mb += memory_mb
 
-    async def start(self, rec: FunctionRecord, qos_class: QoSClass) -> Instance:
-        """A ready instance of ``rec`` (its handler imported), or ``InitFailed``."""
+    async def start(
+        self, rec: FunctionRecord, qos_class: QoSClass, first: bytes | None = None
+    ) -> Instance:
+        """A ready instance of ``rec`` (its handler imported), or ``InitFailed``.
+
+        ``first``: a request frame to write to the runtime as soon as the sandbox exists,
+        before it is ready (``Instance.first_sent`` says whether it was)."""
         if self.registry.distributed:
             await self.registry.ensure_code(rec)
         need = rec.config.memory_mb
         self._reserve(need, qos_class)
         try:
-            return await self._start(rec, qos_class, need)
+            return await self._start(rec, qos_class, need, first)
         finally:
             if qos_class is QoSClass.BE:
                 self.be_starting_mb -= need
 
-    async def _start(self, rec: FunctionRecord, qos_class: QoSClass, need: int) -> Instance:
+    async def _start(
+        self, rec: FunctionRecord, qos_class: QoSClass, need: int, first: bytes | None
+    ) -> Instance:
         t0 = time.perf_counter()
         try:
             sandbox, zygote = await self._sandbox(rec, qos_class)
@@ -197,6 +221,12 @@ class InstanceFactory:
         if zygote is not None:
             inst.start_kind = StartKind.FORK
             inst.zygote = zygote
+        if first is not None:
+            try:
+                inst.first_sent = await _send_early(sandbox, first)
+            except BaseException:
+                self.destroy(inst)
+                raise
         ready = await self._await_ready(inst, t0)
         if rec.image is not None and zygote is None and self._may_fork(rec):
             self.images.fresh_start(rec.image, ready.ready_payload)

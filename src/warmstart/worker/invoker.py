@@ -34,6 +34,7 @@ from warmstart.errors import InvalidRequestContent, NotFound, TooManyRequests
 from warmstart.functions import FunctionRecord
 from warmstart.functions.models import LATEST
 from warmstart.kinds import QoSClass, StartKind
+from warmstart.runtime.protocol import encode
 from warmstart.sandbox.memory import memory_of
 from warmstart.worker.instance import (
     Instance,
@@ -51,6 +52,10 @@ from warmstart.worker.registry import FunctionRegistry
 from warmstart.worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The largest payload sent to a new instance before it is ready (it waits in the socket's
+# buffer, which holds this much at once whatever the kernel's settings).
+FIRST_REQUEST_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,7 @@ class Invoker:
                 rec.revision,
                 limit,
                 self.settings.queue_depth,
-                lambda: self._start(rec, qos_class),
+                lambda first: self._start(rec, qos_class, first),
                 self._destroy,
                 self.cache,
                 version=rec.version,
@@ -150,8 +155,10 @@ class Invoker:
             pools[key] = pool
         return pool
 
-    async def _start(self, rec: FunctionRecord, qos_class: QoSClass) -> Instance:
-        inst = await self.factory.start(rec, qos_class)
+    async def _start(
+        self, rec: FunctionRecord, qos_class: QoSClass, first: bytes | None = None
+    ) -> Instance:
+        inst = await self.factory.start(rec, qos_class, first)
         inst.version = rec.version
         return inst
 
@@ -256,9 +263,24 @@ class Invoker:
         # An instance that turns out to have died before the request reached it (killed
         # while frozen, say: nothing saw it die until now) gets the request only once:
         # the call goes to another instance, once.
+        meta: dict[str, Any] = {
+            "id": request_id,
+            "arn": self.registry.arn(name, qualifier or None),
+            "max_response": limit,
+        }
+        if client_context:
+            meta["client_context"] = client_context
+        # Should this call start an instance, the request goes into the new runtime's
+        # socket at once and waits there while the handler is imported: the runtime goes
+        # on from "ready" to the call without waiting for the worker to read "ready" and
+        # send it.  Its deadline then runs from when the runtime reads it.  (A large
+        # payload is sent the usual way: it should not sit in a socket buffer.)
+        first = None
+        if len(payload) <= FIRST_REQUEST_MAX:
+            first = encode(json.dumps({**meta, "timeout_ms": timeout * 1000}).encode(), payload)
         for attempt in range(2):
             try:
-                inst, cold = await pool.acquire()
+                inst, cold = await pool.acquire(first if attempt == 0 else None)
             except InitFailed as exc:
                 return self._finish(
                     rec,
@@ -274,18 +296,14 @@ class Invoker:
                 self.metrics.invocations.labels(name, rec.version, "throttled").inc()
                 raise
             start = inst.start_kind if cold else StartKind.WARM
-            meta: dict[str, Any] = {
-                "id": request_id,
-                "deadline_ms": int(time.time() * 1000) + timeout * 1000,
-                "arn": self.registry.arn(name, qualifier or None),
-                "max_response": limit,
-            }
-            if client_context:
-                meta["client_context"] = client_context
             if qos_class is QoSClass.BE:
                 self.running_be[inst] = pool
             try:
-                await inst.send(json.dumps(meta).encode(), payload)
+                if inst.first_sent:
+                    inst.first_sent = False
+                else:
+                    meta["deadline_ms"] = int(time.time() * 1000) + timeout * 1000
+                    await inst.send(json.dumps(meta).encode(), payload)
                 async with asyncio.timeout(timeout):
                     reply: Reply = await inst.read_reply(limit)
             except TimeoutError:

@@ -34,7 +34,9 @@ from warmstart.worker.instance import Instance, State
 
 log = logging.getLogger(__name__)
 
-Starter = Callable[[], Awaitable[Instance]]
+# Starts an instance; with a request frame, writes it to the new runtime before waiting
+# for it to be ready (``Instance.first_sent`` says whether it did).
+Starter = Callable[[bytes | None], Awaitable[Instance]]
 Destroyer = Callable[[Instance], None]
 
 
@@ -110,15 +112,16 @@ class FunctionPool:
         self.waiters: collections.deque[asyncio.Future[Instance | None]] = collections.deque()
         self.retired = False
 
-    async def acquire(self) -> tuple[Instance, bool]:
-        """Returns (instance, cold)."""
+    async def acquire(self, first: bytes | None = None) -> tuple[Instance, bool]:
+        """Returns (instance, cold).  ``first``: the request frame to write to a new
+        instance as soon as its sandbox exists (see ``Starter``)."""
         while self.idle:
             inst = self.idle.pop()
             if self.cache.take(inst):
                 return inst, False
             self.discard(inst)
         if self._has_room():
-            return await self._new(), True
+            return await self._new(first), True
         if self.limit == 0:
             raise TooManyRequests(
                 "Rate Exceeded.", "ReservedFunctionConcurrentInvocationLimitExceeded"
@@ -142,14 +145,14 @@ class FunctionPool:
                     self._pass_slot()
             raise
         if handed is None:
-            return await self._new(), True
+            return await self._new(first), True
         return handed, False
 
-    async def _new(self) -> Instance:
+    async def _new(self, first: bytes | None = None) -> Instance:
         self.live += 1
         self.starting += 1
         try:
-            inst = await self._start()
+            inst = await self._start(first)
         except BaseException:
             self.live -= 1
             self._pass_slot()

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 CREDS = struct.Struct("iII")
 SPARE_MEMORY_MB = 128  # a spare's limit until it is given a function (and its MemorySize)
+# How long the spares a cold start took wait to be replaced, unless half the stock is
+# gone (a burst: replaced at once, or the next cold starts find none): replacing them (a fork of the zygote, the new child's namespaces and
+# mounts, cgroup writes) takes CPU that the cold start needs, on a machine that may have
+# two cores; and the spares a burst takes meanwhile are forked again together.
+SPARE_REFILL_DELAY_S = 0.05
 
 
 @dataclass(eq=False)
@@ -77,6 +82,7 @@ class Zygote:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     spares: list[Spare] = field(default_factory=list)
     filling: bool = False
+    low: asyncio.Event = field(default_factory=asyncio.Event)  # refill now, no delay
 
     def memory(self) -> MemoryUse | None:
         return memory_of(self.pid) if self.pid else None
@@ -453,12 +459,18 @@ class ZygoteLauncher:
             raise
         return Spare(pid, ours, cgroup, status_r)
 
-    async def refill(self, zygote: Zygote) -> None:
-        """Keep ``spares`` forked children waiting in the zygote's stock."""
+    async def refill(self, zygote: Zygote, delay: float = 0.0) -> None:
+        """Keep ``spares`` forked children waiting in the zygote's stock (after ``delay``
+        seconds, cut short when ``zygote.low`` is set)."""
         if zygote.filling:
             return
         zygote.filling = True
         try:
+            if delay > 0 and not zygote.low.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await zygote.low.wait()
+            zygote.low.clear()
             while zygote.alive and len(zygote.spares) < self.spares and not self.m.closing:
                 zygote.spares += await self._spares(zygote, self.spares - len(zygote.spares))
         except SandboxError as exc:
@@ -479,7 +491,11 @@ class ZygoteLauncher:
             candidate.close()
             await m.release_cgroup(candidate.cgroup, repark=False)
         if self.spares:
-            self.tasks.spawn(self.refill(zygote), f"spares of {zygote.id}")
+            if len(zygote.spares) <= self.spares // 2:
+                zygote.low.set()
+            self.tasks.spawn(
+                self.refill(zygote, SPARE_REFILL_DELAY_S), f"spares of {zygote.id}"
+            )
         if spare is None:
             spare = await self._spare(zygote, qos_class=spec.qos_class)
         trees: list[int] = []
@@ -488,7 +504,9 @@ class ZygoteLauncher:
         tmp = -1
         try:
             tmp = await m.take_tmp(spec.tmp_mb)
-            spare.cgroup.set_limits(m.limits_for(spec.memory_mb, spec.qos_class))
+            spare.cgroup.set_limits(
+                m.limits_for(spec.memory_mb, spec.qos_class), new_tenant=False
+            )
             have = {dst for _, dst in zygote.packages}
             mounts = [] if spec.code_dir is None else [(str(spec.code_dir), TASK_ROOT)]
             mounts += [(src, dst) for src, dst in spec.extra_ro_mounts if dst not in have]
