@@ -90,7 +90,10 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
             }
             # Hard links: the first name of the inode stands for its identity.
             link = inodes.setdefault(st.st_ino, rel) if not stat.S_ISDIR(kind) else None
-            mtime = int(st.st_mtime) if not stat.S_ISDIR(kind) else None
+            # A whiteout (0/0 device) is made when the layer is: its time is that moment,
+            # which differs between two builds a second apart.
+            whiteout = stat.S_ISCHR(kind) and st.st_rdev == 0
+            mtime = int(st.st_mtime) if not (stat.S_ISDIR(kind) or whiteout) else None
             out[rel] = (
                 kind,
                 stat.S_IMODE(st.st_mode),

@@ -190,7 +190,9 @@ def test_a_tampering_peer_is_dropped_and_the_piece_fetched_elsewhere(world_facto
         data = pieces()[piece_of(request)]
         if request.url.host == "bad":
             served["bad"] += 1
-            return httpx.Response(200, content=b"X" + data[1:])
+            # The first byte flipped (a fixed byte would be no change at all when the
+            # random piece happens to start with it).
+            return httpx.Response(200, content=bytes([data[0] ^ 0xFF]) + data[1:])
         served["good"] += 1
         return httpx.Response(200, content=data)
 
