@@ -1717,21 +1717,20 @@ def memory_targets(res: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     ]
 
 
-def run_memory(args: argparse.Namespace, res: dict[str, Any]) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="warmstart-qosbench-"))
-    servers: list[Server] = []
-    status = 0
-    res["rounds"] = []
+@contextlib.contextmanager
+def _bench_run(workdir: Path, args: argparse.Namespace, servers: list[Server]) -> Any:
+    """A benchmark run's body: yields ``[status]`` (2 if the body failed or was
+    interrupted, said on stderr) and always stops the load generators and servers and
+    removes ``workdir`` (unless ``--keep``)."""
+    outcome = [0]
     try:
-        for i in range(args.repeat):
-            log(f"memory round {i + 1}/{args.repeat}")
-            res["rounds"].append(run_memory_round(workdir, i, args, servers))
+        yield outcome
     except BenchError as exc:
         print(f"qos_bench: {exc}", file=sys.stderr)
-        status = 2
+        outcome[0] = 2
     except KeyboardInterrupt as exc:
         print(f"qos_bench: interrupted ({exc})", file=sys.stderr)
-        status = 2
+        outcome[0] = 2
     finally:
         for lg in loadgens:
             lg.kill()
@@ -1740,6 +1739,17 @@ def run_memory(args: argparse.Namespace, res: dict[str, Any]) -> int:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_memory(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="warmstart-qosbench-"))
+    servers: list[Server] = []
+    res["rounds"] = []
+    with _bench_run(workdir, args, servers) as outcome:
+        for i in range(args.repeat):
+            log(f"memory round {i + 1}/{args.repeat}")
+            res["rounds"].append(run_memory_round(workdir, i, args, servers))
+    status = outcome[0]
     res["loadavg"]["end"] = os.getloadavg()
     res["targets"] = memory_targets(res)
     print(memory_report(res))
@@ -2293,8 +2303,7 @@ def main(argv: list[str] | None = None) -> int:
         log("WARNING: this warmstart has no `serve --no-qos`: the --no-qos scenarios are skipped")
     workdir = Path(tempfile.mkdtemp(prefix="warmstart-qosbench-"))
     servers: list[Server] = []
-    status = 0
-    try:
+    with _bench_run(workdir, args, servers) as outcome:
         rounds: dict[str, list[dict[str, Any]]] = {}
         for i in range(args.repeat):
             for key in args.scenario_keys:
@@ -2311,20 +2320,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_scenario(workdir, f"{name}-r{attempt}", args, servers, sc_key=key)
                 rounds.setdefault(key, []).append(r)
                 res["scenarios"][key] = aggregate(rounds[key])
-    except BenchError as exc:
-        print(f"qos_bench: {exc}", file=sys.stderr)
-        status = 2
-    except KeyboardInterrupt as exc:
-        print(f"qos_bench: interrupted ({exc})", file=sys.stderr)
-        status = 2
-    finally:
-        for lg in loadgens:
-            lg.kill()
-        stop_servers(servers, "qos_bench")
-        if args.keep:
-            log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    status = outcome[0]
 
     res["loadavg"]["end"] = os.getloadavg()
     res["targets"] = targets(res)

@@ -49,6 +49,22 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
+def _first_invocation(server_factory: Any, name: str, ref: str, n: int) -> tuple[Server, Any]:
+    """A node deploys the image as function ``name`` and invokes it once (it must
+    succeed); the node and the invocation's result."""
+    server: Server = server_factory()
+    lam = server.lambda_client()
+    create_image_function(lam, name, ref)
+    resp, body = invoke(lam, name, {"n": n})
+    assert "FunctionError" not in resp, body
+    return server, body
+
+
+def _metrics(server: Server) -> str:
+    with server.http() as http:
+        return str(http.get("/metrics").text)
+
+
 def test_indexed_plain_gzip_image_mounts_lazily(
     server_factory: Any, registry: Any, python_image: str
 ) -> None:
@@ -81,14 +97,9 @@ def test_indexed_plain_gzip_image_mounts_lazily(
     assert artifact["subject"]["digest"] == subject
     assert artifact["artifactType"] == ARTIFACT
 
-    server: Server = server_factory()
-    lam = server.lambda_client()
-    create_image_function(lam, "indexed", ref)
-    resp, body = invoke(lam, "indexed", {"n": 1})
-    assert "FunctionError" not in resp, body
+    server, body = _first_invocation(server_factory, "indexed", ref, 1)
     assert body == {"python": "/usr/bin/python3", "event": {"n": 1}}
-    with server.http() as http:
-        metrics = http.get("/metrics").text
+    metrics = _metrics(server)
     assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 1.0
     assert _metric(metrics, "warmstart_image_pulls_total") == 0.0
     image_bytes = sum(
@@ -117,13 +128,8 @@ def test_an_image_without_an_index_is_pulled_in_full(
     server_factory: Any, registry: Any, python_image: str
 ) -> None:
     ref = _copy(registry, python_image, "pynoindex")
-    server: Server = server_factory()
-    lam = server.lambda_client()
-    create_image_function(lam, "plain", ref)
-    resp, body = invoke(lam, "plain", {"n": 2})
-    assert "FunctionError" not in resp, body
-    with server.http() as http:
-        metrics = http.get("/metrics").text
+    server, _body = _first_invocation(server_factory, "plain", ref, 2)
+    metrics = _metrics(server)
     assert _metric(metrics, "warmstart_image_pulls_total") == 1.0
     assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 0.0
 
@@ -170,11 +176,7 @@ def test_index_with_a_profile_prefetches_the_handlers_files(
     )
     assert res.returncode == 0, res.stderr
     assert "profile:" in res.stderr
-    server: Server = server_factory()
-    lam = server.lambda_client()
-    create_image_function(lam, "profiled", ref)
-    resp, body = invoke(lam, "profiled", {"n": 3})
-    assert "FunctionError" not in resp, body
+    server, _body = _first_invocation(server_factory, "profiled", ref, 3)
     run = server.data_dir / "images" / "lazy" / "run"
 
     def stats() -> dict[str, Any]:
@@ -206,13 +208,8 @@ def test_a_registry_with_the_referrers_api_lists_the_index(
         repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
         tag = httpx.get(f"{registry.url}/v2/{repo}/manifests/sha256-{subject[7:]}")
         assert tag.status_code == 404  # no fallback tag was written
-        server: Server = server_factory()
-        lam = server.lambda_client()
-        create_image_function(lam, "referred", ref)
-        resp, body = invoke(lam, "referred", {"n": 4})
-        assert "FunctionError" not in resp, body
-        with server.http() as http:
-            metrics = http.get("/metrics").text
+        server, _body = _first_invocation(server_factory, "referred", ref, 4)
+        metrics = _metrics(server)
         assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 1.0
         assert proxy.fallback_reads == 0
     finally:
@@ -263,13 +260,8 @@ def test_a_broken_index_costs_the_lazy_start_not_the_function(
         indexes._update_fallback_tag(
             client, parsed, manifest.digest, Descriptor(OCI_MANIFEST, digest, len(raw))
         )
-    server: Server = server_factory()
-    lam = server.lambda_client()
-    create_image_function(lam, "broken", ref)
-    resp, body = invoke(lam, "broken", {"n": 5})
-    assert "FunctionError" not in resp, body
-    with server.http() as http:
-        metrics = http.get("/metrics").text
+    server, _body = _first_invocation(server_factory, "broken", ref, 5)
+    metrics = _metrics(server)
     assert _metric(metrics, "warmstart_image_index_failures_total") == 1.0
     assert _metric(metrics, "warmstart_image_pulls_total") == 1.0
     assert _metric(metrics, "warmstart_image_indexed_mounts_total") == 0.0
